@@ -1,0 +1,135 @@
+"""Image bytes -> header facts (probe) or an RGB PIL image (decode).
+
+One place knows how to open untrusted image bytes: the shard builder probes with it
+and the view pipeline decodes with it, so both agree on what "corrupt" means.
+Decoding stays in PIL's uint8 world; JPEGs are decoded at a reduced DCT scale
+("draft") when the caller needs far fewer pixels than the file holds.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PIL format name -> the name stored in shards. MPO is the multi-picture JPEG many
+# cameras write; its first picture is an ordinary JPEG.
+FORMATS = {
+    "JPEG": "jpeg",
+    "MPO": "jpeg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+    "GIF": "gif",
+}
+EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+class DecodeError(Exception):
+    """Bytes that do not give an image; `reason` is one of schema.SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int  # as displayed, i.e. after EXIF orientation
+    height: int
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise DecodeError("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError("too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not_image", str(exc)) from exc
+    except Exception as exc:  # PIL raises many types for damaged headers
+        raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block must not cost us the image
+        return 1
+
+
+def _draft(img: Image.Image, min_side: int) -> None:
+    """Ask libjpeg for a 1/2, 1/4 or 1/8 scale decode that keeps the shorter side >= min_side."""
+    if img.format not in ("JPEG", "MPO"):
+        return
+    w, h = img.size
+    short = min(w, h)
+    if short < 2 * min_side:
+        return
+    img.draft(None, (max(1, w * min_side // short), max(1, h * min_side // short)))
+
+
+def probe(data: bytes, *, max_pixels: int | None = None) -> ImageInfo:
+    """Header facts of an image, after proving its pixels decode. Raises DecodeError."""
+    img = _open(data)
+    fmt = FORMATS.get(img.format or "")
+    if fmt is None:
+        raise DecodeError("unsupported_format", str(img.format))
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise DecodeError("too_large", f"{w}x{h} pixels > max_pixels {max_pixels}")
+    if _orientation(img) in _SWAPS_SIDES:
+        w, h = h, w
+    try:
+        # Decoding every pixel is the only reliable test for truncation; at 1/8 DCT
+        # scale it is cheap for JPEGs.
+        _draft(img, 8)
+        img.load()
+    except Exception as exc:
+        raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+    return ImageInfo(fmt, w, h)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        # 16-bit and 32-bit grey: PIL's convert() would clip to 255, so rescale.
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        # Composite transparent pixels onto white instead of keeping whatever colour
+        # the encoder left under alpha = 0.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_rgb(data: bytes, *, min_side: int | None = None) -> Image.Image:
+    """Decode to an upright RGB image. With `min_side`, JPEGs may come back smaller than
+    stored, but never with a shorter side below `min_side`. Raises DecodeError."""
+    img = _open(data)
+    try:
+        if min_side:
+            _draft(img, min_side)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,111 @@
+"""Shard format: the parquet schema and the manifest that makes a shard set complete.
+
+A shard directory is complete only once `manifest.json` exists; it is written last and
+atomically (write to a temporary name, then rename), and readers read only the shard
+files it lists. A build that crashes midway therefore never leaves anything a reader
+would take as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raysl.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("license", pa.string(), nullable=False),
+        pa.field("attribution", pa.string(), nullable=False),
+        pa.field("label", pa.int64(), nullable=True),
+    ]
+)
+
+# Why an input did not become a row. Every skipped input is counted under one of these.
+SKIP_REASONS = (
+    "empty",  # zero bytes
+    "not_image",  # no image header we recognise
+    "unsupported_format",  # an image, but not jpeg/png/webp/bmp/tiff/gif
+    "corrupt",  # header parses, pixels do not decode (truncated, damaged)
+    "too_small",  # shorter side below --min-side
+    "too_large",  # more pixels than --max-pixels (decompression-bomb guard)
+    "duplicate",  # same sha256 as a row already kept
+    "filtered",  # license not in the --license allow-list
+    "unreadable",  # the file itself could not be read (permissions, I/O)
+)
+
+
+@dataclass
+class Manifest:
+    shards: list[dict] = field(default_factory=list)  # [{"file": name, "rows": n}]
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    licenses: dict[str, int] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def rows(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+
+def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for a local path or any URI pyarrow knows (s3://, gs://, ...)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # pyarrow raises several types for bad URIs
+        raise UserError(f"{uri}: cannot open this storage URI ({exc})") from exc
+
+
+def write_manifest(directory: str, manifest: Manifest) -> None:
+    fs, root = filesystem_and_path(directory)
+    tmp = posixpath.join(root, f".{MANIFEST}.tmp")
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
+    fs.move(tmp, posixpath.join(root, MANIFEST))
+
+
+def read_manifest(directory: str) -> Manifest:
+    fs, root = filesystem_and_path(directory)
+    path = posixpath.join(root, MANIFEST)
+    try:
+        with fs.open_input_stream(path) as f:
+            raw = json.loads(f.read())
+    except FileNotFoundError as exc:
+        raise UserError(
+            f"{directory}: no {MANIFEST} here, so this is not a complete shard set "
+            "(build one with `raysl shards build SRC --out DIR`)"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: shard schema version {version!r}, this raysl reads {SCHEMA_VERSION}; "
+            "rebuild the shards with this version"
+        )
+    known = {f for f in Manifest.__dataclass_fields__}
+    return Manifest(**{k: v for k, v in raw.items() if k in known})
+
+
+def shard_paths(directory: str, manifest: Manifest) -> list[str]:
+    """Full paths (or URIs) of the shard files a manifest lists, in manifest order."""
+    base = directory.rstrip("/")
+    return [f"{base}/{s['file']}" for s in manifest.shards]
