@@ -1,0 +1,179 @@
+"""Ray Datasets over a shard set: a deterministic, resumable stream per training worker.
+
+Why not one dataset split with `streaming_split`: its coordinator hands blocks to
+whichever worker asks first, so which image lands on which worker changes from run
+to run and a resumed run cannot replay the same stream. Instead each epoch has a
+seeded plan: the shard order is permuted by (seed, epoch), worker `rank` takes every
+`world_size`-th shard of it, and rows are shuffled within windows of `window`
+consecutive shards (the local shuffle buffer). A worker's stream is then a pure
+function of (seed, epoch, rank, world_size), every row carries its position `pos` in
+that stream, and resuming at a saved position skips whole shards and rows *before*
+any image is decoded. Reading and augmenting still run as Ray Data tasks, so they
+can live on CPU-only nodes.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raysl.data.schema import Manifest, filesystem_and_path, read_manifest, shard_paths
+from raysl.errors import UserError
+
+READ_COLUMNS = ["key", "image", "label"]
+
+
+def worker_shards(manifest: Manifest, *, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """Indices (into manifest.shards) that worker `rank` reads in `epoch`, in reading order."""
+    n = len(manifest.shards)
+    if n < world_size:
+        raise UserError(
+            f"the shard set has {n} shard(s) for {world_size} workers; every worker needs at "
+            "least one: rebuild with a smaller --shard-size or use fewer workers"
+        )
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [int(i) for i in order[rank::world_size]]
+
+
+def rows_per_worker(manifest: Manifest, *, seed: int, epoch: int, world_size: int) -> list[int]:
+    return [
+        sum(manifest.shards[i]["rows"] for i in worker_shards(manifest, seed=seed, epoch=epoch, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
+
+
+def steps_per_epoch(manifest: Manifest, *, batch_size: int, seed: int, epoch: int, world_size: int) -> int:
+    """Steps every worker can take in `epoch` (workers must agree, so the smallest share decides)."""
+    return min(rows_per_worker(manifest, seed=seed, epoch=epoch, world_size=world_size)) // batch_size
+
+
+def aug_seeds(keys: list[str], seed: int, epoch: int) -> np.ndarray:
+    """One augmentation seed per image, from (seed, epoch, key): independent of which
+    worker or process augments it."""
+    return np.array(
+        [np.random.SeedSequence([seed, epoch, zlib.crc32(k.encode())]).generate_state(1, np.uint32)[0] for k in keys],
+        dtype=np.int64,
+    )
+
+
+def _read_window(item: dict) -> pa.Table:
+    """Read the shards of one shuffle window, shuffle their rows, drop what was consumed."""
+    tables = []
+    for path in item["paths"]:
+        fs, local = filesystem_and_path(path)
+        tables.append(pq.read_table(local, columns=READ_COLUMNS, filesystem=fs))
+    table = pa.concat_tables(tables)
+    order = np.random.default_rng([item["seed"], item["epoch"], item["window"]]).permutation(table.num_rows)
+    order = order[item["skip"] :]
+    table = table.take(pa.array(order))
+    keys = table.column("key").to_pylist()
+    labels = table.column("label").fill_null(-1)
+    return pa.table(
+        {
+            "key": table.column("key"),
+            "image": table.column("image"),
+            "label": labels,
+            "pos": pa.array(np.arange(item["skip"], item["skip"] + table.num_rows) + item["first_pos"], pa.int64()),
+            "aug_seed": pa.array(aug_seeds(keys, item["seed"], item["epoch"])),
+        }
+    )
+
+
+def _read_windows(batch: dict) -> pa.Table:
+    items = [dict(zip(batch.keys(), values)) for values in zip(*batch.values())]
+    return pa.concat_tables([_read_window(item) for item in items])
+
+
+def read_rows(
+    shards: str,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
+    window: int = 2,
+) -> ray.data.Dataset:
+    """Rows (key, image bytes, label, pos, aug_seed) of worker `rank`'s stream for `epoch`,
+    starting at position `start` (rows of this stream already consumed)."""
+    if window < 1:
+        raise UserError(f"shuffle window must be >= 1 shard, got {window}")
+    manifest = read_manifest(shards)
+    paths = shard_paths(shards, manifest)
+    mine = worker_shards(manifest, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    items, first_pos = [], 0
+    for w in range(0, len(mine), window):
+        group = mine[w : w + window]
+        rows = sum(manifest.shards[i]["rows"] for i in group)
+        skip = min(max(start - first_pos, 0), rows)
+        if skip < rows:
+            items.append(
+                {
+                    "paths": [paths[i] for i in group],
+                    "window": w,
+                    "skip": skip,
+                    "first_pos": first_pos,
+                    "seed": seed,
+                    "epoch": epoch,
+                }
+            )
+        first_pos += rows
+    if not items:
+        raise UserError(f"start position {start} is past the end of epoch {epoch} ({first_pos} rows for worker {rank})")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_read_windows, batch_size=1, batch_format="numpy")
+    ds.context.execution_options.preserve_order = True  # the stream order is part of the contract
+    return ds
+
+
+def _augment(batch: dict, spec) -> dict:
+    from raysl.data.views import ViewTransform
+
+    return ViewTransform(spec)(batch)
+
+
+def read_views(
+    shards: str,
+    spec,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
+    window: int = 2,
+    concurrency: int | None = None,
+    batch_size: int = 16,
+) -> ray.data.Dataset:
+    """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
+    Rows whose image does not decode are dropped there; `pos` shows the gap."""
+    ds = read_rows(shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window)
+    return ds.map_batches(
+        _augment, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy", concurrency=concurrency
+    )
+
+
+class ViewBatches:
+    """Fixed-shape batches from a view dataset, counting images skipped as corrupt and
+    tracking the position to resume from."""
+
+    def __init__(self, ds: ray.data.Dataset, *, batch_size: int, start: int = 0, prefetch_batches: int = 2):
+        self.ds = ds
+        self.batch_size = batch_size
+        self.position = start  # rows of the stream consumed so far
+        self.skipped = 0
+        self.prefetch_batches = prefetch_batches
+
+    def __iter__(self):
+        for batch in self.ds.iter_batches(
+            batch_size=self.batch_size, drop_last=True, batch_format="numpy", prefetch_batches=self.prefetch_batches
+        ):
+            pos = batch["pos"]
+            # positions are consecutive except where a corrupt image was dropped
+            self.skipped += int(pos[-1] + 1 - self.position - len(pos))
+            self.position = int(pos[-1]) + 1
+            yield batch

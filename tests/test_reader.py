@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from raysl.data import reader
+from raysl.data.schema import read_manifest
+from raysl.errors import UserError
+from shardfactory import digit_images, write_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("shards"))
+    write_shards(d, digit_images(40), shard_size=7)  # 6 shards: 7,7,7,7,7,5
+    return d
+
+
+def _stream(shards, **kw):
+    return reader.read_rows(shards, **kw).take_all()
+
+
+def test_plan_partitions_every_shard_once_per_epoch(shards):
+    m = read_manifest(shards)
+    for epoch in range(3):
+        plans = [reader.worker_shards(m, seed=1, epoch=epoch, rank=r, world_size=2) for r in range(2)]
+        assert sorted(plans[0] + plans[1]) == list(range(6))
+    assert reader.worker_shards(m, seed=1, epoch=0, rank=0, world_size=2) != reader.worker_shards(
+        m, seed=1, epoch=1, rank=0, world_size=2
+    ) or reader.worker_shards(m, seed=1, epoch=2, rank=0, world_size=2) != reader.worker_shards(
+        m, seed=1, epoch=0, rank=0, world_size=2
+    ), "shard order must be reshuffled across epochs"
+    assert reader.steps_per_epoch(m, batch_size=4, seed=1, epoch=0, world_size=2) == min(
+        reader.rows_per_worker(m, seed=1, epoch=0, world_size=2)
+    ) // 4
+
+
+def test_more_workers_than_shards_is_a_clear_error(shards):
+    with pytest.raises(UserError, match="6 shard"):
+        reader.worker_shards(read_manifest(shards), seed=0, epoch=0, rank=0, world_size=7)
+
+
+def test_stream_is_seeded_shuffled_and_resumable(ray_local, shards):
+    a = _stream(shards, seed=3, epoch=0)
+    b = _stream(shards, seed=3, epoch=0)
+    keys = [r["key"] for r in a]
+    assert keys == [r["key"] for r in b]  # deterministic for a seed
+    assert sorted(keys) == sorted(k for k, _, _ in digit_images(40))  # every image exactly once
+    assert keys != [r["key"] for r in _stream(shards, seed=3, epoch=1)]  # reshuffled per epoch
+    assert keys != sorted(keys)
+    assert [r["pos"] for r in a] == list(range(40))
+    # labels and bytes come through untouched
+    want = {k: (b_, lab) for k, b_, lab in digit_images(40)}
+    assert all(want[r["key"]] == (r["image"], r["label"]) for r in a)
+    # resuming at a saved position replays exactly the rest of the stream
+    for start in (0, 5, 14, 33):
+        rest = _stream(shards, seed=3, epoch=0, start=start)
+        assert [r["key"] for r in rest] == keys[start:]
+        assert [r["aug_seed"] for r in rest] == [r["aug_seed"] for r in a[start:]]
+    with pytest.raises(UserError, match="past the end"):
+        _stream(shards, seed=3, epoch=0, start=40)
+
+
+def test_two_workers_cover_the_epoch_disjointly(ray_local, shards):
+    parts = [[r["key"] for r in _stream(shards, seed=0, epoch=0, rank=r, world_size=2)] for r in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    assert len(parts[0]) + len(parts[1]) == 40
+
+
+def test_augment_seed_depends_on_image_not_worker(ray_local, shards):
+    one = {r["key"]: r["aug_seed"] for r in _stream(shards, seed=0, epoch=0)}
+    two = {}
+    for r in range(2):
+        two.update({row["key"]: row["aug_seed"] for row in _stream(shards, seed=0, epoch=0, rank=r, world_size=2)})
+    assert one == two
+    assert len(set(one.values())) == 40
+
+
+def test_view_batches_tracks_position_and_skips(ray_local, tmp_path):
+    images = digit_images(12)
+    images[3] = ("digits/broken.png", images[3][1][:40], 0)  # truncated PNG
+    d = str(tmp_path / "s")
+    write_shards(d, images, shard_size=6)
+    from raysl.data.views import view_spec
+
+    spec = view_spec("eval", size=32)
+    batches = reader.ViewBatches(reader.read_views(d, spec, seed=0), batch_size=4)
+    got = list(batches)
+    assert len(got) == 2  # 11 good images -> two full batches of 4, the rest dropped
+    assert all(b["view_0"].shape == (4, 3, 32, 32) and b["view_0"].dtype == np.uint8 for b in got)
+    broken_pos = next(r["pos"] for r in _stream(d, seed=0) if r["key"] == "digits/broken.png")
+    assert batches.position - batches.skipped == 8  # consumed = delivered + skipped
+    assert batches.skipped == int(broken_pos < batches.position)
+    assert "digits/broken.png" not in {k for b in got for k in b["key"]}
