@@ -1,0 +1,197 @@
+"""Typed run configuration: a YAML recipe plus `section.key=value` overrides.
+
+Every value is checked here, before any Ray work starts: an unknown key, a wrong type
+or an out-of-range value is one UserError naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+
+import yaml
+
+from raysl.errors import UserError
+
+
+def _range(lo=None, hi=None, *, lo_open=False):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+def _choices(*values):
+    return {"choices": values}
+
+
+@dataclass
+class DataConfig:
+    shards: str = field(default="", metadata={"help": "shard directory or URI (raysl shards build)"})
+    views: str = "simclr"  # a views preset; the method's default when empty
+    image_size: int = field(default=0, metadata=_range(0))  # 0: the preset's size
+    local_crops: int = field(default=-1, metadata=_range(-1))  # -1: the preset's count
+    batch_size: int = field(default=64, metadata=_range(1))  # per worker, per micro-step
+    shuffle_window: int = field(default=2, metadata=_range(1))  # shards mixed per shuffle window
+    augment_tasks: int = field(default=0, metadata=_range(0))  # parallel Ray Data augment tasks per worker; 0: auto
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name; never downloaded
+    drop_path_rate: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    compile: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    temperature: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
+    proj_hidden_dim: int = field(default=2048, metadata=_range(1))
+    proj_dim: int = field(default=128, metadata=_range(1))
+
+
+@dataclass
+class OptimConfig:
+    name: str = field(default="adamw", metadata=_choices("adamw", "sgd", "lars", "lamb", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"))
+    lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))  # per 256 images (linear scaling)
+    min_lr: float = field(default=1e-6, metadata=_range(0.0))
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    weight_decay: float = field(default=0.05, metadata=_range(0.0))
+    weight_decay_end: float = field(default=-1.0)  # < 0: same as weight_decay
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    beta1: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    beta2: float = field(default=0.999, metadata=_range(0.0, 1.0))
+    clip_grad: float = field(default=0.0, metadata=_range(0.0))  # 0: no clipping
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = field(default=0, metadata=_choices(0, 1, 2, 3))
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
+    grad_accum: int = field(default=1, metadata=_range(1))
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    storage_path: str = "runs"  # local dir, NFS path or bucket URI
+    epochs: int = field(default=1, metadata=_range(1))
+    max_steps: int = field(default=0, metadata=_range(0))  # 0: run all epochs
+    seed: int = 0
+    num_workers: int = field(default=1, metadata=_range(1))
+    cpus_per_worker: int = field(default=1, metadata=_range(1))
+    gpus_per_worker: float = field(default=0.0, metadata=_range(0.0))
+    log_every: int = field(default=10, metadata=_range(1))
+    checkpoint_every: int = field(default=100, metadata=_range(1))
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    max_failures: int = field(default=0, metadata=_range(-1))  # Ray Train restarts; -1: unlimited
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check(key: str, f: dataclasses.Field, value):
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise UserError(f"config key {key}: expected {_TYPE_NAMES[typ]}, got {value!r}")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(f"config key {key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        raise UserError(f"config key {key}: {value!r} is out of range (must be {'>' if meta.get('lo_open') else '>='} {lo})")
+    if hi is not None and value > hi:
+        raise UserError(f"config key {key}: {value!r} is out of range (must be <= {hi})")
+    return value
+
+
+def _section_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def from_dict(raw: dict, origin: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: expected a mapping of sections ({', '.join(_section_fields(Config))})")
+    sections = _section_fields(Config)
+    kwargs = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise UserError(f"{origin}: unknown section {name!r}; sections are {', '.join(sections)}")
+        cls = typing.get_type_hints(Config)[name]
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise UserError(f"{origin}: section {name} must be a mapping of keys")
+        fields = _section_fields(cls)
+        checked = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(f"config key {name}.{key} is unknown; {name} has {', '.join(fields)}")
+            fields[key].type = typing.get_type_hints(cls)[key]
+            checked[key] = _check(f"{name}.{key}", fields[key], value)
+        kwargs[name] = cls(**checked)
+    cfg = Config(**kwargs)
+    for name, cls in typing.get_type_hints(Config).items():  # validate defaults too
+        fields, hints = _section_fields(cls), typing.get_type_hints(cls)
+        for key, f in fields.items():
+            f.type = hints[key]
+            _check(f"{name}.{key}", f, getattr(getattr(cfg, name), key))
+    return cfg
+
+
+def recipe_path(recipe: str) -> str:
+    """A path to a YAML file, or the name of a recipe shipped in raysl/recipes."""
+    if os.path.exists(recipe):
+        return recipe
+    shipped = resources.files("raysl") / "recipes" / f"{recipe.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    names = sorted(p.name.removesuffix(".yaml") for p in (resources.files("raysl") / "recipes").iterdir() if p.name.endswith(".yaml"))
+    raise UserError(f"recipe {recipe!r}: no such file, and not a shipped recipe ({', '.join(names)})")
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"override {text!r}: expected section.key=value, e.g. optim.lr=0.001")
+    key, value = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    return section, name, yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(recipe: str, overrides: list[str] = ()) -> Config:
+    path = recipe_path(recipe)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if not isinstance(raw.get(section, {}), dict):
+            raise UserError(f"{path}: section {section} must be a mapping")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return from_dict(raw, origin=path)
