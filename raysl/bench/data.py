@@ -1,0 +1,184 @@
+"""`raysl bench data`: images/s of the raysl view pipeline vs a plain torch DataLoader.
+
+Both sides read the same shard rows, cycle over them until `images` images are made,
+use the same number of parallel workers, produce the same views (per the ViewSpec)
+and end with float32 ImageNet-normalised tensors, in the same process and run:
+
+- raysl: `read_views` (Ray Data tasks, PIL uint8 views, JPEG draft decoding), batches
+  from `iter_batches`, then `normalize` on the consumer, as a training worker does.
+- baseline: `torch.utils.data.DataLoader(num_workers=workers)` over a map-style dataset
+  of the rows, with the usual torchvision.transforms.v2 recipe per crop
+  (RandomResizedCrop, flip, RandomApply(ColorJitter), RandomGrayscale, GaussianBlur,
+  RandomSolarize, ToImage/ToDtype/Normalize).
+
+Each side first runs an untimed warm-up pass of `warmup` images (process start-up,
+imports, Ray workers); then a fresh pass of `images` images is timed from its start,
+so pipeline fill counts (it is paid every epoch) and read-ahead cannot inflate a rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewSpec, normalize, view_spec
+from raysl.errors import UserError
+
+
+def _crop_transform(crop: Crop, eval_resize: bool):
+    """The torchvision v2 recipe for one crop, written the usual way (DINO/BYOL style)."""
+    import torchvision.transforms.v2 as T
+
+    interp = T.InterpolationMode.BICUBIC if crop.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if eval_resize:
+        return T.Compose([T.Resize(round(crop.size / 0.875), interpolation=interp), T.CenterCrop(crop.size), *tail])
+    ops = [
+        T.RandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio, interpolation=interp),
+        T.RandomHorizontalFlip(p=crop.flip_p),
+    ]
+    if crop.jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*crop.jitter)], p=crop.jitter_p))
+    if crop.gray_p > 0:
+        ops.append(T.RandomGrayscale(p=crop.gray_p))
+    if crop.blur_p > 0:
+        kernel = crop.size // 10 // 2 * 2 + 1  # ~10% of the crop, odd: 23 for 224, 9 for 96
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=crop.blur_sigma)], p=crop.blur_p))
+    if crop.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=crop.solarize_p))
+    return T.Compose(ops + tail)
+
+
+class ShardRows(torch.utils.data.Dataset):
+    """Map-style dataset over the image bytes of a shard set; index i is row i % rows."""
+
+    def __init__(self, shards: str, spec: ViewSpec, length: int):
+        manifest = read_manifest(shards)
+        self.images: list[bytes] = []
+        for path in shard_paths(shards, manifest):
+            fs, local = filesystem_and_path(path)
+            self.images += pq.read_table(local, columns=["image"], filesystem=fs).column("image").to_pylist()
+        if not self.images:
+            raise UserError(f"{shards}: the shard set has no rows to benchmark")
+        self.transforms = [_crop_transform(c, spec.eval_resize) for c in spec.per_view()]
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        img = Image.open(io.BytesIO(self.images[i % len(self.images)])).convert("RGB")
+        return tuple(t(img) for t in self.transforms)
+
+
+def _timed(make_stream, images: int) -> dict:
+    """Time one fresh pass from creating the stream to `images` images (batches are lists
+    of view tensors). A pass includes its pipeline fill, as every epoch does."""
+    t0 = time.perf_counter()
+    stream = make_stream()
+    n, first = 0, None
+    try:
+        for batch in stream:
+            n += len(batch[0])
+            if first is None:
+                first = time.perf_counter() - t0
+            if n >= images:
+                break
+    finally:
+        seconds = time.perf_counter() - t0
+        close = getattr(stream, "close", None)
+        if close:
+            close()
+        del stream  # a DataLoader iterator shuts its workers down here
+    return {"images": n, "seconds": round(seconds, 3), "first_batch_s": round(first or 0.0, 3), "img_s": n / seconds}
+
+
+def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int, seed: int):
+    from raysl.data.reader import read_views
+
+    keys = [f"view_{i}" for i in range(spec.n_views)]
+    epoch = 0
+    while True:  # cycle over the rows: one dataset per epoch, as training does
+        ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers)
+        for batch in ds.iter_batches(batch_size=batch_size, drop_last=False, batch_format="numpy"):
+            yield [normalize(torch.from_numpy(batch[k])) for k in keys]
+        epoch += 1
+
+
+def run_data_bench(
+    shards: str,
+    views: str = "dino",
+    *,
+    workers: int = 2,
+    images: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    warmup: int | None = None,
+) -> dict:
+    """Warm each side up with a short pass (process start, imports, Ray workers), then
+    time a fresh pass of `images` images on each, one after the other."""
+    import ray
+
+    spec = view_spec(views)
+    warmup = batch_size * workers if warmup is None else warmup
+    torch.manual_seed(seed)
+
+    # Baseline first, so its workers usually fork before this process starts Ray.
+    dataset = ShardRows(shards, spec, 10**9)  # cycles over the rows; a pass stops early
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    _timed(lambda: iter(loader), warmup)
+    base = _timed(lambda: iter(loader), images)
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        make = lambda: _raysl_batches(shards, spec, workers=workers, batch_size=batch_size, seed=seed)  # noqa: E731
+        _timed(make, warmup)
+        raysl = _timed(make, images)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    raysl_rate, base_rate = raysl.pop("img_s"), base.pop("img_s")
+    return {
+        "bench": "data",
+        "views": views,
+        "n_views": spec.n_views,
+        "workers": workers,
+        "images": images,
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "rows": len(dataset.images),
+        "cpus": os.cpu_count(),
+        "raysl_img_s": round(raysl_rate, 2),
+        "baseline_img_s": round(base_rate, 2),
+        "ratio": round(raysl_rate / base_rate, 3),
+        "raysl_timed": raysl,
+        "baseline_timed": base,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="raysl bench data", description=__doc__.splitlines()[0])
+    p.add_argument("shards")
+    p.add_argument("--views", default="dino")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    result = run_data_bench(a.shards, a.views, workers=a.workers, images=a.images, batch_size=a.batch_size, seed=a.seed)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Views: real images in, uint8 crops out; deterministic per aug_seed; no Ray needed."""
+
+import logging
+import math
+import os
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import imagefactory
+from raysl.data import views as V
+from raysl.data.decode import decode_rgb
+from raysl.errors import UserError
+
+DATA = os.path.dirname(skimage.data.__file__)
+
+
+def real(name: str) -> bytes:
+    with open(os.path.join(DATA, name), "rb") as f:
+        return f.read()
+
+
+def batch_of(images: list[bytes], seeds=None) -> dict:
+    n = len(images)
+    column = np.empty(n, dtype=object)
+    column[:] = images
+    return {
+        "image": column,
+        "aug_seed": np.arange(n, dtype=np.int64) if seeds is None else np.asarray(seeds, dtype=np.int64),
+        "key": np.array([f"img/{i}" for i in range(n)]),
+        "label": np.arange(n, dtype=np.int64) * 10,
+    }
+
+
+# chelsea: RGB PNG; rocket: portrait JPEG; camera: greyscale PNG; horse: RGBA PNG
+PHOTOS = [real("chelsea.png"), real("rocket.jpg"), real("camera.png"), real("horse.png")]
+
+
+@pytest.mark.parametrize("name", list(V.PRESETS))
+def test_every_preset_gives_uint8_views_of_the_right_shapes(name):
+    spec = V.view_spec(name)
+    out = V.ViewTransform(spec)(batch_of(PHOTOS))
+    assert sorted(out) == sorted([f"view_{i}" for i in range(spec.n_views)] + ["key", "label"])
+    for i, crop in enumerate(spec.per_view()):
+        v = out[f"view_{i}"]
+        assert v.dtype == np.uint8 and v.shape == (len(PHOTOS), 3, crop.size, crop.size)
+        assert v.std() > 5  # real content, not a flat fill
+    assert list(out["key"]) == [f"img/{i}" for i in range(len(PHOTOS))]
+    assert list(out["label"]) == [0, 10, 20, 30]
+
+
+def test_preset_shapes_match_the_methods():
+    dino = V.PRESETS["dino"]
+    assert [c.size for c in dino.per_view()] == [224, 224] + [96] * 8
+    assert [c.blur_p for c in dino.crops] == [1.0, 0.1, 0.5]
+    assert [c.solarize_p for c in dino.crops] == [0.0, 0.2, 0.0]
+    swav = V.PRESETS["swav"]
+    assert [(c.size, c.scale, c.count) for c in swav.crops] == [(224, (0.14, 1.0), 2), (96, (0.05, 0.14), 6)]
+    for name in ("byol", "mocov3"):
+        assert [(c.blur_p, c.solarize_p) for c in V.PRESETS[name].crops] == [(1.0, 0.0), (0.1, 0.2)]
+    for name, lo in (("mae", 0.2), ("mae_medical", 0.5)):
+        (crop,) = V.PRESETS[name].crops
+        assert crop.scale == (lo, 1.0) and crop.flip_p == 0.5
+        assert crop.jitter_p == crop.gray_p == crop.blur_p == crop.solarize_p == 0
+    assert V.PRESETS["simclr"].n_views == V.PRESETS["mocov2"].n_views == 2
+
+
+def test_same_seed_same_views_different_seed_different_views():
+    spec = V.view_spec("dino")
+    t = V.ViewTransform(spec)
+    a = t(batch_of(PHOTOS[:2], seeds=[7, 8]))
+    b = t(batch_of(PHOTOS[:2], seeds=[7, 8]))
+    c = t(batch_of(PHOTOS[:2], seeds=[9, 10]))
+    # a row's views do not depend on its neighbours in the batch
+    alone = t(batch_of(PHOTOS[1:2], seeds=[8]))
+    for i in range(spec.n_views):
+        k = f"view_{i}"
+        assert np.array_equal(a[k], b[k])
+        assert np.array_equal(a[k][1:], alone[k])
+        assert not np.array_equal(a[k][0], c[k][0])
+    # negative and huge seeds are fine too
+    t(batch_of(PHOTOS[:2], seeds=[-1, 2**62]))
+
+
+def test_a_corrupt_row_is_dropped_and_the_others_survive(caplog):
+    bad = imagefactory.bad_files()
+    images = [PHOTOS[0], bad["truncated.jpg"][0], PHOTOS[1], bad["notes.jpg"][0], bad["empty.jpg"][0]]
+    with caplog.at_level(logging.WARNING, logger="raysl.data.views"):
+        out = V.ViewTransform(V.view_spec("simclr"))(batch_of(images))
+    assert list(out["key"]) == ["img/0", "img/2"]
+    assert list(out["label"]) == [0, 20]
+    assert out["view_0"].shape == (2, 3, 224, 224)
+    assert "img/1" in caplog.text and "img/3" in caplog.text
+
+
+def test_an_all_corrupt_batch_gives_empty_columns():
+    out = V.ViewTransform(V.view_spec("dino"))(batch_of([b"", b"junk"]))
+    assert out["view_0"].shape == (0, 3, 224, 224) and out["view_9"].shape == (0, 3, 96, 96)
+    assert len(out["key"]) == 0
+
+
+def test_min_decode_side_covers_the_smallest_crop():
+    dino = V.view_spec("dino")
+    # local crops: 96 px from 5% of the area at aspect 3/4 need the most source pixels
+    assert dino.min_decode_side() == math.ceil(96 / math.sqrt(0.05 * 0.75))
+    assert V.view_spec("eval").min_decode_side() == 256  # 224 / 0.875
+    assert V.view_spec("dino", local_crops=0).min_decode_side() == math.ceil(224 / math.sqrt(0.4 * 0.75))
+    # the smallest boxes RandomResizedCrop can draw on a square source of that side
+    # still hold at least `size` pixels along each side (up to rounding)
+    side = dino.min_decode_side()
+    rng = np.random.default_rng(0)
+    local = dino.crops[2]
+    smallest = min(min(r - l, b - t) for l, t, r, b in (V.crop_box(rng, side, side, local.scale, local.ratio) for _ in range(3000)))
+    assert smallest >= local.size - 1
+
+
+@pytest.mark.parametrize("name", ["dino", "mae_medical", "eval"])
+def test_a_big_jpeg_decodes_smaller_but_never_below_what_the_crops_need(name):
+    data = real("retina.jpg")  # 1411 x 1411 real JPEG
+    need = V.view_spec(name).min_decode_side()
+    img = decode_rgb(data, min_side=need)
+    assert need <= min(img.size) < 1411
+    out = V.ViewTransform(V.view_spec(name))(batch_of([data]))
+    assert out["view_0"].shape[0] == 1
+
+
+def test_overrides():
+    s = V.view_spec("dino", global_crops=2, local_crops=4, local_size=64, local_scale=(0.1, 0.3))
+    assert [c.size for c in s.per_view()] == [224, 224, 64, 64, 64, 64]
+    assert s.crops[-1].scale == (0.1, 0.3) and s.crops[-1].count == 4
+    one = V.view_spec("dino", global_crops=1, local_crops=0)
+    assert one.n_views == 1 and one.crops[0].blur_p == 1.0
+    four = V.view_spec("dino", global_crops=4)
+    assert [c.solarize_p for c in four.per_view()[:4]] == [0.0, 0.2, 0.0, 0.2]
+    multi = V.view_spec("simclr", local_crops=6)  # multi-crop SimCLR
+    assert [c.size for c in multi.per_view()] == [224, 224] + [96] * 6
+    assert multi.crops[-1].jitter == V.PRESETS["simclr"].crops[0].jitter
+    mae = V.view_spec("mae", size=112, scale=(0.3, 1.0))
+    assert mae.crops[0].size == 112 and mae.crops[0].scale == (0.3, 1.0)
+    assert V.view_spec("simclr", global_size=160).crops[0].size == 160
+    out = V.ViewTransform(s)(batch_of(PHOTOS[:1]))
+    assert out["view_5"].shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"local_scale": (0.0, 0.4)}, "local_scale"),
+        ({"global_scale": (0.2, 1.5)}, "global_scale"),
+        ({"scale": (0.9, 0.3)}, "scale"),
+        ({"global_size": 4}, "global_size"),
+        ({"local_size": 7}, "local_size"),
+        ({"size": 2}, "size"),
+        ({"local_crops": -1}, "local_crops"),
+        ({"global_crops": -2}, "global_crops"),
+        ({"global_crops": 0, "local_crops": 0}, "no views"),
+        ({"size": 128, "global_size": 96}, "disagree"),
+    ],
+)
+def test_bad_overrides_name_the_field(kwargs, field):
+    with pytest.raises(UserError, match=field):
+        V.view_spec("dino", **kwargs)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(UserError) as exc:
+        V.view_spec("simsiam")
+    for name in V.PRESETS:
+        assert name in str(exc.value)
+
+
+def test_normalize_statistics_and_device():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, size=(64, 3, 32, 32), dtype=np.uint8))
+    y = V.normalize(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape and y.device == x.device
+    mean, std = torch.tensor(V.IMAGENET_MEAN), torch.tensor(V.IMAGENET_STD)
+    expected = (x.float().mean(dim=(0, 2, 3)) / 255 - mean) / std
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), expected, atol=1e-4)
+    expected_std = x.float().std(dim=(0, 2, 3)) / 255 / std
+    assert torch.allclose(y.std(dim=(0, 2, 3)), expected_std, rtol=1e-3)
+    # an image that is exactly the ImageNet mean maps to ~0
+    flat = (mean * 255).round().to(torch.uint8).view(1, 3, 1, 1).expand(2, 3, 8, 8)
+    assert V.normalize(flat).abs().max() < 0.01
+
+
+def _rate(plans, view, attr):
+    return np.mean([bool(getattr(p[view], attr)) if attr != "blur_sigma" else p[view].blur_sigma is not None for p in plans])
+
+
+def test_dino_per_view_probabilities():
+    """Per DINO: global view 0 always blurred, never solarized; global view 1 blurred 10%,
+    solarized 20%; local views blurred 50%. Flip 50%, jitter 80%, grey 20% everywhere."""
+    spec = V.view_spec("dino")
+    n = 3000
+    plans = [V.plan_views(spec, seed, 451, 300) for seed in range(n)]
+    tol = lambda p: 4 * math.sqrt(p * (1 - p) / n) + 1e-9  # noqa: E731
+    expect = {
+        (0, "blur_sigma"): 1.0,
+        (0, "solarize"): 0.0,
+        (1, "blur_sigma"): 0.1,
+        (1, "solarize"): 0.2,
+        (5, "blur_sigma"): 0.5,
+        (5, "solarize"): 0.0,
+        (0, "flip"): 0.5,
+        (1, "jitter"): 0.8,
+        (9, "gray"): 0.2,
+    }
+    for (view, attr), p in expect.items():
+        assert abs(_rate(plans, view, attr) - p) <= tol(p), (view, attr)
+    sigmas = [p[0].blur_sigma for p in plans]
+    assert 0.1 <= min(sigmas) and max(sigmas) <= 2.0
+    # local boxes cover 5-40% of the image, global ones 40-100% (outside the fallback)
+    for p in plans[:200]:
+        l, t, r, b = p[0].box
+        assert 0.4 - 0.01 <= (r - l) * (b - t) / (451 * 300) <= 1.0
+        l, t, r, b = p[2].box
+        assert 0.05 - 0.01 <= (r - l) * (b - t) / (451 * 300) <= 0.4 + 0.01
+
+
+def test_plans_are_what_gets_applied():
+    img = decode_rgb(real("chelsea.png"))
+    crop = V.PRESETS["dino"].crops[0]
+    box = (50, 20, 350, 280)
+    plain = V.ViewPlan(box, False, (), False, None, False)
+    base = V.apply_view(img, plain, crop)
+    sharpness = lambda a: np.abs(np.diff(a.astype(np.int32), axis=2)).mean()  # noqa: E731
+    blurred = V.apply_view(img, V.ViewPlan(box, False, (), False, 2.0, False), crop)
+    assert sharpness(blurred) < 0.7 * sharpness(base)
+    flipped = V.apply_view(img, V.ViewPlan(box, True, (), False, None, False), crop)
+    assert np.array_equal(flipped, base[:, :, ::-1])
+    solar = V.apply_view(img, V.ViewPlan(box, False, (), False, None, True), crop)
+    assert np.array_equal(solar, np.where(base >= 128, 255 - base, base))
+    grey = V.apply_view(img, V.ViewPlan(box, False, (), True, None, False), crop)
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+
+
+def test_jitter_matches_torchvision_pil_ops():
+    import torchvision.transforms.functional as F
+
+    img = decode_rgb(real("coffee.png")).resize((96, 64))
+    for factor in (-0.1, -0.03, 0.05, 0.1):
+        assert np.array_equal(np.asarray(V._hue(img, factor)), np.asarray(F.adjust_hue(img, factor)))
+    crop = V.Crop(96, (1.0, 1.0))
+    box = (0, 0, 96, 64)
+    for op, fn in (("brightness", F.adjust_brightness), ("contrast", F.adjust_contrast), ("saturation", F.adjust_saturation)):
+        mine = V.apply_view(img, V.ViewPlan(box, False, ((op, 1.3),), False, None, False), crop)
+        theirs = np.asarray(fn(img.resize((96, 96), Image.Resampling.BILINEAR, box=box), 1.3)).transpose(2, 0, 1)
+        assert np.array_equal(mine, theirs), op
+
+
+def test_crop_box_fallback_is_torchvisions_centre_crop():
+    rng = np.random.default_rng(0)
+    # a 1000x10 strip cannot hold 90-100% of its area at aspect <= 4/3: centre crop at 4/3
+    assert V.crop_box(rng, 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (493, 0, 506, 10)
+    for _ in range(200):
+        l, t, r, b = V.crop_box(rng, 300, 200, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= l < r <= 300 and 0 <= t < b <= 200
+
+
+def test_eval_view_is_resize_then_centre_crop():
+    import torchvision.transforms.v2 as T
+
+    img = decode_rgb(real("coffee.png"))
+    mine = V.ViewTransform(V.view_spec("eval"))(batch_of([real("coffee.png")]))["view_0"][0]
+    ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])(img)
+    diff = np.abs(mine.astype(int) - np.asarray(ref).transpose(2, 0, 1).astype(int))
+    assert diff.mean() < 3
+
+
+def test_views_from_imagefactory_formats():
+    files = imagefactory.good_files()
+    out = V.ViewTransform(V.view_spec("byol"))(batch_of(list(files.values())))
+    assert out["view_1"].shape == (len(files), 3, 224, 224)
+
