@@ -56,6 +56,14 @@ def cmd_bench_optim(args) -> None:
     print(json.dumps(run_optim_bench(args.model)))
 
 
+def cmd_pretrain(args) -> None:
+    from raysl.config import load_config
+    from raysl.train.run import pretrain
+
+    cfg = load_config(args.recipe, args.overrides)
+    print(json.dumps(pretrain(cfg, address=args.address, resume=args.resume)))
+
+
 def cmd_demo(args) -> None:
     from raysl.demo import run_demo
 
@@ -70,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build shards from real bundled images and stream views through Ray Data")
     demo.add_argument("--out", default="demo_out", help="folder for the demo's images, shards and pictures")
     demo.set_defaults(func=cmd_demo)
+
+    pre = sub.add_parser("pretrain", help="self-supervised pretraining from a recipe on Ray Train + DeepSpeed")
+    pre.add_argument("recipe", help="a shipped recipe name (e.g. quickstart) or a YAML path")
+    pre.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.001 train.num_workers=2")
+    pre.add_argument("--resume", action="store_true", help="continue the run (train.name) from its latest checkpoint")
+    pre.set_defaults(func=cmd_pretrain)
 
     shards = sub.add_parser("shards", help="build and inspect image shard sets").add_subparsers(dest="shards_cmd", required=True)
     b = shards.add_parser("build", help="turn folders, WebDataset tars or img2dataset parquet into shards")

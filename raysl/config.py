@@ -33,7 +33,11 @@ class DataConfig:
     local_crops: int = field(default=-1, metadata=_range(-1))  # -1: the preset's count
     batch_size: int = field(default=64, metadata=_range(1))  # per worker, per micro-step
     shuffle_window: int = field(default=2, metadata=_range(1))  # shards mixed per shuffle window
-    augment_tasks: int = field(default=0, metadata=_range(0))  # parallel Ray Data augment tasks per worker; 0: auto
+    augment_tasks: int = field(default=0, metadata=_range(0))  # parallel read/augment tasks per worker; 0: train.cpus_per_worker
+    # Logical CPUs each read/augment task reserves. 0 shares the training workers' cores
+    # (right on one machine, where the workers hold every CPU); 1 on a cluster with
+    # CPU-only data nodes places the tasks there.
+    task_cpus: float = field(default=0.0, metadata=_range(0.0))
 
 
 @dataclass

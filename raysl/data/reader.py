@@ -97,6 +97,7 @@ def read_rows(
     world_size: int = 1,
     start: int = 0,
     window: int = 2,
+    num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """Rows (key, image bytes, label, pos, aug_seed) of worker `rank`'s stream for `epoch`,
     starting at position `start` (rows of this stream already consumed)."""
@@ -125,7 +126,7 @@ def read_rows(
     if not items:
         raise UserError(f"start position {start} is past the end of epoch {epoch} ({first_pos} rows for worker {rank})")
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_windows, batch_size=1, batch_format="numpy")
+    ds = ds.map_batches(_read_windows, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
     ds.context.execution_options.preserve_order = True  # the stream order is part of the contract
     return ds
 
@@ -148,12 +149,24 @@ def read_views(
     window: int = 2,
     concurrency: int | None = None,
     batch_size: int = 16,
+    num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
-    Rows whose image does not decode are dropped there; `pos` shows the gap."""
-    ds = read_rows(shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window)
+    Rows whose image does not decode are dropped there; `pos` shows the gap.
+
+    `num_cpus` is what each task reserves. Training workers that hold every CPU of a
+    machine leave nothing for tasks that reserve one, so single-machine training uses
+    0 (the tasks then share the workers' cores) with a bounded `concurrency`."""
+    ds = read_rows(
+        shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window, num_cpus=num_cpus
+    )
     return ds.map_batches(
-        _augment, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy", concurrency=concurrency
+        _augment,
+        fn_kwargs={"spec": spec},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_cpus=num_cpus,
     )
 
 

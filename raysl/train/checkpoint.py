@@ -1,0 +1,71 @@
+"""Checkpoints: DeepSpeed's files plus one small state file per worker, reported to Ray
+Train, and loaded without ever unpickling arbitrary objects (weights_only=True)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from raysl.errors import UserError
+
+ENGINE_TAG = "engine"
+RUN_STATE = "raysl_state.json"
+
+
+def _deepspeed_safe_globals() -> list:
+    # Plain data holders DeepSpeed writes into ZeRO optimizer files; allowing them lets
+    # torch.load keep weights_only=True (nothing else can be constructed).
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location="cpu"):
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location=map_location)
+
+
+def worker_file(rank: int) -> str:
+    return f"worker_{rank}.pt"
+
+
+def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> None:
+    """Every worker calls this (DeepSpeed's save is collective); each writes its own files."""
+    engine.save_checkpoint(directory, tag=ENGINE_TAG)
+    torch.save({**state, "torch_rng": torch.get_rng_state()}, os.path.join(directory, worker_file(rank)))
+    if rank == 0:
+        with open(os.path.join(directory, RUN_STATE), "w") as f:
+            json.dump({"step": state["step"], "world_size": world_size}, f)
+
+
+def load(directory: str, engine, *, rank: int, world_size: int) -> dict:
+    """Restore engine (model, optimizer incl. 8-bit state) and this worker's state."""
+    meta_path = os.path.join(directory, RUN_STATE)
+    if not os.path.exists(meta_path):
+        raise UserError(f"checkpoint {directory} is incomplete (no {RUN_STATE}); it cannot be resumed from")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta["world_size"] != world_size:
+        raise UserError(
+            f"checkpoint {directory} was written by {meta['world_size']} workers; resume with "
+            f"train.num_workers={meta['world_size']} (this run has {world_size})"
+        )
+    mine = os.path.join(directory, worker_file(rank))
+    if not os.path.exists(mine):
+        raise UserError(f"checkpoint {directory} is incomplete (no {worker_file(rank)}); it cannot be resumed from")
+    path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG)
+    if path is None:
+        raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")
+    state = safe_load(mine)
+    torch.set_rng_state(state.pop("torch_rng"))
+    return state

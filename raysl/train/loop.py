@@ -1,0 +1,177 @@
+"""The per-worker training loop that Ray Train runs. It knows methods only through
+`Method` (forward -> loss, after_step), so every method runs through the same engine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+
+from raysl.config import Config, from_dict
+from raysl.data import reader
+from raysl.data.schema import read_manifest
+from raysl.data.views import normalize, view_spec
+from raysl.methods.base import build_method
+from raysl.optim.optimizers import build_optimizer, param_groups
+from raysl.optim.schedules import Schedules, apply, scaled_lr
+from raysl.train import checkpoint
+from raysl.train.engine import DTYPES, initialize
+
+
+def spec_for(cfg: Config, method_cls):
+    kwargs = {}
+    if cfg.data.image_size:
+        kwargs["global_size"] = cfg.data.image_size
+    if cfg.data.local_crops >= 0:
+        kwargs["local_crops"] = cfg.data.local_crops
+    return view_spec(cfg.data.views or method_cls.default_views, **kwargs)
+
+
+def epoch_steps(cfg: Config, world_size: int, epochs: int) -> list[int]:
+    manifest = read_manifest(cfg.data.shards)
+    rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
+    return [
+        reader.steps_per_epoch(manifest, batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size)
+        for e in range(epochs)
+    ]
+
+
+def total_steps(cfg: Config, world_size: int) -> int:
+    n = sum(epoch_steps(cfg, world_size, cfg.train.epochs))
+    return min(n, cfg.train.max_steps) if cfg.train.max_steps else n
+
+
+def _fail_once_at(step: int, fail_at: int | None, run_dir: str) -> None:
+    """Failure drill (RAYSL_FAIL_AT_STEP=k on the driver): worker 0 dies once at step k;
+    a marker file in the run dir lets the restarted attempt carry on."""
+    marker = os.path.join(run_dir, ".failed_once")
+    if fail_at == step and ray.train.get_context().get_world_rank() == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+def train_loop_per_worker(raw: dict) -> None:
+    cfg = from_dict(raw["config"])
+    run_dir = raw["run_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # raysl prints its own progress
+    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() and cfg.train.gpus_per_worker else torch.device("cpu")
+    dtype = DTYPES[cfg.deepspeed.precision]
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
+    method = build_method(cfg)
+    if cfg.model.compile:
+        method.backbone = torch.compile(method.backbone)
+    spec = spec_for(cfg, type(method))
+    steps = epoch_steps(cfg, world, cfg.train.epochs)
+    total = min(sum(steps), cfg.train.max_steps) if cfg.train.max_steps else sum(steps)
+    global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
+    wd_end = cfg.optim.weight_decay_end if cfg.optim.weight_decay_end >= 0 else cfg.optim.weight_decay
+    schedules = Schedules.build(
+        total_steps=total,
+        warmup_steps=min(cfg.optim.warmup_steps, total - 1),
+        lr=scaled_lr(cfg.optim.lr, global_batch),
+        min_lr=cfg.optim.min_lr,
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=wd_end,
+    )
+    optimizer = build_optimizer(
+        cfg.optim.name,
+        param_groups(method, cfg.optim.weight_decay),
+        lr=schedules.lr[0],
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        momentum=cfg.optim.momentum,
+    )
+    engine = initialize(method, optimizer, cfg)
+
+    state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            state = checkpoint.load(d, engine, rank=rank, world_size=world)
+    else:
+        torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
+    log = None
+    if rank == 0:
+        from raysl.train.metrics import MetricsLog
+
+        log = MetricsLog(run_dir, total_steps=total, resume_step=state["step"])
+        print(f"raysl: {cfg.method.name} on {cfg.model.backbone}, {world} worker(s), {total} steps, "
+              f"global batch {global_batch}, starting at step {state['step']}", flush=True)
+
+    def batches_from(position: int):
+        ds = reader.read_views(
+            cfg.data.shards, spec, seed=cfg.train.seed, epoch=state["epoch"], rank=rank, world_size=world,
+            start=position, window=cfg.data.shuffle_window,
+            concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker, num_cpus=cfg.data.task_cpus,
+        )
+        return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
+
+    while state["step"] < total:
+        stream = batches_from(state["position"])
+        it = iter(stream)
+        step_in_epoch = state["position"] // (cfg.data.batch_size * cfg.deepspeed.grad_accum)
+        while step_in_epoch < steps[state["epoch"]] and state["step"] < total:
+            values = schedules.at(state["step"])
+            apply(optimizer, values)
+            t0 = time.perf_counter()
+            for _ in range(cfg.deepspeed.grad_accum):
+                try:
+                    batch = next(it)
+                except StopIteration:  # corrupt images thinned this worker's share: start it over
+                    state["skipped"] += stream.skipped
+                    stream = batches_from(0)
+                    it = iter(stream)
+                    batch = next(it)
+                views = [normalize(torch.from_numpy(batch[f"view_{i}"]).to(device)).to(dtype) for i in range(spec.n_views)]
+                out = engine(views, values)
+                engine.backward(out["loss"])
+                engine.step()
+            method.after_step(values)
+            state["step"] += 1
+            step_in_epoch += 1
+            state["position"] = stream.position
+            metrics = _global_metrics(out, state, stream.skipped, values, global_batch / (time.perf_counter() - t0))
+            if log:
+                log.log(metrics, show=state["step"] % cfg.train.log_every == 0 or state["step"] == total)
+            _fail_once_at(state["step"], raw.get("fail_at_step"), run_dir)
+            last = state["step"] == total
+            if state["step"] % cfg.train.checkpoint_every == 0 or last:
+                with tempfile.TemporaryDirectory() as d:
+                    checkpoint.save(d, engine, rank=rank, world_size=world, state=dict(state, skipped=state["skipped"] + stream.skipped))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if step_in_epoch >= steps[state["epoch"]]:
+            state["skipped"] += stream.skipped
+            state.update(epoch=state["epoch"] + 1, position=0)
+    if log:
+        log.close()
+
+
+def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float) -> dict:
+    """Losses and counters averaged/summed over workers, so every rank logs the same numbers."""
+    scalars = {k: float(v.detach().float()) for k, v in out.items()}
+    names = sorted(scalars)
+    t = torch.tensor([scalars[k] for k in names] + [float(state["skipped"] + skipped_now)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        world = dist.get_world_size()
+    else:
+        world = 1
+    averaged = {k: float(t[i]) / world for i, k in enumerate(names)}
+    return {
+        "step": state["step"],
+        "epoch": state["epoch"],
+        **averaged,
+        "lr": float(values["lr"]),
+        "weight_decay": float(values["weight_decay"]),
+        "images_per_s": float(np.round(images_per_s, 2)),
+        "skipped_corrupt": int(t[-1]),
+    }

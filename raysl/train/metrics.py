@@ -1,0 +1,87 @@
+"""Metrics on rank 0: a progress line, metrics.jsonl and TensorBoard events in the run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str, *, total_steps: int, resume_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._drop_after(resume_step)  # steps after the checkpoint are trained again
+        self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
+        self.total = total_steps
+        self.t0 = time.perf_counter()
+        self.start_step = resume_step
+
+    def _drop_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def log(self, metrics: dict, *, show: bool) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        step = metrics["step"]
+        for k, v in metrics.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        if show:
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(
+                f"step {step}/{self.total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+                f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s eta {_eta(eta)}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(run_dir: str) -> list[str]:
+    """loss.png and lr.png from metrics.jsonl; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    written = []
+    for key in ("loss", "lr"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*pts))
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = os.path.join(run_dir, f"{key}.png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        written.append(out)
+    return written
