@@ -149,6 +149,7 @@ def read_views(
     window: int = 2,
     concurrency: int | None = None,
     batch_size: int = 16,
+    block_rows: int = 64,
     num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
@@ -160,12 +161,15 @@ def read_views(
     ds = read_rows(
         shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window, num_cpus=num_cpus
     )
+    # A shuffle window is one block of hundreds of images; augmenting it in smaller
+    # blocks gets the first batch out sooner and spreads the work over more tasks.
+    ds = ds.repartition(target_num_rows_per_block=block_rows)
     return ds.map_batches(
         _augment,
         fn_kwargs={"spec": spec},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
         num_cpus=num_cpus,
     )
 
