@@ -53,6 +53,13 @@ class MethodConfig:
     temperature: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
     proj_hidden_dim: int = field(default=2048, metadata=_range(1))
     proj_dim: int = field(default=128, metadata=_range(1))
+    # per-step schedules for methods with an EMA teacher (BYOL, MoCo, DINO) and DINO's
+    # teacher temperature warmup
+    ema_momentum: float = field(default=0.996, metadata=_range(0.0, 1.0))
+    ema_momentum_end: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    teacher_temp: float = field(default=0.04, metadata=_range(0.0, lo_open=True))
+    teacher_temp_warmup: float = field(default=0.04, metadata=_range(0.0, lo_open=True))
+    teacher_temp_warmup_steps: int = field(default=0, metadata=_range(0))
 
 
 @dataclass

@@ -82,6 +82,11 @@ def train_loop_per_worker(raw: dict) -> None:
         min_lr=cfg.optim.min_lr,
         weight_decay=cfg.optim.weight_decay,
         weight_decay_end=wd_end,
+        ema_momentum=cfg.method.ema_momentum,
+        ema_momentum_end=cfg.method.ema_momentum_end,
+        teacher_temp=cfg.method.teacher_temp,
+        teacher_temp_warmup=cfg.method.teacher_temp_warmup,
+        teacher_temp_warmup_steps=min(cfg.method.teacher_temp_warmup_steps, total - 1),
     )
     optimizer = build_optimizer(
         cfg.optim.name,
@@ -120,7 +125,7 @@ def train_loop_per_worker(raw: dict) -> None:
         it = iter(stream)
         step_in_epoch = state["position"] // (cfg.data.batch_size * cfg.deepspeed.grad_accum)
         while step_in_epoch < steps[state["epoch"]] and state["step"] < total:
-            values = schedules.at(state["step"])
+            values = {**schedules.at(state["step"]), "step": state["step"]}
             apply(optimizer, values)
             t0 = time.perf_counter()
             for _ in range(cfg.deepspeed.grad_accum):
