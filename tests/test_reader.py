@@ -90,3 +90,9 @@ def test_view_batches_tracks_position_and_skips(ray_local, tmp_path):
     assert batches.position - batches.skipped == 8  # consumed = delivered + skipped
     assert batches.skipped == int(broken_pos < batches.position)
     assert "digits/broken.png" not in {k for b in got for k in b["key"]}
+
+
+def test_reads_through_a_pyarrow_filesystem_uri(ray_local, shards):
+    # file:// goes through pyarrow.fs.FileSystem.from_uri, the same path as s3:// and gs://
+    uri = "file://" + shards
+    assert [r["key"] for r in _stream(uri, seed=2)] == [r["key"] for r in _stream(shards, seed=2)]
