@@ -57,6 +57,8 @@ class Manifest:
     skipped: dict[str, int] = field(default_factory=dict)
     licenses: dict[str, int] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    ignored_files: int = 0  # files in SRC folders that are not images (the builder lists them)
+    metadata_unmatched: int = 0  # --metadata rows that named no input
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -1,0 +1,255 @@
+"""`raysl shards build`: inputs -> parquet shards + manifest, as one Ray Data job.
+
+Pipeline (one pass, image bytes never reach the driver):
+  references (sources.list_inputs, on the driver)
+  -> read + sha256 + probe + filters + metadata join   (map_batches, one block of refs per task)
+  -> exact dedup by sha256                              (groupby(sha256).map_groups)
+     + fold the stat rows of each block into a few      (map_batches)
+  -> blocks of `shard_size` rows                        (streaming repartition)
+  -> write each block to a staging parquet file         (map_batches; returns one stats row)
+Skipped inputs do not travel as rows: each read task folds them into a few "stat rows"
+(`_stat` = counter name, `_n` = count) that flow with the images and are summed by the
+writers, so every count comes out of the same pass that writes the shards. The driver
+then renames the staged files to shard-NNNNN.parquet and writes manifest.json last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from collections import Counter
+
+import PIL.Image
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from raysl.data import decode
+from raysl.data.metadata import load_metadata
+from raysl.data.sources import Item, list_inputs, read_ref
+from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, Manifest, filesystem_and_path, write_manifest
+from raysl.errors import UserError
+
+STAGING = ".staging"
+JOINED = "metadata_joined"  # a stat row counter that is not a skip reason
+FAIL_AFTER_ENV = "RAYSL_FAIL_AFTER_SHARDS"  # tests: writers crash once more than this many shards are staged
+ROW_SCHEMA = SCHEMA.append(pa.field("_stat", pa.string())).append(pa.field("_n", pa.int64()))
+_READ_BATCH_ROWS = 256
+_READ_BATCH_BYTES = 64 << 20
+
+
+def _rows_table(rows: list[dict], counts: Counter) -> pa.Table:
+    empty = dict(key="", image=b"", sha256="", width=0, height=0, format="", source="", license="",
+                 attribution="", label=None)
+    stats = [{**empty, "_stat": name, "_n": n} for name, n in sorted(counts.items()) if n]
+    return pa.Table.from_pylist(rows + stats, schema=ROW_SCHEMA)
+
+
+def _check(item: Item, *, licenses: set[str] | None, min_side: int, max_pixels: int):
+    """(reason, ImageInfo): reason is "" for an image to keep."""
+    if item.reason:
+        return item.reason, None
+    if licenses is not None and item.license.strip().lower() not in licenses:
+        return "filtered", None  # before probing: no need to decode what we drop anyway
+    try:
+        info = decode.probe(item.data or b"", max_pixels=max_pixels)
+    except decode.DecodeError as exc:
+        return exc.reason, None
+    if min(info.width, info.height) < min_side:
+        return "too_small", info
+    return "", info
+
+
+def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixels: int):
+    if max_pixels > PIL.Image.MAX_IMAGE_PIXELS:
+        # decode._open turns PIL's own bomb warning into "too_large"; let the user's limit rule
+        PIL.Image.MAX_IMAGE_PIXELS = max_pixels
+    rows, counts, size = [], Counter(), 0
+    for ref in refs.to_pylist():
+        for item in read_ref(ref):
+            extra = meta.get(item.key)
+            if extra:
+                counts[JOINED] += 1
+                for name, value in extra.items():
+                    setattr(item, name, value)
+            reason, info = _check(item, licenses=licenses, min_side=min_side, max_pixels=max_pixels)
+            if reason:
+                counts[reason] += 1
+                continue
+            rows.append(dict(key=item.key, image=item.data, sha256=hashlib.sha256(item.data).hexdigest(),
+                             width=info.width, height=info.height, format=info.format, source=item.source,
+                             license=item.license, attribution=item.attribution, label=item.label,
+                             _stat="", _n=1))
+            size += len(item.data)
+            if len(rows) >= _READ_BATCH_ROWS or size >= _READ_BATCH_BYTES:
+                yield _rows_table(rows, Counter())
+                rows, size = [], 0
+    yield _rows_table(rows, counts)
+
+
+def _dedup(group: pa.Table) -> pa.Table:
+    """One sha256: keep the row with the smallest key, count the rest as duplicates."""
+    if group.num_rows == 1 or group["_stat"][0].as_py():  # stat rows all have sha256 ""
+        return group
+    keys = group["key"]
+    keep = group.slice(pc.index(keys, pc.min(keys)).as_py(), 1)
+    return pa.concat_tables([keep, _rows_table([], Counter(duplicate=group.num_rows - 1))])
+
+
+def _split(block: pa.Table) -> tuple[pa.Table, Counter]:
+    """(image rows, summed stat rows) of a block."""
+    is_image = pc.equal(block["_stat"], "")
+    stats = block.filter(pc.invert(is_image))
+    counts = Counter()
+    for name, n in zip(stats["_stat"].to_pylist(), stats["_n"].to_pylist()):
+        counts[name] += n
+    return block.filter(is_image), counts
+
+
+def _fold_stats(block: pa.Table) -> pa.Table:
+    """Sum a block's stat rows into one per counter. Stat rows take room in the
+    fixed-size blocks the writers get, so there must be few of them."""
+    images, counts = _split(block)
+    return pa.concat_tables([images, _rows_table([], counts)])
+
+
+def _write_batch(batch: pa.Table, *, staging: str, fail_after: int) -> pa.Table:
+    images, counts = _split(batch)
+    images = images.select(SCHEMA.names).cast(SCHEMA)
+    name, first = "", ""
+    if images.num_rows:
+        fs, root = filesystem_and_path(staging)
+        name = f"{uuid.uuid4().hex}.parquet"
+        # images are already compressed: compressing them again costs CPU and saves nothing
+        pq.write_table(images, posixpath.join(root, name), filesystem=fs,
+                       compression={c: ("none" if c == "image" else "zstd") for c in SCHEMA.names},
+                       use_dictionary=[c for c in SCHEMA.names if c != "image"])
+        # counted after writing, so whichever writer finishes last sees every staged file
+        if fail_after and len(fs.get_file_info(pafs.FileSelector(root))) > fail_after:
+            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {fail_after} shard(s)")
+        first = pc.min(images["key"]).as_py()
+    stats = {"skipped": dict(counts), "licenses": dict(Counter(images["license"].to_pylist()))}
+    return pa.table({"file": [name], "rows": [images.num_rows], "first_key": [first], "stats": [json.dumps(stats)]})
+
+
+def _prepare_out(out: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
+    fs, root = filesystem_and_path(out)
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            raise UserError(f"{out}: is a file; --out must be a folder")
+        manifest = posixpath.join(root, MANIFEST)
+        if fs.get_file_info(manifest).type != pafs.FileType.NotFound:
+            if not overwrite:
+                raise UserError(f"{out}: already holds a shard set ({MANIFEST}); pass --overwrite to replace it")
+            fs.delete_file(manifest)  # from here on a crash leaves no complete-looking set
+        fs.create_dir(root, recursive=True)
+        staging = posixpath.join(root, STAGING)
+        if fs.get_file_info(staging).type != pafs.FileType.NotFound:
+            fs.delete_dir(staging)  # left by a crashed build
+        fs.create_dir(staging)
+        with fs.open_output_stream(posixpath.join(staging, ".probe")) as f:
+            f.write(b"ok")
+        fs.delete_file(posixpath.join(staging, ".probe"))
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write shards here ({exc})") from exc
+    return fs, root
+
+
+def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manifest) -> None:
+    """Move staged files to shard-NNNNN.parquet (ordered by first key, so reruns agree)."""
+    for old in fs.get_file_info(pafs.FileSelector(root)):
+        if old.base_name.startswith("shard-") and old.base_name.endswith(".parquet"):
+            fs.delete_file(old.path)
+    staged = sorted((r for r in results if r["rows"]), key=lambda r: r["first_key"])
+    for n, r in enumerate(staged):
+        name = f"shard-{n:05d}.parquet"
+        fs.move(posixpath.join(root, STAGING, r["file"]), posixpath.join(root, name))
+        manifest.shards.append({"file": name, "rows": r["rows"]})
+    fs.delete_dir(posixpath.join(root, STAGING))
+
+
+def build_shards(
+    sources: list[str],
+    out: str,
+    *,
+    shard_size: int = 1000,
+    metadata: str | None = None,
+    licenses: list[str] | None = None,
+    min_side: int = 0,
+    max_pixels: int = PIL.Image.MAX_IMAGE_PIXELS,
+    dedup: bool = True,
+    overwrite: bool = False,
+) -> Manifest:
+    """Build a shard set in `out` from image folders, WebDataset tars and parquet files."""
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+    if not sources:
+        raise UserError("give at least one SRC (a folder of images, a .tar or a .parquet)")
+    inputs = list_inputs(sources, exclude=out)
+    meta, meta_rows = load_metadata(metadata, inputs.roots, inputs.file_keys) if metadata else ({}, 0)
+    fs, root = _prepare_out(out, overwrite)
+    staging = f"{out.rstrip('/')}/{STAGING}"
+    allow = {lic.strip().lower() for lic in licenses} if licenses else None
+
+    # one block per reference, except plain files, which go in blocks of up to 64
+    refs = inputs.refs
+    kinds = refs.column("kind").to_pylist()
+    n_files = kinds.count("file")
+    refs = refs.take(sorted(range(len(kinds)), key=lambda i: kinds[i] == "file"))  # big refs first
+    blocks = [refs.slice(i, 1) for i in range(len(kinds) - n_files)]
+    blocks += [refs.slice(i, 64) for i in range(len(kinds) - n_files, len(kinds), 64)]
+
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        _read_batch,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs=dict(meta=meta, licenses=allow, min_side=min_side, max_pixels=max_pixels),
+    )
+    if dedup:
+        partitions = max(1, min(ds.context.default_hash_shuffle_parallelism, inputs.estimated_images // 20_000))
+        ds = ds.groupby("sha256", num_partitions=partitions).map_groups(_dedup, batch_format="pyarrow")
+        ds = ds.map_batches(_fold_stats, batch_size=None, batch_format="pyarrow")
+    ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
+    ds = ds.map_batches(
+        _write_batch,
+        batch_size=shard_size,
+        batch_format="pyarrow",
+        fn_kwargs=dict(staging=staging, fail_after=int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)),
+    )
+    results = ds.take_all()
+
+    manifest = Manifest(sources=list(inputs.roots.values()), ignored_files=inputs.ignored_files)
+    skipped, lics = Counter(), Counter()
+    for r in results:
+        stats = json.loads(r["stats"])
+        skipped.update(stats["skipped"])
+        lics.update(stats["licenses"])
+    manifest.skipped = {reason: skipped.get(reason, 0) for reason in SKIP_REASONS}
+    manifest.licenses = dict(sorted(lics.items()))
+    manifest.metadata_unmatched = meta_rows - skipped.get(JOINED, 0) if metadata else 0
+    _finish(fs, root, results, manifest)
+    manifest.written = manifest.rows
+    write_manifest(out, manifest)  # last: only now is the shard set complete
+    return manifest
+
+
+def format_summary(manifest: Manifest) -> str:
+    skipped = sum(manifest.skipped.values())
+    lines = [f"wrote {manifest.written:,} images in {len(manifest.shards)} shard(s)"]
+    reasons = ", ".join(f"{r} {n:,}" for r, n in manifest.skipped.items() if n)
+    lines.append(f"skipped {skipped:,}" + (f" ({reasons})" if reasons else ""))
+    if manifest.ignored_files:
+        lines.append(f"ignored {manifest.ignored_files:,} file(s) that are not images")
+    if manifest.metadata_unmatched:
+        lines.append(f"metadata: {manifest.metadata_unmatched:,} row(s) matched no input")
+    if manifest.licenses:
+        lines.append("licenses: " + ", ".join(f"{lic or '(none)'} {n:,}" for lic, n in manifest.licenses.items()))
+    lines.append("sources: " + ", ".join(manifest.sources))
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""Shard builder: folders, tars and parquet in; shards, counts and a manifest out.
+
+Ray builds are slow on 2 cores, so each module fixture builds one shard set once and
+the tests assert many things about it.
+"""
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imagefactory import bad_files, encode, good_files, photo
+from raysl.data import build
+from raysl.data.metadata import read_rows
+from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, read_manifest, shard_paths
+from raysl.errors import UserError
+
+pytestmark = pytest.mark.ray
+
+
+def _write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _rows(out):
+    m = read_manifest(out)
+    tables = [pq.read_table(p) for p in shard_paths(out, m)]
+    assert all(t.schema == SCHEMA for t in tables)
+    return {r["key"]: r for t in tables for r in t.to_pylist()}
+
+
+# ---------------------------------------------------------------- a folder of images
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("folder")
+    src = tmp / "imgs"
+    files = {}
+    for name, data in good_files().items():
+        files[name] = data
+    for name, (data, _) in bad_files().items():
+        files[f"sub/{name}"] = data
+    files["aaa_copy.jpg"] = good_files()["good.jpg"]  # sorts before good.jpg: it is the one kept
+    for name, data in files.items():
+        _write(str(src / name), data)
+    _write(str(src / "README.txt"), b"not an input")
+    _write(str(src / "sub" / "labels.md"), b"not an input either")
+    meta = tmp / "meta.csv"
+    meta.write_text(
+        "path,license,attribution,label,extra\n"
+        "good.webp,CC-BY-4.0,Ann,1,ignored\n"  # relative to the SRC
+        f"{src / 'rotated.jpg'},CC0-1.0,,2,\n"  # absolute
+        "missing.jpg,CC0-1.0,,,\n"  # matches nothing
+    )
+    out = str(tmp / "out")
+    manifest = build.build_shards([str(src)], out, shard_size=4, metadata=str(meta))
+    return dict(src=str(src), out=out, files=files, manifest=manifest, rows=_rows(out))
+
+
+def test_folder_round_trip_keeps_bytes_exactly(folder):
+    rows = folder["rows"]
+    want = {f"imgs/{n}" for n in good_files()} | {"imgs/aaa_copy.jpg"}
+    want -= {"imgs/good.jpg", "imgs/png_named.jpg"}  # duplicates of aaa_copy.jpg and good.png
+    assert set(rows) == want
+    for key, r in rows.items():
+        data = folder["files"][key.split("/", 1)[1]]
+        assert r["image"] == data
+        assert r["sha256"] == hashlib.sha256(data).hexdigest()
+        assert r["source"] == os.path.join(folder["src"], key.split("/", 1)[1])
+    assert rows["imgs/good.png"]["format"] == "png"
+    assert rows["imgs/anim.gif"]["format"] == "gif"
+    assert rows["imgs/good.tiff"]["format"] == "tiff"
+    assert (rows["imgs/good.png"]["width"], rows["imgs/good.png"]["height"]) == (128, 96)
+    assert (rows["imgs/rotated.jpg"]["width"], rows["imgs/rotated.jpg"]["height"]) == (96, 128)  # EXIF-rotated
+
+
+def test_folder_counts_every_skip_reason(folder):
+    m = folder["manifest"]
+    assert list(m.skipped) == list(SKIP_REASONS)
+    want = {reason: 0 for reason in SKIP_REASONS}
+    for _, reason in bad_files().values():
+        want[reason] += 1
+    want["duplicate"] = 2
+    assert m.skipped == want
+    assert m.ignored_files == 2
+    assert m.written == m.rows == len(folder["rows"])
+    assert m.sources == [folder["src"]]
+    summary = build.format_summary(m)
+    assert f"wrote {m.written} images" in summary and "duplicate 2" in summary and "ignored 2" in summary
+
+
+def test_folder_manifest_and_shards_on_disk(folder):
+    out, m = folder["out"], folder["manifest"]
+    assert read_manifest(out) == m
+    assert all(0 < s["rows"] <= 4 for s in m.shards)
+    assert [s["file"] for s in m.shards] == [f"shard-{i:05d}.parquet" for i in range(len(m.shards))]
+    assert sorted(os.listdir(out)) == sorted([MANIFEST] + [s["file"] for s in m.shards])  # staging gone
+    with pytest.raises(UserError, match="--overwrite"):
+        build.build_shards([folder["src"]], out)
+
+
+def test_folder_metadata_join(folder):
+    rows, m = folder["rows"], folder["manifest"]
+    assert (rows["imgs/good.webp"]["license"], rows["imgs/good.webp"]["attribution"]) == ("CC-BY-4.0", "Ann")
+    assert rows["imgs/good.webp"]["label"] == 1
+    assert (rows["imgs/rotated.jpg"]["license"], rows["imgs/rotated.jpg"]["label"]) == ("CC0-1.0", 2)
+    assert rows["imgs/good.png"]["license"] == "" and rows["imgs/good.png"]["label"] is None
+    assert m.licenses == {"": len(rows) - 2, "CC-BY-4.0": 1, "CC0-1.0": 1}
+    assert m.metadata_unmatched == 1
+
+
+# ---------------------------------------------------------------- WebDataset tar + parquet
+
+
+def _tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("mixed")
+    jpg = encode(photo(), "JPEG", quality=90)
+    png = encode(photo(), "PNG")
+    other = encode(photo(120).rotate(180), "JPEG")
+    small = encode(photo(40), "JPEG")
+    truncated = bad_files()["truncated.jpg"][0]
+    tar = str(tmp / "data.tar")
+    _tar(
+        tar,
+        [
+            ("000.jpg", jpg),
+            ("000.cls", b"7\n"),
+            ("000.json", json.dumps({"license": "cc-by-4.0", "url": "https://a.example/0.jpg"}).encode()),
+            ("001.png", png),
+            ("001.json", json.dumps({"license": "proprietary"}).encode()),
+            ("002.jpg", other),  # no license of its own: the metadata file gives one
+            ("003.txt", b"a caption without an image"),
+            ("004.jpg", small),
+            ("004.json", json.dumps({"license": "CC0-1.0"}).encode()),
+        ],
+    )
+    parquet = str(tmp / "web.parquet")
+    table = pa.table(
+        {
+            "key": ["p0", "p1", "p2", "p3"],
+            "url": ["https://b.example/0.jpg", "https://b.example/1.jpg", None, "https://b.example/3.jpg"],
+            "jpg": [jpg, None, encode(photo(), "WEBP"), truncated],
+            "license": ["CC0-1.0", "CC0-1.0", "cc-by-4.0", "CC0-1.0"],
+            "label": [1, 2, 3, 4],
+        }
+    )
+    pq.write_table(table, parquet, row_group_size=2)
+    meta = tmp / "meta.jsonl"
+    meta.write_text(json.dumps({"key": "data.tar/002", "license": "CC0-1.0", "label": 5}) + "\n\n")
+    out = str(tmp / "out")
+    manifest = build.build_shards(
+        [tar, parquet], out, metadata=str(meta), licenses=["CC-BY-4.0", "cc0-1.0"], min_side=64
+    )
+    return dict(out=out, tar=tar, parquet=parquet, manifest=manifest, rows=_rows(out), jpg=jpg, other=other)
+
+
+def test_tar_and_parquet_rows(mixed):
+    rows = mixed["rows"]
+    assert set(rows) == {"data.tar/000", "data.tar/002", "web.parquet/p2"}
+    r = rows["data.tar/000"]  # also in the parquet as p0: the smaller key is kept
+    assert (r["image"], r["label"], r["license"]) == (mixed["jpg"], 7, "cc-by-4.0")
+    assert r["source"] == "https://a.example/0.jpg"
+    r = rows["data.tar/002"]
+    assert (r["image"], r["label"], r["license"]) == (mixed["other"], 5, "CC0-1.0")
+    assert r["source"] == f"{mixed['tar']}/002.jpg"
+    r = rows["web.parquet/p2"]
+    assert (r["format"], r["label"], r["license"]) == ("webp", 3, "cc-by-4.0")
+    assert r["source"] == f"{mixed['parquet']}#2"
+
+
+def test_tar_and_parquet_counts(mixed):
+    m = mixed["manifest"]
+    want = {reason: 0 for reason in SKIP_REASONS}
+    want.update(filtered=1, too_small=1, duplicate=1, empty=1, corrupt=1)
+    assert m.skipped == want
+    assert m.licenses == {"CC0-1.0": 1, "cc-by-4.0": 2}
+    assert m.sources == [mixed["tar"], mixed["parquet"]]
+    assert m.written == 3 and len(m.shards) == 1
+    assert m.metadata_unmatched == 0
+
+
+# ---------------------------------------------------------------- a crash midway
+
+
+def test_crash_midway_leaves_no_manifest(tmp_path, ray_local, monkeypatch):
+    src = tmp_path / "few"
+    for i, size in enumerate((64, 72, 80, 88, 96, 104)):
+        _write(str(src / f"{i}.png"), encode(photo(size), "PNG"))
+    _write(str(src / "again.png"), encode(photo(64), "PNG"))  # same bytes as 0.png
+    out = str(tmp_path / "out")
+    first = build.build_shards([str(src)], out, shard_size=2, dedup=False)
+    assert first.written == 7 and first.skipped["duplicate"] == 0
+    monkeypatch.setenv(build.FAIL_AFTER_ENV, "1")
+    with pytest.raises(Exception, match="simulated crash"):
+        build.build_shards([str(src)], out, shard_size=2, overwrite=True)
+    assert not os.path.exists(os.path.join(out, MANIFEST))
+    with pytest.raises(UserError, match="no manifest.json"):
+        read_manifest(out)
+    # the next build cleans up what the crashed one left
+    monkeypatch.delenv(build.FAIL_AFTER_ENV)
+    again = build.build_shards([str(src)], out, shard_size=2)
+    assert again.written == 6 and again.skipped["duplicate"] == 1
+    assert sorted(os.listdir(out)) == sorted([MANIFEST] + [s["file"] for s in again.shards])
+    assert set(_rows(out)) == {f"few/{i}.png" for i in range(6)}  # "again.png" sorts after "0.png"
+
+
+# ---------------------------------------------------------------- user errors (no Ray job runs)
+
+
+def test_missing_src_and_duplicate_names(tmp_path):
+    with pytest.raises(UserError, match="nope"):
+        build.build_shards([str(tmp_path / "nope")], str(tmp_path / "out"))
+    for d in ("a/imgs", "b/imgs"):
+        _write(str(tmp_path / d / "x.png"), encode(photo(), "PNG"))
+    with pytest.raises(UserError, match="same name"):
+        build.build_shards([str(tmp_path / "a/imgs"), str(tmp_path / "b/imgs")], str(tmp_path / "out"))
+    _write(str(tmp_path / "notes" / "a.txt"), b"text")
+    with pytest.raises(UserError, match="no images found"):
+        build.build_shards([str(tmp_path / "notes")], str(tmp_path / "out"))
+
+
+def test_unwritable_out(tmp_path):
+    _write(str(tmp_path / "imgs" / "x.png"), encode(photo(), "PNG"))
+    _write(str(tmp_path / "afile"), b"")
+    out = str(tmp_path / "afile" / "out")  # a path below a regular file: unwritable even for root
+    with pytest.raises(UserError, match="afile"):
+        build.build_shards([str(tmp_path / "imgs")], out)
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("m.jsonl", '{"key": "a/x.png"}\n{"key": "a/y.png"}\n{"key": \n', r"m.jsonl:3: not valid JSON"),
+        ("m.jsonl", '{"key": "a/x.png"}\n{"license": "cc0"}\n', r"m.jsonl:2: .*neither a `path` nor a `key`"),
+        ("m.jsonl", '{"key": "a/x.png", "label": 1.5}\n', r"m.jsonl:1: label must be an integer"),
+        ("m.jsonl", '["a/x.png"]\n', r"m.jsonl:1: .*JSON object"),
+        ("m.csv", "path,label\nx.png,1\ny.png,cat\n", r"m.csv:3: label must be an integer"),
+        ("m.csv", "path,label\nx.png,1\n,2\n", r"m.csv:3: .*neither"),
+        ("m.csv", "path,label\nx.png,1\nx.png,2\n", r"m.csv:3: a/x.png already has metadata on line 2"),
+        ("m.txt", "path\nx.png\n", r"m.txt: metadata must be"),
+    ],
+)
+def test_malformed_metadata_names_the_line(tmp_path, name, text, match):
+    _write(str(tmp_path / "a" / "x.png"), encode(photo(), "PNG"))
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=match):
+        build.build_shards([str(tmp_path / "a")], str(tmp_path / "out"), metadata=str(tmp_path / name))
+    assert not os.path.exists(tmp_path / "out")  # checked before anything is written
+
+
+def test_metadata_rows_ignore_unknown_columns(tmp_path):
+    (tmp_path / "m.csv").write_text("key,license,caption,label\na/x.png,CC0,a cat, 3\n")
+    assert read_rows(str(tmp_path / "m.csv")) == [(2, {"key": "a/x.png", "license": "CC0", "label": 3})]
+    with pytest.raises(UserError, match="m2.csv: metadata file not found"):
+        read_rows(str(tmp_path / "m2.csv"))
