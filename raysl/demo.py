@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from raysl.data import demo_images
@@ -23,7 +24,7 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
     _step("Real images bundled in scikit-image and scikit-learn (no download)")
     images = demo_images.copy_pool(os.path.join(out, "pool"))
     print(f"{len(os.listdir(images))} images, licences in {os.path.join(out, 'pool', 'metadata.csv')}")
-    print(init_ray(address))
+    print(init_ray(address, quiet=False))  # training progress prints on the workers
 
     _step("raysl shards build (Ray Data job), keeping only openly licensed images as PASS does")
     shards = os.path.join(out, "shards")
@@ -56,7 +57,21 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
     rate = seen / (time.perf_counter() - t0)
     print(f"{seen} images -> {seen * spec.n_views} views, {rate:.1f} images/s, {batches.skipped} skipped as corrupt")
 
+    _step("raysl pretrain quickstart: SimCLR, ResNet-18, DeepSpeed ZeRO-2 + AdamW8bit on a Ray Train worker")
+    from raysl.config import load_config
+    from raysl.train.run import pretrain
+
+    cfg = load_config(
+        "quickstart",
+        [f"data.shards={shards}", "data.batch_size=8", "train.epochs=12", "train.log_every=4",
+         f"train.storage_path={os.path.join(out, 'runs')}", "train.name=demo"],
+    )
+    shutil.rmtree(os.path.join(out, "runs", "demo"), ignore_errors=True)  # the demo always trains from scratch
+    run = pretrain(cfg)
+    print(f"run directory: {run['run_dir']} (metrics.jsonl, loss.png, lr.png, checkpoints)")
+
     result = {"images_written": manifest.written, "skipped": sum(manifest.skipped.values()), "shards": len(manifest.shards),
-              "views_per_image": spec.n_views, "images_streamed": seen}
+              "views_per_image": spec.n_views, "images_streamed": seen, "train_steps": run["steps"],
+              "final_loss": round(run["final_loss"], 4)}
     _step(f"Result: {result}")
     return result
