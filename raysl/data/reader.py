@@ -149,7 +149,6 @@ def read_views(
     window: int = 2,
     concurrency: int | None = None,
     batch_size: int = 16,
-    block_rows: int = 64,
     num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
@@ -161,9 +160,6 @@ def read_views(
     ds = read_rows(
         shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window, num_cpus=num_cpus
     )
-    # A shuffle window is one block of hundreds of images; augmenting it in smaller
-    # blocks gets the first batch out sooner and spreads the work over more tasks.
-    ds = ds.repartition(target_num_rows_per_block=block_rows)
     return ds.map_batches(
         _augment,
         fn_kwargs={"spec": spec},
