@@ -50,10 +50,24 @@ def cmd_bench_data(args) -> None:
     print(json.dumps(result))
 
 
+def cmd_bench_methods(args) -> None:
+    from raysl.bench.methods import run_from_args
+
+    result = run_from_args(args, address=args.address)
+    print(result.pop("table"))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"json": f"{args.out}/bench_methods.json"}))
+
+
 def cmd_bench_optim(args) -> None:
     from raysl.bench.optim import run_optim_bench
 
     print(json.dumps(run_optim_bench(args.model)))
+
+
+def cmd_bench_step(args) -> None:
+    from raysl.bench.step import run_from_args
+
+    print(json.dumps(run_from_args(args, address=args.address)))
 
 
 def cmd_pretrain(args) -> None:
@@ -115,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     bo = bsub.add_parser("optim", help="optimizer state bytes/param: fp32 AdamW vs AdamW8bit")
     bo.add_argument("--model", default="vit_base_patch16_224")
     bo.set_defaults(func=cmd_bench_optim)
+    bm = bsub.add_parser("methods", help="each SSL method: short CPU pretraining, kNN top-1 on real digits vs random init")
+    from raysl.bench.methods import add_arguments as add_methods_arguments
+
+    add_methods_arguments(bm)
+    bm.set_defaults(func=cmd_bench_methods)
+    bs = bsub.add_parser("step", help="seconds per training step: raysl (Ray Train + DeepSpeed) vs a bare PyTorch loop")
+    from raysl.bench.step import add_arguments
+
+    add_arguments(bs)
+    bs.set_defaults(func=cmd_bench_step)
     return p
 
 

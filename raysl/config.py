@@ -60,6 +60,43 @@ class MethodConfig:
     teacher_temp: float = field(default=0.04, metadata=_range(0.0, lo_open=True))
     teacher_temp_warmup: float = field(default=0.04, metadata=_range(0.0, lo_open=True))
     teacher_temp_warmup_steps: int = field(default=0, metadata=_range(0))
+    # --- heads (0: the method's usual value) ---
+    proj_layers: int = field(default=0, metadata=_range(0))  # projector depth; simclr/byol/swav 2, mocov3/barlowtwins/vicreg 3
+    pred_hidden_dim: int = field(default=4096, metadata=_range(1))  # byol/mocov3 predictor
+    # --- mocov2 ---
+    queue_size: int = field(default=65536, metadata=_range(1))  # negatives kept (keys of all workers)
+    shuffle_bn: bool = True  # shuffle the key batch across workers (MoCo's Shuffling BN)
+    # --- swav / dino prototypes ---
+    num_prototypes: int = field(default=3000, metadata=_range(1))  # swav 3000; dino head out_dim 65536
+    freeze_prototypes_steps: int = field(default=0, metadata=_range(0))  # swav: prototypes get zero grads before
+    sinkhorn_eps: float = field(default=0.05, metadata=_range(0.0, lo_open=True))
+    sinkhorn_iters: int = field(default=3, metadata=_range(1))
+    swav_queue_size: int = field(default=0, metadata=_range(0))  # 0: no queue
+    swav_queue_start: int = field(default=0, metadata=_range(0))  # step from which a full queue is used
+    # --- dino ---
+    student_temp: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
+    center_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    norm_last_layer: bool = True  # weight-normed last layer with its norm fixed to 1
+    freeze_last_layer_steps: int = field(default=0, metadata=_range(0))
+    # --- mae ---
+    mask_ratio: float = field(default=0.75, metadata=_range(0.0, 0.99))
+    norm_pix_loss: bool = True
+    decoder_dim: int = field(default=512, metadata=_range(1))
+    decoder_depth: int = field(default=8, metadata=_range(1))
+    decoder_heads: int = field(default=16, metadata=_range(1))
+    # --- barlowtwins / vicreg ---
+    barlow_lambda: float = field(default=0.0051, metadata=_range(0.0))
+    vicreg_sim: float = field(default=25.0, metadata=_range(0.0))
+    vicreg_std: float = field(default=25.0, metadata=_range(0.0))
+    vicreg_cov: float = field(default=1.0, metadata=_range(0.0))
+    # --- Feature Transformation (simclr, mocov2): Beta concentrations, 0 = off ---
+    ft_extrapolate: float = field(default=0.0, metadata=_range(0.0))  # positive extrapolation (paper: 2.0)
+    ft_interpolate: float = field(default=0.0, metadata=_range(0.0))  # negative interpolation (paper: 1.6)
+    ft_every: int = field(default=0, metadata=_range(0))  # return pos/neg score histograms every N steps; 0: never
+    # --- GenView-style quality-driven contrast (simclr) ---
+    quality_weighting: bool = False
+    quality_temp: float = field(default=0.5, metadata=_range(0.0, lo_open=True))  # softmax temperature over quality scores
+    extra_views: str = ""  # "package.module:function" mapping a batch's views to extra generated views
 
 
 @dataclass

@@ -28,6 +28,7 @@ class Method(nn.Module):
 
     name = "?"
     default_views = "simclr"
+    embedding_dim = 0  # size of the vector behind "embedding_std" (for collapse_warning)
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -35,9 +36,19 @@ class Method(nn.Module):
     def after_step(self, values: dict[str, float]) -> None:
         pass
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise UserError for a config this method cannot run (called before Ray starts)."""
+
+
+METHOD_MODULES = ("simclr", "mocov2", "mocov3", "byol", "swav", "dino", "mae", "barlowtwins", "vicreg")
+
 
 def method_class(name: str) -> type[Method]:
-    import raysl.methods.simclr  # noqa: F401  (registers)
+    import importlib
+
+    for module in METHOD_MODULES:  # each registers its class
+        importlib.import_module(f"raysl.methods.{module}")
 
     if name not in METHODS:
         raise UserError(f"config key method.name: {name!r} is not a method; known: {', '.join(sorted(METHODS))}")
@@ -46,3 +57,37 @@ def method_class(name: str) -> type[Method]:
 
 def build_method(cfg) -> Method:
     return method_class(cfg.method.name)(cfg)
+
+
+def collapse_warning(metrics: dict, dim: int) -> str | None:
+    """A loud message when the logged metrics show representation collapse, else None.
+
+    - "embedding_std" (std over the batch of L2-normalised embeddings, averaged over the
+      `dim` dimensions; every method returns it): healthy ~ 1/sqrt(dim), collapsed -> 0.
+      Fires below 0.1/sqrt(dim).
+    - DINO's "teacher_entropy" (mean entropy of the teacher's softmax per image, as a
+      fraction of log K): fires above 0.99 (uniform collapse: the teacher says nothing);
+      "teacher_mean_entropy" (entropy of the batch-averaged teacher softmax, fraction of
+      log K): fires below 0.02 (one prototype wins for every image).
+    `dim` is the method's `embedding_dim`.
+    """
+    msgs = []
+    std = metrics.get("embedding_std")
+    if std is not None and dim > 0:
+        std, limit = float(std), 0.1 / dim**0.5
+        if not std >= limit:  # also catches NaN
+            msgs.append(
+                f"embedding_std {std:.2e} < 0.1/sqrt({dim}) = {limit:.2e} (healthy ~ {1 / dim**0.5:.2e}): "
+                "the embeddings have collapsed to (nearly) one point"
+            )
+    ent = metrics.get("teacher_entropy")
+    if ent is not None and float(ent) > 0.99:
+        msgs.append(f"teacher_entropy {float(ent):.3f} of log K: the teacher's outputs are uniform (collapse)")
+    mean_ent = metrics.get("teacher_mean_entropy")
+    if mean_ent is not None and float(mean_ent) < 0.02:
+        msgs.append(f"teacher_mean_entropy {float(mean_ent):.3f} of log K: one prototype dominates every image (collapse)")
+    if not msgs:
+        return None
+    step = metrics.get("step")
+    at = f" at step {step}" if step is not None else ""
+    return f"!!! COLLAPSE WARNING{at}: " + "; ".join(msgs) + " -- check lr, temperatures, EMA momentum and augmentations"

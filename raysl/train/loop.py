@@ -47,6 +47,37 @@ def total_steps(cfg: Config, world_size: int) -> int:
     return min(n, cfg.train.max_steps) if cfg.train.max_steps else n
 
 
+def make_schedules(cfg: Config, total: int, world_size: int) -> Schedules:
+    """The run's per-step schedules: lr (linearly scaled to the global batch) with warmup
+    and cosine, weight decay, EMA momentum, teacher temperature."""
+    global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world_size
+    wd_end = cfg.optim.weight_decay_end if cfg.optim.weight_decay_end >= 0 else cfg.optim.weight_decay
+    return Schedules.build(
+        total_steps=total,
+        warmup_steps=min(cfg.optim.warmup_steps, total - 1),
+        lr=scaled_lr(cfg.optim.lr, global_batch),
+        min_lr=cfg.optim.min_lr,
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=wd_end,
+        ema_momentum=cfg.method.ema_momentum,
+        ema_momentum_end=cfg.method.ema_momentum_end,
+        teacher_temp=cfg.method.teacher_temp,
+        teacher_temp_warmup=cfg.method.teacher_temp_warmup,
+        teacher_temp_warmup_steps=min(cfg.method.teacher_temp_warmup_steps, total - 1),
+    )
+
+
+def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -> torch.optim.Optimizer:
+    """The plain torch/bitsandbytes optimizer over the method's param groups, before DeepSpeed wraps it."""
+    return build_optimizer(
+        cfg.optim.name,
+        param_groups(method, cfg.optim.weight_decay),
+        lr=schedules.lr[0],
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        momentum=cfg.optim.momentum,
+    )
+
+
 def _fail_once_at(step: int, fail_at: int | None, run_dir: str) -> None:
     """Failure drill (RAYSL_FAIL_AT_STEP=k on the driver): worker 0 dies once at step k;
     a marker file in the run dir lets the restarted attempt carry on."""
@@ -74,27 +105,8 @@ def train_loop_per_worker(raw: dict) -> None:
     steps = epoch_steps(cfg, world, cfg.train.epochs)
     total = min(sum(steps), cfg.train.max_steps) if cfg.train.max_steps else sum(steps)
     global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
-    wd_end = cfg.optim.weight_decay_end if cfg.optim.weight_decay_end >= 0 else cfg.optim.weight_decay
-    schedules = Schedules.build(
-        total_steps=total,
-        warmup_steps=min(cfg.optim.warmup_steps, total - 1),
-        lr=scaled_lr(cfg.optim.lr, global_batch),
-        min_lr=cfg.optim.min_lr,
-        weight_decay=cfg.optim.weight_decay,
-        weight_decay_end=wd_end,
-        ema_momentum=cfg.method.ema_momentum,
-        ema_momentum_end=cfg.method.ema_momentum_end,
-        teacher_temp=cfg.method.teacher_temp,
-        teacher_temp_warmup=cfg.method.teacher_temp_warmup,
-        teacher_temp_warmup_steps=min(cfg.method.teacher_temp_warmup_steps, total - 1),
-    )
-    optimizer = build_optimizer(
-        cfg.optim.name,
-        param_groups(method, cfg.optim.weight_decay),
-        lr=schedules.lr[0],
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        momentum=cfg.optim.momentum,
-    )
+    schedules = make_schedules(cfg, total, world)
+    optimizer = make_optimizer(cfg, method, schedules)
     engine = initialize(method, optimizer, cfg)
 
     state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
@@ -120,27 +132,27 @@ def train_loop_per_worker(raw: dict) -> None:
         )
         return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
 
+    def micro_batches():
+        """The views of this step's grad_accum micro-batches, read as they are trained on."""
+        nonlocal stream, it
+        for _ in range(cfg.deepspeed.grad_accum):
+            try:
+                batch = next(it)
+            except StopIteration:  # corrupt images thinned this worker's share: start it over
+                state["skipped"] += stream.skipped
+                stream = batches_from(0)
+                it = iter(stream)
+                batch = next(it)
+            yield [normalize(torch.from_numpy(batch[f"view_{i}"]).to(device)).to(dtype) for i in range(spec.n_views)]
+
     while state["step"] < total:
         stream = batches_from(state["position"])
         it = iter(stream)
         step_in_epoch = state["position"] // (cfg.data.batch_size * cfg.deepspeed.grad_accum)
         while step_in_epoch < steps[state["epoch"]] and state["step"] < total:
             values = {**schedules.at(state["step"]), "step": state["step"]}
-            apply(optimizer, values)
             t0 = time.perf_counter()
-            for _ in range(cfg.deepspeed.grad_accum):
-                try:
-                    batch = next(it)
-                except StopIteration:  # corrupt images thinned this worker's share: start it over
-                    state["skipped"] += stream.skipped
-                    stream = batches_from(0)
-                    it = iter(stream)
-                    batch = next(it)
-                views = [normalize(torch.from_numpy(batch[f"view_{i}"]).to(device)).to(dtype) for i in range(spec.n_views)]
-                out = engine(views, values)
-                engine.backward(out["loss"])
-                engine.step()
-            method.after_step(values)
+            out = train_step(engine, method, optimizer, micro_batches(), values)
             state["step"] += 1
             step_in_epoch += 1
             state["position"] = stream.position
@@ -158,6 +170,22 @@ def train_loop_per_worker(raw: dict) -> None:
             state.update(epoch=state["epoch"] + 1, position=0)
     if log:
         log.close()
+
+
+def train_step(engine, method, optimizer, micro_batches, values: dict) -> dict:
+    """One optimizer step, the same in every run and in `raysl bench step`: this step's
+    schedule values onto the optimizer's groups, then forward / backward / `engine.step()`
+    for each micro-batch (a list of views; DeepSpeed steps the optimizer on the last of
+    its grad_accum), then the method's `after_step` (EMA teachers, queues). Returns the
+    last micro-batch's outputs."""
+    apply(optimizer, values)
+    out = None
+    for views in micro_batches:
+        out = engine(views, values)
+        engine.backward(out["loss"])
+        engine.step()
+    method.after_step(values)
+    return out
 
 
 def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float) -> dict:

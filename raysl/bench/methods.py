@@ -1,0 +1,296 @@
+"""`raysl bench methods`: does each SSL method learn? A short CPU pretraining run per
+method on real images, then weighted kNN top-1 on a held-out real labeled set, against
+the same backbone at random init (same seed, no training).
+
+Data: scikit-learn's 1,797 real handwritten digits (8x8, 10 classes, bundled in the
+wheel), upscaled to 32x32 PNGs. A seeded split keeps `test_fraction` of them out; the
+rest is the pretraining pool (labels never read by training) and the kNN memory bank
+(its labels are the kNN votes), the usual SSL protocol. Every run goes through the real
+engine (`raysl.train.run.pretrain`: Ray Train + DeepSpeed, one worker), its backbone is
+read back from the final checkpoint, and features are extracted with
+`raysl.eval.knn.extract_features` (eval-normalised, L2-normalised).
+Results: a markdown table and a JSON file in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+DEFAULT_METHODS = ("simclr", "mocov2", "mocov3", "byol", "swav", "dino", "mae", "barlowtwins", "vicreg")
+
+# Every bench run: tiny timm ResNet at 32 px, batch 64, AdamW, one worker, fp32, ZeRO-0.
+BASE = [
+    "data.image_size=32", "data.batch_size=64", "data.shuffle_window=4", "model.backbone=test_resnet",
+    "optim.name=adamw", "optim.lr=0.004", "optim.min_lr=0.00001", "optim.warmup_steps=10", "optim.weight_decay=0.0001",
+    "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "train.epochs=1000", "train.num_workers=1",
+    "train.cpus_per_worker=1", "train.log_every=50", "train.checkpoint_every=100000", "train.keep_checkpoints=1",
+    "method.proj_hidden_dim=256", "method.proj_dim=64", "method.pred_hidden_dim=256",
+]
+# Short-run settings per method: crops gentle enough for 32 px digits (mocov2 preset: crop
+# 0.2-1, DINO/SwAV global crops only, since local crops are 96 px), faster EMA.
+PER_METHOD = {
+    "simclr": ["data.views=mocov2", "method.temperature=0.2"],
+    "mocov2": ["data.views=mocov2", "method.temperature=0.2", "method.queue_size=2048",
+               "method.ema_momentum=0.99", "method.ema_momentum_end=0.99"],
+    "mocov3": ["data.views=mocov2", "method.temperature=0.2", "method.proj_layers=2",
+               "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
+    "byol": ["data.views=mocov2", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
+    "swav": ["data.views=swav", "data.local_crops=0", "method.temperature=0.1", "method.num_prototypes=100",
+             "method.freeze_prototypes_steps=20", "method.swav_queue_size=512", "method.swav_queue_start=40"],
+    "dino": ["data.views=dino", "data.local_crops=0", "method.num_prototypes=1024", "method.proj_dim=64",
+             "method.teacher_temp=0.04", "method.teacher_temp_warmup=0.04", "method.student_temp=0.1",
+             "method.freeze_last_layer_steps=20", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
+    # ViT-only: test_vit at 64 px (16 patches of 16 px)
+    "mae": ["model.backbone=test_vit", "data.image_size=64", "data.views=mae", "method.mask_ratio=0.75",
+            "method.decoder_dim=64", "method.decoder_depth=2", "method.decoder_heads=4", "optim.lr=0.004"],
+    "barlowtwins": ["data.views=mocov2", "method.proj_layers=3", "method.barlow_lambda=0.005"],
+    "vicreg": ["data.views=mocov2", "method.proj_layers=3"],
+}
+# Options of a method, benchmarked under their own names (not in the default list).
+VARIANTS = {
+    "simclr-ft": ("simclr", [*PER_METHOD["simclr"], "method.ft_extrapolate=2.0", "method.ft_interpolate=1.6"]),
+    "simclr-quality": ("simclr", [*PER_METHOD["simclr"], "method.quality_weighting=true"]),
+    "mocov2-ft": ("mocov2", [*PER_METHOD["mocov2"], "method.ft_extrapolate=2.0", "method.ft_interpolate=1.6"]),
+}
+
+
+def bench_overrides(name: str) -> tuple[str, list[str]]:
+    """(method, overrides) of a bench entry: a method name or a VARIANTS name."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    return name, PER_METHOD[name]
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+def digits(size: int = 32) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """(images uint8 (N, 3, size, size), labels (N,), PNG bytes of the size x size images)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs, pngs = [], []
+    for pixels in d.images:
+        img = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+        imgs.append(np.repeat(np.asarray(img, dtype=np.uint8)[None], 3, axis=0))
+    return np.stack(imgs), d.target.astype(np.int64), pngs
+
+
+def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def write_shards(directory: str, pngs: list[bytes], labels: np.ndarray, idx: np.ndarray, shard_size: int = 100) -> str:
+    """The selected images as a shard set (schema + manifest of raysl.data.schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysl.data.schema import SCHEMA, Manifest, write_manifest
+
+    os.makedirs(directory, exist_ok=True)
+    manifest = Manifest(sources=["sklearn:digits"])
+    for n, start in enumerate(range(0, len(idx), shard_size)):
+        rows = idx[start : start + shard_size]
+        table = pa.table(
+            {
+                "key": [f"digits/{i:04d}.png" for i in rows],
+                "image": [pngs[i] for i in rows],
+                "sha256": [hashlib.sha256(pngs[i]).hexdigest() for i in rows],
+                "width": [32] * len(rows),
+                "height": [32] * len(rows),
+                "format": ["png"] * len(rows),
+                "source": ["sklearn:digits"] * len(rows),
+                "license": ["cc-by-4.0"] * len(rows),
+                "attribution": ["UCI ML hand-written digits, via scikit-learn"] * len(rows),
+                "label": [int(labels[i]) for i in rows],
+            },
+            schema=SCHEMA,
+        )
+        name = f"shard-{n:05d}.parquet"
+        pq.write_table(table, os.path.join(directory, name))
+        manifest.shards.append({"file": name, "rows": len(rows)})
+    manifest.written = len(idx)
+    manifest.licenses = {"cc-by-4.0": len(idx)}
+    write_manifest(directory, manifest)
+    return directory
+
+
+def resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
+    x = torch.from_numpy(images)
+    if x.shape[-1] == size:
+        return x
+    y = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+# --- backbones -----------------------------------------------------------------------
+
+
+def random_init_backbone(cfg) -> torch.nn.Module:
+    """The backbone exactly as the training run starts it (same seed, same construction)."""
+    from raysl.methods.base import build_method
+
+    torch.manual_seed(cfg.train.seed)
+    return build_method(cfg).backbone
+
+
+def trained_backbone(cfg, checkpoint_dir: str) -> torch.nn.Module:
+    """The backbone of the method in the run's last checkpoint (DeepSpeed model states)."""
+    import glob
+
+    from raysl.train import checkpoint
+
+    files = glob.glob(os.path.join(checkpoint_dir, checkpoint.ENGINE_TAG, "*model_states.pt"))
+    if not files:
+        raise RuntimeError(f"no model states under {checkpoint_dir}")
+    module = checkpoint.safe_load(files[0])["module"]
+    backbone = random_init_backbone(cfg)
+    state = {k[len("backbone.") :]: v for k, v in module.items() if k.startswith("backbone.")}
+    backbone.load_state_dict(state)
+    return backbone
+
+
+def knn_eval(backbone, train_imgs, train_labels, test_imgs, test_labels, k: int = 20) -> dict:
+    from raysl.eval.knn import extract_features, knn_top1
+
+    train_f = extract_features(backbone, train_imgs, 256)
+    test_f = extract_features(backbone, test_imgs, 256)
+    top1, top5 = knn_top1(train_f, torch.from_numpy(train_labels), test_f, torch.from_numpy(test_labels), k=k)
+    return {"top1": round(top1, 2), "top5": round(top5, 2)}
+
+
+# --- the bench -----------------------------------------------------------------------
+
+
+def run_methods_bench(
+    methods=DEFAULT_METHODS,
+    *,
+    steps: int = 200,
+    out_dir: str = "bench_methods",
+    test_fraction: float = 1 / 3,
+    seed: int = 0,
+    extra_overrides: dict[str, list[str]] | None = None,
+    address: str | None = None,
+) -> dict:
+    from raysl.config import load_config
+    from raysl.errors import UserError
+    from raysl.train.metrics import read_metrics
+    from raysl.train.run import pretrain
+
+    unknown = [m for m in methods if m not in PER_METHOD and m not in VARIANTS]
+    if unknown:
+        raise UserError(f"bench methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join([*PER_METHOD, *VARIANTS])}")
+    if steps < 1:
+        raise UserError(f"bench methods: --steps must be >= 1, got {steps}")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    images, labels, pngs = digits(32)
+    train_idx, test_idx = split(len(labels), test_fraction, seed)
+    shards = write_shards(os.path.join(out_dir, "shards_pretrain"), pngs, labels, train_idx)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    storage = os.path.join(out_dir, "runs")
+
+    rows, baselines = [], {}
+    for name in methods:
+        method, per_method = bench_overrides(name)
+        overrides = [*BASE, *per_method, *(extra_overrides or {}).get(name, []), f"method.name={method}",
+                     f"data.shards={shards}", f"train.max_steps={steps}", f"train.seed={seed}",
+                     f"train.storage_path={storage}", f"train.name={name}-{stamp}"]
+        cfg = load_config("quickstart", overrides)
+        size = cfg.data.image_size
+        tr_imgs, te_imgs = resize_uint8(images[train_idx], size), resize_uint8(images[test_idx], size)
+        key = (cfg.model.backbone, size)
+        if key not in baselines:
+            baselines[key] = knn_eval(random_init_backbone(cfg), tr_imgs, labels[train_idx], te_imgs, labels[test_idx])
+        t0 = time.perf_counter()
+        summary = pretrain(cfg, address=address)
+        wall = time.perf_counter() - t0
+        trained = knn_eval(trained_backbone(cfg, summary["checkpoint"]), tr_imgs, labels[train_idx], te_imgs, labels[test_idx])
+        metrics = read_metrics(summary["run_dir"])
+        last = metrics[-1] if metrics else {}
+        rows.append({
+            "method": name,
+            "backbone": cfg.model.backbone,
+            "image_size": size,
+            "steps": summary["steps"],
+            "wall_s": round(wall, 1),
+            "knn_top1_random": baselines[key]["top1"],
+            "knn_top1": trained["top1"],
+            "delta": round(trained["top1"] - baselines[key]["top1"], 2),
+            "knn_top5": trained["top5"],
+            "first_loss": round(metrics[0]["loss"], 4) if metrics else None,
+            "final_loss": round(last.get("loss", float("nan")), 4),
+            "embedding_std": round(last.get("embedding_std", float("nan")), 4),
+            "run_dir": summary["run_dir"],
+            "overrides": overrides,
+        })
+        print(format_table(rows[-1:], header=not rows[:-1]), flush=True)
+    result = {
+        "bench": "methods",
+        "data": f"sklearn digits: {len(train_idx)} pretrain/kNN-train, {len(test_idx)} held-out test, 32x32, 10 classes",
+        "knn": "weighted cosine kNN, k=20, T=0.07 (DINO)",
+        "steps": steps,
+        "batch_size": 64,
+        "rows": rows,
+    }
+    with open(os.path.join(out_dir, "bench_methods.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    table = format_table(rows)
+    with open(os.path.join(out_dir, "bench_methods.md"), "w") as f:
+        f.write(table + "\n")
+    result["table"] = table
+    return result
+
+
+def format_table(rows: list[dict], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines += [
+            "| method | backbone | steps | wall (s) | kNN top-1 random init | kNN top-1 pretrained | delta | loss first -> last |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['backbone']} @{r['image_size']}px | {r['steps']} | {r['wall_s']} | "
+            f"{r['knn_top1_random']:.1f} | {r['knn_top1']:.1f} | {r['delta']:+.1f} | {r['first_loss']} -> {r['final_loss']} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods (default: all); variants: {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=200, help="pretraining steps per method (batch 64)")
+    p.add_argument("--out", default="bench_methods", help="folder for shards, runs, bench_methods.md/.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="METHOD:section.key=value",
+                   help="extra override for one bench entry, e.g. dino:optim.lr=0.01 (repeatable)")
+
+
+def run_from_args(args, address: str | None = None) -> dict:
+    from raysl.errors import UserError
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    extra: dict[str, list[str]] = {}
+    for item in args.set:
+        if ":" not in item:
+            raise UserError(f"--set {item!r}: expected METHOD:section.key=value")
+        name, override = item.split(":", 1)
+        extra.setdefault(name, []).append(override)
+    return run_methods_bench(methods, steps=args.steps, out_dir=args.out, seed=args.seed, extra_overrides=extra,
+                             address=address)

@@ -1,0 +1,31 @@
+"""Barlow Twins (Zbontar et al. 2021): redundancy reduction of the cross-correlation."""
+
+from __future__ import annotations
+
+import torch
+
+from raysl.methods.base import Method, register
+from raysl.methods.common import embedding_std, make_backbone
+from raysl.methods.losses import barlow_twins_loss
+from raysl.models.heads import mlp
+
+
+@register("barlowtwins")
+class BarlowTwins(Method):
+    """Barlow Twins: backbone + projector (`proj_layers`, default 3; paper 8192-8192-8192:
+    proj_hidden_dim = proj_dim = 8192), loss `barlow_twins_loss` with `barlow_lambda`
+    (BN over the global batch inside the loss)."""
+
+    default_views = "byol"
+
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.method
+        self.lambd = m.barlow_lambda
+        self.backbone = make_backbone(cfg)
+        self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3)
+        self.embedding_dim = m.proj_dim
+
+    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
+        return {"loss": barlow_twins_loss(z1, z2, self.lambd), "embedding_std": embedding_std(z1)}

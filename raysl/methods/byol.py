@@ -1,0 +1,45 @@
+"""BYOL (Grill et al. 2020): online network with predictor regresses an EMA target."""
+
+from __future__ import annotations
+
+import torch
+
+from raysl.methods.base import Method, register
+from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher
+from raysl.methods.losses import byol_loss
+from raysl.models.heads import mlp
+
+
+@register("byol")
+class BYOL(Method):
+    """BYOL: online backbone + projector (`proj_layers`, default 2; hidden `proj_hidden_dim`,
+    paper 4096 -> 256) + predictor (2 layers, `pred_hidden_dim`); the target is the EMA of
+    backbone + projector with momentum from the `ema_momentum` schedule (paper 0.996 -> 1,
+    cosine). Loss: byol_loss(p1, z2') + byol_loss(p2, z1') (targets without gradient)."""
+
+    default_views = "byol"
+
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.method
+        self.backbone = make_backbone(cfg)
+        self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2)
+        self.predictor = mlp(m.proj_dim, m.pred_hidden_dim, m.proj_dim, layers=2)
+        self.target_backbone = make_teacher(self.backbone)
+        self.target_projector = make_teacher(self.projector)
+        self.embedding_dim = m.proj_dim
+
+    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        x1, x2 = views[:2]
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            t1 = self.target_projector(self.target_backbone(x1))
+            t2 = self.target_projector(self.target_backbone(x2))
+        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+        return {"loss": loss, "embedding_std": embedding_std(z1)}
+
+    def after_step(self, values: dict[str, float]) -> None:
+        m = values["ema_momentum"]
+        ema_update(self.target_backbone, self.backbone, m)
+        ema_update(self.target_projector, self.projector, m)

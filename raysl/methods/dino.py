@@ -1,0 +1,85 @@
+"""DINO (Caron et al. 2021): self-distillation with an EMA teacher, centering and
+sharpening, multi-crop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raysl.methods.base import Method, register
+from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher, multicrop, step_of
+from raysl.methods.losses import dino_center_update, dino_loss
+from raysl.models.heads import DINOHead
+
+
+@register("dino")
+class DINO(Method):
+    """DINO: student = backbone + DINO head (MLP `proj_layers` (default 3) x
+    `proj_hidden_dim` -> bottleneck `proj_dim` -> L2 norm -> weight-normed last layer to
+    `num_prototypes`, norm fixed when `norm_last_layer`); teacher = EMA of both (momentum
+    from the `ema_momentum` schedule, 0.996 -> 1), run on the global crops only (the
+    leading views at the largest resolution); student on all crops. Teacher outputs are
+    centred (`center_momentum`) and sharpened with the `teacher_temp` schedule value of
+    the step (warmup `teacher_temp_warmup` -> `teacher_temp`); student at `student_temp`.
+    The last layer gets zero gradients for the first `freeze_last_layer_steps` steps.
+
+    Metrics besides the loss: "embedding_std" (student bottleneck, dim `proj_dim`),
+    "teacher_entropy" (mean entropy of the teacher's softmax per image / log K; -> 1 means
+    uniform collapse) and "teacher_mean_entropy" (entropy of the batch-mean teacher
+    softmax / log K; -> 0 means one prototype for every image)."""
+
+    default_views = "dino"
+
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.method
+        self.student_temp = m.student_temp
+        self.center_momentum = m.center_momentum
+        self.freeze_last_layer_steps = m.freeze_last_layer_steps
+        self.backbone = make_backbone(cfg, multi_crop=True)
+        self.head = DINOHead(
+            self.backbone.num_features,
+            m.num_prototypes,
+            hidden_dim=m.proj_hidden_dim,
+            bottleneck_dim=m.proj_dim,
+            layers=m.proj_layers or 3,
+            norm_last_layer=m.norm_last_layer,
+        )
+        self.teacher_backbone = make_teacher(self.backbone)
+        self.teacher_head = make_teacher(self.head)
+        self.embedding_dim = m.proj_dim
+        self.register_buffer("center", torch.zeros(1, m.num_prototypes))
+
+    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        step = step_of(values)
+        teacher_temp = float(values.get("teacher_temp", 0.04))
+        freeze = step < self.freeze_last_layer_steps
+        n_global = 1
+        while n_global < len(views) and views[n_global].shape == views[0].shape:
+            n_global += 1
+        student = multicrop(lambda x: self.head(self.backbone(x), freeze_last_layer=freeze), views)
+        s_logits = [s for s, _ in student]
+        with torch.no_grad():
+            teacher = multicrop(lambda x: self.teacher_head(self.teacher_backbone(x))[0], views[:n_global])
+        center = self.center.clone()
+        loss = dino_loss(s_logits, teacher, center, self.student_temp, teacher_temp)
+        with torch.no_grad():
+            self.center.copy_(dino_center_update(center, teacher, self.center_momentum))
+            p = torch.softmax((torch.cat(teacher).float() - center.float()) / teacher_temp, dim=-1)
+            log_k = math.log(p.shape[-1])
+            entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() / log_k
+            mean_p = p.mean(0)
+            mean_entropy = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() / log_k
+        return {
+            "loss": loss,
+            "embedding_std": embedding_std(student[0][1]),
+            "teacher_entropy": entropy,
+            "teacher_mean_entropy": mean_entropy,
+            "teacher_temp": torch.tensor(teacher_temp),
+        }
+
+    def after_step(self, values: dict[str, float]) -> None:
+        m = values["ema_momentum"]
+        ema_update(self.teacher_backbone, self.backbone, m)
+        ema_update(self.teacher_head, self.head, m)

@@ -1,0 +1,60 @@
+"""MAE (He et al. 2022): masked patch reconstruction with a ViT encoder on the visible
+patches and a light decoder."""
+
+from __future__ import annotations
+
+import torch
+
+from raysl.methods.base import Method, register
+from raysl.methods.common import embedding_std, make_backbone
+from raysl.methods.losses import mae_loss
+from raysl.models.mae import MAEDecoder, check_vit, encode_visible, grid_of, patch_size, patchify
+
+
+@register("mae")
+class MAE(Method):
+    """MAE on a timm VisionTransformer (`model.backbone`, any ViT with an absolute position
+    embedding; a convnet is a UserError). Per image, `mask_ratio` of the patches are
+    hidden at random (torch's RNG, so checkpoints resume it); the ViT's own patch_embed,
+    cls/register tokens, pos_embed, blocks and norm encode the visible ones; the decoder
+    (`decoder_dim`, `decoder_depth`, `decoder_heads`) predicts every patch's pixels and
+    `mae_loss` scores the masked ones (per-patch normalised targets with `norm_pix_loss`).
+    Takes the first view only (views preset "mae", or "mae_medical": crop 0.5-1.0).
+    "embedding_std" is taken on the encoder's pooled output (CLS token, or mean of the
+    visible tokens without one)."""
+
+    default_views = "mae"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """The backbone must be a ViT: built on the meta device (no memory, no weights)."""
+        with torch.device("meta"):
+            backbone = make_backbone(cfg)
+        check_vit(backbone, cfg.model.backbone)
+
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.method
+        self.backbone = make_backbone(cfg)
+        check_vit(self.backbone, cfg.model.backbone)
+        self.mask_ratio = m.mask_ratio
+        self.norm_pix = m.norm_pix_loss
+        self.patch = patch_size(self.backbone)
+        self.num_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+        self.decoder = MAEDecoder(
+            self.backbone.num_features,
+            grid_of(self.backbone, cfg.data.image_size),
+            self.patch,
+            dim=m.decoder_dim,
+            depth=m.decoder_depth,
+            heads=m.decoder_heads,
+        )
+        self.embedding_dim = self.backbone.num_features
+
+    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        imgs = views[0]
+        tokens, mask, ids_restore = encode_visible(self.backbone, imgs, self.mask_ratio)
+        pred = self.decoder(tokens, ids_restore, self.num_prefix)
+        loss = mae_loss(pred, patchify(imgs, self.patch), mask, norm_pix=self.norm_pix)
+        pooled = tokens[:, 0] if self.num_prefix else tokens.mean(1)
+        return {"loss": loss, "embedding_std": embedding_std(pooled), "mask_ratio": mask.float().mean()}

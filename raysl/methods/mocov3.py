@@ -1,0 +1,48 @@
+"""MoCo v3 (Chen, Xie, He 2021): momentum encoder, predictor, symmetric contrastive loss
+against the keys of the global batch."""
+
+from __future__ import annotations
+
+import torch
+
+from raysl.methods.base import Method, register
+from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher
+from raysl.methods.losses import moco_v3_loss
+from raysl.models.heads import mlp
+
+
+@register("mocov3")
+class MoCoV3(Method):
+    """MoCo v3: backbone + projector (`proj_layers`, default 3 as for ViTs; 2 for ResNets
+    in the paper; BN-ReLU hidden layers, affine-free BN last) + predictor (2 layers,
+    `pred_hidden_dim`); the momentum encoder is the EMA of backbone + projector (schedule
+    `ema_momentum` -> `ema_momentum_end`, paper 0.99 -> 1). Loss: moco_v3_loss(q1, k2) +
+    moco_v3_loss(q2, k1) with keys of all workers as negatives."""
+
+    default_views = "mocov3"
+
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.method
+        self.temperature = m.temperature
+        self.backbone = make_backbone(cfg)
+        self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3, last_bn=True)
+        self.predictor = mlp(m.proj_dim, m.pred_hidden_dim, m.proj_dim, layers=2)
+        self.momentum_backbone = make_teacher(self.backbone)
+        self.momentum_projector = make_teacher(self.projector)
+        self.embedding_dim = m.proj_dim
+
+    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+        x1, x2 = views[:2]
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        q1, q2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            k1 = self.momentum_projector(self.momentum_backbone(x1))
+            k2 = self.momentum_projector(self.momentum_backbone(x2))
+        loss = moco_v3_loss(q1, k2, self.temperature) + moco_v3_loss(q2, k1, self.temperature)
+        return {"loss": loss, "embedding_std": embedding_std(z1)}
+
+    def after_step(self, values: dict[str, float]) -> None:
+        m = values["ema_momentum"]
+        ema_update(self.momentum_backbone, self.backbone, m)
+        ema_update(self.momentum_projector, self.projector, m)

@@ -1,0 +1,260 @@
+"""DeepSpeed variants through raysl's engine, without Ray: one process, a gloo world of 1.
+
+The SimCLR method on `test_resnet` goes through `raysl.train.engine.initialize` and the
+loop's own `train_step` for ZeRO 0-3, bf16, gradient accumulation, clipping, every CPU
+optimizer, and an exact checkpoint round trip through `raysl.train.checkpoint`.
+"""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from raysl.config import from_dict
+from raysl.data.views import normalize
+from raysl.errors import UserError
+from raysl.methods.base import build_method
+from raysl.train import checkpoint
+from raysl.train.engine import DTYPES, initialize
+from raysl.train.loop import make_optimizer, make_schedules, train_step
+
+BATCH, SIZE, TOTAL = 4, 32, 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gloo_world_of_one():
+    """torch.distributed on gloo with one rank, as a Ray Train worker of a 1-worker run has;
+    DeepSpeed finds it initialised and uses it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MASTER_ADDR", "127.0.0.1")
+        mp.setenv("MASTER_PORT", str(_free_port()))
+        mp.setenv("RANK", "0")
+        mp.setenv("LOCAL_RANK", "0")
+        mp.setenv("WORLD_SIZE", "1")
+        mp.setenv("LOCAL_WORLD_SIZE", "1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+            import deepspeed.comm.comm as ds_comm
+
+            ds_comm.cdb = None  # DeepSpeed's handle on the destroyed group
+
+
+def _cfg(*, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05):
+    return from_dict({
+        "data": {"batch_size": BATCH, "image_size": SIZE},
+        "model": {"backbone": "test_resnet"},
+        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
+        # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
+        "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
+        "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
+    })
+
+
+def _build(cfg, seed=0):
+    """As the loop builds a worker: method, schedules, optimizer, DeepSpeed engine."""
+    torch.manual_seed(seed)
+    method = build_method(cfg)
+    schedules = make_schedules(cfg, TOTAL, 1)
+    optimizer = make_optimizer(cfg, method, schedules)
+    engine = initialize(method, optimizer, cfg)
+    return engine, method, optimizer, schedules
+
+
+def _views(cfg, key: int) -> list[torch.Tensor]:
+    """The two views of micro-batch `key`: fixed random uint8 pixels, normalised as the loop does."""
+    g = torch.Generator().manual_seed(1000 + key)
+    return [normalize(torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=g))
+            .to(DTYPES[cfg.deepspeed.precision]) for _ in range(2)]
+
+
+def _step(built, cfg, step: int) -> float:
+    engine, method, optimizer, schedules = built
+    values = {**schedules.at(step), "step": step}
+    micro = (_views(cfg, step * cfg.deepspeed.grad_accum + i) for i in range(cfg.deepspeed.grad_accum))
+    out = train_step(engine, method, optimizer, micro, values)
+    return float(out["loss"].detach().float())
+
+
+def _weights(engine) -> list[torch.Tensor]:
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:  # partitioned: gather the full tensors to read them
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().float().clone() for p in params]
+    return [p.detach().float().clone() for p in params]
+
+
+def _changed(before, after) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+BF16_BATCHNORM = pytest.mark.xfail(
+    raises=RuntimeError, strict=True,
+    reason="DeepSpeed bf16 casts parameters but leaves BatchNorm running stats fp32, and CPU batch_norm "
+    "refuses bf16 weights with fp32 stats ('expected scalar type BFloat16 but found Float'); casting the "
+    "model's floating buffers to bf16 in raysl.train.engine.initialize fixes it",
+)
+
+
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"),
+                                            pytest.param(2, "bf16", marks=BF16_BATCHNORM)])
+def test_zero_stages_and_precisions_train(zero, precision):
+    cfg = _cfg(zero=zero, precision=precision)
+    built = _build(cfg)
+    engine = built[0]
+    assert engine.zero_optimization_stage() == zero
+    assert engine.bfloat16_enabled() == (precision == "bf16")
+    if precision == "bf16":
+        assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    before = _weights(engine)
+    losses = [_step(built, cfg, s) for s in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert engine.global_steps == 2
+    assert _changed(before, _weights(engine))
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_gradient_accumulation_steps_the_optimizer_every_second_micro_batch(zero):
+    cfg = _cfg(zero=zero, grad_accum=2)
+    engine, _, optimizer, schedules = built = _build(cfg)
+    values = {**schedules.at(0), "step": 0}
+    start = _weights(engine)
+    for i in range(2):
+        out = engine(_views(cfg, i), values)
+        engine.backward(out["loss"])
+        assert engine.is_gradient_accumulation_boundary() == (i == 1)
+        engine.step()
+        if i == 0:
+            assert not _changed(start, _weights(engine)), "the optimizer stepped after the 1st of 2 micro-batches"
+            assert engine.global_steps == 0
+    assert _changed(start, _weights(engine)), "the optimizer did not step after the 2nd micro-batch"
+    assert engine.global_steps == 1
+    # train_step takes both micro-batches in one call: one more optimizer step
+    _step(built, cfg, 1)
+    assert engine.global_steps == 2 and engine.micro_steps == 4
+
+
+def _reference_grad_norm(cfg, views, values) -> float:
+    """The unclipped gradient norm of the same first step, in plain PyTorch."""
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    method(views, values)["loss"].backward()
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in method.parameters() if p.grad is not None])))
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_gradient_clipping_limits_the_update(zero):
+    # SGD's first step is p -= lr * g (momentum buffer = g, no weight decay), so the
+    # update's norm is lr x the norm of the gradient DeepSpeed actually applied.
+    clip = 1e-3
+    cfg = _cfg(zero=zero, optimizer="sgd", clip=clip, weight_decay=0.0)
+    engine, _, optimizer, schedules = built = _build(cfg)
+    lr = schedules.at(0)["lr"]
+    values = {**schedules.at(0), "step": 0}
+    raw = _reference_grad_norm(cfg, _views(cfg, 0), values)
+    assert raw > 10 * clip
+    before = _weights(engine)
+    _step(built, cfg, 0)
+    after = _weights(engine)
+    update = float(torch.linalg.vector_norm(torch.stack([(a - b).norm() for a, b in zip(after, before)])))
+    assert update / lr == pytest.approx(clip, rel=1e-3)
+    if zero:  # the ZeRO optimizer reports the pre-clipping norm
+        assert engine.get_global_grad_norm() == pytest.approx(raw, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "lion8bit", "sgd", "lars", "lamb"])
+def test_every_cpu_optimizer_steps_under_zero2(name):
+    cfg = _cfg(zero=2, optimizer=name)
+    built = _build(cfg)
+    engine = built[0]
+    before = _weights(engine)
+    loss = _step(built, cfg, 0)
+    assert torch.isfinite(torch.tensor(loss))
+    assert _changed(before, _weights(engine))
+    if "8bit" in name:
+        state = [t for s in built[2].state.values() for t in s.values() if torch.is_tensor(t)]
+        assert any(t.dtype == torch.uint8 for t in state), "8-bit optimizer state expected"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ZeRO >= 1 flattens each param group into one tensor, so LARS/LAMB compute one trust ratio "
+    "per group instead of per layer; raysl should refuse lars/lamb with deepspeed.zero_stage >= 1 "
+    "(or keep them per layer)",
+)
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_layerwise_optimizers_stay_layerwise_under_zero(name):
+    cfg = _cfg(zero=2, optimizer=name)
+    try:
+        built = _build(cfg)
+    except UserError as exc:  # refusing the combination is a fix too
+        assert "zero_stage" in str(exc)
+        return
+    seen = sum(len(g["params"]) for g in built[2].param_groups)
+    assert seen == len(list(built[1].parameters())), f"{name} sees {seen} flat tensor(s), not one per layer"
+
+
+def _save(built, directory: str, step: int) -> None:
+    checkpoint.save(directory, built[0], rank=0, world_size=1,
+                    state={"step": step, "epoch": 0, "position": step * BATCH, "skipped": 0})
+
+
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_checkpoint_round_trip_continues_exactly(zero, tmp_path):
+    cfg = _cfg(zero=zero, optimizer="adamw8bit")
+    original = _build(cfg)
+    for s in range(2):
+        _step(original, cfg, s)
+    _save(original, str(tmp_path), 2)
+    expected = [_step(original, cfg, s) for s in (2, 3)]
+
+    fresh = _build(cfg, seed=1)  # other initial weights: everything must come from the checkpoint
+    state = checkpoint.load(str(tmp_path), fresh[0], rank=0, world_size=1)
+    assert state == {"step": 2, "epoch": 0, "position": 2 * BATCH, "skipped": 0}
+    assert fresh[0].global_steps == 2
+    # the next step's loss (restored weights) and the one after (restored 8-bit optimizer state)
+    assert [_step(fresh, cfg, s) for s in (2, 3)] == expected
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("ckpt"))
+    cfg = _cfg()
+    built = _build(cfg)
+    _step(built, cfg, 0)
+    _save(built, d, 1)
+    return d, cfg
+
+
+@pytest.mark.parametrize("missing", ["worker_0.pt", checkpoint.RUN_STATE])
+def test_load_refuses_an_incomplete_checkpoint(saved, tmp_path, missing):
+    src, cfg = saved
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(src, d)
+    os.remove(os.path.join(d, missing))
+    with pytest.raises(UserError, match=f"incomplete \\(no {missing}\\)"):
+        checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
+
+
+def test_load_refuses_another_world_size(saved, tmp_path):
+    src, cfg = saved
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(src, d)
+    with open(os.path.join(d, checkpoint.RUN_STATE), "w") as f:
+        json.dump({"step": 1, "world_size": 2}, f)
+    with pytest.raises(UserError, match="train.num_workers=2"):
+        checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
