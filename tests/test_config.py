@@ -12,6 +12,17 @@ def test_shipped_recipes_load_and_round_trip(tmp_path):
         assert load_config(str(path)) == cfg
 
 
+def test_every_shipped_recipe_passes_the_engine_checks():
+    from importlib import resources
+
+    from raysl.train.engine import check_config
+
+    names = [p.name[:-5] for p in (resources.files("raysl") / "recipes").iterdir() if p.name.endswith(".yaml")]
+    assert len(names) >= 10
+    for name in names:
+        check_config(load_config(name))
+
+
 def test_overrides_are_typed():
     cfg = load_config("quickstart", ["optim.lr=0.5", "train.num_workers=3", "model.compile=true", "optim.weight_decay=0"])
     assert cfg.optim.lr == 0.5 and cfg.train.num_workers == 3 and cfg.model.compile is True

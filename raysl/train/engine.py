@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from raysl.config import Config
+from raysl.errors import UserError
 from raysl.train.checkpoint import WeightsOnlyCheckpointEngine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,10 +27,37 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
+LAYERWISE_OPTIMIZERS = ("lars", "lamb")
+
+
+def check_config(cfg: Config) -> None:
+    """Combinations DeepSpeed would run, but wrongly."""
+    if cfg.optim.name in LAYERWISE_OPTIMIZERS and cfg.deepspeed.zero_stage >= 1:
+        # ZeRO flattens each param group into one tensor, so a per-layer trust ratio
+        # would silently become one ratio per group.
+        raise UserError(
+            f"config key optim.name: {cfg.optim.name} adapts the lr per layer, which ZeRO's flattened "
+            f"partitions break; use deepspeed.zero_stage=0 with it, or adamw/adamw8bit with zero_stage "
+            f"{cfg.deepspeed.zero_stage}"
+        )
+
+
+def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    # DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm on the CPU then
+    # refuses half-precision weights next to fp32 running statistics.
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                module._buffers[key] = buf.to(dtype)
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config):
     """Returns the DeepSpeed engine; checkpoints it loads are read with weights_only=True."""
     import deepspeed
 
+    check_config(cfg)
+    if cfg.deepspeed.precision != "fp32":
+        _cast_buffers(model, DTYPES[cfg.deepspeed.precision])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine()
     return engine

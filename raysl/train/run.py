@@ -27,6 +27,9 @@ def validate(cfg: Config) -> None:
     if not cfg.data.shards:
         raise UserError("config key data.shards is empty: point it at a shard set (raysl shards build ... --out DIR)")
     read_manifest(cfg.data.shards)
+    from raysl.train.engine import check_config
+
+    check_config(cfg)
     cls = method_class(cfg.method.name)
     check_backbone_name(cfg.model.backbone)
     spec_for(cfg, cls)
