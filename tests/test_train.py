@@ -119,3 +119,27 @@ def test_checkpoint_files_are_never_unpickled(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.WeightsOnlyCheckpointEngine().load(str(path))
     assert not os.path.exists("/tmp/raysl_pwned")
+
+
+def test_loop_draws_score_histograms_and_warns_on_collapse(tmp_path, capsys):
+    from raysl.train.loop import _global_metrics, _report_pictures_and_collapse
+
+    class Method:
+        embedding_dim = 128
+
+    gen = torch.Generator().manual_seed(0)
+    out = {
+        "loss": torch.tensor(1.5),
+        "embedding_std": torch.tensor(1e-4),  # collapsed: healthy is ~1/sqrt(128) = 0.088
+        "hist_pos": torch.rand(64, generator=gen),
+        "hist_neg": torch.rand(640, generator=gen) * 2 - 1,
+    }
+    state = {"step": 7, "epoch": 0, "skipped": 0}
+    metrics = _global_metrics(out, state, 0, {"lr": 0.1, "weight_decay": 0.0}, 10.0)
+    assert "hist_pos" not in metrics and metrics["loss"] == 1.5  # only scalars are metrics
+    _report_pictures_and_collapse(out, metrics, Method(), str(tmp_path))
+    assert os.path.getsize(tmp_path / "score_histograms" / "step_0000007.png") > 1000
+    assert "COLLAPSE WARNING at step 7" in capsys.readouterr().out
+    healthy = dict(metrics, embedding_std=0.09)
+    _report_pictures_and_collapse({"loss": out["loss"]}, healthy, Method(), str(tmp_path))
+    assert "COLLAPSE" not in capsys.readouterr().out

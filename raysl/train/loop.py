@@ -159,6 +159,7 @@ def train_loop_per_worker(raw: dict) -> None:
             metrics = _global_metrics(out, state, stream.skipped, values, global_batch / (time.perf_counter() - t0))
             if log:
                 log.log(metrics, show=state["step"] % cfg.train.log_every == 0 or state["step"] == total)
+                _report_pictures_and_collapse(out, metrics, method, run_dir)
             _fail_once_at(state["step"], raw.get("fail_at_step"), run_dir)
             last = state["step"] == total
             if state["step"] % cfg.train.checkpoint_every == 0 or last:
@@ -188,9 +189,29 @@ def train_step(engine, method, optimizer, micro_batches, values: dict) -> dict:
     return out
 
 
+def _report_pictures_and_collapse(out: dict, metrics: dict, method, run_dir: str) -> None:
+    """Rank 0: positive/negative score histograms when the method returned them
+    (Feature Transformation), and a loud warning when the embeddings collapse."""
+    from raysl.methods.base import collapse_warning
+
+    if "hist_pos" in out and "hist_neg" in out:
+        from raysl.methods.feature_transform_plots import plot_score_histograms
+
+        folder = os.path.join(run_dir, "score_histograms")
+        os.makedirs(folder, exist_ok=True)
+        plot_score_histograms(
+            out["hist_pos"], out["hist_neg"], metrics["step"], os.path.join(folder, f"step_{metrics['step']:07d}.png"),
+            pos_raw=out.get("hist_pos_raw"), neg_raw=out.get("hist_neg_raw"),
+        )
+    warning = collapse_warning(metrics, getattr(method, "embedding_dim", 0))
+    if warning:
+        print(warning, flush=True)
+
+
 def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float) -> dict:
-    """Losses and counters averaged/summed over workers, so every rank logs the same numbers."""
-    scalars = {k: float(v.detach().float()) for k, v in out.items()}
+    """Losses and counters averaged/summed over workers, so every rank logs the same numbers.
+    Only scalar outputs are metrics (methods may also return score tensors for histograms)."""
+    scalars = {k: float(v.detach().float()) for k, v in out.items() if v.numel() == 1}
     names = sorted(scalars)
     t = torch.tensor([scalars[k] for k in names] + [float(state["skipped"] + skipped_now)], dtype=torch.float64)
     if dist.is_initialized():
