@@ -1,54 +1,30 @@
 """`raysl bench data` runs end to end on a tiny shard set (no timed asserts)."""
 
-import hashlib
 import io
 import json
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import skimage.data
 from PIL import Image
 
-from raysl.data.schema import SCHEMA, Manifest, write_manifest
+from shardfactory import write_shards
 
-PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png", "motorcycle_left.png", "hubble_deep_field.jpg"]
+# real photographs shipped in scikit-image; no people, as in the demo's pool
+PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "brick.png", "motorcycle_left.png", "hubble_deep_field.jpg"]
 
 
 def write_tiny_shards(directory: str, per_shard: int = 3) -> int:
-    """Real skimage photos re-encoded as small JPEGs, written as two parquet shards."""
-    rows = []
+    """The photos re-encoded as small JPEGs, written as two shards."""
+    images = []
     for name in PHOTOS:
         img = Image.open(os.path.join(os.path.dirname(skimage.data.__file__), name)).convert("RGB")
         img.thumbnail((160, 160))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
-        rows.append((f"skimage/{name}", buf.getvalue(), img.size))
-    manifest = Manifest(sources=["skimage"])
-    for n in range(0, len(rows), per_shard):
-        chunk = rows[n : n + per_shard]
-        table = pa.table(
-            {
-                "key": [k for k, _, _ in chunk],
-                "image": [b for _, b, _ in chunk],
-                "sha256": [hashlib.sha256(b).hexdigest() for _, b, _ in chunk],
-                "width": [s[0] for _, _, s in chunk],
-                "height": [s[1] for _, _, s in chunk],
-                "format": ["jpeg"] * len(chunk),
-                "source": ["skimage"] * len(chunk),
-                "license": ["bsd-3-clause"] * len(chunk),
-                "attribution": ["scikit-image"] * len(chunk),
-                "label": [None] * len(chunk),
-            },
-            schema=SCHEMA,
-        )
-        name = f"shard-{n // per_shard:05d}.parquet"
-        pq.write_table(table, os.path.join(directory, name))
-        manifest.shards.append({"file": name, "rows": len(chunk)})
-    manifest.written = len(rows)
-    write_manifest(directory, manifest)
-    return len(rows)
+        images.append((f"skimage/{name}", buf.getvalue(), None))
+    write_shards(directory, images, shard_size=per_shard)
+    return len(images)
 
 
 @pytest.mark.ray
