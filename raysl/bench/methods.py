@@ -42,15 +42,20 @@ PER_METHOD = {
                "method.ema_momentum=0.99", "method.ema_momentum_end=0.99"],
     "mocov3": ["data.views=mocov2", "method.temperature=0.2", "method.proj_layers=2",
                "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
-    "byol": ["data.views=mocov2", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
-    "swav": ["data.views=swav", "data.local_crops=0", "method.temperature=0.1", "method.num_prototypes=100",
-             "method.freeze_prototypes_steps=20", "method.swav_queue_size=512", "method.swav_queue_start=40"],
+    "byol": ["data.views=mocov2", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0", "optim.lr=0.016"],
+    # SwAV sat at the uniform-code solution (loss = log K) with eps 0.05 and no queue in
+    # short runs; sharper codes (eps 0.03) over 300 prototypes with a queue learn.
+    "swav": ["data.views=swav", "data.local_crops=0", "method.temperature=0.1", "method.num_prototypes=300",
+             "method.sinkhorn_eps=0.03", "method.freeze_prototypes_steps=0", "method.swav_queue_size=1024",
+             "method.swav_queue_start=0"],
     "dino": ["data.views=dino", "data.local_crops=0", "method.num_prototypes=1024", "method.proj_dim=64",
              "method.teacher_temp=0.04", "method.teacher_temp_warmup=0.04", "method.student_temp=0.1",
              "method.freeze_last_layer_steps=20", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
-    # ViT-only: test_vit at 64 px (16 patches of 16 px)
+    # ViT-only: test_vit at 64 px (16 patches of 16 px); plain-pixel targets (per-patch
+    # normalisation blows up the near-constant background patches of digits)
     "mae": ["model.backbone=test_vit", "data.image_size=64", "data.views=mae", "method.mask_ratio=0.75",
-            "method.decoder_dim=64", "method.decoder_depth=2", "method.decoder_heads=4", "optim.lr=0.004"],
+            "method.norm_pix_loss=false", "method.decoder_dim=64", "method.decoder_depth=2",
+            "method.decoder_heads=4", "optim.lr=0.004"],
     "barlowtwins": ["data.views=mocov2", "method.proj_layers=3", "method.barlow_lambda=0.005"],
     "vicreg": ["data.views=mocov2", "method.proj_layers=3"],
 }

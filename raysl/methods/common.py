@@ -4,6 +4,7 @@ forward passes by resolution, and the collapse metric."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,19 @@ def make_backbone(cfg, *, multi_crop: bool = False) -> nn.Module:
         except TypeError:  # not a ViT: no dynamic_img_size / img_size arguments
             pass
     return create_backbone(name, drop_path_rate=cfg.model.drop_path_rate, img_size=size)
+
+
+def register_external_params(owner: nn.Module, module: nn.Module) -> None:
+    """Tell DeepSpeed ZeRO-3 that `owner.forward` reads `module`'s own (non-recursive)
+    parameters directly, e.g. a ViT's cls_token / pos_embed used outside the ViT's own
+    forward (MAE, saliency maps), so it gathers them around `owner`'s forward and backward.
+    A no-op unless DeepSpeed is loaded; harmless for ZeRO stages 0-2."""
+    if "deepspeed" not in sys.modules:
+        return
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for _, p in module.named_parameters(recurse=False):
+        register_external_parameter(owner, p)
 
 
 def make_teacher(module: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from raysl.methods.base import Method, register
-from raysl.methods.common import embedding_std, make_backbone
+from raysl.methods.common import embedding_std, make_backbone, register_external_params
 from raysl.methods.losses import mae_loss
 from raysl.models.mae import MAEDecoder, check_vit, encode_visible, grid_of, patch_size, patchify
 
@@ -20,8 +20,8 @@ class MAE(Method):
     (`decoder_dim`, `decoder_depth`, `decoder_heads`) predicts every patch's pixels and
     `mae_loss` scores the masked ones (per-patch normalised targets with `norm_pix_loss`).
     Takes the first view only (views preset "mae", or "mae_medical": crop 0.5-1.0).
-    "embedding_std" is taken on the encoder's pooled output (CLS token, or mean of the
-    visible tokens without one)."""
+    "embedding_std" is taken on the mean of the encoder's visible patch tokens (MAE does
+    not train the CLS token directly)."""
 
     default_views = "mae"
 
@@ -50,11 +50,12 @@ class MAE(Method):
             heads=m.decoder_heads,
         )
         self.embedding_dim = self.backbone.num_features
+        register_external_params(self, self.backbone)  # cls_token, pos_embed: read outside the ViT's forward
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         imgs = views[0]
         tokens, mask, ids_restore = encode_visible(self.backbone, imgs, self.mask_ratio)
         pred = self.decoder(tokens, ids_restore, self.num_prefix)
         loss = mae_loss(pred, patchify(imgs, self.patch), mask, norm_pix=self.norm_pix)
-        pooled = tokens[:, 0] if self.num_prefix else tokens.mean(1)
+        pooled = tokens[:, self.num_prefix :].mean(1)  # visible patch tokens: the CLS token alone says little in MAE
         return {"loss": loss, "embedding_std": embedding_std(pooled), "mask_ratio": mask.float().mean()}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from raysl.errors import UserError
 from raysl.methods.base import Method, register
-from raysl.methods.common import embedding_std, is_vit, make_backbone, step_of
+from raysl.methods.common import embedding_std, is_vit, make_backbone, register_external_params, step_of
 from raysl.methods.distributed import all_reduce_sum, gather_no_grad, world
 from raysl.methods.losses import feature_transform, nt_xent, nt_xent_weighted, pos_neg_scores
 from raysl.models.heads import mlp
@@ -92,6 +92,8 @@ class SimCLR(Method):
         self.quality_temp = m.quality_temp
         self.extra_views = load_callable(m.extra_views) if m.extra_views else None
         self._captured: torch.Tensor | None = None
+        if self.quality_weighting:  # forward_features bypasses the backbone's own forward
+            register_external_params(self, self.backbone)
         if self.quality_weighting and is_vit(self.backbone) and getattr(self.backbone, "cls_token", None) is not None:
             self.backbone.blocks[-1].norm1.register_forward_hook(self._capture_last_block_input)
 
