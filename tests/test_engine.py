@@ -205,6 +205,7 @@ def test_checkpoint_round_trip_continues_exactly(zero, tmp_path):
     for s in range(2):
         _step(original, cfg, s)
     _save(original, str(tmp_path), 2)
+    _assert_whole_weights_saved(original, cfg, str(tmp_path), zero)
     expected = [_step(original, cfg, s) for s in (2, 3)]
 
     fresh = _build(cfg, seed=1)  # other initial weights: everything must come from the checkpoint
@@ -213,6 +214,24 @@ def test_checkpoint_round_trip_continues_exactly(zero, tmp_path):
     assert fresh[0].global_steps == 2
     # the next step's loss (restored weights) and the one after (restored 8-bit optimizer state)
     assert [_step(fresh, cfg, s) for s in (2, 3)] == expected
+
+
+def _assert_whole_weights_saved(built, cfg, directory: str, zero: int) -> None:
+    """weights.safetensors holds the whole trained method in fp32, ZeRO-3 partitions gathered."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(directory, checkpoint.WEIGHTS))
+    rng = torch.get_rng_state()
+    torch.manual_seed(0)  # the initial weights of _build
+    init = build_method(cfg).state_dict()
+    plain = build_method(cfg)  # no DeepSpeed: full-size tensors
+    torch.set_rng_state(rng)
+    plain.load_state_dict(weights, strict=True)  # every key, every shape
+    moved = [k for k, v in weights.items() if v.is_floating_point() and not torch.equal(v, init[k])]
+    assert any(k.startswith("backbone.") for k in moved) and any(not k.startswith("backbone.") for k in moved)
+    if zero < 3:  # unpartitioned: the engine's own tensors
+        for k, v in built[0].module.state_dict().items():
+            torch.testing.assert_close(weights[k], v.float() if v.is_floating_point() else v, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,99 @@
+"""A finished (or running) pretraining run, read back: its recipe, its latest checkpoint
+and its trained backbone. Only YAML, JSON and safetensors are read; nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from raysl.config import Config, from_dict
+from raysl.errors import UserError
+from raysl.train import checkpoint
+
+
+def run_config(run_dir: str) -> Config:
+    """The recipe the run was started with (`config.yaml` in the run dir)."""
+    import yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"--ckpt {run_dir}: no config.yaml there; point it at a run directory written by raysl pretrain")
+    with open(path) as f:
+        return from_dict(yaml.safe_load(f) or {}, origin=path)
+
+
+def checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, directory) of the run's complete checkpoints, oldest first."""
+    found = []
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            d = os.path.join(run_dir, name)
+            state, weights = os.path.join(d, checkpoint.RUN_STATE), os.path.join(d, checkpoint.WEIGHTS)
+            if name.startswith("checkpoint_") and os.path.isfile(state) and os.path.isfile(weights):
+                with open(state) as f:
+                    found.append((int(json.load(f)["step"]), d))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> tuple[int, str]:
+    found = checkpoints(run_dir)
+    if not found:
+        raise UserError(f"--ckpt {run_dir}: no complete checkpoint (checkpoint_*/{checkpoint.WEIGHTS}) in that run")
+    return found[-1]
+
+
+def method_state(run_dir: str) -> tuple[Config, int, dict[str, torch.Tensor]]:
+    """(recipe, step, the whole method's fp32 state dict) of the run's latest checkpoint."""
+    from safetensors.torch import load_file
+
+    cfg = run_config(run_dir)
+    step, directory = latest_checkpoint(run_dir)
+    return cfg, step, load_file(os.path.join(directory, checkpoint.WEIGHTS))
+
+
+def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student backbone's entries of a method state dict (prefix `backbone.` dropped)."""
+    return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def load_backbone(run_dir: str, *, expect_backbone: str | None = None, img_size: int | None = None,
+                  drop_path_rate: float = 0.0) -> tuple[torch.nn.Module, Config, int]:
+    """(trained backbone with no classifier, the run's recipe, its step). With
+    `expect_backbone`, a run of another architecture is refused with a clear error; a
+    state that does not fit the backbone the recipe names is refused too."""
+    from raysl.models.backbone import create_backbone
+
+    cfg, step, state = method_state(run_dir)
+    name = cfg.model.backbone
+    if expect_backbone and expect_backbone != name:
+        raise UserError(f"--ckpt {run_dir}: that run trained {name!r}, not {expect_backbone!r}; "
+                        f"use a run of {expect_backbone!r} or ask for {name!r}")
+    backbone = create_backbone(name, drop_path_rate=drop_path_rate, img_size=img_size or cfg.data.image_size or None)
+    weights = backbone_state(state)
+    if not weights:
+        raise UserError(f"--ckpt {run_dir}: its checkpoint holds no backbone.* weights")
+    if any(k.startswith("pos_embed") for k in weights) and hasattr(backbone, "pos_embed"):
+        weights = _resize_pos_embed(weights, backbone)
+    missing, unexpected = backbone.load_state_dict(weights, strict=False)
+    wrong = [k for k, v in weights.items() if k in backbone.state_dict() and backbone.state_dict()[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise UserError(
+            f"--ckpt {run_dir}: the weights do not fit a {name!r} backbone "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); was config.yaml edited?"
+        )
+    return backbone, cfg, step
+
+
+def _resize_pos_embed(weights: dict, backbone) -> dict:
+    """A ViT trained at one image size, evaluated at another: resample its position grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    pe = weights["pos_embed"]
+    target = backbone.pos_embed
+    if pe.shape == target.shape:
+        return weights
+    prefix = 0 if getattr(backbone, "no_embed_class", False) else getattr(backbone, "num_prefix_tokens", 1)
+    grid = backbone.patch_embed.grid_size
+    return {**weights, "pos_embed": resample_abs_pos_embed(pe, new_size=list(grid), num_prefix_tokens=prefix)}
