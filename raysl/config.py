@@ -38,12 +38,18 @@ class DataConfig:
     # (right on one machine, where the workers hold every CPU); 1 on a cluster with
     # CPU-only data nodes places the tasks there.
     task_cpus: float = field(default=0.0, metadata=_range(0.0))
+    # Custom Ray resources each read/augment task requests, e.g. {data_node: 0.01} to put
+    # decoding and augmentation on the CPU-only nodes that advertise `data_node`.
+    task_resources: dict[str, float] = field(default_factory=dict, metadata=_range(0.0))
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"  # any timm model name; never downloaded
     drop_path_rate: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # pooled feature of the backbone (timm's global_pool); "": the model's default (CLS
+    # token for ViTs). MAE recipes use "avg": MAE trains patch tokens, not the CLS token.
+    global_pool: str = field(default="", metadata=_choices("", "avg", "token", "max", "avgmax"))
     compile: bool = False
 
 
@@ -134,6 +140,22 @@ class TrainConfig:
     checkpoint_every: int = field(default=100, metadata=_range(1))
     keep_checkpoints: int = field(default=2, metadata=_range(1))
     max_failures: int = field(default=0, metadata=_range(-1))  # Ray Train restarts; -1: unlimited
+    # Custom Ray resources each training worker requests, e.g. {gpu_node: 1} (besides CPU/GPU).
+    worker_resources: dict[str, float] = field(default_factory=dict, metadata=_range(0.0))
+
+
+@dataclass
+class EvalConfig:
+    """The online kNN monitor (raysl.eval.monitor): weighted cosine kNN on a small labeled
+    shard set every `knn_every` steps, into metrics.jsonl as knn_top1_k20, knn_top5_k200, ..."""
+
+    knn_shards: str = ""  # labeled shard set; empty: no monitor
+    knn_val_shards: str = ""  # its query set; empty: a seeded split of knn_shards
+    knn_val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
+    knn_every: int = field(default=100, metadata=_range(1))  # steps (and at the last step)
+    knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"each": _range(1)})
+    knn_temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
+    knn_batch_size: int = field(default=256, metadata=_range(1))
 
 
 @dataclass
@@ -144,6 +166,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,6 +179,21 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def _check(key: str, f: dataclasses.Field, value):
+    if typing.get_origin(f.type) is list:  # a list of scalars, each checked like a scalar key
+        if not isinstance(value, list) or not value:
+            raise UserError(f"config key {key}: expected a non-empty list, e.g. [20, 200], got {value!r}")
+        item = dataclasses.field(metadata=f.metadata.get("each", {}))
+        item.type = typing.get_args(f.type)[0]
+        return [_check(key, item, v) for v in value]
+    if typing.get_origin(f.type) is dict:  # custom Ray resources: name -> amount
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key}: expected a mapping of resource name to amount, e.g. {{data_node: 1}}, got {value!r}")
+        item = dataclasses.field(metadata=f.metadata)
+        item.type = typing.get_args(f.type)[1]
+        for name in value:
+            if not isinstance(name, str) or not name or name in ("CPU", "GPU", "memory"):
+                raise UserError(f"config key {key}: {name!r} is not a custom resource name (CPU/GPU have their own keys)")
+        return {name: _check(f"{key}.{name}", item, v) for name, v in value.items()}
     typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -203,6 +241,12 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
         for key, f in fields.items():
             f.type = hints[key]
             _check(f"{name}.{key}", f, getattr(getattr(cfg, name), key))
+    if cfg.eval.knn_shards and cfg.deepspeed.zero_stage == 3:
+        raise UserError(
+            "config key eval.knn_shards: the online kNN monitor reads the backbone's whole weights, which "
+            "ZeRO-3 partitions across workers; use deepspeed.zero_stage<=2 with it, or leave eval.knn_shards "
+            "empty and run `raysl eval knn` on the checkpoints"
+        )
     return cfg
 
 

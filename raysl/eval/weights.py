@@ -70,7 +70,8 @@ def load_backbone(run_dir: str, *, expect_backbone: str | None = None, img_size:
     if expect_backbone and expect_backbone != name:
         raise UserError(f"--ckpt {run_dir}: that run trained {name!r}, not {expect_backbone!r}; "
                         f"use a run of {expect_backbone!r} or ask for {name!r}")
-    backbone = create_backbone(name, drop_path_rate=drop_path_rate, img_size=img_size or cfg.data.image_size or None)
+    backbone = create_backbone(name, drop_path_rate=drop_path_rate, img_size=img_size or cfg.data.image_size or None,
+                               global_pool=cfg.model.global_pool)
     weights = backbone_state(state)
     if not weights:
         raise UserError(f"--ckpt {run_dir}: its checkpoint holds no backbone.* weights")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysl.models.backbone import check_backbone_name, create_backbone
+from raysl.models.backbone import create_backbone
 
 
 def is_vit(backbone: nn.Module) -> bool:
@@ -22,17 +22,14 @@ def make_backbone(cfg, *, multi_crop: bool = False) -> nn.Module:
     """The backbone of `cfg.model`. With `multi_crop`, ViTs are built with
     `dynamic_img_size=True` so crops of other sizes (DINO/SwAV local crops) interpolate the
     position embedding; convnets take any size anyway."""
-    import timm
-
     name, size = cfg.model.backbone, cfg.data.image_size or None
+    common = dict(drop_path_rate=cfg.model.drop_path_rate, global_pool=cfg.model.global_pool)
     if multi_crop:
-        check_backbone_name(name)
-        kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=cfg.model.drop_path_rate)
         try:
-            return timm.create_model(name, dynamic_img_size=True, **({"img_size": size} if size else {}), **kwargs)
+            return create_backbone(name, **common, dynamic_img_size=True, **({"img_size": size} if size else {}))
         except TypeError:  # not a ViT: no dynamic_img_size / img_size arguments
             pass
-    return create_backbone(name, drop_path_rate=cfg.model.drop_path_rate, img_size=size)
+    return create_backbone(name, **common, img_size=size)
 
 
 def register_external_params(owner: nn.Module, module: nn.Module) -> None:

@@ -17,11 +17,15 @@ def check_backbone_name(name: str) -> None:
         raise UserError(f"config key model.backbone: {name!r} is not a timm model{hint}")
 
 
-def create_backbone(name: str, *, drop_path_rate: float = 0.0, img_size: int | None = None) -> torch.nn.Module:
+def create_backbone(name: str, *, drop_path_rate: float = 0.0, img_size: int | None = None,
+                    global_pool: str = "", **extra) -> torch.nn.Module:
     """A timm model without its classifier (`num_classes=0`): forward gives pooled
-    features of size `model.num_features`. ViT-like models get `img_size` when given."""
+    features of size `model.num_features`. ViT-like models get `img_size` when given;
+    `global_pool` ("" = the model's default) picks the pooling."""
     check_backbone_name(name)
-    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **extra)
+    if global_pool:
+        kwargs["global_pool"] = global_pool
     if img_size:
         try:
             return timm.create_model(name, img_size=img_size, **kwargs)
