@@ -1,0 +1,186 @@
+"""The model card (`README.md`) written beside exported weights: the recipe, how long it
+trained, its final numbers, and where every training image came from (manifest counts,
+images per license, and `ATTRIBUTIONS.csv` listing key, source, license and attribution of
+every image), so the weights can be published the way PASS publishes its images."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import Counter
+
+from raysl.config import Config
+from raysl.data.schema import SKIP_REASONS
+from raysl.errors import UserError
+
+CARD = "README.md"
+ATTRIBUTIONS = "ATTRIBUTIONS.csv"
+ATTRIBUTION_COLUMNS = ["key", "source", "license", "attribution"]
+
+
+def final_metrics(rows: list[dict]) -> dict:
+    """The last logged value of every numeric metric (kNN keys are logged at some steps only)."""
+    last: dict = {}
+    for row in rows:
+        last.update({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return last
+
+
+def eval_results(run_dir: str) -> dict[str, dict]:
+    """`eval_*.json` files in the run dir (written by `raysl eval ...`), by file name."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "eval_*.json"))):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: not a readable JSON file ({exc}); fix or remove it") from exc
+        out[os.path.basename(path)] = data if isinstance(data, dict) else {"value": data}
+    return out
+
+
+def training_facts(run_dir: str, cfg: Config, step: int) -> dict:
+    """Steps, global batch and images seen, from the checkpoint's world size."""
+    from raysl.eval.weights import latest_checkpoint
+    from raysl.train import checkpoint
+
+    _, directory = latest_checkpoint(run_dir)
+    with open(os.path.join(directory, checkpoint.RUN_STATE)) as f:
+        world = int(json.load(f).get("world_size", cfg.train.num_workers))
+    global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
+    return {"method": cfg.method.name, "backbone": cfg.model.backbone, "steps": step, "workers": world,
+            "global_batch": global_batch, "images_seen": step * global_batch}
+
+
+def write_attributions(shards: str, out_csv: str) -> tuple[int, Counter]:
+    """ATTRIBUTIONS.csv of a shard set, shard by shard, reading only the text columns (never
+    the image bytes). Returns (rows, images per license)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+
+    manifest = read_manifest(shards)
+    licenses: Counter = Counter()
+    rows = 0
+    with pacsv.CSVWriter(out_csv, _schema()) as writer:
+        for path in shard_paths(shards, manifest):
+            fs, local = filesystem_and_path(path)
+            table = pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs)
+            writer.write_table(table)
+            rows += table.num_rows
+            licenses.update(table.column("license").to_pylist())
+    return rows, licenses
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.string()) for c in ATTRIBUTION_COLUMNS])
+
+
+def lineage(shards: str, out_dir: str) -> dict:
+    from raysl.data.schema import read_manifest
+
+    try:
+        manifest = read_manifest(shards)
+    except UserError as exc:
+        raise UserError(f"data.shards in the run's config.yaml: {exc}; pass --shards DIR where that shard set "
+                        "lives now, so the card can list where the training images came from") from exc
+    rows, licenses = write_attributions(shards, os.path.join(out_dir, ATTRIBUTIONS))
+    return {"shards": shards, "written": manifest.written, "rows": rows, "skipped": dict(manifest.skipped),
+            "sources": list(manifest.sources), "licenses": dict(sorted(licenses.items(), key=lambda kv: -kv[1]))}
+
+
+def _table(header: tuple[str, str], items) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in items]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return str(v) if v != "" else "(empty)"
+
+
+def write_card(out_dir: str, run_dir: str, cfg: Config, step: int, *, create_call: str, timm_cfg: dict,
+               shards: str | None = None) -> dict:
+    """Write README.md and ATTRIBUTIONS.csv into out_dir; returns their paths and the facts."""
+    from raysl.train.metrics import read_metrics
+
+    facts = training_facts(run_dir, cfg, step)
+    data = lineage(shards or cfg.data.shards, out_dir)
+    metrics = final_metrics(read_metrics(run_dir))
+    shown = {k: v for k, v in metrics.items() if k in ("step", "loss", "embedding_std") or k.startswith("knn_")}
+    evals = eval_results(run_dir)
+    pre = timm_cfg["pretrained_cfg"]
+    skipped = {reason: data["skipped"].get(reason, 0) for reason in SKIP_REASONS}
+    skipped.update(data["skipped"])
+    parts = [
+        "---",
+        "library_name: timm",
+        "pipeline_tag: image-feature-extraction",
+        f"tags: [self-supervised, raysl, {cfg.method.name}]",
+        "---",
+        f"# {cfg.model.backbone} pretrained with {cfg.method.name} (raysl)",
+        "",
+        "A self-supervised backbone (no classifier: `num_classes=0`; the forward pass gives pooled "
+        f"features of size {timm_cfg.get('num_features')}). Load it with timm, no network needed:",
+        "",
+        "```python",
+        "import timm",
+        create_call,
+        "```",
+        "",
+        f"Input: RGB {pre['input_size'][1]}x{pre['input_size'][2]}, scaled to [0, 1], normalised with mean "
+        f"{list(pre['mean'])} and std {list(pre['std'])}. `config.json` holds timm's pretrained cfg with these "
+        "values and the model's arguments: `timm.create_model(\"local-dir:DIR\", pretrained=True)` (DIR: this "
+        "folder) builds the same model from it, and `timm.data.resolve_data_config(model=model)` then gives "
+        "this preprocessing.",
+        "",
+        "## Training",
+        "",
+        _table(("", ""), [("method", facts["method"]), ("backbone", facts["backbone"]), ("steps", facts["steps"]),
+                          ("workers", facts["workers"]), ("global batch", facts["global_batch"]),
+                          ("images seen (steps x global batch)", facts["images_seen"]),
+                          ("precision", cfg.deepspeed.precision), ("ZeRO stage", cfg.deepspeed.zero_stage)]),
+        "",
+        "## Final metrics",
+        "",
+        _table(("metric", "value"), shown.items()) if shown else "No metrics were logged.",
+        "",
+    ]
+    for name, result in evals.items():
+        parts += [f"### {name}", "", _table(("key", "value"), result.items()), ""]
+    parts += [
+        "## Training data",
+        "",
+        f"Shard set: `{data['shards']}` (sources: {', '.join(data['sources']) or 'not recorded'}).",
+        "",
+        _table(("manifest", "images"), [("written", data["written"]), ("rows in shards", data["rows"])]),
+        "",
+        "Inputs skipped while building the shards, by reason:",
+        "",
+        _table(("reason", "inputs"), skipped.items()),
+        "",
+        "Training images per license:",
+        "",
+        _table(("license", "images"), data["licenses"].items()),
+        "",
+        f"`{ATTRIBUTIONS}` lists every training image: {', '.join(ATTRIBUTION_COLUMNS)}.",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        cfg.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    path = os.path.join(out_dir, CARD)
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return {"card": path, "attributions": os.path.join(out_dir, ATTRIBUTIONS), **facts, "licenses": data["licenses"]}

@@ -1,0 +1,131 @@
+"""`raysl eval knn|linear|fewshot|finetune`: a pretraining run's backbone evaluated on a
+labeled train/val shard pair, on Ray Train workers. Inputs are checked on the driver
+before Ray starts; the result is one JSON object, also written to RUN/eval_<kind>.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from raysl.errors import UserError
+
+KINDS = ("knn", "linear", "fewshot", "finetune")
+
+
+# option: (smallest allowed, largest allowed or None); lists are checked item by item
+LIMITS = {"ks": (1, None), "temperature": (1e-9, None), "lrs": (1e-12, None), "epochs": (1, None), "shots": (1, None),
+          "draws": (1, None), "lr": (1e-12, None), "layer_decay": (1e-6, 1.0), "drop_path": (0.0, 0.99),
+          "mixup": (0.0, None), "cutmix": (0.0, None), "smoothing": (0.0, 0.99), "batch_size": (1, None)}
+
+
+def check_options(options: dict) -> None:
+    for key, value in options.items():
+        lo, hi = LIMITS.get(key, (None, None))
+        for v in value if isinstance(value, list) else [value]:
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                flag = "--" + key.replace("_", "-")
+                raise UserError(f"{flag} {v}: out of range (must be >= {lo}{f' and <= {hi}' if hi is not None else ''})")
+        if isinstance(value, list) and not value:
+            raise UserError(f"--{key.replace('_', '-')}: give at least one value")
+
+
+def validate(kind: str, ckpt: str, train: str, val: str, backbone: str | None = None,
+             options: dict | None = None) -> tuple[int, int, int]:
+    """(train images, val images, checkpoint step); a UserError for a wrong run, backbone,
+    set or option."""
+    from raysl.eval.labeled import check_labeled
+    from raysl.eval.weights import load_backbone
+
+    if kind not in KINDS:
+        raise UserError(f"eval kind {kind!r}: choose one of {', '.join(KINDS)}")
+    check_options(options or {})
+    _, _, step = load_backbone(ckpt, expect_backbone=backbone)  # refuses another backbone, or weights that do not fit
+    return check_labeled(train, "--train"), check_labeled(val, "--val"), step
+
+
+def eval_loop_per_worker(raw: dict) -> None:
+    import ray.train
+    import torch
+
+    from raysl.eval.labeled import load_labeled
+    from raysl.eval.supervised import world
+    from raysl.eval.weights import load_backbone
+
+    torch.set_num_threads(raw["cpus_per_worker"])
+    kind, opts = raw["kind"], raw["options"]
+    drop_path = opts.get("drop_path", 0.0) if kind == "finetune" else 0.0
+    backbone, cfg, _ = load_backbone(raw["ckpt"], img_size=raw["image_size"], drop_path_rate=drop_path)
+    if torch.cuda.is_available() and raw["gpus_per_worker"]:
+        backbone = backbone.to(torch.device("cuda", ray.train.get_context().get_local_rank()))
+    train_x, train_y = load_labeled(raw["train"], raw["image_size"], "--train")
+    val_x, val_y = load_labeled(raw["val"], raw["image_size"], "--val")
+    if kind == "finetune":
+        from raysl.eval.finetune import FinetuneOptions, finetune
+
+        result = finetune(backbone, train_x, train_y, val_x, val_y, FinetuneOptions(**opts))
+    else:
+        from raysl.eval.monitor import gathered_features
+
+        train_f, val_f = gathered_features(backbone, train_x), gathered_features(backbone, val_x)
+        if kind == "linear":
+            from raysl.eval.linear import linear_probe
+
+            result = linear_probe(train_f, train_y, val_f, val_y, **opts)
+        elif world()[0] != 0:
+            result = {}  # kNN and few-shot are cheap: rank 0 alone scores the gathered features
+        elif kind == "knn":
+            from raysl.eval.monitor import knn_metrics
+
+            result = knn_metrics(train_f, train_y, val_f, val_y, opts.get("ks", [20, 200]), opts.get("temperature", 0.07))
+        else:
+            from raysl.eval.fewshot import fewshot
+
+            result = fewshot(train_f, train_y, val_f, val_y, **opts)
+    # Ray Train keeps a run's reported metrics with its checkpoints: rank 0 hands its result back as one
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if world()[0] == 0:
+            with open(os.path.join(d, "result.json"), "w") as f:
+                json.dump(result, f)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({"done": 1}, checkpoint=checkpoint)
+
+
+def evaluate(kind: str, ckpt: str, train: str, val: str, *, options: dict | None = None, backbone: str | None = None,
+             workers: int = 1, cpus_per_worker: int = 1, gpus_per_worker: float = 0.0, image_size: int = 0,
+             address: str | None = None) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raysl.eval.weights import run_config
+    from raysl.runtime import init_ray
+
+    n_train, n_val, step = validate(kind, ckpt, train, val, backbone, options)
+    cfg = run_config(ckpt)
+    size = image_size or cfg.data.image_size or 224
+    print(init_ray(address), flush=True)
+    # Ray Train's storage inside the run dir, which every worker reads anyway (shared FS on a cluster)
+    storage = tempfile.mkdtemp(prefix=".eval_", dir=os.path.abspath(ckpt))
+    try:
+        trainer = TorchTrainer(
+            eval_loop_per_worker,
+            train_loop_config={"kind": kind, "ckpt": os.path.abspath(ckpt), "train": train, "val": val,
+                               "image_size": size, "options": options or {}, "cpus_per_worker": cpus_per_worker,
+                               "gpus_per_worker": gpus_per_worker},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+            ),
+            run_config=ray.train.RunConfig(name=f"eval_{kind}", storage_path=storage),
+        )
+        with trainer.fit().checkpoint.as_directory() as d, open(os.path.join(d, "result.json")) as f:
+            metrics = json.load(f)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    result = {"eval": kind, "ckpt": ckpt, "step": step, "backbone": cfg.model.backbone, "image_size": size,
+              "train_images": n_train, "val_images": n_val, "workers": workers, **metrics}
+    with open(os.path.join(ckpt, f"eval_{kind}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,82 @@
+"""Online kNN monitor: a 2-worker pretraining run logs kNN top-1/top-5 at k=20 and k=200,
+and the cross-worker numbers equal a single-process kNN of the checkpoint's backbone."""
+
+import pytest
+
+from raysl.config import load_config
+from raysl.errors import UserError
+from raysl.eval.labeled import load_labeled
+from raysl.eval.monitor import KnnMonitor, knn_metrics
+from raysl.eval.weights import load_backbone
+from raysl.train.metrics import read_metrics
+from raysl.train.run import pretrain, validate
+from shardfactory import digit_images, write_shards
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitor")
+    write_shards(str(root / "pretrain"), digit_images(64), shard_size=8)
+    write_shards(str(root / "knn"), digit_images(150), shard_size=50)  # bank 120, queries 30
+    unlabeled = [(k, b, None) for k, b, _ in digit_images(8)]
+    write_shards(str(root / "unlabeled"), unlabeled, shard_size=8)
+    return root
+
+
+def _cfg(root, *extra):
+    return load_config(
+        "quickstart",
+        [
+            f"data.shards={root / 'pretrain'}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
+            "method.proj_hidden_dim=64", "method.proj_dim=32", "optim.name=adamw", "deepspeed.zero_stage=2",
+            "train.num_workers=2", "train.max_steps=6", "train.checkpoint_every=6", "train.log_every=3",
+            f"train.storage_path={root / 'runs'}", "train.name=monitored",
+            f"eval.knn_shards={root / 'knn'}", "eval.knn_every=3", "eval.knn_k=[20, 200]", *extra,
+        ],
+    )
+
+
+def test_monitor_config_is_checked_before_ray(sets):
+    with pytest.raises(UserError, match="eval.knn_shards: the online kNN monitor .* deepspeed.zero_stage<=2"):
+        _cfg(sets, "deepspeed.zero_stage=3")
+    with pytest.raises(UserError, match=r"eval.knn_shards .*unlabeled: 8 of 8 rows have no value in the 'label' column"):
+        validate(_cfg(sets, f"eval.knn_shards={sets / 'unlabeled'}"))
+    with pytest.raises(UserError, match="config key eval.knn_k: 0 is out of range"):
+        _cfg(sets, "eval.knn_k=[0]")
+
+
+@pytest.mark.ray
+def test_two_worker_monitor_matches_single_process_knn(ray_local, sets):
+    run = pretrain(_cfg(sets))["run_dir"]
+    rows = {r["step"]: r for r in read_metrics(run)}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    keys = {"knn_top1", "knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200"}
+    for step, row in rows.items():
+        assert keys.issubset(row) == (step in (3, 6)), step
+    for step in (3, 6):
+        r = rows[step]
+        assert all(0.0 <= r[k] <= 100.0 for k in keys)
+        assert r["knn_top1"] == r["knn_top1_k20"]
+        assert r["knn_top5_k20"] >= r["knn_top1_k20"] and r["knn_top5_k200"] >= r["knn_top1_k200"]
+        assert r["knn_top1_k20"] > 10.0  # 10 digit classes: better than chance even at random init
+
+    # the same backbone (final checkpoint = weights at step 6) in one process, no torch.distributed
+    cfg = _cfg(sets)
+    backbone, _, step = load_backbone(run)
+    assert step == 6
+    monitor = KnnMonitor(cfg, 32)
+    assert len(monitor.bank) == 120 and len(monitor.query) == 30
+    single = monitor.evaluate(backbone)
+    assert single == pytest.approx({k: rows[6][k] for k in keys}, abs=1e-9)
+    # k=200 is clipped to the 120 images of the memory bank
+    from raysl.eval.monitor import gathered_features
+
+    bank, query = gathered_features(backbone, monitor.bank), gathered_features(backbone, monitor.query)
+    clipped = knn_metrics(bank, monitor.bank_labels, query, monitor.query_labels, [120], 0.07)
+    assert clipped["knn_top1_k120"] == single["knn_top1_k200"]
+
+
+def test_labeled_set_is_decoded_eval_resized(sets):
+    images, labels = load_labeled(str(sets / "knn"), 24)
+    assert images.shape == (150, 3, 24, 24) and images.dtype.is_floating_point is False
+    assert labels.tolist() == [lab for _, _, lab in digit_images(150)]
