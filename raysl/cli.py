@@ -70,12 +70,64 @@ def cmd_bench_step(args) -> None:
     print(json.dumps(run_from_args(args, address=args.address)))
 
 
+def cmd_tune(args) -> None:
+    from raysl.config import load_config
+    from raysl.tune.search import tune_recipe
+    from raysl.tune.space import load_space
+
+    cfg = load_config(args.recipe, args.overrides)
+    result = tune_recipe(
+        cfg, load_space(args.space), scheduler=args.scheduler, samples=args.samples, metric=args.metric, mode=args.mode,
+        search=args.search, name=args.name, storage=args.storage, resume=args.resume, max_concurrent=args.concurrent,
+        grace_steps=args.grace_steps, address=args.address,
+    )
+    print(result["table"])
+    print(json.dumps({k: result[k] for k in ("experiment_dir", "metric", "mode", "results_csv", "best_yaml", "errors")}))
+
+
 def cmd_pretrain(args) -> None:
     from raysl.config import load_config
     from raysl.train.run import pretrain
 
     cfg = load_config(args.recipe, args.overrides)
     print(json.dumps(pretrain(cfg, address=args.address, resume=args.resume)))
+
+
+def _numbers(text: str, typ, flag: str) -> list:
+    try:
+        return [typ(t) for t in _csv_list(text)]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected a comma list of {typ.__name__}s, e.g. 20,200") from None
+
+
+def cmd_eval(args) -> None:
+    from raysl.eval.run import evaluate
+
+    if args.kind == "finetune":
+        options = {k: getattr(args, k) for k in ("lr", "layer_decay", "drop_path", "mixup", "cutmix", "smoothing", "batch_size", "seed")}
+        options["epochs"] = args.epochs or 10
+    elif args.kind == "linear":
+        options = {"lrs": _numbers(args.lrs, float, "--lrs"), "epochs": args.epochs or 100, "seed": args.seed}
+    elif args.kind == "fewshot":
+        options = {"shots": _numbers(args.shots, int, "--shots"), "draws": args.draws, "seed": args.seed}
+    else:
+        options = {"ks": _numbers(args.k, int, "--k"), "temperature": args.temperature}
+    result = evaluate(args.kind, args.ckpt, args.train, args.val, options=options, backbone=args.backbone,
+                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                      image_size=args.image_size, address=args.address)
+    print(json.dumps(result))
+
+
+def cmd_export(args) -> None:
+    from raysl.eval.export import export
+
+    print(json.dumps(export(args.ckpt, args.out, shards=args.shards)))
+
+
+def cmd_report(args) -> None:
+    from raysl.eval.report import build_report
+
+    print(build_report(args.run, args.eval))
 
 
 def cmd_demo(args) -> None:
@@ -98,6 +150,59 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.001 train.num_workers=2")
     pre.add_argument("--resume", action="store_true", help="continue the run (train.name) from its latest checkpoint")
     pre.set_defaults(func=cmd_pretrain)
+
+    tu = sub.add_parser("tune", help="Ray Tune over any config key of a recipe (ASHA or PBT, optional Optuna)")
+    tu.add_argument("recipe", help="a shipped recipe name or a YAML path")
+    tu.add_argument("overrides", nargs="*", help="section.key=value, applied before the search space")
+    tu.add_argument("--space", required=True, help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}")
+    tu.add_argument("--scheduler", choices=["asha", "pbt"], default="asha")
+    tu.add_argument("--samples", type=int, default=4, help="trials (PBT: the population)")
+    tu.add_argument("--metric", default="loss", help="loss, or knn_top1 (needs eval.knn_shards)")
+    tu.add_argument("--mode", choices=["min", "max"], default=None, help="default: min for loss, max for knn_*")
+    tu.add_argument("--search", choices=["optuna"], default=None, help="Optuna TPE instead of random search (needs optuna)")
+    tu.add_argument("--concurrent", type=int, default=1, help="trials at once (each takes train.num_workers workers)")
+    tu.add_argument("--grace-steps", type=int, default=None, help="ASHA: steps before a trial can be stopped (default: a quarter)")
+    tu.add_argument("--name", default="tune", help="experiment name (a folder under --storage)")
+    tu.add_argument("--storage", default="runs", help="local dir, NFS path or bucket URI")
+    tu.add_argument("--resume", action="store_true", help="continue the experiment --storage/--name")
+    tu.set_defaults(func=cmd_tune)
+
+    ev = sub.add_parser("eval", help="evaluate a run's backbone on labeled shards: knn, linear probe, few-shot, fine-tune")
+    ev.add_argument("kind", choices=("knn", "linear", "fewshot", "finetune"))
+    ev.add_argument("--ckpt", required=True, help="a pretraining run directory (its latest checkpoint is used)")
+    ev.add_argument("--train", required=True, help="labeled shard set to fit on (memory bank for knn)")
+    ev.add_argument("--val", required=True, help="labeled shard set to score on")
+    ev.add_argument("--backbone", help="refuse the run unless it trained this timm backbone")
+    ev.add_argument("--image-size", type=int, default=0, help="eval resolution (default: the run's data.image_size, else 224)")
+    ev.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    ev.add_argument("--cpus-per-worker", type=int, default=1)
+    ev.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--k", default="20,200", help="knn: neighbour counts (comma list)")
+    ev.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
+    ev.add_argument("--lrs", default="0.01,0.1,1.0", help="linear: the lr sweep (comma list), best on --val is reported")
+    ev.add_argument("--shots", default="1,5,10", help="fewshot: labeled images per class (comma list)")
+    ev.add_argument("--draws", type=int, default=5, help="fewshot: seeded draws per shot count")
+    ev.add_argument("--epochs", type=int, default=0, help="linear (default 100) and finetune (default 10) epochs")
+    ev.add_argument("--lr", type=float, default=1e-3, help="finetune: AdamW lr per 256 images")
+    ev.add_argument("--layer-decay", type=float, default=0.75, help="finetune: layer-wise lr decay (1: none)")
+    ev.add_argument("--drop-path", type=float, default=0.1, help="finetune: DropPath rate")
+    ev.add_argument("--mixup", type=float, default=0.8, help="finetune: mixup alpha (0: off)")
+    ev.add_argument("--cutmix", type=float, default=1.0, help="finetune: cutmix alpha (0: off)")
+    ev.add_argument("--smoothing", type=float, default=0.1, help="finetune: label smoothing")
+    ev.add_argument("--batch-size", type=int, default=64, help="finetune: images per worker and step")
+    ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("export", help="a run's backbone for timm.create_model, with a model card and attributions")
+    exp.add_argument("--ckpt", required=True, help="the run directory (its latest checkpoint is exported)")
+    exp.add_argument("--out", required=True, help="folder for model.safetensors, config.json, README.md, ATTRIBUTIONS.csv")
+    exp.add_argument("--shards", help="where the training shard set lives now, if it moved since training")
+    exp.set_defaults(func=cmd_export)
+
+    rep = sub.add_parser("report", help="one self-contained HTML page of a run's numbers and pictures (RUN/report.html)")
+    rep.add_argument("run", help="the run directory")
+    rep.add_argument("--eval", help="a labeled shard set for the embedding plot and the attention samples")
+    rep.set_defaults(func=cmd_report)
 
     shards = sub.add_parser("shards", help="build and inspect image shard sets").add_subparsers(dest="shards_cmd", required=True)
     b = shards.add_parser("build", help="turn folders, WebDataset tars or img2dataset parquet into shards")

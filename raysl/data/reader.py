@@ -98,6 +98,7 @@ def read_rows(
     start: int = 0,
     window: int = 2,
     num_cpus: float = 1.0,
+    resources: dict | None = None,
 ) -> ray.data.Dataset:
     """Rows (key, image bytes, label, pos, aug_seed) of worker `rank`'s stream for `epoch`,
     starting at position `start` (rows of this stream already consumed)."""
@@ -126,7 +127,8 @@ def read_rows(
     if not items:
         raise UserError(f"start position {start} is past the end of epoch {epoch} ({first_pos} rows for worker {rank})")
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_windows, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
+    ds = ds.map_batches(_read_windows, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
+                        **({"resources": resources} if resources else {}))
     ds.context.execution_options.preserve_order = True  # the stream order is part of the contract
     return ds
 
@@ -150,15 +152,18 @@ def read_views(
     concurrency: int | None = None,
     batch_size: int = 16,
     num_cpus: float = 1.0,
+    resources: dict | None = None,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
     Rows whose image does not decode are dropped there; `pos` shows the gap.
 
     `num_cpus` is what each task reserves. Training workers that hold every CPU of a
     machine leave nothing for tasks that reserve one, so single-machine training uses
-    0 (the tasks then share the workers' cores) with a bounded `concurrency`."""
+    0 (the tasks then share the workers' cores) with a bounded `concurrency`. `resources`
+    (custom Ray resources, e.g. {"data_node": 1}) pins the tasks to the nodes that have them."""
     ds = read_rows(
-        shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window, num_cpus=num_cpus
+        shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window, num_cpus=num_cpus,
+        resources=resources,
     )
     return ds.map_batches(
         _augment,
@@ -167,6 +172,7 @@ def read_views(
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
         num_cpus=num_cpus,
+        **({"resources": resources} if resources else {}),
     )
 
 

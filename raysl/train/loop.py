@@ -17,6 +17,7 @@ from raysl.config import Config, from_dict
 from raysl.data import reader
 from raysl.data.schema import read_manifest
 from raysl.data.views import normalize, view_spec
+from raysl.eval.monitor import KnnMonitor
 from raysl.methods.base import build_method
 from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
@@ -108,9 +109,12 @@ def train_loop_per_worker(raw: dict) -> None:
     schedules = make_schedules(cfg, total, world)
     optimizer = make_optimizer(cfg, method, schedules)
     engine = initialize(method, optimizer, cfg)
+    monitor = KnnMonitor.from_config(cfg, cfg.data.image_size or spec.crops[0].size)  # online kNN, or None
 
     state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
     restored = ray.train.get_checkpoint()
+    if restored is None and raw.get("resume_from"):  # a checkpoint handed over by Tune (PBT exploit, trial restore)
+        restored = ray.train.Checkpoint(raw["resume_from"])
     if restored:
         with restored.as_directory() as d:
             state = checkpoint.load(d, engine, rank=rank, world_size=world)
@@ -129,6 +133,7 @@ def train_loop_per_worker(raw: dict) -> None:
             cfg.data.shards, spec, seed=cfg.train.seed, epoch=state["epoch"], rank=rank, world_size=world,
             start=position, window=cfg.data.shuffle_window,
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker, num_cpus=cfg.data.task_cpus,
+            resources=cfg.data.task_resources,
         )
         return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
 
@@ -157,6 +162,8 @@ def train_loop_per_worker(raw: dict) -> None:
             step_in_epoch += 1
             state["position"] = stream.position
             metrics = _global_metrics(out, state, stream.skipped, values, global_batch / (time.perf_counter() - t0))
+            if monitor and monitor.due(state["step"], total):
+                metrics.update(monitor.evaluate(method.backbone))
             if log:
                 log.log(metrics, show=state["step"] % cfg.train.log_every == 0 or state["step"] == total)
                 _report_pictures_and_collapse(out, metrics, method, run_dir)
@@ -166,6 +173,8 @@ def train_loop_per_worker(raw: dict) -> None:
                 with tempfile.TemporaryDirectory() as d:
                     checkpoint.save(d, engine, rank=rank, world_size=world, state=dict(state, skipped=state["skipped"] + stream.skipped))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            elif raw.get("report_every") and state["step"] % raw["report_every"] == 0:
+                ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
         if step_in_epoch >= steps[state["epoch"]]:
             state["skipped"] += stream.skipped
             state.update(epoch=state["epoch"] + 1, position=0)

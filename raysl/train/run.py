@@ -30,6 +30,9 @@ def validate(cfg: Config) -> None:
     from raysl.train.engine import check_config
 
     check_config(cfg)
+    from raysl.eval.monitor import check_config as check_monitor
+
+    check_monitor(cfg)  # the online kNN set is labeled and not empty
     cls = method_class(cfg.method.name)
     check_backbone_name(cfg.model.backbone)
     spec_for(cfg, cls)
@@ -49,12 +52,46 @@ def _has_checkpoints(directory: str) -> bool:
     )
 
 
-def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -> dict:
+def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume_from: str | None = None,
+                 report_every: int = 0):
+    """The TorchTrainer of a run whose directory is `out`. `callbacks` are Ray Train
+    UserCallbacks, `resume_from` a checkpoint path to start from when the run has none of
+    its own yet, `report_every` N also reports metrics (no checkpoint) every N steps;
+    raysl.tune uses these three."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raysl.runtime import init_ray
     from raysl.train.loop import train_loop_per_worker
+
+    gpus = cfg.train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_dir": out,
+            "fail_at_step": int(os.environ["RAYSL_FAIL_AT_STEP"]) if os.environ.get("RAYSL_FAIL_AT_STEP") else None,
+            "resume_from": resume_from,
+            "report_every": report_every,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **cfg.train.worker_resources
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name,
+            storage_path=os.path.dirname(out) if not _is_uri(out) else cfg.train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -> dict:
+    from raysl.runtime import init_ray
     from raysl.train.metrics import plot_curves, read_metrics
 
     validate(cfg)
@@ -68,28 +105,7 @@ def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -
         with open(os.path.join(out, "config.yaml"), "w") as f:
             f.write(cfg.to_yaml())
     print(init_ray(address, quiet=False), flush=True)
-
-    gpus = cfg.train.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "run_dir": out,
-            "fail_at_step": int(os.environ["RAYSL_FAIL_AT_STEP"]) if os.environ.get("RAYSL_FAIL_AT_STEP") else None,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=gpus > 0,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.name,
-            storage_path=os.path.dirname(out) if not _is_uri(out) else cfg.train.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-    )
-    result = trainer.fit()
+    result = make_trainer(cfg, out).fit()
     plots = plot_curves(out) if not _is_uri(out) else []
     rows = read_metrics(out) if not _is_uri(out) else []
     summary = {

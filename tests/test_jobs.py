@@ -1,0 +1,167 @@
+"""A real Ray cluster (a head node and a CPU-only data node, started with `ray start`,
+token authentication on) and the real Jobs API: `jobs/submit.py` submits a short
+pretrain through JobSubmissionClient, follows its logs, and the Ray state API shows
+that decoding/augmentation ran on the data node while the training worker held the
+other one."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from shardfactory import digit_images, write_shards
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _pids_of(marker: str) -> set[int]:
+    """Processes whose command line mentions `marker` (our cluster's temp dir), and their
+    descendants (workers forked by our raylets)."""
+    pids, parents = set(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        parents[int(entry)] = ppid
+        if marker in cmd:
+            pids.add(int(entry))
+    grew = True
+    while grew:
+        children = {p for p, pp in parents.items() if pp in pids and p not in pids}
+        grew = bool(children)
+        pids |= children
+    pids.discard(os.getpid())
+    return pids
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop only the processes of the cluster under `temp_dir` (never a global `ray stop`)."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        pids = _pids_of(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = {p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"}
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node ({"trainer_node": 2}, 2 CPUs, dashboard/job server) and a worker node
+    ({"data_node": 2}, 1 CPU) on 127.0.0.1 with their own ports and temp dir."""
+    temp_dir = tempfile.mkdtemp(prefix="raysl_c")  # short: Ray's socket paths live under it
+    token = os.path.join(temp_dir, "auth_token")
+    with open(token, "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token,
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    gcs, dash, client, *agent = _free_ports(11)
+    common = ["--node-ip-address", "127.0.0.1", "--temp-dir", os.path.join(temp_dir, "ray"), "--disable-usage-stats"]
+    head = [
+        os.path.join(BIN, "ray"), "start", "--head", "--port", str(gcs), "--num-cpus", "2",
+        "--resources", json.dumps({"trainer_node": 2}), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent[0]), "--dashboard-agent-grpc-port", str(agent[1]),
+        "--runtime-env-agent-port", str(agent[2]), "--metrics-export-port", str(agent[3]), *common,
+    ]
+    worker = [
+        os.path.join(BIN, "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+        "--resources", json.dumps({"data_node": 2}),
+        "--dashboard-agent-listen-port", str(agent[4]), "--dashboard-agent-grpc-port", str(agent[5]),
+        "--runtime-env-agent-port", str(agent[6]), "--metrics-export-port", str(agent[7]), *common,
+    ]
+    try:
+        for cmd in (head, worker):
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout}\n{run.stderr}"
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
+    finally:
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_path):
+    shards = str(tmp_path / "shards")
+    write_shards(shards, digit_images(32), shard_size=8)
+    runs = str(tmp_path / "runs")
+    placement_file = str(tmp_path / "placement.json")
+    overrides = [
+        f"data.shards={shards}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
+        "method.proj_hidden_dim=64", "method.proj_dim=32", "train.max_steps=3", "train.checkpoint_every=2",
+        "train.log_every=1", f"train.storage_path={runs}", "train.name=job",
+        # decoding/augmentation on the CPU-only data node, the training worker on the "GPU" node
+        "data.task_cpus=0.5", 'data.task_resources={"data_node": 1}', 'train.worker_resources={"trainer_node": 1}',
+    ]
+    t0 = time.monotonic()
+    job = subprocess.run(
+        [sys.executable, os.path.join(REPO, "jobs", "submit.py"), "--address", cluster["address"],
+         "--working-dir", REPO, "--runtime-env", os.path.join(REPO, "jobs", "runtime_env.yaml"),
+         "--placement", placement_file, "--timeout", "400", "--", "raysl", "pretrain", "quickstart", *overrides],
+        cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=480,
+    )
+    seconds = time.monotonic() - t0
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out
+    assert "SUCCEEDED" in job.stderr, out
+    # the job's own output came back through tail_job_logs: the loop's banner and pretrain's summary
+    assert "raysl: simclr on test_resnet, 1 worker(s), 3 steps" in job.stdout, out
+    summary = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"run_dir"')][-1])
+    assert summary["steps"] == 3 and summary["checkpoint"], summary
+    assert os.path.exists(os.path.join(summary["checkpoint"], "weights.safetensors")), summary
+
+    placement = json.loads(open(placement_file).read())
+    data_nodes = {n["node_id"] for n in placement["nodes"] if n["resources"].get("data_node")}
+    train_nodes = {n["node_id"] for n in placement["nodes"] if n["resources"].get("trainer_node")}
+    assert len(data_nodes) == 1 and len(train_nodes) == 1 and data_nodes != train_nodes, placement
+    data_tasks = {name: {n["node_id"] for n in nodes} for name, nodes in placement["tasks"].items()
+                  if "_read_windows" in name or "_augment" in name}
+    assert any("_read_windows" in n for n in data_tasks) and any("_augment" in n for n in data_tasks), placement["tasks"]
+    for name, nodes in data_tasks.items():
+        assert nodes == data_nodes, (name, nodes)
+    workers = {n["node_id"] for n in placement["actors"]["RayTrainWorker"]}
+    assert workers == train_nodes, placement["actors"]
+    print(f"\njob on a 2-node cluster: {seconds:.0f} s; data tasks {sorted(data_tasks)} on the data node, "
+          f"RayTrainWorker on the trainer node")
