@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--space", required=True, help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}")
     tu.add_argument("--scheduler", choices=["asha", "pbt"], default="asha")
     tu.add_argument("--samples", type=int, default=4, help="trials (PBT: the population)")
-    tu.add_argument("--metric", default="loss", help="loss, or knn_top1 (needs eval.knn_shards)")
+    tu.add_argument("--metric", default="loss", help="loss, val_loss (needs eval.val_shards) or knn_top1 (needs eval.knn_shards)")
     tu.add_argument("--mode", choices=["min", "max"], default=None, help="default: min for loss, max for knn_*")
     tu.add_argument("--search", choices=["optuna"], default=None, help="Optuna TPE instead of random search (needs optuna)")
     tu.add_argument("--concurrent", type=int, default=1, help="trials at once (each takes train.num_workers workers)")

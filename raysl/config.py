@@ -156,6 +156,11 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"each": _range(1)})
     knn_temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
     knn_batch_size: int = field(default=256, metadata=_range(1))
+    # Held-out SSL loss (`val_loss` in metrics.jsonl; a Tune metric): the method's own loss
+    # on `val_batches` batches of views of this shard set, every `val_every` steps.
+    val_shards: str = ""  # empty: off
+    val_every: int = field(default=100, metadata=_range(1))
+    val_batches: int = field(default=2, metadata=_range(1))
 
 
 @dataclass

@@ -262,3 +262,23 @@ def test_load_refuses_another_world_size(saved, tmp_path):
         json.dump({"step": 1, "world_size": 2}, f)
     with pytest.raises(UserError, match="train.num_workers=2"):
         checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
+
+
+def test_held_out_loss_leaves_training_untouched():
+    """val_loss runs the method's forward on held-out views, then restores its buffers
+    (BatchNorm statistics, queues, centers) and the RNG: training goes on exactly as
+    without it."""
+    from raysl.train.val_loss import held_out_loss
+
+    cfg = _cfg()
+    plain, checked = _build(cfg), _build(cfg)
+    for s in range(2):
+        assert _step(plain, cfg, s) == _step(checked, cfg, s)
+    values = {**checked[3].at(2), "step": 2}
+    held_out = [_views(cfg, 100 + i) for i in range(2)]
+    val = held_out_loss(checked[0], checked[1], held_out, values)
+    assert val == held_out_loss(checked[0], checked[1], held_out, values)  # nothing it changed carries over
+    assert 0 < val < 20
+    assert _step(checked, cfg, 2) == _step(plain, cfg, 2) and _step(checked, cfg, 3) == _step(plain, cfg, 3)
+    for a, b in zip(plain[0].module.buffers(), checked[0].module.buffers()):
+        assert torch.equal(a, b)

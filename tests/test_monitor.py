@@ -47,9 +47,13 @@ def test_monitor_config_is_checked_before_ray(sets):
 
 @pytest.mark.ray
 def test_two_worker_monitor_matches_single_process_knn(ray_local, sets):
-    run = pretrain(_cfg(sets))["run_dir"]
+    held_out = [f"eval.val_shards={sets / 'knn'}", "eval.val_every=3", "eval.val_batches=2"]
+    run = pretrain(_cfg(sets, *held_out))["run_dir"]
     rows = {r["step"]: r for r in read_metrics(run)}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    for step, row in rows.items():  # the held-out SSL loss, on its own schedule
+        assert ("val_loss" in row) == (step in (3, 6)), step
+    assert all(0 < rows[s]["val_loss"] < 20 for s in (3, 6))
     keys = {"knn_top1", "knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200"}
     for step, row in rows.items():
         assert keys.issubset(row) == (step in (3, 6)), step

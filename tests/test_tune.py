@@ -65,8 +65,12 @@ def test_space_file_errors(tmp_path):
 def test_metric_and_search_checks(tmp_path):
     cfg = load_config("quickstart")
     assert resolve_metric(cfg, "loss", None) == ("loss", "min")
-    with pytest.raises(UserError, match="--metric val_loss: not a metric the training loop reports"):
+    with pytest.raises(UserError, match="--metric val_loss: the held-out loss is off; set eval.val_shards"):
         resolve_metric(cfg, "val_loss", None)
+    held_out = load_config("quickstart", ["eval.val_shards=/somewhere"])
+    assert resolve_metric(held_out, "val_loss", None) == ("val_loss", "min")
+    with pytest.raises(UserError, match="--metric val_acc: not a metric the training loop reports"):
+        resolve_metric(cfg, "val_acc", None)
     with pytest.raises(UserError, match="eval.knn_shards"):
         resolve_metric(cfg, "knn_top1", None)
     knn = load_config("quickstart", ["eval.knn_shards=/somewhere"])

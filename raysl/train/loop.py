@@ -23,6 +23,7 @@ from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
 from raysl.train import checkpoint
 from raysl.train.engine import DTYPES, initialize
+from raysl.train.val_loss import held_out_loss
 
 
 def spec_for(cfg: Config, method_cls):
@@ -41,6 +42,13 @@ def epoch_steps(cfg: Config, world_size: int, epochs: int) -> list[int]:
         reader.steps_per_epoch(manifest, batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size)
         for e in range(epochs)
     ]
+
+
+def val_steps(cfg: Config, world_size: int) -> int:
+    """Batches of the held-out set each worker scores for val_loss (0: the set is too small)."""
+    manifest = read_manifest(cfg.eval.val_shards)
+    n = reader.steps_per_epoch(manifest, batch_size=cfg.data.batch_size, seed=cfg.train.seed, epoch=0, world_size=world_size)
+    return min(n, cfg.eval.val_batches)
 
 
 def total_steps(cfg: Config, world_size: int) -> int:
@@ -137,6 +145,20 @@ def train_loop_per_worker(raw: dict) -> None:
         )
         return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
 
+    def val_batches():
+        """The first batches of the held-out set's views: the same images at every evaluation,
+        and the same number of batches on every worker (its forward passes are collective)."""
+        n = val_steps(cfg, world)
+        ds = reader.read_views(
+            cfg.eval.val_shards, spec, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world, start=0,
+            window=cfg.data.shuffle_window, concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
+            num_cpus=cfg.data.task_cpus, resources=cfg.data.task_resources,
+        )
+        for done, batch in enumerate(reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=0)):
+            if done == n:
+                return
+            yield [normalize(torch.from_numpy(batch[f"view_{v}"]).to(device)).to(dtype) for v in range(spec.n_views)]
+
     def micro_batches():
         """The views of this step's grad_accum micro-batches, read as they are trained on."""
         nonlocal stream, it
@@ -164,6 +186,8 @@ def train_loop_per_worker(raw: dict) -> None:
             metrics = _global_metrics(out, state, stream.skipped, values, global_batch / (time.perf_counter() - t0))
             if monitor and monitor.due(state["step"], total):
                 metrics.update(monitor.evaluate(method.backbone))
+            if cfg.eval.val_shards and (state["step"] % cfg.eval.val_every == 0 or state["step"] == total):
+                metrics["val_loss"] = held_out_loss(engine, method, val_batches(), values)
             if log:
                 log.log(metrics, show=state["step"] % cfg.train.log_every == 0 or state["step"] == total)
                 _report_pictures_and_collapse(out, metrics, method, run_dir)

@@ -22,7 +22,7 @@ def validate(cfg: Config) -> None:
     from raysl.data.schema import read_manifest
     from raysl.methods.base import method_class
     from raysl.models.backbone import check_backbone_name
-    from raysl.train.loop import spec_for, total_steps
+    from raysl.train.loop import spec_for, total_steps, val_steps
 
     if not cfg.data.shards:
         raise UserError("config key data.shards is empty: point it at a shard set (raysl shards build ... --out DIR)")
@@ -36,6 +36,11 @@ def validate(cfg: Config) -> None:
     cls = method_class(cfg.method.name)
     check_backbone_name(cfg.model.backbone)
     spec_for(cfg, cls)
+    if cfg.eval.val_shards and val_steps(cfg, cfg.train.num_workers) < 1:
+        raise UserError(
+            f"config key eval.val_shards: {cfg.eval.val_shards} gives each of {cfg.train.num_workers} worker(s) fewer "
+            f"than data.batch_size = {cfg.data.batch_size} images; use a larger held-out set or a smaller batch"
+        )
     if total_steps(cfg, cfg.train.num_workers) < 1:
         raise UserError(
             f"data.shards gives each of {cfg.train.num_workers} worker(s) fewer than data.batch_size x "

@@ -46,9 +46,14 @@ def resolve_metric(cfg: Config, metric: str, mode: str | None) -> tuple[str, str
         default_mode = "max"
     elif metric == "loss":
         default_mode = "min"
+    elif metric == "val_loss":
+        if not cfg.eval.val_shards:
+            raise UserError(f"--metric {metric}: the held-out loss is off; set eval.val_shards to a shard set kept out of training")
+        default_mode = "min"
     else:
         raise UserError(
-            f"--metric {metric}: not a metric the training loop reports; use loss, or knn_top1 with eval.knn_shards set"
+            f"--metric {metric}: not a metric the training loop reports; use loss, val_loss with eval.val_shards "
+            "set, or knn_top1 with eval.knn_shards set"
         )
     mode = mode or default_mode
     if mode not in ("min", "max"):
@@ -148,7 +153,7 @@ class RecipeTrial(Trainable):
                 self._last_checkpoint = checkpoint
             if self._metric in metrics:
                 self._last_metric = metrics[self._metric]
-            elif self._last_metric is not None:  # the kNN monitor reports every eval.knn_every steps: carry it
+            elif self._last_metric is not None:  # kNN / val_loss come every eval.*_every steps: carry them
                 metrics[self._metric] = self._last_metric
             else:
                 continue  # nothing to rank this trial on yet
@@ -266,6 +271,8 @@ def tune_recipe(
             raise UserError(f"--resume: {exp_dir} has no Tune experiment to continue")
     if metric.startswith("knn_"):
         report_every = cfg.eval.knn_every
+    elif metric == "val_loss":
+        report_every = cfg.eval.val_every
     else:
         report_every = cfg.train.log_every
     if scheduler == "pbt":
