@@ -77,13 +77,16 @@ def load_backbone(run_dir: str, *, expect_backbone: str | None = None, img_size:
         raise UserError(f"--ckpt {run_dir}: its checkpoint holds no backbone.* weights")
     if any(k.startswith("pos_embed") for k in weights) and hasattr(backbone, "pos_embed"):
         weights = _resize_pos_embed(weights, backbone)
-    missing, unexpected = backbone.load_state_dict(weights, strict=False)
-    wrong = [k for k, v in weights.items() if k in backbone.state_dict() and backbone.state_dict()[k].shape != v.shape]
-    if missing or unexpected or wrong:
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
+    if missing or unexpected or wrong:  # checked first: load_state_dict raises a bare RuntimeError on shapes
         raise UserError(
             f"--ckpt {run_dir}: the weights do not fit a {name!r} backbone "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); was config.yaml edited?"
         )
+    backbone.load_state_dict(weights)
     return backbone, cfg, step
 
 

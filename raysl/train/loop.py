@@ -136,28 +136,29 @@ def train_loop_per_worker(raw: dict) -> None:
         print(f"raysl: {cfg.method.name} on {cfg.model.backbone}, {world} worker(s), {total} steps, "
               f"global batch {global_batch}, starting at step {state['step']}", flush=True)
 
-    def batches_from(position: int):
+    def view_batches(shards: str, epoch: int, position: int):
         ds = reader.read_views(
-            cfg.data.shards, spec, seed=cfg.train.seed, epoch=state["epoch"], rank=rank, world_size=world,
+            shards, spec, seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world,
             start=position, window=cfg.data.shuffle_window,
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker, num_cpus=cfg.data.task_cpus,
             resources=cfg.data.task_resources,
         )
         return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
 
+    def batches_from(position: int):
+        return view_batches(cfg.data.shards, state["epoch"], position)
+
+    def to_views(batch) -> list[torch.Tensor]:
+        return [normalize(torch.from_numpy(batch[f"view_{v}"]).to(device)).to(dtype) for v in range(spec.n_views)]
+
     def val_batches():
         """The first batches of the held-out set's views: the same images at every evaluation,
         and the same number of batches on every worker (its forward passes are collective)."""
         n = val_steps(cfg, world)
-        ds = reader.read_views(
-            cfg.eval.val_shards, spec, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world, start=0,
-            window=cfg.data.shuffle_window, concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
-            num_cpus=cfg.data.task_cpus, resources=cfg.data.task_resources,
-        )
-        for done, batch in enumerate(reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=0)):
+        for done, batch in enumerate(view_batches(cfg.eval.val_shards, 0, 0)):
             if done == n:
                 return
-            yield [normalize(torch.from_numpy(batch[f"view_{v}"]).to(device)).to(dtype) for v in range(spec.n_views)]
+            yield to_views(batch)
 
     def micro_batches():
         """The views of this step's grad_accum micro-batches, read as they are trained on."""
@@ -170,7 +171,7 @@ def train_loop_per_worker(raw: dict) -> None:
                 stream = batches_from(0)
                 it = iter(stream)
                 batch = next(it)
-            yield [normalize(torch.from_numpy(batch[f"view_{i}"]).to(device)).to(dtype) for i in range(spec.n_views)]
+            yield to_views(batch)
 
     while state["step"] < total:
         stream = batches_from(state["position"])
