@@ -44,6 +44,13 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
     contact_sheet(shards, grid, samples=32)
     print(f"contact sheet -> {grid}")
 
+    _step("A real labeled set for evaluation: scikit-learn's handwritten digits -> labeled shards")
+    digits = {}
+    for split, (folder, labels) in demo_images.write_digits(os.path.join(out, "digits")).items():
+        digits[split] = os.path.join(out, f"digits_{split}_shards")
+        m = build_shards([folder], digits[split], shard_size=1000, metadata=labels, overwrite=True)
+        print(f"{split}: {m.written:,} labeled images in {len(m.shards)} shard(s) -> {digits[split]}")
+
     _step("Streaming DINO multi-crop views (2x224 + 8x96) through Ray Data")
     spec = view_spec("dino")
     t0 = time.perf_counter()
@@ -69,6 +76,8 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
     shutil.rmtree(os.path.join(out, "runs", "demo"), ignore_errors=True)  # the demo always trains from scratch
     run = pretrain(cfg)
     print(f"run directory: {run['run_dir']} (metrics.jsonl, loss.png, lr.png, checkpoints)")
+    print(f"evaluate it on the labeled digits: raysl eval knn --ckpt {run['run_dir']} "
+          f"--train {digits['train']} --val {digits['val']}")
 
     result = {"images_written": manifest.written, "skipped": sum(manifest.skipped.values()), "shards": len(manifest.shards),
               "views_per_image": spec.n_views, "images_streamed": seen, "train_steps": run["steps"],

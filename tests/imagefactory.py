@@ -49,6 +49,12 @@ def sixteen_bit_png() -> bytes:
     return encode(Image.fromarray(grey), "PNG")  # uint16 array -> I;16
 
 
+def red_then_blue_gif() -> bytes:
+    """A 16x16 two-frame GIF: the first frame solid red, the second solid blue."""
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
 def good_files() -> dict[str, bytes]:
     """name -> bytes of images that must be kept."""
     img = photo()
@@ -77,4 +83,6 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "corrupt"),
         "notes.jpg": (b"these are meeting notes, not an image\n" * 20, "not_image"),
         "bomb.png": (huge_png_header(), "too_large"),
+        # a real image in a format PIL reads but shards do not take (PPM), behind an image extension
+        "portable.png": (encode(photo(), "PPM"), "unsupported_format"),
     }

@@ -14,8 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagefactory import bad_files, encode, good_files, photo
+import numpy as np
+
+from imagefactory import bad_files, encode, good_files, photo, red_then_blue_gif
 from raysl.data import build
+from raysl.data.decode import decode_rgb
 from raysl.data.metadata import read_rows
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, read_manifest, shard_paths
 from raysl.errors import UserError
@@ -49,16 +52,19 @@ def folder(tmp_path_factory, ray_local):
     for name, (data, _) in bad_files().items():
         files[f"sub/{name}"] = data
     files["aaa_copy.jpg"] = good_files()["good.jpg"]  # sorts before good.jpg: it is the one kept
+    files["frames.gif"] = red_then_blue_gif()
+    files["sub/broken.tar"] = b"not a tar archive at all" * 40  # a tar that cannot be read: "unreadable"
     for name, data in files.items():
         _write(str(src / name), data)
     _write(str(src / "README.txt"), b"not an input")
     _write(str(src / "sub" / "labels.md"), b"not an input either")
     meta = tmp / "meta.csv"
     meta.write_text(
-        "path,license,attribution,label,extra\n"
-        "good.webp,CC-BY-4.0,Ann,1,ignored\n"  # relative to the SRC
-        f"{src / 'rotated.jpg'},CC0-1.0,,2,\n"  # absolute
-        "missing.jpg,CC0-1.0,,,\n"  # matches nothing
+        "path,key,license,attribution,label,source,extra\n"
+        "good.webp,,CC-BY-4.0,Ann,1,,ignored\n"  # by path, relative to the SRC
+        f"{src / 'rotated.jpg'},,CC0-1.0,,2,,\n"  # by absolute path
+        "missing.jpg,,CC0-1.0,,,,\n"  # matches nothing
+        ",imgs/good.bmp,CC0-1.0,Bob,3,https://example.org/good.bmp,\n"  # by key, with a source
     )
     out = str(tmp / "out")
     manifest = build.build_shards([str(src)], out, shard_size=4, metadata=str(meta))
@@ -67,14 +73,15 @@ def folder(tmp_path_factory, ray_local):
 
 def test_folder_round_trip_keeps_bytes_exactly(folder):
     rows = folder["rows"]
-    want = {f"imgs/{n}" for n in good_files()} | {"imgs/aaa_copy.jpg"}
+    want = {f"imgs/{n}" for n in good_files()} | {"imgs/aaa_copy.jpg", "imgs/frames.gif"}
     want -= {"imgs/good.jpg", "imgs/png_named.jpg"}  # duplicates of aaa_copy.jpg and good.png
     assert set(rows) == want
     for key, r in rows.items():
         data = folder["files"][key.split("/", 1)[1]]
         assert r["image"] == data
         assert r["sha256"] == hashlib.sha256(data).hexdigest()
-        assert r["source"] == os.path.join(folder["src"], key.split("/", 1)[1])
+        if key != "imgs/good.bmp":  # its source comes from the metadata
+            assert r["source"] == os.path.join(folder["src"], key.split("/", 1)[1])
     assert rows["imgs/good.png"]["format"] == "png"
     assert rows["imgs/anim.gif"]["format"] == "gif"
     assert rows["imgs/good.tiff"]["format"] == "tiff"
@@ -89,6 +96,7 @@ def test_folder_counts_every_skip_reason(folder):
     for _, reason in bad_files().values():
         want[reason] += 1
     want["duplicate"] = 2
+    want["unreadable"] = 1  # sub/broken.tar
     assert m.skipped == want
     assert m.ignored_files == 2
     assert m.written == m.rows == len(folder["rows"])
@@ -113,8 +121,51 @@ def test_folder_metadata_join(folder):
     assert rows["imgs/good.webp"]["label"] == 1
     assert (rows["imgs/rotated.jpg"]["license"], rows["imgs/rotated.jpg"]["label"]) == ("CC0-1.0", 2)
     assert rows["imgs/good.png"]["license"] == "" and rows["imgs/good.png"]["label"] is None
-    assert m.licenses == {"": len(rows) - 2, "CC-BY-4.0": 1, "CC0-1.0": 1}
+    r = rows["imgs/good.bmp"]  # a CSV row keyed by key
+    assert (r["license"], r["attribution"], r["label"], r["source"]) == ("CC0-1.0", "Bob", 3, "https://example.org/good.bmp")
+    assert m.licenses == {"": len(rows) - 3, "CC-BY-4.0": 1, "CC0-1.0": 2}
     assert m.metadata_unmatched == 1
+
+
+def test_folder_gif_keeps_its_first_frame(folder):
+    r = folder["rows"]["imgs/frames.gif"]
+    assert (r["format"], r["width"], r["height"], r["image"]) == ("gif", 16, 16, red_then_blue_gif())
+    assert np.asarray(decode_rgb(r["image"])).reshape(-1, 3).mean(0).tolist() == [255, 0, 0]
+
+
+# ---------------------------------------------------------------- --max-pixels, JSONL by path
+
+
+@pytest.fixture(scope="module")
+def limits(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("limits")
+    src = tmp / "lim"
+    for name, size in (("big.png", 96), ("mid.jpg", 60), ("small.png", 48)):
+        _write(str(src / name), encode(photo(size), "JPEG" if name.endswith("jpg") else "PNG"))
+    meta = tmp / "meta.jsonl"
+    meta.write_text("\n".join(json.dumps(r) for r in [
+        {"path": "small.png", "source": "https://example.org/small", "license": "CC0-1.0"},  # relative path
+        {"path": str(src / "mid.jpg"), "label": 4, "attribution": "Cy"},  # absolute path
+        {"path": "big.png", "license": "CC0-1.0"},  # joined, then dropped as too large
+    ]) + "\n")
+    out = str(tmp / "out")
+    manifest = build.build_shards([str(src)], out, metadata=str(meta), max_pixels=80 * 60)  # mid.jpg is 80x60
+    return dict(src=str(src), manifest=manifest, rows=_rows(out))
+
+
+def test_custom_max_pixels_drops_bigger_images(limits):
+    m = limits["manifest"]
+    assert set(limits["rows"]) == {"lim/mid.jpg", "lim/small.png"}
+    assert m.skipped == {**{reason: 0 for reason in SKIP_REASONS}, "too_large": 1}
+    assert "too_large 1" in build.format_summary(m)
+
+
+def test_jsonl_metadata_by_path_joins_source(limits):
+    rows, m = limits["rows"], limits["manifest"]
+    small, mid = rows["lim/small.png"], rows["lim/mid.jpg"]
+    assert (small["source"], small["license"], small["label"]) == ("https://example.org/small", "CC0-1.0", None)
+    assert (mid["source"], mid["attribution"], mid["label"]) == (os.path.join(limits["src"], "mid.jpg"), "Cy", 4)
+    assert m.licenses == {"": 1, "CC0-1.0": 1} and m.metadata_unmatched == 0
 
 
 # ---------------------------------------------------------------- WebDataset tar + parquet
@@ -270,3 +321,25 @@ def test_metadata_rows_ignore_unknown_columns(tmp_path):
     assert read_rows(str(tmp_path / "m.csv")) == [(2, {"key": "a/x.png", "license": "CC0", "label": 3})]
     with pytest.raises(UserError, match="m2.csv: metadata file not found"):
         read_rows(str(tmp_path / "m2.csv"))
+
+
+@pytest.mark.parametrize("case", ["missing_src", "unwritable_out", "bad_metadata"])
+def test_cli_checks_src_out_and_metadata_before_starting_ray(tmp_path, monkeypatch, capsys, case):
+    import raysl.runtime
+    from raysl import cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the arguments were checked")
+
+    monkeypatch.setattr(raysl.runtime, "init_ray", no_ray)
+    _write(str(tmp_path / "imgs" / "x.png"), encode(photo(), "PNG"))
+    _write(str(tmp_path / "afile"), b"")
+    (tmp_path / "m.csv").write_text("path,label\nx.png,cat\n")
+    argv = {
+        "missing_src": [str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")],
+        "unwritable_out": [str(tmp_path / "imgs"), "--out", str(tmp_path / "afile" / "out")],
+        "bad_metadata": [str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--metadata", str(tmp_path / "m.csv")],
+    }[case]
+    assert cli.main(["shards", "build", *argv]) == 2
+    err = capsys.readouterr().err
+    assert {"missing_src": "nowhere", "unwritable_out": "afile", "bad_metadata": "m.csv:2"}[case] in err

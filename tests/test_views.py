@@ -1,5 +1,6 @@
 """Views: real images in, uint8 crops out; deterministic per aug_seed; no Ray needed."""
 
+import io
 import logging
 import math
 import os
@@ -276,3 +277,168 @@ def test_views_from_imagefactory_formats():
     out = V.ViewTransform(V.view_spec("byol"))(batch_of(list(files.values())))
     assert out["view_1"].shape == (len(files), 3, 224, 224)
 
+
+
+# ---------------------------------------------------------------- recipe keys (data.*) -> views
+
+
+def _spec(method: str, *overrides: str):
+    from raysl.config import load_config
+    from raysl.methods.base import method_class
+    from raysl.train.loop import spec_for
+
+    cfg = load_config("quickstart", [f"method.name={method}", "data.views=", "data.image_size=0", *overrides])
+    return spec_for(cfg, method_class(method))
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3", "byol", "barlowtwins", "vicreg", "swav", "dino", "mae"])
+def test_recipe_defaults_keep_the_presets(method):
+    from raysl.methods.base import method_class
+
+    assert _spec(method) == V.PRESETS[method_class(method).default_views]
+
+
+def test_recipe_crop_keys_change_the_views():
+    s = _spec("dino", "data.global_crops=3", "data.global_scale=[0.5, 1.0]", "data.local_crops=4",
+              "data.local_size=64", "data.local_scale=[0.1, 0.3]", "data.image_size=160")
+    assert [c.size for c in s.per_view()] == [160] * 3 + [64] * 4
+    assert [c.scale for c in s.per_view()] == [(0.5, 1.0)] * 3 + [(0.1, 0.3)] * 4
+    out = V.ViewTransform(s)(batch_of(PHOTOS[:2]))
+    assert out["view_2"].shape == (2, 3, 160, 160) and out["view_6"].shape == (2, 3, 64, 64) and "view_7" not in out
+    swav = _spec("swav", "data.local_crops=2", "data.local_size=48")
+    assert [c.size for c in swav.per_view()] == [224, 224, 48, 48]
+    assert [c.scale for c in swav.per_view()] == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 2
+    mae = _spec("mae", "data.views=mae_medical", "data.global_scale=[0.6, 1.0]")  # the MAE crop-scale range
+    assert mae.n_views == 1 and mae.crops[0].scale == (0.6, 1.0)
+    assert _spec("simclr", "data.global_scale=[0.3, 0.9]").crops[0].scale == (0.3, 0.9)
+    assert _spec("dino", "data.global_crops=1").n_views == 9  # one global crop + the 8 locals
+
+
+@pytest.mark.parametrize(
+    "method, override, key",
+    [
+        ("simclr", "data.global_crops=3", "data.global_crops"),  # two-view methods need exactly 2
+        ("byol", "data.global_crops=1", "data.global_crops"),
+        ("simclr", "data.views=mae", "data.views"),
+        ("simclr", "data.local_crops=4", "data.local_crops"),  # a two-view method never uses local crops
+        ("mocov2", "data.local_size=64", "data.local_size"),
+        ("mae", "data.global_crops=2", "data.global_crops"),
+        ("mae", "data.local_scale=[0.1, 0.2]", "data.local_scale"),
+        ("swav", "data.global_crops=1", "data.global_crops"),  # codes come from the first two crops
+        ("dino", "data.global_crops=0", "data.global_crops"),
+        ("dino", "data.local_size=224", "data.local_size"),  # DINO tells global from local by size
+        ("swav", "data.global_scale=[0.5]", "data.global_scale"),
+        ("swav", "data.global_scale=[0.9, 0.4]", "data.global_scale"),
+        ("swav", "data.local_scale=[0.0, 0.4]", "data.local_scale"),
+        ("swav", "data.local_scale=[0.1, 1.5]", "data.local_scale"),
+        ("dino", "data.local_scale=0.3", "data.local_scale"),
+        ("dino", "data.local_size=4", "data.local_size"),
+        ("dino", "data.image_size=6", "data.image_size"),
+        ("dino", "data.global_crops=-2", "data.global_crops"),
+        ("swav", "data.views=simsiam", "data.views"),
+    ],
+)
+def test_bad_recipe_crop_keys_name_the_key(method, override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        _spec(method, override)
+
+
+def test_dino_needs_a_second_crop():
+    with pytest.raises(UserError, match=r"data\.local_crops"):
+        _spec("dino", "data.global_crops=1", "data.local_crops=0")
+    with pytest.raises(UserError, match=r"data\.local_size.*no local crops"):
+        _spec("swav", "data.local_crops=0", "data.local_size=64")
+
+
+# ---------------------------------------------------------------- decoding: pixels, not just sizes
+
+
+def _solid_halves(w: int = 64, h: int = 32) -> Image.Image:
+    """Landscape image: top half red, bottom half blue."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2] = (255, 0, 0)
+    a[h // 2 :] = (0, 0, 255)
+    return Image.fromarray(a)
+
+
+def _is(pixels: np.ndarray, rgb, tol: int = 40) -> bool:
+    return bool(np.abs(pixels.reshape(-1, 3).mean(0) - np.asarray(rgb)).max() < tol)
+
+
+@pytest.mark.parametrize("orientation, red_side", [(6, "right"), (8, "left"), (3, "bottom"), (1, "top")])
+def test_exif_rotated_jpeg_decodes_upright(orientation, red_side):
+    from raysl.data.decode import probe
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = imagefactory.encode(_solid_halves(), "JPEG", quality=95, exif=exif.tobytes())
+    img = decode_rgb(data)
+    a = np.asarray(img)
+    assert img.mode == "RGB" and img.size == ((32, 64) if orientation in (6, 8) else (64, 32))
+    assert (probe(data).width, probe(data).height) == img.size  # the shard's width/height agree
+    h, w = a.shape[:2]
+    halves = {"top": (a[: h // 2 - 2], a[h // 2 + 2 :]), "bottom": (a[h // 2 + 2 :], a[: h // 2 - 2]),
+              "left": (a[:, : w // 2 - 2], a[:, w // 2 + 2 :]), "right": (a[:, w // 2 + 2 :], a[:, : w // 2 - 2])}
+    red, blue = halves[red_side]
+    assert _is(red, (255, 0, 0)) and _is(blue, (0, 0, 255))
+
+
+def test_sixteen_bit_png_is_rescaled_to_8_bit():
+    a = np.array([[0, 257 * 100, 65535, 257 * 37, 128, 129]] * 2, dtype=np.uint16)
+    img = decode_rgb(imagefactory.encode(Image.fromarray(a), "PNG"))
+    out = np.asarray(img)
+    assert img.mode == "RGB" and out.dtype == np.uint8
+    assert out[0, :, 0].tolist() == [0, 100, 255, 37, 0, 1]  # v * 255 / 65535, rounded
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    # the factory's 16-bit photo: same picture as its 8-bit grey version
+    grey = np.asarray(imagefactory.photo().convert("L"))
+    assert np.array_equal(np.asarray(decode_rgb(imagefactory.sixteen_bit_png()))[..., 0], grey)
+
+
+def test_transparency_is_composited_onto_white():
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[0, 1] = (0, 255, 0, 0)  # invisible green: must not show
+    rgba[0, 2] = (0, 0, 255, 128)  # half-transparent blue over white
+    rgba[1] = (10, 20, 30, 0)
+    out = np.asarray(decode_rgb(imagefactory.encode(Image.fromarray(rgba, "RGBA"), "PNG"))).astype(int)
+    assert out[0, 0].tolist() == [255, 0, 0]
+    assert out[0, 1].tolist() == [255, 255, 255] and (out[1] == 255).all()
+    assert np.abs(out[0, 2] - [127, 127, 255]).max() <= 2
+    # palette with a transparent index, and grey + alpha
+    pal = Image.new("P", (4, 1))
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * (256 * 3 - 6))
+    pal.putdata([0, 1, 1, 0])
+    out = np.asarray(decode_rgb(imagefactory.encode(pal, "PNG", transparency=0)))
+    assert out[0].tolist() == [[255, 255, 255], [200, 0, 0], [200, 0, 0], [255, 255, 255]]
+    la = Image.fromarray(np.array([[[50, 255], [50, 0]]], np.uint8), "LA")
+    assert np.asarray(decode_rgb(imagefactory.encode(la, "PNG")))[0].tolist() == [[50, 50, 50], [255, 255, 255]]
+
+
+def test_cmyk_and_grey_jpegs_come_out_rgb():
+    for mode in ("CMYK", "L"):
+        src = Image.new("RGB", (32, 32), (255, 0, 0) if mode == "CMYK" else (90, 90, 90)).convert(mode)
+        img = decode_rgb(imagefactory.encode(src, "JPEG", quality=95))
+        assert img.mode == "RGB"
+        assert _is(np.asarray(img), (255, 0, 0) if mode == "CMYK" else (90, 90, 90), tol=8)
+
+
+def test_gif_decodes_its_first_frame():
+    data = imagefactory.red_then_blue_gif()
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    assert _is(np.asarray(decode_rgb(data)), (255, 0, 0), tol=1)
+
+
+def test_probe_reasons():
+    from raysl.data.decode import DecodeError, probe
+
+    cases = {**{name: reason for name, (_, reason) in imagefactory.bad_files().items()}}
+    files = {name: data for name, (data, _) in imagefactory.bad_files().items()}
+    for name, reason in cases.items():
+        with pytest.raises(DecodeError) as exc:
+            probe(files[name])
+        assert exc.value.reason == reason, name
+    with pytest.raises(DecodeError) as exc:  # a custom --max-pixels
+        probe(imagefactory.encode(imagefactory.photo(), "PNG"), max_pixels=128 * 96 - 1)
+    assert exc.value.reason == "too_large"
+    assert probe(imagefactory.encode(imagefactory.photo(), "PNG"), max_pixels=128 * 96).width == 128

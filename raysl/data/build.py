@@ -21,6 +21,7 @@ import os
 import posixpath
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 
 import PIL.Image
 import pyarrow as pa
@@ -31,7 +32,7 @@ import ray
 
 from raysl.data import decode
 from raysl.data.metadata import load_metadata
-from raysl.data.sources import Item, list_inputs, read_ref
+from raysl.data.sources import Inputs, Item, list_inputs, read_ref
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, Manifest, filesystem_and_path, write_manifest
 from raysl.errors import UserError
 
@@ -174,7 +175,25 @@ def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manif
     fs.delete_dir(posixpath.join(root, STAGING))
 
 
-def build_shards(
+@dataclass
+class BuildPlan:
+    """Everything `plan_build` checked and found on the driver, before any Ray work."""
+
+    out: str
+    inputs: Inputs
+    meta: dict
+    meta_rows: int
+    fs: pafs.FileSystem
+    root: str
+    shard_size: int
+    metadata: str | None
+    allow: set[str] | None
+    min_side: int
+    max_pixels: int
+    dedup: bool
+
+
+def plan_build(
     sources: list[str],
     out: str,
     *,
@@ -185,8 +204,10 @@ def build_shards(
     max_pixels: int = PIL.Image.MAX_IMAGE_PIXELS,
     dedup: bool = True,
     overwrite: bool = False,
-) -> Manifest:
-    """Build a shard set in `out` from image folders, WebDataset tars and parquet files."""
+) -> BuildPlan:
+    """Check the arguments, list the inputs, read the metadata and make `out` ready, all on
+    the driver and without Ray: a missing SRC, a bad metadata row or an unwritable --out is
+    a UserError before any Ray job starts (or before Ray itself does, see cli)."""
     if shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if not sources:
@@ -194,8 +215,22 @@ def build_shards(
     inputs = list_inputs(sources, exclude=out)
     meta, meta_rows = load_metadata(metadata, inputs.roots, inputs.file_keys) if metadata else ({}, 0)
     fs, root = _prepare_out(out, overwrite)
-    staging = f"{out.rstrip('/')}/{STAGING}"
     allow = {lic.strip().lower() for lic in licenses} if licenses else None
+    return BuildPlan(out, inputs, meta, meta_rows, fs, root, shard_size, metadata, allow, min_side, max_pixels, dedup)
+
+
+def build_shards(sources: list[str], out: str, **options) -> Manifest:
+    """Build a shard set in `out` from image folders, WebDataset tars and parquet files.
+    Options are those of `plan_build`."""
+    return run_build(plan_build(sources, out, **options))
+
+
+def run_build(plan: BuildPlan) -> Manifest:
+    """The Ray Data job of a checked plan; writes the shards and, last, manifest.json."""
+    out, inputs, meta, meta_rows, fs, root = plan.out, plan.inputs, plan.meta, plan.meta_rows, plan.fs, plan.root
+    shard_size, metadata, allow, dedup = plan.shard_size, plan.metadata, plan.allow, plan.dedup
+    min_side, max_pixels = plan.min_side, plan.max_pixels
+    staging = f"{out.rstrip('/')}/{STAGING}"
 
     # one block per reference, except plain files, which go in blocks of up to 64
     refs = inputs.refs

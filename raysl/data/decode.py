@@ -104,10 +104,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":
-        # 16-bit and 32-bit grey: PIL's convert() would clip to 255, so rescale.
+        # 16-bit and 32-bit grey: PIL's convert() would clip to 255, so rescale (rounding:
+        # 16-bit v * 257 comes back as exactly v). Float images in [0, 1] are scaled by 255.
         a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        a = np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8)
+        top = a.max(initial=0)
+        if mode.startswith("I;16") or top > 255:
+            hi = 65535.0
+        elif mode == "F" and top <= 1.0:
+            hi = 1.0
+        else:
+            hi = 255.0
+        a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
         # Composite transparent pixels onto white instead of keeping whatever colour

@@ -72,25 +72,38 @@ def copy_pool(out_dir: str) -> str:
     return images
 
 
-def write_digits(out_dir: str, *, size: int = 32) -> str:
-    """scikit-learn's 1,797 real handwritten digits (8x8, 10 classes) as PNG files in
-    out_dir/digits plus out_dir/digits.csv with their labels: a labeled eval set."""
+def write_digits(out_dir: str, *, size: int = 32, val_every: int = 5, limit: int | None = None) -> dict[str, tuple[str, str]]:
+    """scikit-learn's 1,797 real handwritten digits (8x8, 10 classes, upscaled to `size`)
+    as PNG files: a labeled evaluation set. Every `val_every`-th digit goes to the
+    validation split. Writes out_dir/digits_{train,val}/NNNN.png and, next to each folder,
+    digits_{train,val}.csv (path, label, license, attribution) for `--metadata`.
+    `limit` keeps only the first digits (tests). Returns {"train": (folder, csv), "val": (folder, csv)}."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    folder = os.path.join(out_dir, "digits")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(out_dir, "digits.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "license", "attribution"])
-        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+    splits = {}
+    for split in ("train", "val"):
+        folder = os.path.join(out_dir, f"digits_{split}")
+        os.makedirs(folder, exist_ok=True)
+        splits[split] = (folder, os.path.join(out_dir, f"digits_{split}.csv"))
+    files = {split: open(csv_path, "w", newline="") for split, (_, csv_path) in splits.items()}
+    try:
+        writers = {split: csv.writer(f) for split, f in files.items()}
+        for w in writers.values():
+            w.writerow(["path", "label", "license", "attribution"])
+        for i, (pixels, label) in enumerate(zip(digits.images[:limit], digits.target[:limit])):
+            split = "val" if i % val_every == val_every - 1 else "train"
             img = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
-            path = os.path.join(folder, f"{i:04d}.png")
+            path = os.path.join(splits[split][0], f"{i:04d}.png")
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             with open(path, "wb") as g:
                 g.write(buf.getvalue())
-            w.writerow([os.path.abspath(path), int(label), "cc-by-4.0", "UCI ML hand-written digits, via scikit-learn"])
-    return folder
+            writers[split].writerow([os.path.abspath(path), int(label), "cc-by-4.0",
+                                     "UCI ML hand-written digits, via scikit-learn"])
+    finally:
+        for f in files.values():
+            f.close()
+    return splits
