@@ -14,11 +14,11 @@ def _csv_list(text: str) -> list[str]:
 
 
 def cmd_shards_build(args) -> None:
-    from raysl.data.build import build_shards, format_summary
+    from raysl.data.build import format_summary, plan_build, run_build
     from raysl.runtime import init_ray
 
-    print(init_ray(args.address), file=sys.stderr)
-    manifest = build_shards(
+    # SRC, --metadata and --out are checked before Ray starts: a mistake costs no cluster start-up
+    plan = plan_build(
         args.src,
         args.out,
         shard_size=args.shard_size,
@@ -29,6 +29,8 @@ def cmd_shards_build(args) -> None:
         dedup=not args.no_dedup,
         overwrite=args.overwrite,
     )
+    print(init_ray(args.address), file=sys.stderr)
+    manifest = run_build(plan)
     print(format_summary(manifest))
 
 
@@ -136,22 +138,33 @@ def cmd_demo(args) -> None:
     run_demo(args.out, address=args.address)
 
 
+_ADDRESS_HELP = "Ray cluster to join, e.g. auto or ray://host:10001 (default: $RAY_ADDRESS, else a local Ray)"
+
+
+def _ray_command(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A subcommand that starts or joins Ray also takes --address after its name
+    (`raysl pretrain R --address auto`). SUPPRESS keeps a top-level
+    `raysl --address auto pretrain R` from being overwritten with None."""
+    parser.add_argument("--address", default=argparse.SUPPRESS, help=_ADDRESS_HELP)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysl", description=__doc__)
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", default=None, help=_ADDRESS_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="build shards from real bundled images and stream views through Ray Data")
+    demo = _ray_command(sub.add_parser("demo", help="build shards from real bundled images and stream views through Ray Data"))
     demo.add_argument("--out", default="demo_out", help="folder for the demo's images, shards and pictures")
     demo.set_defaults(func=cmd_demo)
 
-    pre = sub.add_parser("pretrain", help="self-supervised pretraining from a recipe on Ray Train + DeepSpeed")
+    pre = _ray_command(sub.add_parser("pretrain", help="self-supervised pretraining from a recipe on Ray Train + DeepSpeed"))
     pre.add_argument("recipe", help="a shipped recipe name (e.g. quickstart) or a YAML path")
     pre.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.001 train.num_workers=2")
     pre.add_argument("--resume", action="store_true", help="continue the run (train.name) from its latest checkpoint")
     pre.set_defaults(func=cmd_pretrain)
 
-    tu = sub.add_parser("tune", help="Ray Tune over any config key of a recipe (ASHA or PBT, optional Optuna)")
+    tu = _ray_command(sub.add_parser("tune", help="Ray Tune over any config key of a recipe (ASHA or PBT, optional Optuna)"))
     tu.add_argument("recipe", help="a shipped recipe name or a YAML path")
     tu.add_argument("overrides", nargs="*", help="section.key=value, applied before the search space")
     tu.add_argument("--space", required=True, help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}")
@@ -167,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--resume", action="store_true", help="continue the experiment --storage/--name")
     tu.set_defaults(func=cmd_tune)
 
-    ev = sub.add_parser("eval", help="evaluate a run's backbone on labeled shards: knn, linear probe, few-shot, fine-tune")
+    ev = _ray_command(sub.add_parser("eval", help="evaluate a run's backbone on labeled shards: knn, linear probe, few-shot, fine-tune"))
     ev.add_argument("kind", choices=("knn", "linear", "fewshot", "finetune"))
     ev.add_argument("--ckpt", required=True, help="a pretraining run directory (its latest checkpoint is used)")
     ev.add_argument("--train", required=True, help="labeled shard set to fit on (memory bank for knn)")
@@ -205,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     shards = sub.add_parser("shards", help="build and inspect image shard sets").add_subparsers(dest="shards_cmd", required=True)
-    b = shards.add_parser("build", help="turn folders, WebDataset tars or img2dataset parquet into shards")
+    b = _ray_command(shards.add_parser("build", help="turn folders, WebDataset tars or img2dataset parquet into shards"))
     b.add_argument("src", nargs="+", help="image folders, .tar files or .parquet files")
     b.add_argument("--out", required=True, help="output shard directory")
     b.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
@@ -224,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
-    bd = bsub.add_parser("data", help="raysl view pipeline vs a plain DataLoader + torchvision")
+    bd = _ray_command(bsub.add_parser("data", help="raysl view pipeline vs a plain DataLoader + torchvision"))
     bd.add_argument("--shards", required=True)
     bd.add_argument("--views", default="dino")
     bd.add_argument("--workers", type=int, default=2)
@@ -234,12 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     bo = bsub.add_parser("optim", help="optimizer state bytes/param: fp32 AdamW vs AdamW8bit")
     bo.add_argument("--model", default="vit_base_patch16_224")
     bo.set_defaults(func=cmd_bench_optim)
-    bm = bsub.add_parser("methods", help="each SSL method: short CPU pretraining, kNN top-1 on real digits vs random init")
+    bm = _ray_command(bsub.add_parser("methods", help="each SSL method: short CPU pretraining, kNN top-1 on real digits vs random init"))
     from raysl.bench.methods import add_arguments as add_methods_arguments
 
     add_methods_arguments(bm)
     bm.set_defaults(func=cmd_bench_methods)
-    bs = bsub.add_parser("step", help="seconds per training step: raysl (Ray Train + DeepSpeed) vs a bare PyTorch loop")
+    bs = _ray_command(bsub.add_parser("step", help="seconds per training step: raysl (Ray Train + DeepSpeed) vs a bare PyTorch loop"))
     from raysl.bench.step import add_arguments
 
     add_arguments(bs)

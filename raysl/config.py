@@ -25,12 +25,27 @@ def _choices(*values):
     return {"choices": values}
 
 
+def _scale_pair():
+    """A crop-scale range [lo, hi] as a fraction of the image area, 0 < lo <= hi <= 1;
+    the empty list means "the views preset's own"."""
+    return {"each": _range(0.0, 1.0, lo_open=True), "length": 2, "ascending": True, "empty_ok": True,
+            "example": "[0.4, 1.0]"}
+
+
 @dataclass
 class DataConfig:
     shards: str = field(default="", metadata={"help": "shard directory or URI (raysl shards build)"})
     views: str = "simclr"  # a views preset; the method's default when empty
     image_size: int = field(default=0, metadata=_range(0))  # 0: the preset's size
+    # Crop overrides of the views preset; the defaults (-1, 0, []) keep the preset's own.
+    # Global crops are the preset's largest (image_size sets their size); local crops the
+    # smaller multi-crop ones (DINO, SwAV). For single-crop presets (mae, mae_medical)
+    # global_scale is the crop-scale range.
+    global_crops: int = field(default=-1, metadata=_range(-1))  # -1: the preset's count
+    global_scale: list[float] = field(default_factory=list, metadata=_scale_pair())  # [lo, hi]; []: the preset's
     local_crops: int = field(default=-1, metadata=_range(-1))  # -1: the preset's count
+    local_size: int = field(default=0, metadata=_range(0))  # 0: the preset's size (96)
+    local_scale: list[float] = field(default_factory=list, metadata=_scale_pair())  # [lo, hi]; []: the preset's
     batch_size: int = field(default=64, metadata=_range(1))  # per worker, per micro-step
     shuffle_window: int = field(default=2, metadata=_range(1))  # shards mixed per shuffle window
     augment_tasks: int = field(default=0, metadata=_range(0))  # parallel read/augment tasks per worker; 0: train.cpus_per_worker
@@ -50,7 +65,11 @@ class ModelConfig:
     # pooled feature of the backbone (timm's global_pool); "": the model's default (CLS
     # token for ViTs). MAE recipes use "avg": MAE trains patch tokens, not the CLS token.
     global_pool: str = field(default="", metadata=_choices("", "avg", "token", "max", "avgmax"))
-    compile: bool = False
+    compile: bool = False  # compile the backbone in place (nn.Module.compile): state-dict keys unchanged
+    # torch.compile backend with model.compile=true. inductor generates fused kernels (on the
+    # CPU it needs a C++ compiler and minutes of compiling); aot_eager traces forward and
+    # backward graphs without generating code; eager only captures graphs (debugging).
+    compile_backend: str = field(default="inductor", metadata=_choices("inductor", "aot_eager", "eager"))
 
 
 @dataclass
@@ -185,11 +204,19 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 def _check(key: str, f: dataclasses.Field, value):
     if typing.get_origin(f.type) is list:  # a list of scalars, each checked like a scalar key
-        if not isinstance(value, list) or not value:
-            raise UserError(f"config key {key}: expected a non-empty list, e.g. [20, 200], got {value!r}")
-        item = dataclasses.field(metadata=f.metadata.get("each", {}))
+        meta, example = f.metadata, f.metadata.get("example", "[20, 200]")
+        if isinstance(value, list) and not value and meta.get("empty_ok"):
+            return value
+        length = meta.get("length")
+        if not isinstance(value, list) or not value or (length and len(value) != length):
+            what = f"a list of {length} numbers" if length else "a non-empty list"
+            raise UserError(f"config key {key}: expected {what}, e.g. {example}, got {value!r}")
+        item = dataclasses.field(metadata=meta.get("each", {}))
         item.type = typing.get_args(f.type)[0]
-        return [_check(key, item, v) for v in value]
+        checked = [_check(key, item, v) for v in value]
+        if meta.get("ascending") and checked != sorted(checked):
+            raise UserError(f"config key {key}: {value!r} must be [lo, hi] with lo <= hi, e.g. {example}")
+        return checked
     if typing.get_origin(f.type) is dict:  # custom Ray resources: name -> amount
         if not isinstance(value, dict):
             raise UserError(f"config key {key}: expected a mapping of resource name to amount, e.g. {{data_node: 1}}, got {value!r}")

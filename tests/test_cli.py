@@ -53,3 +53,67 @@ def test_pretrain_config_error_before_ray(tmp_path):
     assert "optim.lr" in line
     line = _error_line(raysl("pretrain", "quickstart", "data.shards=" + str(tmp_path)))
     assert "manifest.json" in line
+
+
+# --address: after the subcommand (as the README shows), before it, or from $RAY_ADDRESS.
+# In-process through build_parser / main with the work function replaced: no Ray starts.
+
+RAY_COMMANDS = [
+    ["demo"],
+    ["pretrain", "quickstart", "optim.lr=0.01"],
+    ["tune", "quickstart", "--space", "space.yaml"],
+    ["eval", "knn", "--ckpt", "run", "--train", "a", "--val", "b"],
+    ["shards", "build", "imgs", "--out", "shards"],
+    ["bench", "data", "--shards", "shards"],
+    ["bench", "methods"],
+    ["bench", "step"],
+]
+
+
+@pytest.mark.parametrize("argv", RAY_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_address_is_accepted_before_and_after_every_ray_subcommand(argv):
+    from raysl.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([*argv, "--address", "auto"]).address == "auto"
+    assert parser.parse_args(["--address", "10.0.0.1:6379", *argv]).address == "10.0.0.1:6379"
+    assert parser.parse_args(argv).address is None  # then init_ray reads $RAY_ADDRESS
+
+
+def test_readme_pretrain_line_reaches_pretrain_with_the_address(monkeypatch, capsys):
+    import raysl.train.run
+    from raysl.cli import main
+
+    seen = {}
+
+    def fake_pretrain(cfg, *, address=None, resume=False):
+        seen.update(cfg=cfg, address=address, resume=resume)
+        return {"run_dir": "x"}
+
+    monkeypatch.setattr(raysl.train.run, "pretrain", fake_pretrain)
+    argv = ["pretrain", "quickstart", "data.shards=s3://bucket/shards", "train.storage_path=s3://bucket/runs",
+            "--address", "auto"]
+    assert main(argv) == 0
+    assert seen["address"] == "auto" and seen["resume"] is False
+    assert seen["cfg"].train.storage_path == "s3://bucket/runs" and seen["cfg"].data.shards == "s3://bucket/shards"
+    assert main(["pretrain", "quickstart", "--resume", "--address", "ray://head:10001"]) == 0
+    assert seen["address"] == "ray://head:10001" and seen["resume"] is True
+    assert main(["--address", "auto", "pretrain", "quickstart"]) == 0
+    assert seen["address"] == "auto"
+    assert main(["pretrain", "quickstart"]) == 0
+    assert seen["address"] is None
+    assert '"run_dir": "x"' in capsys.readouterr().out
+
+
+def test_init_ray_uses_ray_address_when_no_address_is_given(monkeypatch):
+    import ray
+
+    from raysl.runtime import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert init_ray(None) == "Ray: joined cluster at 10.0.0.1:6379"
+    assert init_ray("auto") == "Ray: joined cluster at auto"  # --address wins over $RAY_ADDRESS
+    assert [c["address"] for c in calls] == ["10.0.0.1:6379", "auto"]

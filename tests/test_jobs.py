@@ -127,11 +127,12 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     shards = str(tmp_path / "shards")
     write_shards(shards, digit_images(32), shard_size=8)
     runs = str(tmp_path / "runs")
+    storage = f"file://{runs}"  # a bucket URI, as s3:// or gs:// would be: the run's files go through pyarrow.fs
     placement_file = str(tmp_path / "placement.json")
     overrides = [
         f"data.shards={shards}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
         "method.proj_hidden_dim=64", "method.proj_dim=32", "train.max_steps=3", "train.checkpoint_every=2",
-        "train.log_every=1", f"train.storage_path={runs}", "train.name=job",
+        "train.log_every=1", f"train.storage_path={storage}", "train.name=job",
         # decoding/augmentation on the CPU-only data node, the training worker on the "GPU" node
         "data.task_cpus=0.5", 'data.task_resources={"data_node": 1}', 'train.worker_resources={"trainer_node": 1}',
     ]
@@ -151,6 +152,18 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     summary = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"run_dir"')][-1])
     assert summary["steps"] == 3 and summary["checkpoint"], summary
     assert os.path.exists(os.path.join(summary["checkpoint"], "weights.safetensors")), summary
+    # every file of the run directory reached <storage URI>/<train.name>/, none a local `file:` folder
+    run = os.path.join(runs, "job")
+    assert summary["run_dir"] == f"{storage}/job", summary
+    assert summary["checkpoint"].startswith(run + "/checkpoint_"), summary
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "lr.png"):
+        assert os.path.getsize(os.path.join(run, name)) > 0, (name, os.listdir(run))
+    assert summary["plots"] == [f"{storage}/job/loss.png", f"{storage}/job/lr.png"], summary
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1, 2, 3]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run, "tensorboard")))
+    for root in (cluster["temp_dir"], REPO, str(tmp_path)):
+        strays = [os.path.join(d, n) for d, dirs, _ in os.walk(root) for n in dirs if n.startswith("file:")]
+        assert not strays, strays
 
     placement = json.loads(open(placement_file).read())
     data_nodes = {n["node_id"] for n in placement["nodes"] if n["resources"].get("data_node")}

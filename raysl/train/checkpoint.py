@@ -10,9 +10,9 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from raysl.errors import UserError
+from raysl.train.storage import RUN_STATE  # rank 0 writes it last: its presence marks a complete checkpoint
 
 ENGINE_TAG = "engine"
-RUN_STATE = "raysl_state.json"
 WEIGHTS = "weights.safetensors"  # the method's full state (backbone, heads, teachers), fp32, rank 0
 
 
@@ -69,7 +69,7 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
     weights = _full_state_dict(engine.module)
     if rank == 0:
         save_file(weights, os.path.join(directory, WEIGHTS))
-    torch.save({**state, "torch_rng": torch.get_rng_state()}, os.path.join(directory, worker_file(rank)))
+    torch.save({**state, **rng_state()}, os.path.join(directory, worker_file(rank)))
     if rank == 0:
         with open(os.path.join(directory, RUN_STATE), "w") as f:
             json.dump({"step": state["step"], "world_size": world_size}, f)
@@ -94,5 +94,26 @@ def load(directory: str, engine, *, rank: int, world_size: int) -> dict:
     if path is None:
         raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")
     state = safe_load(mine)
-    torch.set_rng_state(state.pop("torch_rng"))
+    set_rng_state(state)
     return state
+
+
+def rng_state() -> dict:
+    """This process's random generators: torch's CPU generator and, when CUDA is up, every
+    visible GPU's (dropout, drop-path and masks draw from the generator of their device).
+    raysl's loop and methods draw from no numpy or Python generator (the views are seeded
+    per image in Ray Data tasks), so those are not saved."""
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()  # a list of uint8 tensors: weights_only loads it
+    return rng
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved, popping its keys from `state`. GPU states are
+    restored for the GPUs this process sees (a checkpoint written on CPU has none)."""
+    torch.set_rng_state(state.pop("torch_rng"))
+    cuda = state.pop("cuda_rng", None)
+    if cuda is not None and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)

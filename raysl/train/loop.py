@@ -21,18 +21,83 @@ from raysl.eval.monitor import KnnMonitor
 from raysl.methods.base import build_method
 from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
-from raysl.train import checkpoint
+from raysl.train import checkpoint, storage
 from raysl.train.engine import DTYPES, initialize
 from raysl.train.val_loss import held_out_loss
 
 
 def spec_for(cfg: Config, method_cls):
+    """The views a run streams: the preset (data.views, else the method's default) with the
+    data.* crop overrides, checked against what the method can use. Every problem is a
+    UserError naming the config key."""
+    from raysl.data.views import PRESETS
+    from raysl.errors import UserError
+
+    d = cfg.data
+    name = d.views or method_cls.default_views
+    if name not in PRESETS:
+        raise UserError(f"config key data.views: {name!r} is not a views preset; choose one of: {', '.join(PRESETS)}")
+    for key in ("image_size", "local_size"):
+        if 0 < getattr(d, key) < 8:
+            raise UserError(f"config key data.{key}: {getattr(d, key)} is too small (0 for the preset's size, else >= 8)")
+    if d.global_crops == 0:
+        raise UserError("config key data.global_crops: 0 leaves no global crop; every method needs at least one (-1: the preset's)")
     kwargs = {}
-    if cfg.data.image_size:
-        kwargs["global_size"] = cfg.data.image_size
-    if cfg.data.local_crops >= 0:
-        kwargs["local_crops"] = cfg.data.local_crops
-    return view_spec(cfg.data.views or method_cls.default_views, **kwargs)
+    if d.image_size:
+        kwargs["global_size"] = d.image_size
+    if d.global_crops >= 0:
+        kwargs["global_crops"] = d.global_crops
+    if d.global_scale:
+        kwargs["global_scale"] = tuple(d.global_scale)
+    if d.local_crops >= 0:
+        kwargs["local_crops"] = d.local_crops
+    if d.local_size:
+        kwargs["local_size"] = d.local_size
+    if d.local_scale:
+        kwargs["local_scale"] = tuple(d.local_scale)
+    spec = view_spec(name, **kwargs)
+
+    preset = PRESETS[name]
+    big = max(c.size for c in preset.crops)
+    n_global = d.global_crops if d.global_crops >= 0 else sum(c.count for c in preset.crops if c.size == big)
+    n_local = spec.n_views - n_global
+    # What the built-in methods can use: (global crops, as words), (test), local crops used?
+    two = ("exactly 2", lambda n: n == 2, False)
+    rules = {
+        "simclr": two, "mocov2": two, "mocov3": two, "byol": two, "barlowtwins": two, "vicreg": two,
+        "mae": ("exactly 1", lambda n: n == 1, False),
+        "swav": ("at least 2", lambda n: n >= 2, True),  # codes come from the first two crops
+        "dino": ("at least 1", lambda n: n >= 1, True),
+    }
+    method = getattr(method_cls, "name", "?")
+    if method not in rules:
+        return spec
+    words, ok, uses_local = rules[method]
+    if not ok(n_global):
+        key = "data.global_crops" if d.global_crops >= 0 else "data.views"
+        raise UserError(f"config key {key}: method {method} needs {words} global crop(s); "
+                        f"views {name!r} with these settings give {n_global}")
+    if not uses_local:
+        for key, value, unset in (("local_crops", d.local_crops, -1), ("local_size", d.local_size, 0), ("local_scale", d.local_scale, [])):
+            if value != unset and (key != "local_crops" or value > 0):
+                raise UserError(f"config key data.{key}: method {method} uses only its global crop(s), "
+                                f"so local crops would be decoded and never used; leave data.{key} unset")
+        return spec
+    if not n_local:
+        for key, value, unset in (("local_size", d.local_size, 0), ("local_scale", d.local_scale, [])):
+            if value != unset:
+                raise UserError(f"config key data.{key}: the views have no local crops to apply it to "
+                                "(set data.local_crops >= 1, or leave it unset)")
+    if method == "dino":
+        if spec.n_views < 2:
+            raise UserError(f"config key data.local_crops: method dino needs at least 2 crops; with {n_global} global "
+                            "crop(s) it needs local crops (data.local_crops >= 1)")
+        global_size, crops = spec.crops[0].size, spec.per_view()
+        if n_local and crops[n_global].size == global_size:
+            key = "data.local_size" if d.local_size else "data.image_size"
+            raise UserError(f"config key {key}: DINO tells global from local crops by their size, so local crops "
+                            f"must not be {global_size} px like the global ones")
+    return spec
 
 
 def epoch_steps(cfg: Config, world_size: int, epochs: int) -> list[int]:
@@ -89,10 +154,10 @@ def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -
 
 def _fail_once_at(step: int, fail_at: int | None, run_dir: str) -> None:
     """Failure drill (RAYSL_FAIL_AT_STEP=k on the driver): worker 0 dies once at step k;
-    a marker file in the run dir lets the restarted attempt carry on."""
-    marker = os.path.join(run_dir, ".failed_once")
-    if fail_at == step and ray.train.get_context().get_world_rank() == 0 and not os.path.exists(marker):
-        open(marker, "w").close()
+    a marker file in the run dir (a local dir or a URI) lets the restarted attempt carry on."""
+    marker = f"{run_dir.rstrip('/')}/.failed_once"
+    if fail_at == step and ray.train.get_context().get_world_rank() == 0 and not storage.exists(marker):
+        storage.write_text(marker, "")
         os._exit(1)
 
 
@@ -109,7 +174,7 @@ def train_loop_per_worker(raw: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     method = build_method(cfg)
     if cfg.model.compile:
-        method.backbone = torch.compile(method.backbone)
+        compile_backbone(method.backbone, backend=cfg.model.compile_backend)
     spec = spec_for(cfg, type(method))
     steps = epoch_steps(cfg, world, cfg.train.epochs)
     total = min(sum(steps), cfg.train.max_steps) if cfg.train.max_steps else sum(steps)
@@ -128,11 +193,13 @@ def train_loop_per_worker(raw: dict) -> None:
             state = checkpoint.load(d, engine, rank=rank, world_size=world)
     else:
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
-    log = None
+    log = files = None
     if rank == 0:
         from raysl.train.metrics import MetricsLog
 
-        log = MetricsLog(run_dir, total_steps=total, resume_step=state["step"])
+        # rank 0's files: written in the run dir, or staged locally and synced to a bucket URI
+        files = storage.RunFiles(run_dir, fetch=("metrics.jsonl",) if restored else ())
+        log = MetricsLog(files.local, total_steps=total, resume_step=state["step"])
         print(f"raysl: {cfg.method.name} on {cfg.model.backbone}, {world} worker(s), {total} steps, "
               f"global batch {global_batch}, starting at step {state['step']}", flush=True)
 
@@ -191,13 +258,15 @@ def train_loop_per_worker(raw: dict) -> None:
                 metrics["val_loss"] = held_out_loss(engine, method, val_batches(), values)
             if log:
                 log.log(metrics, show=state["step"] % cfg.train.log_every == 0 or state["step"] == total)
-                _report_pictures_and_collapse(out, metrics, method, run_dir)
+                _report_pictures_and_collapse(out, metrics, method, files.local)
             _fail_once_at(state["step"], raw.get("fail_at_step"), run_dir)
             last = state["step"] == total
             if state["step"] % cfg.train.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory() as d:
                     checkpoint.save(d, engine, rank=rank, world_size=world, state=dict(state, skipped=state["skipped"] + stream.skipped))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                if files:
+                    files.sync()  # URI runs: metrics.jsonl, TensorBoard, pictures up to this checkpoint
             elif raw.get("report_every") and state["step"] % raw["report_every"] == 0:
                 ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
         if step_in_epoch >= steps[state["epoch"]]:
@@ -205,6 +274,15 @@ def train_loop_per_worker(raw: dict) -> None:
             state.update(epoch=state["epoch"] + 1, position=0)
     if log:
         log.close()
+        files.close()
+
+
+def compile_backbone(backbone: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """`model.compile=true`: compile the backbone in place (`nn.Module.compile`), so its
+    state-dict keys stay those of the eager model (no `_orig_mod.` prefix) and
+    checkpoints, weights.safetensors and exports are the same either way."""
+    backbone.compile(backend=backend)
+    return backbone
 
 
 def train_step(engine, method, optimizer, micro_batches, values: dict) -> dict:

@@ -6,15 +6,14 @@ import os
 
 from raysl.config import Config
 from raysl.errors import UserError
+from raysl.train import storage
 
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
+_is_uri = storage.is_uri
 
 
 def run_dir(cfg: Config) -> str:
-    base = cfg.train.storage_path if _is_uri(cfg.train.storage_path) else os.path.abspath(cfg.train.storage_path)
-    return f"{base.rstrip('/')}/{cfg.train.name}"
+    """`train.storage_path/train.name`: an absolute local path, or a bucket URI."""
+    return storage.run_dir(cfg.train.storage_path, cfg.train.name)
 
 
 def validate(cfg: Config) -> None:
@@ -51,10 +50,10 @@ def validate(cfg: Config) -> None:
         raise UserError("config key deepspeed.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
 
 
-def _has_checkpoints(directory: str) -> bool:
-    return os.path.isdir(directory) and any(
-        n.startswith("checkpoint_") and os.path.isdir(os.path.join(directory, n)) for n in os.listdir(directory)
-    )
+def _has_checkpoints(directory: str, *, complete: bool = False) -> bool:
+    """Whether the run (a local dir or a URI) has a checkpoint_* directory; with
+    `complete`, one that holds the state file rank 0 writes last."""
+    return any(done or not complete for _, done in storage.checkpoint_dirs(directory))
 
 
 def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume_from: str | None = None,
@@ -101,18 +100,19 @@ def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -
 
     validate(cfg)
     out = run_dir(cfg)
-    if not _is_uri(out):
-        if _has_checkpoints(out) and not resume:
-            raise UserError(f"run {out} already has checkpoints: pass --resume to continue it, or set train.name=NEW")
-        if resume and not _has_checkpoints(out):
-            raise UserError(f"--resume: run {out} has no checkpoint to resume from")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(cfg.to_yaml())
+    if _has_checkpoints(out) and not resume:
+        raise UserError(f"run {out} already has checkpoints: pass --resume to continue it, or set train.name=NEW")
+    if resume and not _has_checkpoints(out, complete=True):
+        raise UserError(f"--resume: run {out} has no complete checkpoint to resume from")
+    storage.write_text(f"{out}/config.yaml", cfg.to_yaml())
     print(init_ray(address, quiet=False), flush=True)
     result = make_trainer(cfg, out).fit()
-    plots = plot_curves(out) if not _is_uri(out) else []
-    rows = read_metrics(out) if not _is_uri(out) else []
+    files = storage.RunFiles(out, fetch=("metrics.jsonl",))  # a URI's metrics.jsonl, fetched to plot it
+    try:
+        plots = [f"{out}/{os.path.basename(p)}" for p in plot_curves(files.local)]
+        rows = read_metrics(files.local)
+    finally:
+        files.close()  # uploads the plots to a URI
     summary = {
         "run_dir": out,
         "steps": rows[-1]["step"] if rows else None,

@@ -1,0 +1,135 @@
+"""Where a run's files live: a local (or NFS) directory, or a bucket URI (s3://, gs://,
+file://, anything pyarrow.fs understands). The only module that knows the difference.
+
+For a URI, rank 0 writes the run's files (metrics.jsonl, tensorboard/, pictures) into a
+local staging directory and `RunFiles.sync` copies what changed to `<URI>/<name>/`; the
+driver writes config.yaml and the plots straight to the URI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+RUN_STATE = "raysl_state.json"  # rank 0 writes it last into a checkpoint (raysl.train.checkpoint)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def run_dir(storage_path: str, name: str) -> str:
+    """`<storage_path>/<name>`: an absolute local path, or the URI as given."""
+    base = storage_path if is_uri(storage_path) else os.path.abspath(storage_path)
+    return f"{base.rstrip('/')}/{name}"
+
+
+def _fs(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)  # (filesystem, path inside it)
+
+
+def _join(uri: str, *names: str) -> str:
+    return "/".join([uri.rstrip("/"), *names])
+
+
+def exists(path: str) -> bool:
+    if not is_uri(path):
+        return os.path.exists(path)
+    import pyarrow.fs
+
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+
+
+def checkpoint_dirs(run: str) -> list[tuple[str, bool]]:
+    """(name, complete) of each `checkpoint_*` directory of the run, sorted by name;
+    complete: it holds the state file rank 0 writes last."""
+    import pyarrow.fs
+
+    if is_uri(run):
+        fs, root = _fs(run)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), os.path.abspath(run)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        return []
+    found = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            state = fs.get_file_info(f"{info.path}/{RUN_STATE}")
+            found.append((info.base_name, state.type == pyarrow.fs.FileType.File))
+    return sorted(found)
+
+
+def write_text(path: str, text: str) -> None:
+    if not is_uri(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def download(uri: str, local: str) -> bool:
+    """Copy one file from the URI to `local`; False when there is none."""
+    if not exists(uri):
+        return False
+    import pyarrow.fs
+
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    pyarrow.fs.copy_files(uri, local)
+    return True
+
+
+def upload(local: str, uri: str) -> None:
+    import pyarrow.fs
+
+    fs, p = _fs(uri)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    pyarrow.fs.copy_files(local, uri)
+
+
+class RunFiles:
+    """Rank 0's run directory. `local` is where files are written: the run dir itself
+    when it is a local path, else a staging dir that `sync()` mirrors to the URI."""
+
+    def __init__(self, run: str, *, fetch: tuple[str, ...] = ()):
+        self.run = run
+        self.remote = is_uri(run)
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        if not self.remote:
+            self.local = run
+            os.makedirs(run, exist_ok=True)
+            return
+        self.local = tempfile.mkdtemp(prefix="raysl_run_")
+        for name in fetch:  # e.g. metrics.jsonl on resume: it is appended to, then uploaded whole
+            if download(_join(run, name), os.path.join(self.local, name)):
+                self._uploaded[name] = self._stamp(name)
+
+    def _stamp(self, rel: str) -> tuple[int, int]:
+        st = os.stat(os.path.join(self.local, rel))
+        return st.st_size, st.st_mtime_ns
+
+    def sync(self) -> list[str]:
+        """Copy the files that are new or changed since the last sync; returns their names."""
+        if not self.remote:
+            return []
+        copied = []
+        for folder, _, files in os.walk(self.local):
+            for name in files:
+                rel = os.path.relpath(os.path.join(folder, name), self.local).replace(os.sep, "/")
+                stamp = self._stamp(rel)
+                if self._uploaded.get(rel) != stamp:
+                    upload(os.path.join(self.local, rel), _join(self.run, rel))
+                    self._uploaded[rel] = stamp
+                    copied.append(rel)
+        return sorted(copied)
+
+    def close(self) -> None:
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
