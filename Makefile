@@ -16,4 +16,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/raysl demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15

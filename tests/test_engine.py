@@ -52,11 +52,12 @@ def gloo_world_of_one():
             ds_comm.cdb = None  # DeepSpeed's handle on the destroyed group
 
 
-def _cfg(*, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None):
+def _cfg(*, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None,
+         method=None):
     return from_dict({
         "data": {"batch_size": BATCH, "image_size": SIZE},
         "model": {"backbone": "test_resnet", **(model or {})},
-        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
+        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16, **(method or {})},
         # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
         "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
         "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
@@ -215,6 +216,30 @@ def test_checkpoint_round_trip_continues_exactly(zero, tmp_path):
     assert state == {"step": 2, "epoch": 0, "position": 2 * BATCH, "skipped": 0}
     assert fresh[0].global_steps == 2
     # the next step's loss (restored weights) and the one after (restored 8-bit optimizer state)
+    assert [_step(fresh, cfg, s) for s in (2, 3)] == expected
+
+
+def test_ema_teacher_round_trip_continues_exactly(tmp_path):
+    """BYOL's EMA target network is its own state in the checkpoint, and a run restored
+    from it continues bit-exactly (the teacher's next EMA update included)."""
+    cfg = _cfg(zero=2, optimizer="adamw8bit",
+               method={"name": "byol", "pred_hidden_dim": 32, "ema_momentum": 0.9, "ema_momentum_end": 0.9})
+    original = _build(cfg)
+    for s in range(2):
+        _step(original, cfg, s)
+    _save(original, str(tmp_path), 2)
+    module = original[0].module.state_dict()
+    teacher = {k: v.clone() for k, v in module.items() if k.startswith("target_backbone.")}  # as saved
+    assert teacher, "the EMA target must be in the method's state"
+    moved = [k for k, v in teacher.items() if v.is_floating_point() and not torch.equal(v, module[k.replace("target_", "", 1)])]
+    assert moved  # the target is its own state, not a copy of the online network
+    expected = [_step(original, cfg, s) for s in (2, 3)]
+
+    fresh = _build(cfg, seed=1)
+    checkpoint.load(str(tmp_path), fresh[0], rank=0, world_size=1)
+    restored = fresh[0].module.state_dict()
+    for k, v in teacher.items():
+        assert torch.equal(restored[k], v), k
     assert [_step(fresh, cfg, s) for s in (2, 3)] == expected
 
 
