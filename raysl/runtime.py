@@ -16,5 +16,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if address:
         ray.init(address=address, log_to_driver=not quiet)
         return f"Ray: joined cluster at {address}"
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+    # With the dashboard: Ray Train's placement-group cleaner and `ray list` need its state
+    # API (without it the cleaner warns every few seconds); it costs about 2 s at start.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=not quiet)
     return f"Ray: started locally with {int(ray.cluster_resources().get('CPU', 0))} CPUs"

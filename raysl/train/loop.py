@@ -23,6 +23,7 @@ from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
 from raysl.train import checkpoint, storage
 from raysl.train.engine import DTYPES, initialize
+from raysl.train.metrics import MetricsLog, say
 from raysl.train.val_loss import held_out_loss
 
 
@@ -167,7 +168,9 @@ def train_loop_per_worker(raw: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.cpus_per_worker)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # raysl prints its own progress
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False  # raysl prints its own progress
+    data_context.print_on_execution_start = False  # not one plan per epoch and worker
     device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() and cfg.train.gpus_per_worker else torch.device("cpu")
     dtype = DTYPES[cfg.deepspeed.precision]
 
@@ -195,13 +198,11 @@ def train_loop_per_worker(raw: dict) -> None:
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
     log = files = None
     if rank == 0:
-        from raysl.train.metrics import MetricsLog
-
         # rank 0's files: written in the run dir, or staged locally and synced to a bucket URI
         files = storage.RunFiles(run_dir, fetch=("metrics.jsonl",) if restored else ())
         log = MetricsLog(files.local, total_steps=total, resume_step=state["step"])
-        print(f"raysl: {cfg.method.name} on {cfg.model.backbone}, {world} worker(s), {total} steps, "
-              f"global batch {global_batch}, starting at step {state['step']}", flush=True)
+        say(f"raysl: {cfg.method.name} on {cfg.model.backbone}, {world} worker(s), {total} steps, "
+            f"global batch {global_batch}, starting at step {state['step']}")
 
     def view_batches(shards: str, epoch: int, position: int):
         ds = reader.read_views(
@@ -317,7 +318,7 @@ def _report_pictures_and_collapse(out: dict, metrics: dict, method, run_dir: str
         )
     warning = collapse_warning(metrics, getattr(method, "embedding_dim", 0))
     if warning:
-        print(warning, flush=True)
+        say(warning)
 
 
 def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float) -> dict:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+
+
+def say(line: str) -> None:
+    """One line on the worker's stdout. Not `print`: Ray Train 2.60 patches print in its
+    workers to both print and log the line, so every progress line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _eta(seconds: float) -> str:
@@ -43,10 +51,9 @@ class MetricsLog:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(done, 1) * (self.total - step)
-            print(
+            say(
                 f"step {step}/{self.total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
                 f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s eta {_eta(eta)}",
-                flush=True,
             )
 
     def close(self) -> None:
