@@ -29,6 +29,11 @@ class Method(nn.Module):
     name = "?"
     default_views = "simclr"
     embedding_dim = 0  # size of the vector behind "embedding_std" (for collapse_warning)
+    # The crops it can use (checked against the data.* crop keys before Ray starts):
+    global_crops = (2, 2)  # (least, most) global crops; most None: no limit
+    uses_local_crops = False  # multi-crop: smaller local crops after the global ones
+    min_crops = 1  # global + local crops, at least
+    local_smaller = False  # local crops must differ in size from global ones (told apart by size)
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

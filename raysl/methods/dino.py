@@ -30,6 +30,10 @@ class DINO(Method):
     softmax / log K; -> 0 means one prototype for every image)."""
 
     default_views = "dino"
+    global_crops = (1, None)
+    uses_local_crops = True
+    min_crops = 2  # a teacher crop and another student crop
+    local_smaller = True  # DINO tells global from local crops by their size
 
     def __init__(self, cfg):
         super().__init__()

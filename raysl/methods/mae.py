@@ -24,6 +24,7 @@ class MAE(Method):
     not train the CLS token directly)."""
 
     default_views = "mae"
+    global_crops = (1, 1)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -27,6 +27,8 @@ class SwAV(Method):
     least `swav_queue_start`, its scores are prepended before Sinkhorn (small batches)."""
 
     default_views = "swav"
+    global_crops = (2, None)  # codes come from the first two crops
+    uses_local_crops = True
 
     def __init__(self, cfg):
         super().__init__()

@@ -62,23 +62,14 @@ def spec_for(cfg: Config, method_cls):
     big = max(c.size for c in preset.crops)
     n_global = d.global_crops if d.global_crops >= 0 else sum(c.count for c in preset.crops if c.size == big)
     n_local = spec.n_views - n_global
-    # What the built-in methods can use: (global crops, as words), (test), local crops used?
-    two = ("exactly 2", lambda n: n == 2, False)
-    rules = {
-        "simclr": two, "mocov2": two, "mocov3": two, "byol": two, "barlowtwins": two, "vicreg": two,
-        "mae": ("exactly 1", lambda n: n == 1, False),
-        "swav": ("at least 2", lambda n: n >= 2, True),  # codes come from the first two crops
-        "dino": ("at least 1", lambda n: n >= 1, True),
-    }
-    method = getattr(method_cls, "name", "?")
-    if method not in rules:
-        return spec
-    words, ok, uses_local = rules[method]
-    if not ok(n_global):
+    method = method_cls.name
+    least, most = method_cls.global_crops
+    if n_global < least or (most is not None and n_global > most):
+        words = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least} to {most}"
         key = "data.global_crops" if d.global_crops >= 0 else "data.views"
         raise UserError(f"config key {key}: method {method} needs {words} global crop(s); "
                         f"views {name!r} with these settings give {n_global}")
-    if not uses_local:
+    if not method_cls.uses_local_crops:
         for key, value, unset in (("local_crops", d.local_crops, -1), ("local_size", d.local_size, 0), ("local_scale", d.local_scale, [])):
             if value != unset and (key != "local_crops" or value > 0):
                 raise UserError(f"config key data.{key}: method {method} uses only its global crop(s), "
@@ -89,15 +80,14 @@ def spec_for(cfg: Config, method_cls):
             if value != unset:
                 raise UserError(f"config key data.{key}: the views have no local crops to apply it to "
                                 "(set data.local_crops >= 1, or leave it unset)")
-    if method == "dino":
-        if spec.n_views < 2:
-            raise UserError(f"config key data.local_crops: method dino needs at least 2 crops; with {n_global} global "
-                            "crop(s) it needs local crops (data.local_crops >= 1)")
-        global_size, crops = spec.crops[0].size, spec.per_view()
-        if n_local and crops[n_global].size == global_size:
-            key = "data.local_size" if d.local_size else "data.image_size"
-            raise UserError(f"config key {key}: DINO tells global from local crops by their size, so local crops "
-                            f"must not be {global_size} px like the global ones")
+    if spec.n_views < method_cls.min_crops:
+        raise UserError(f"config key data.local_crops: method {method} needs at least {method_cls.min_crops} crops; "
+                        f"with {n_global} global crop(s) it needs local crops (data.local_crops >= 1)")
+    global_size, crops = spec.crops[0].size, spec.per_view()
+    if method_cls.local_smaller and n_local and crops[n_global].size == global_size:
+        key = "data.local_size" if d.local_size else "data.image_size"
+        raise UserError(f"config key {key}: {method} tells global from local crops by their size, so local crops "
+                        f"must not be {global_size} px like the global ones")
     return spec
 
 
