@@ -122,6 +122,21 @@ def test_zero_stages_and_precisions_train(zero, precision):
     assert _changed(before, _weights(engine))
 
 
+def test_cpu_engine_builds_no_cpp_kernel(tmp_path, monkeypatch):
+    """DeepSpeed's CPU shared-memory inference kernel is never compiled (it costs ~50 s of
+    g++ on a fresh machine and is unused in training): no extension appears in a fresh
+    extensions dir, and the comm backend has no kernel."""
+    import deepspeed.comm.comm as ds_comm
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    ds_comm.cdb = None  # a new comm backend, as in a fresh worker
+    cfg = _cfg()
+    built = _build(cfg)
+    assert ds_comm.cdb.shm_comm_op is None
+    assert _step(built, cfg, 0) > 0
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("zero", [0, 2])
 def test_gradient_accumulation_steps_the_optimizer_every_second_micro_batch(zero):
     cfg = _cfg(zero=zero, grad_accum=2)

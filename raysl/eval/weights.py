@@ -17,6 +17,13 @@ def run_config(run_dir: str) -> Config:
     """The recipe the run was started with (`config.yaml` in the run dir)."""
     import yaml
 
+    from raysl.train.storage import is_uri
+
+    if is_uri(run_dir):
+        raise UserError(
+            f"--ckpt {run_dir}: eval, export and report read a run directory on this machine (local disk or NFS); "
+            "copy the run's config.yaml and the checkpoint_* you want from the bucket into a folder and pass that"
+        )
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise UserError(f"--ckpt {run_dir}: no config.yaml there; point it at a run directory written by raysl pretrain")

@@ -51,11 +51,26 @@ def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[key] = buf.to(dtype)
 
 
+def _no_cpu_inference_kernel() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel when its
+    comm backend starts: about 50 s of C++ on 2 cores, and on a machine without g++ the
+    start fails. Only its `inference_all_reduce` uses the kernel, never training, which
+    all-reduces through torch.distributed (gloo), so raysl does not build it."""
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # import_module: the attribute deepspeed.comm.torch is the torch package itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config):
     """Returns the DeepSpeed engine; checkpoints it loads are read with weights_only=True."""
     import deepspeed
 
     check_config(cfg)
+    _no_cpu_inference_kernel()
     if cfg.deepspeed.precision != "fp32":
         _cast_buffers(model, DTYPES[cfg.deepspeed.precision])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
