@@ -10,16 +10,14 @@ import torch
 
 from raysl.config import Config, from_dict
 from raysl.errors import UserError
-from raysl.train import checkpoint
+from raysl.train import checkpoint, storage
 
 
 def run_config(run_dir: str) -> Config:
     """The recipe the run was started with (`config.yaml` in the run dir)."""
     import yaml
 
-    from raysl.train.storage import is_uri
-
-    if is_uri(run_dir):
+    if storage.is_uri(run_dir):
         raise UserError(
             f"--ckpt {run_dir}: eval, export and report read a run directory on this machine (local disk or NFS); "
             "copy the run's config.yaml and the checkpoint_* you want from the bucket into a folder and pass that"
@@ -34,13 +32,11 @@ def run_config(run_dir: str) -> Config:
 def checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """(step, directory) of the run's complete checkpoints, oldest first."""
     found = []
-    if os.path.isdir(run_dir):
-        for name in os.listdir(run_dir):
-            d = os.path.join(run_dir, name)
-            state, weights = os.path.join(d, checkpoint.RUN_STATE), os.path.join(d, checkpoint.WEIGHTS)
-            if name.startswith("checkpoint_") and os.path.isfile(state) and os.path.isfile(weights):
-                with open(state) as f:
-                    found.append((int(json.load(f)["step"]), d))
+    for name, complete in storage.checkpoint_dirs(run_dir):
+        d = os.path.join(run_dir, name)
+        if complete and os.path.isfile(os.path.join(d, checkpoint.WEIGHTS)):
+            with open(os.path.join(d, checkpoint.RUN_STATE)) as f:
+                found.append((int(json.load(f)["step"]), d))
     return sorted(found)
 
 

@@ -8,8 +8,6 @@ from raysl.config import Config
 from raysl.errors import UserError
 from raysl.train import storage
 
-_is_uri = storage.is_uri
-
 
 def run_dir(cfg: Config) -> str:
     """`train.storage_path/train.name`: an absolute local path, or a bucket URI."""
@@ -86,7 +84,7 @@ def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
-            storage_path=os.path.dirname(out) if not _is_uri(out) else cfg.train.storage_path,
+            storage_path=os.path.dirname(out) if not storage.is_uri(out) else cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or None,

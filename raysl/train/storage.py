@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+from raysl.data.schema import filesystem_and_path  # a local path or any URI pyarrow opens
+
 RUN_STATE = "raysl_state.json"  # rank 0 writes it last into a checkpoint (raysl.train.checkpoint)
 
 
@@ -24,22 +26,14 @@ def run_dir(storage_path: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 
 
-def _fs(uri: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(uri)  # (filesystem, path inside it)
-
-
 def _join(uri: str, *names: str) -> str:
     return "/".join([uri.rstrip("/"), *names])
 
 
 def exists(path: str) -> bool:
-    if not is_uri(path):
-        return os.path.exists(path)
     import pyarrow.fs
 
-    fs, p = _fs(path)
+    fs, p = filesystem_and_path(path)
     return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
 
 
@@ -48,10 +42,7 @@ def checkpoint_dirs(run: str) -> list[tuple[str, bool]]:
     complete: it holds the state file rank 0 writes last."""
     import pyarrow.fs
 
-    if is_uri(run):
-        fs, root = _fs(run)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), os.path.abspath(run)
+    fs, root = filesystem_and_path(run)
     if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
         return []
     found = []
@@ -63,12 +54,8 @@ def checkpoint_dirs(run: str) -> list[tuple[str, bool]]:
 
 
 def write_text(path: str, text: str) -> None:
-    if not is_uri(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        return
-    fs, p = _fs(path)
+    """Write a text file at a local path or a URI, creating its folder."""
+    fs, p = filesystem_and_path(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
@@ -88,7 +75,7 @@ def download(uri: str, local: str) -> bool:
 def upload(local: str, uri: str) -> None:
     import pyarrow.fs
 
-    fs, p = _fs(uri)
+    fs, p = filesystem_and_path(uri)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     pyarrow.fs.copy_files(local, uri)
 

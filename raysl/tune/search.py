@@ -29,6 +29,7 @@ from ray.tune import Trainable
 
 from raysl.config import Config, from_dict
 from raysl.errors import UserError
+from raysl.train import storage as store  # `storage` is tune_recipe's argument
 from raysl.tune import space as space_mod
 
 SCHEDULERS = ("asha", "pbt")
@@ -80,7 +81,7 @@ def _plain(values: dict) -> dict:
 
 def _next_attempt(base: str) -> str:
     n = 0
-    if "://" not in base and os.path.isdir(base):
+    if not store.is_uri(base) and os.path.isdir(base):
         n = sum(1 for d in os.listdir(base) if d.startswith("attempt_"))
     return f"attempt_{n}"
 
@@ -118,9 +119,9 @@ class RecipeTrial(Trainable):
         raw["train"]["name"] = _next_attempt(storage)
         cfg = from_dict(raw, origin=f"trial {self.trial_id}")
         self._out = run_dir(cfg)
-        _write_text(f"{self._out}/config.yaml", cfg.to_yaml())
+        store.write_text(f"{self._out}/config.yaml", cfg.to_yaml())
         if self._resume_from:  # provenance: which (possibly another trial's) checkpoint this run starts from
-            _write_text(f"{self._out}/resume_from.txt", self._resume_from + "\n")
+            store.write_text(f"{self._out}/resume_from.txt", self._resume_from + "\n")
         self._queue = Queue(actor_options={"num_cpus": 0})
         trainer = make_trainer(cfg, self._out, callbacks=[ForwardToTune(self._queue)], resume_from=self._resume_from,
                                report_every=self._report_every)
@@ -261,9 +262,8 @@ def tune_recipe(
             validate(from_dict(space_mod.apply(base, {p.key: value}), origin=f"space {p.key}={value}"))
     validate(cfg)
     total = total_steps(cfg, cfg.train.num_workers)
-    storage_abs = storage if "://" in storage else os.path.abspath(storage)
-    exp_dir = f"{storage_abs.rstrip('/')}/{name}"
-    if "://" not in exp_dir:
+    exp_dir = store.run_dir(storage, name)
+    if not store.is_uri(exp_dir):
         exists = os.path.isdir(exp_dir) and ray.tune.Tuner.can_restore(exp_dir)
         if exists and not resume:
             raise UserError(f"tune experiment {exp_dir} exists: pass --resume to continue it, or --name NEW")
@@ -303,7 +303,7 @@ def tune_recipe(
             ),
             run_config=ray.tune.RunConfig(
                 name=name,
-                storage_path=storage_abs,
+                storage_path=os.path.dirname(exp_dir),  # the absolute storage path or URI
                 checkpoint_config=ray.tune.CheckpointConfig(
                     num_to_keep=max(cfg.train.keep_checkpoints, 3) if scheduler == "pbt" else cfg.train.keep_checkpoints
                 ),
@@ -324,7 +324,7 @@ def tune_recipe(
     best_yaml = f"{exp_dir}/best.yaml"
     header = (f"# best trial {best['trial_id']} of `raysl tune` {exp_dir} ({metric} {best[metric]:.6g}, {mode})\n"
               f"# train it: raysl pretrain {best_yaml}\n")
-    _write_text(best_yaml, header + best_cfg.to_yaml())
+    store.write_text(best_yaml, header + best_cfg.to_yaml())
     return {
         "experiment_dir": exp_dir,
         "metric": metric,
@@ -370,21 +370,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(path, buf.getvalue())
-
-
-def _write_text(path: str, text: str) -> None:
-    if "://" in path:
-        import pyarrow.fs
-
-        fs, p = pyarrow.fs.FileSystem.from_uri(path)
-        fs.create_dir(os.path.dirname(p), recursive=True)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-    else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
+    store.write_text(path, buf.getvalue())
 
 
 def format_table(rows: list[dict], keys: list[str], metric: str) -> str:
