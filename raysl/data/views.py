@@ -63,6 +63,14 @@ class ViewSpec:
     name: str
     crops: tuple[Crop, ...]
     eval_resize: bool = False  # eval: resize short side to size/0.875, centre crop
+    # The first n_global views are global crops, the rest local (multi-crop) ones.
+    # -1: the crops of the largest size are the global ones (how the presets are written).
+    n_global: int = -1
+
+    def __post_init__(self):
+        if self.n_global < 0:
+            big = max(c.size for c in self.crops)
+            object.__setattr__(self, "n_global", sum(c.count for c in self.crops if c.size == big))
 
     def min_decode_side(self) -> int:
         """Smallest source short side that still needs no upsampling for any crop; passed to
@@ -180,9 +188,7 @@ def view_spec(
     g_field = "size" if size is not None else "global_size"
     gs_field = "scale" if scale is not None else "global_scale"
 
-    big = max(c.size for c in spec.crops)
-    globals_ = [c for c in spec.per_view() if c.size == big]
-    locals_ = [c for c in spec.per_view() if c.size != big]
+    globals_, locals_ = spec.per_view()[: spec.n_global], spec.per_view()[spec.n_global :]
     if global_crops is not None:
         globals_ = _resize_crops(globals_, _check_count("global_crops", global_crops))
     else:
@@ -205,7 +211,7 @@ def view_spec(
 
     globals_ = override(globals_, g_field, global_size, gs_field, global_scale)
     locals_ = override(locals_, "local_size", local_size, "local_scale", local_scale)
-    out = ViewSpec(spec.name, tuple(globals_ + locals_), spec.eval_resize)
+    out = ViewSpec(spec.name, tuple(globals_ + locals_), spec.eval_resize, n_global=sum(c.count for c in globals_))
     if out.n_views == 0:
         raise UserError(f"view preset {name!r} with global_crops={global_crops}, local_crops={local_crops}: no views left")
     return out

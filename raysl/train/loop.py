@@ -58,9 +58,7 @@ def spec_for(cfg: Config, method_cls):
         kwargs["local_scale"] = tuple(d.local_scale)
     spec = view_spec(name, **kwargs)
 
-    preset = PRESETS[name]
-    big = max(c.size for c in preset.crops)
-    n_global = d.global_crops if d.global_crops >= 0 else sum(c.count for c in preset.crops if c.size == big)
+    n_global = spec.n_global
     n_local = spec.n_views - n_global
     method = method_cls.name
     least, most = method_cls.global_crops
