@@ -62,6 +62,21 @@ def test_space_file_errors(tmp_path):
         load_space(str(bad))
 
 
+@pytest.mark.parametrize("uri", [False, True])
+def test_each_restart_of_a_trial_trains_in_a_new_attempt(tmp_path, uri):
+    """A PBT exploit or --resume starts a new Train run beside the earlier ones, on local
+    storage and on a bucket URI alike (file:// here), never over an earlier attempt."""
+    from raysl.tune.search import _next_attempt
+
+    trial = tmp_path / "train" / "trial_0"
+    base = f"file://{trial}" if uri else str(trial)
+    assert _next_attempt(base) == "attempt_0"  # the trial's folder is not there yet
+    (trial / "attempt_0").mkdir(parents=True)
+    (trial / "attempt_1").mkdir()
+    (trial / "resume_from.txt").write_text("x")  # a file, not an attempt
+    assert _next_attempt(base) == "attempt_2"
+
+
 def test_metric_and_search_checks(tmp_path):
     cfg = load_config("quickstart")
     assert resolve_metric(cfg, "loss", None) == ("loss", "min")

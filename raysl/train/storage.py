@@ -37,20 +37,24 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
 
 
+def subdirs(path: str, prefix: str = "") -> list[str]:
+    """Names of the directories in `path` (a local dir or a URI) that start with `prefix`,
+    sorted; [] when `path` is not there."""
+    import pyarrow.fs
+
+    fs, root = filesystem_and_path(path)
+    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        return []
+    return sorted(
+        info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(prefix)
+    )
+
+
 def checkpoint_dirs(run: str) -> list[tuple[str, bool]]:
     """(name, complete) of each `checkpoint_*` directory of the run, sorted by name;
     complete: it holds the state file rank 0 writes last."""
-    import pyarrow.fs
-
-    fs, root = filesystem_and_path(run)
-    if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
-        return []
-    found = []
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
-        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            state = fs.get_file_info(f"{info.path}/{RUN_STATE}")
-            found.append((info.base_name, state.type == pyarrow.fs.FileType.File))
-    return sorted(found)
+    return [(name, exists(_join(run, name, RUN_STATE))) for name in subdirs(run, "checkpoint_")]
 
 
 def write_text(path: str, text: str) -> None:

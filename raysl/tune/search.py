@@ -80,10 +80,9 @@ def _plain(values: dict) -> dict:
 
 
 def _next_attempt(base: str) -> str:
-    n = 0
-    if not store.is_uri(base) and os.path.isdir(base):
-        n = sum(1 for d in os.listdir(base) if d.startswith("attempt_"))
-    return f"attempt_{n}"
+    """A new Train run's name under the trial's folder (local or URI): each restart of a
+    trial (PBT exploit, --resume) trains in a fresh attempt_N, never over an earlier one."""
+    return f"attempt_{len(store.subdirs(base, 'attempt_'))}"
 
 
 POINTER = "train_checkpoint.txt"
