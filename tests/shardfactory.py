@@ -50,14 +50,7 @@ def write_shards(directory: str, images: list[tuple[str, bytes, int | None]], sh
 
 
 def digit_images(n: int = 40) -> list[tuple[str, bytes, int]]:
-    """Real labeled 8x8 digits (scikit-learn), upscaled and PNG-encoded."""
-    from sklearn.datasets import load_digits
+    """Real labeled 8x8 digits (scikit-learn), upscaled to 32 px and PNG-encoded."""
+    from raysl.data.demo_images import digit_pngs
 
-    digits = load_digits()
-    out = []
-    for i in range(n):
-        img = Image.fromarray((digits.images[i] * 16).clip(0, 255).astype("uint8")).resize((32, 32))
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append((f"digits/{i:04d}.png", buf.getvalue(), int(digits.target[i])))
-    return out
+    return [(f"digits/{i:04d}.png", png, label) for i, (png, label) in enumerate(digit_pngs(32, n))]

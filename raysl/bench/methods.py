@@ -82,17 +82,12 @@ def bench_overrides(name: str) -> tuple[str, list[str]]:
 def digits(size: int = 32) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     """(images uint8 (N, 3, size, size), labels (N,), PNG bytes of the size x size images)."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    d = load_digits()
-    imgs, pngs = [], []
-    for pixels in d.images:
-        img = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        pngs.append(buf.getvalue())
-        imgs.append(np.repeat(np.asarray(img, dtype=np.uint8)[None], 3, axis=0))
-    return np.stack(imgs), d.target.astype(np.int64), pngs
+    from raysl.data.demo_images import digit_pngs
+
+    pngs, labels = zip(*digit_pngs(size))
+    imgs = [np.repeat(np.asarray(Image.open(io.BytesIO(png)), dtype=np.uint8)[None], 3, axis=0) for png in pngs]
+    return np.stack(imgs), np.array(labels, dtype=np.int64), list(pngs)
 
 
 def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +101,7 @@ def write_shards(directory: str, pngs: list[bytes], labels: np.ndarray, idx: np.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from raysl.data.demo_images import DIGITS_LICENSE
     from raysl.data.schema import SCHEMA, Manifest, write_manifest
 
     os.makedirs(directory, exist_ok=True)
@@ -121,8 +117,8 @@ def write_shards(directory: str, pngs: list[bytes], labels: np.ndarray, idx: np.
                 "height": [32] * len(rows),
                 "format": ["png"] * len(rows),
                 "source": ["sklearn:digits"] * len(rows),
-                "license": ["cc-by-4.0"] * len(rows),
-                "attribution": ["UCI ML hand-written digits, via scikit-learn"] * len(rows),
+                "license": [DIGITS_LICENSE[0]] * len(rows),
+                "attribution": [DIGITS_LICENSE[1]] * len(rows),
                 "label": [int(labels[i]) for i in rows],
             },
             schema=SCHEMA,
@@ -131,7 +127,7 @@ def write_shards(directory: str, pngs: list[bytes], labels: np.ndarray, idx: np.
         pq.write_table(table, os.path.join(directory, name))
         manifest.shards.append({"file": name, "rows": len(rows)})
     manifest.written = len(idx)
-    manifest.licenses = {"cc-by-4.0": len(idx)}
+    manifest.licenses = {DIGITS_LICENSE[0]: len(idx)}
     write_manifest(directory, manifest)
     return directory
 

@@ -72,17 +72,32 @@ def copy_pool(out_dir: str) -> str:
     return images
 
 
-def write_digits(out_dir: str, *, size: int = 32, val_every: int = 5, limit: int | None = None) -> dict[str, tuple[str, str]]:
-    """scikit-learn's 1,797 real handwritten digits (8x8, 10 classes, upscaled to `size`)
-    as PNG files: a labeled evaluation set. Every `val_every`-th digit goes to the
-    validation split. Writes out_dir/digits_{train,val}/NNNN.png and, next to each folder,
-    digits_{train,val}.csv (path, label, license, attribution) for `--metadata`.
-    `limit` keeps only the first digits (tests). Returns {"train": (folder, csv), "val": (folder, csv)}."""
+DIGITS_LICENSE = ("cc-by-4.0", "UCI ML hand-written digits, via scikit-learn")
+
+
+def digit_pngs(size: int = 32, limit: int | None = None) -> list[tuple[bytes, int]]:
+    """scikit-learn's 1,797 real handwritten digits (8x8 grey, 10 classes), upscaled to
+    `size` (bicubic) and PNG-encoded: [(png bytes, label)], the first `limit` only if given."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    out = []
+    for pixels, label in zip(digits.images[:limit], digits.target[:limit]):
+        img = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append((buf.getvalue(), int(label)))
+    return out
+
+
+def write_digits(out_dir: str, *, size: int = 32, val_every: int = 5, limit: int | None = None) -> dict[str, tuple[str, str]]:
+    """The digits of `digit_pngs` as PNG files: a labeled evaluation set. Every
+    `val_every`-th digit goes to the validation split. Writes out_dir/digits_{train,val}/NNNN.png
+    and, next to each folder, digits_{train,val}.csv (path, label, license, attribution)
+    for `--metadata`. `limit` keeps only the first digits (tests).
+    Returns {"train": (folder, csv), "val": (folder, csv)}."""
     splits = {}
     for split in ("train", "val"):
         folder = os.path.join(out_dir, f"digits_{split}")
@@ -93,16 +108,12 @@ def write_digits(out_dir: str, *, size: int = 32, val_every: int = 5, limit: int
         writers = {split: csv.writer(f) for split, f in files.items()}
         for w in writers.values():
             w.writerow(["path", "label", "license", "attribution"])
-        for i, (pixels, label) in enumerate(zip(digits.images[:limit], digits.target[:limit])):
+        for i, (png, label) in enumerate(digit_pngs(size, limit)):
             split = "val" if i % val_every == val_every - 1 else "train"
-            img = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
             path = os.path.join(splits[split][0], f"{i:04d}.png")
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
             with open(path, "wb") as g:
-                g.write(buf.getvalue())
-            writers[split].writerow([os.path.abspath(path), int(label), "cc-by-4.0",
-                                     "UCI ML hand-written digits, via scikit-learn"])
+                g.write(png)
+            writers[split].writerow([os.path.abspath(path), label, *DIGITS_LICENSE])
     finally:
         for f in files.values():
             f.close()
