@@ -15,7 +15,6 @@ Results: a markdown table and a JSON file in the output folder.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -98,37 +97,16 @@ def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 def write_shards(directory: str, pngs: list[bytes], labels: np.ndarray, idx: np.ndarray, shard_size: int = 100) -> str:
     """The selected images as a shard set (schema + manifest of raysl.data.schema)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from raysl.data.demo_images import DIGITS_LICENSE
-    from raysl.data.schema import SCHEMA, Manifest, write_manifest
+    from raysl.data.schema import write_shard_set
 
-    os.makedirs(directory, exist_ok=True)
-    manifest = Manifest(sources=["sklearn:digits"])
-    for n, start in enumerate(range(0, len(idx), shard_size)):
-        rows = idx[start : start + shard_size]
-        table = pa.table(
-            {
-                "key": [f"digits/{i:04d}.png" for i in rows],
-                "image": [pngs[i] for i in rows],
-                "sha256": [hashlib.sha256(pngs[i]).hexdigest() for i in rows],
-                "width": [32] * len(rows),
-                "height": [32] * len(rows),
-                "format": ["png"] * len(rows),
-                "source": ["sklearn:digits"] * len(rows),
-                "license": [DIGITS_LICENSE[0]] * len(rows),
-                "attribution": [DIGITS_LICENSE[1]] * len(rows),
-                "label": [int(labels[i]) for i in rows],
-            },
-            schema=SCHEMA,
-        )
-        name = f"shard-{n:05d}.parquet"
-        pq.write_table(table, os.path.join(directory, name))
-        manifest.shards.append({"file": name, "rows": len(rows)})
-    manifest.written = len(idx)
-    manifest.licenses = {DIGITS_LICENSE[0]: len(idx)}
-    write_manifest(directory, manifest)
+    license_, attribution = DIGITS_LICENSE
+    rows = [
+        {"key": f"digits/{i:04d}.png", "image": pngs[i], "width": 32, "height": 32, "format": "png",
+         "source": "sklearn:digits", "license": license_, "attribution": attribution, "label": int(labels[i])}
+        for i in idx
+    ]
+    write_shard_set(directory, rows, shard_size=shard_size, sources=["sklearn:digits"])
     return directory
 
 
