@@ -20,6 +20,10 @@ def _rows(out):
     return [r for p in shard_paths(out, read_manifest(out)) for r in pq.read_table(p).to_pylist()]
 
 
+def _shard_keys(out):
+    return [pq.read_table(p, columns=["key"]).column("key").to_pylist() for p in shard_paths(out, read_manifest(out))]
+
+
 def test_copy_pool_copies_the_bundled_photographs_byte_for_byte(tmp_path):
     images = demo_images.copy_pool(str(tmp_path / "pool"))
     names = sorted(os.listdir(images))
@@ -67,7 +71,10 @@ def test_pool_and_digits_build_into_shards(tmp_path, ray_local):
         w.writeheader()
         w.writerows(list(csv.DictReader(a)) + list(csv.DictReader(b)))
     out = str(tmp_path / "shards")
-    m = build.build_shards([images, digits], out, metadata=str(meta))
+    m = build.build_shards([images, digits], out, shard_size=4, metadata=str(meta))
+    again = str(tmp_path / "again")  # a rebuild of the same inputs: the same shards, row for row
+    build.build_shards([images, digits], again, shard_size=4, metadata=str(meta))
+    assert _shard_keys(again) == _shard_keys(out)
     assert m.written == n + 8 and m.skipped == {reason: 0 for reason in SKIP_REASONS}
     assert m.metadata_unmatched == 0
     rows = {r["key"]: r for r in _rows(out)}

@@ -163,7 +163,7 @@ def _prepare_out(out: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
 
 
 def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manifest) -> None:
-    """Move staged files to shard-NNNNN.parquet (ordered by first key, so reruns agree)."""
+    """Move staged files to shard-NNNNN.parquet, ordered by first key (staged names are random)."""
     for old in fs.get_file_info(pafs.FileSelector(root)):
         if old.base_name.startswith("shard-") and old.base_name.endswith(".parquet"):
             fs.delete_file(old.path)
@@ -241,6 +241,9 @@ def run_build(plan: BuildPlan) -> Manifest:
     blocks += [refs.slice(i, 64) for i in range(len(kinds) - n_files, len(kinds), 64)]
 
     ds = ray.data.from_arrow(blocks)
+    # Rows reach the dedup shuffle and the shard writers in input order, not in the order
+    # tasks finish: the same inputs give the same shards, row for row, on every rebuild.
+    ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(
         _read_batch,
         batch_size=None,
