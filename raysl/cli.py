@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from raysl.errors import UserError
+from raysl.errors import RunFailed, UserError
 
 
 def _csv_list(text: str) -> list[str]:
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"raysl: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"raysl: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("raysl: interrupted", file=sys.stderr)
         return 130

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input from the user: a path, key, row or value, and what to do about it."""
+
+
+class RunFailed(Exception):
+    """A run that Ray Train gave up on (retries spent): the CLI prints its one-line summary
+    and exits with code 1."""

@@ -117,3 +117,17 @@ def test_init_ray_uses_ray_address_when_no_address_is_given(monkeypatch):
     assert init_ray(None) == "Ray: joined cluster at 10.0.0.1:6379"
     assert init_ray("auto") == "Ray: joined cluster at auto"  # --address wins over $RAY_ADDRESS
     assert [c["address"] for c in calls] == ["10.0.0.1:6379", "auto"]
+
+
+def test_a_run_that_gives_up_prints_its_summary_on_one_line_and_exits_1(monkeypatch, capsys):
+    import raysl.train.run
+    from raysl.cli import main
+    from raysl.errors import RunFailed
+
+    def failing_pretrain(cfg, *, address=None, resume=False):
+        raise RunFailed("run runs/r failed after 2 attempt(s) (train.max_failures=1); last step reached 7; ...")
+
+    monkeypatch.setattr(raysl.train.run, "pretrain", failing_pretrain)
+    assert main(["pretrain", "quickstart"]) == 1
+    err = capsys.readouterr().err
+    assert err == "raysl: run runs/r failed after 2 attempt(s) (train.max_failures=1); last step reached 7; ...\n"

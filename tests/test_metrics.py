@@ -3,6 +3,7 @@ their trimming on resume, and the same files staged and synced to a file:// URI.
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -123,15 +124,67 @@ def test_run_files_on_a_uri_are_staged_locally_and_synced(tmp_path, clock, monke
     assert not any(p.name.startswith("file:") for p in tmp_path.rglob("*"))
 
 
+def _fake_checkpoint(d, world=2, listings=True):
+    """A checkpoint directory as raysl.train.checkpoint.save leaves it: files, each worker's listing, rank 0's state."""
+    d.mkdir(parents=True)
+    for rank in range(world):
+        (d / "engine").mkdir(exist_ok=True)
+        files = {f"engine/zero_pp_rank_{rank}_optim_states.pt": 300 + rank, f"worker_{rank}.pt": 50}
+        for rel, size in files.items():
+            (d / rel).write_bytes(b"x" * size)
+        if listings:
+            (d / storage.worker_listing(rank)).write_text(json.dumps({"step": 4, "files": files}))
+    state = {"step": 4, "world_size": world, **({"format": 2} if listings else {})}
+    (d / storage.RUN_STATE).write_text(json.dumps(state))
+
+
 def test_checkpoint_dirs_tell_complete_from_half_written(tmp_path):
     run = tmp_path / "run"
-    (run / "checkpoint_000000").mkdir(parents=True)
-    (run / "checkpoint_000000" / storage.RUN_STATE).write_text("{}")
+    _fake_checkpoint(run / "checkpoint_000000")
     (run / "checkpoint_000001").mkdir()
     expected = [("checkpoint_000000", True), ("checkpoint_000001", False)]
     assert storage.checkpoint_dirs(str(run)) == expected
     assert storage.checkpoint_dirs(f"file://{run}") == expected
     assert storage.checkpoint_dirs(str(tmp_path / "none")) == []
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_checkpoint_with_a_missing_or_short_worker_file_is_named_and_skipped(tmp_path, uri):
+    from raysl.train import recovery
+
+    run = tmp_path / "run"
+    old, new = run / "checkpoint_a", run / "checkpoint_b"
+    _fake_checkpoint(old)
+    _fake_checkpoint(new)
+    where = f"file://{run}" if uri else str(run)
+    assert storage.checkpoint_problem(f"{where}/checkpoint_b") is None
+    assert recovery.newest_complete(where) == (f"{where}/checkpoint_b", [])
+    with open(new / "engine" / "zero_pp_rank_1_optim_states.pt", "r+b") as f:
+        f.truncate(7)  # killed mid-upload
+    problem = "engine/zero_pp_rank_1_optim_states.pt is truncated (7 of 301 bytes)"
+    assert storage.checkpoint_problem(f"{where}/checkpoint_b") == problem
+    assert recovery.newest_complete(where) == (f"{where}/checkpoint_a", [("checkpoint_b", problem)])
+    assert recovery.skipped_line("checkpoint_b", problem) == f"raysl: warning: skipping damaged checkpoint checkpoint_b: {problem}"
+    for damage, expected in (
+        (lambda: (old / "worker_0.pt").unlink(), "worker_0.pt is missing"),
+        (lambda: (old / storage.worker_listing(1)).unlink(), "worker_1.json is missing (worker 1 had not finished uploading)"),
+        (lambda: (old / storage.worker_listing(1)).write_text("{\"files\": "), "worker_1.json is damaged"),
+        (lambda: (old / storage.RUN_STATE).write_text("{"), f"{storage.RUN_STATE} is damaged"),
+        (lambda: (old / storage.RUN_STATE).unlink(), f"no {storage.RUN_STATE} (rank 0 had not finished writing it)"),
+    ):
+        shutil.rmtree(old)
+        _fake_checkpoint(old)
+        damage()
+        assert storage.checkpoint_problem(f"{where}/checkpoint_a") == expected
+    path, skipped = recovery.newest_complete(where)
+    assert path is None and [name for name, _ in skipped] == ["checkpoint_b", "checkpoint_a"]
+
+
+def test_checkpoints_written_before_worker_listings_still_count_when_every_worker_file_is_there(tmp_path):
+    _fake_checkpoint(tmp_path / "old", listings=False)
+    assert storage.checkpoint_problem(str(tmp_path / "old")) is None
+    (tmp_path / "old" / "worker_1.pt").unlink()
+    assert storage.checkpoint_problem(str(tmp_path / "old")) == "worker_1.pt is missing"
 
 
 def test_pretrain_checks_a_uri_runs_checkpoints_before_ray(tmp_path, monkeypatch):

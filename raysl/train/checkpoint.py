@@ -10,7 +10,9 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from raysl.errors import UserError
-from raysl.train.storage import RUN_STATE  # rank 0 writes it last: its presence marks a complete checkpoint
+from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
+
+FORMAT = 2  # 2: every worker lists its files (worker_<rank>.json); 1 (no "format" key): no listings
 
 ENGINE_TAG = "engine"
 WEIGHTS = "weights.safetensors"  # the method's full state (backbone, heads, teachers), fp32, rank 0
@@ -72,7 +74,17 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
     torch.save({**state, **rng_state()}, os.path.join(directory, worker_file(rank)))
     if rank == 0:
         with open(os.path.join(directory, RUN_STATE), "w") as f:
-            json.dump({"step": state["step"], "world_size": world_size}, f)
+            json.dump({"step": state["step"], "world_size": world_size, "format": FORMAT}, f)
+    # Last, this worker's listing: name and size of every file it wrote here (each worker
+    # saves into its own directory, which Ray Train uploads into the shared checkpoint).
+    # storage.checkpoint_problem compares the listings with what reached storage.
+    files = {}
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, directory).replace(os.sep, "/")] = os.path.getsize(path)
+    with open(os.path.join(directory, worker_listing(rank)), "w") as f:
+        json.dump({"step": state["step"], "files": files}, f)
 
 
 def load(directory: str, engine, *, rank: int, world_size: int) -> dict:

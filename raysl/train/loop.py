@@ -10,6 +10,7 @@ import time
 import numpy as np
 import ray.data
 import ray.train
+import ray.train.collective
 import torch
 import torch.distributed as dist
 
@@ -21,7 +22,7 @@ from raysl.eval.monitor import KnnMonitor
 from raysl.methods.base import build_method
 from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
-from raysl.train import checkpoint, storage
+from raysl.train import checkpoint, preemption, recovery, storage
 from raysl.train.engine import DTYPES, initialize
 from raysl.train.metrics import MetricsLog, say
 from raysl.train.val_loss import held_out_loss
@@ -141,15 +142,6 @@ def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -
     )
 
 
-def _fail_once_at(step: int, fail_at: int | None, run_dir: str) -> None:
-    """Failure drill (RAYSL_FAIL_AT_STEP=k on the driver): worker 0 dies once at step k;
-    a marker file in the run dir (a local dir or a URI) lets the restarted attempt carry on."""
-    marker = f"{run_dir.rstrip('/')}/.failed_once"
-    if fail_at == step and ray.train.get_context().get_world_rank() == 0 and not storage.exists(marker):
-        storage.write_text(marker, "")
-        os._exit(1)
-
-
 def train_loop_per_worker(raw: dict) -> None:
     cfg = from_dict(raw["config"])
     run_dir = raw["run_dir"]
@@ -176,21 +168,31 @@ def train_loop_per_worker(raw: dict) -> None:
     monitor = KnnMonitor.from_config(cfg, cfg.data.image_size or spec.crops[0].size)  # online kNN, or None
 
     state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
-    restored = ray.train.get_checkpoint()
-    if restored is None and raw.get("resume_from"):  # a checkpoint handed over by Tune (PBT exploit, trial restore)
-        restored = ray.train.Checkpoint(raw["resume_from"])
-    if restored:
-        with restored.as_directory() as d:
+    start = None
+    if rank == 0:  # the newest complete checkpoint, Ray Train's or one only the run's storage holds
+        registered = ray.train.get_checkpoint()
+        start = recovery.choose_start(run_dir, registered.path if registered else None, raw.get("resume_from"))
+    start = ray.train.collective.broadcast_from_rank_zero(start)
+    if start["checkpoint"]:
+        with ray.train.Checkpoint(start["checkpoint"]).as_directory() as d:
             state = checkpoint.load(d, engine, rank=rank, world_size=world)
     else:
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
     log = files = None
     if rank == 0:
         # rank 0's files: written in the run dir, or staged locally and synced to a bucket URI
-        files = storage.RunFiles(run_dir, fetch=("metrics.jsonl",) if restored else ())
+        files = storage.RunFiles(run_dir, fetch=("metrics.jsonl", recovery.ATTEMPTS))
+        for name, problem in start["skipped"]:
+            say(recovery.skipped_line(name, problem))
+        attempt = recovery.record_attempt(files.local, {
+            "start_step": state["step"], "checkpoint": start["checkpoint"] and os.path.basename(start["checkpoint"]),
+            "source": start["source"], "skipped": [name for name, _ in start["skipped"]], "world_size": world,
+            "rank0_pid": os.getpid(), "rank0_actor_id": ray.get_runtime_context().get_actor_id(),
+        })
         log = MetricsLog(files.local, total_steps=total, resume_step=state["step"])
-        say(f"raysl: {cfg.method.name} on {cfg.model.backbone}, {world} worker(s), {total} steps, "
-            f"global batch {global_batch}, starting at step {state['step']}")
+        say(recovery.start_line(attempt, f"{cfg.method.name} on {cfg.model.backbone}, {world} worker(s), "
+                                         f"{total} steps, global batch {global_batch}"))
+        files.sync()  # attempts.jsonl reaches a URI run before the first step
 
     def view_batches(shards: str, epoch: int, position: int):
         ds = reader.read_views(
@@ -229,38 +231,48 @@ def train_loop_per_worker(raw: dict) -> None:
                 batch = next(it)
             yield to_views(batch)
 
-    while state["step"] < total:
-        stream = batches_from(state["position"])
-        it = iter(stream)
-        step_in_epoch = state["position"] // (cfg.data.batch_size * cfg.deepspeed.grad_accum)
-        while step_in_epoch < steps[state["epoch"]] and state["step"] < total:
-            values = {**schedules.at(state["step"]), "step": state["step"]}
-            t0 = time.perf_counter()
-            out = train_step(engine, method, optimizer, micro_batches(), values)
-            state["step"] += 1
-            step_in_epoch += 1
-            state["position"] = stream.position
-            metrics = _global_metrics(out, state, stream.skipped, values, global_batch / (time.perf_counter() - t0))
-            if monitor and monitor.due(state["step"], total):
-                metrics.update(monitor.evaluate(method.backbone))
-            if cfg.eval.val_shards and (state["step"] % cfg.eval.val_every == 0 or state["step"] == total):
-                metrics["val_loss"] = held_out_loss(engine, method, val_batches(), values)
-            if log:
-                log.log(metrics, show=state["step"] % cfg.train.log_every == 0 or state["step"] == total)
-                _report_pictures_and_collapse(out, metrics, method, files.local)
-            _fail_once_at(state["step"], raw.get("fail_at_step"), run_dir)
-            last = state["step"] == total
-            if state["step"] % cfg.train.checkpoint_every == 0 or last:
-                with tempfile.TemporaryDirectory() as d:
-                    checkpoint.save(d, engine, rank=rank, world_size=world, state=dict(state, skipped=state["skipped"] + stream.skipped))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                if files:
-                    files.sync()  # URI runs: metrics.jsonl, TensorBoard, pictures up to this checkpoint
-            elif raw.get("report_every") and state["step"] % raw["report_every"] == 0:
-                ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
-        if step_in_epoch >= steps[state["epoch"]]:
-            state["skipped"] += stream.skipped
-            state.update(epoch=state["epoch"] + 1, position=0)
+    with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
+        while state["step"] < total:
+            step_in_epoch = state["position"] // (cfg.data.batch_size * cfg.deepspeed.grad_accum)
+            if step_in_epoch >= steps[state["epoch"]]:  # resumed from a checkpoint at an epoch's last step
+                state.update(epoch=state["epoch"] + 1, position=0)
+                continue
+            stream = batches_from(state["position"])
+            it = iter(stream)
+            while step_in_epoch < steps[state["epoch"]] and state["step"] < total:
+                values = {**schedules.at(state["step"]), "step": state["step"]}
+                t0 = time.perf_counter()
+                out = train_step(engine, method, optimizer, micro_batches(), values)
+                state["step"] += 1
+                step_in_epoch += 1
+                state["position"] = stream.position
+                metrics = _global_metrics(out, state, stream.skipped, values, global_batch / (time.perf_counter() - t0),
+                                          preempted=preemption.requested())
+                preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint now, then stop
+                if monitor and monitor.due(state["step"], total):
+                    metrics.update(monitor.evaluate(method.backbone))
+                if cfg.eval.val_shards and (state["step"] % cfg.eval.val_every == 0 or state["step"] == total):
+                    metrics["val_loss"] = held_out_loss(engine, method, val_batches(), values)
+                if log:
+                    log.log(metrics, show=state["step"] % cfg.train.log_every == 0 or state["step"] == total)
+                    _report_pictures_and_collapse(out, metrics, method, files.local)
+                last = state["step"] == total
+                if state["step"] % cfg.train.checkpoint_every == 0 or last or preempted:
+                    with tempfile.TemporaryDirectory() as d:
+                        checkpoint.save(d, engine, rank=rank, world_size=world, state=dict(state, skipped=state["skipped"] + stream.skipped))
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                    if files:
+                        files.sync()  # URI runs: metrics.jsonl, TensorBoard, pictures up to this checkpoint
+                elif raw.get("report_every") and state["step"] % raw["report_every"] == 0:
+                    ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
+                if preempted:
+                    if log:
+                        say(f"raysl: preemption notice (SIGTERM) on {preempted} worker(s): checkpoint written at step "
+                            f"{state['step']}, stopping; the run continues from it")
+                    raise preemption.Preempted(f"SIGTERM on {preempted} worker(s); checkpoint written at step {state['step']}")
+            if step_in_epoch >= steps[state["epoch"]]:
+                state["skipped"] += stream.skipped
+                state.update(epoch=state["epoch"] + 1, position=0)
     if log:
         log.close()
         files.close()
@@ -309,12 +321,16 @@ def _report_pictures_and_collapse(out: dict, metrics: dict, method, run_dir: str
         say(warning)
 
 
-def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float) -> dict:
+def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float,
+                    preempted: bool = False) -> dict:
     """Losses and counters averaged/summed over workers, so every rank logs the same numbers.
-    Only scalar outputs are metrics (methods may also return score tensors for histograms)."""
+    Only scalar outputs are metrics (methods may also return score tensors for histograms).
+    `preempted` rides on the same all-reduce: `preempted_workers` counts the workers that
+    received a preemption notice (present only when some did)."""
     scalars = {k: float(v.detach().float()) for k, v in out.items() if v.numel() == 1}
     names = sorted(scalars)
-    t = torch.tensor([scalars[k] for k in names] + [float(state["skipped"] + skipped_now)], dtype=torch.float64)
+    t = torch.tensor([scalars[k] for k in names] + [float(preempted), float(state["skipped"] + skipped_now)],
+                     dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(t)
         world = dist.get_world_size()
@@ -329,4 +345,5 @@ def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, imag
         "weight_decay": float(values["weight_decay"]),
         "images_per_s": float(np.round(images_per_s, 2)),
         "skipped_corrupt": int(t[-1]),
+        **({"preempted_workers": int(t[-2])} if t[-2] else {}),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from raysl.config import Config
-from raysl.errors import UserError
+from raysl.errors import RunFailed, UserError
 from raysl.train import storage
 
 
@@ -71,7 +71,6 @@ def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume
         train_loop_config={
             "config": cfg.to_dict(),
             "run_dir": out,
-            "fail_at_step": int(os.environ["RAYSL_FAIL_AT_STEP"]) if os.environ.get("RAYSL_FAIL_AT_STEP") else None,
             "resume_from": resume_from,
             "report_every": report_every,
         },
@@ -104,7 +103,14 @@ def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -
         raise UserError(f"--resume: run {out} has no complete checkpoint to resume from")
     storage.write_text(f"{out}/config.yaml", cfg.to_yaml())
     print(init_ray(address, quiet=False), flush=True)
-    result = make_trainer(cfg, out).fit()
+    import ray.train
+
+    try:
+        result = make_trainer(cfg, out).fit()
+    except ray.train.TrainingFailedError as exc:
+        from raysl.train.recovery import failure_summary
+
+        raise RunFailed(failure_summary(out, exc, cfg.train.max_failures)) from exc
     files = storage.RunFiles(out, fetch=("metrics.jsonl",))  # a URI's metrics.jsonl, fetched to plot it
     try:
         plots = [f"{out}/{os.path.basename(p)}" for p in plot_curves(files.local)]
