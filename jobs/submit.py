@@ -70,6 +70,21 @@ async def _tail(client, job_id: str) -> None:
         print(lines, end="", flush=True)
 
 
+async def _follow(client, job_id: str, timeout: float) -> None:
+    """Print the job's logs until it ends. The log stream can outlive the job (after a node
+    was lost it stayed open until the timeout), so the job's status is polled beside it."""
+    tail = asyncio.ensure_future(_tail(client, job_id))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, _ = await asyncio.wait({tail}, timeout=2)
+        if done:
+            return
+        if _name(await asyncio.to_thread(client.get_job_status, job_id)) in TERMINAL:
+            await asyncio.wait({tail}, timeout=5)  # its last lines
+            break
+    tail.cancel()
+
+
 def placement(address: str, job_id: str) -> dict:
     """Per task name and per actor class of the job: the nodes that ran them, each with
     its custom resources, e.g. {"tasks": {"MapBatches(_augment)": [{"node_id":..., "resources": {...}}]}}."""
@@ -103,10 +118,7 @@ def main(argv=None) -> int:
                                submission_id=args.submission_id)
     print(f"submit: job {sub_id} on {args.address}: {entrypoint}", file=sys.stderr, flush=True)
     deadline = time.monotonic() + args.timeout
-    try:
-        asyncio.run(asyncio.wait_for(_tail(client, sub_id), timeout=args.timeout))
-    except asyncio.TimeoutError:
-        pass
+    asyncio.run(_follow(client, sub_id, args.timeout))
     status = client.get_job_status(sub_id)
     while _name(status) not in TERMINAL and time.monotonic() < deadline:  # logs can end a moment before the status
         time.sleep(1)

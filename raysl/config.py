@@ -161,6 +161,9 @@ class TrainConfig:
     max_failures: int = field(default=0, metadata=_range(-1))  # Ray Train restarts; -1: unlimited
     # Custom Ray resources each training worker requests, e.g. {gpu_node: 1} (besides CPU/GPU).
     worker_resources: dict[str, float] = field(default_factory=dict, metadata=_range(0.0))
+    # How workers are placed on nodes (Ray placement groups): PACK fills nodes first; SPREAD
+    # puts them on as many nodes as it can (a lost node then takes fewer workers with it).
+    placement_strategy: str = field(default="PACK", metadata=_choices("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
 
 
 @dataclass

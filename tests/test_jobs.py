@@ -116,7 +116,7 @@ def cluster():
         for cmd in (head, worker):
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
             assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout}\n{run.stderr}"
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
+        yield {"address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "env": env, "temp_dir": temp_dir}
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -148,7 +148,7 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     assert job.returncode == 0, out
     assert "SUCCEEDED" in job.stderr, out
     # the job's own output came back through tail_job_logs: the loop's banner and pretrain's summary
-    assert "raysl: simclr on test_resnet, 1 worker(s), 3 steps" in job.stdout, out
+    assert "raysl: attempt 1: simclr on test_resnet, 1 worker(s), 3 steps" in job.stdout, out
     summary = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"run_dir"')][-1])
     assert summary["steps"] == 3 and summary["checkpoint"], summary
     assert os.path.exists(os.path.join(summary["checkpoint"], "weights.safetensors")), summary
@@ -178,3 +178,67 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     assert workers == train_nodes, placement["actors"]
     print(f"\njob on a 2-node cluster: {seconds:.0f} s; data tasks {sorted(data_tasks)} on the data node, "
           f"RayTrainWorker on the trainer node")
+
+
+@pytest.mark.ray
+def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, tmp_path):
+    """A third node ({"trainer_node": 1}, 1 CPU) joins; the run's two workers are spread over
+    it and the head. After step 5 the whole node is killed (its raylet and every process it
+    started, SIGKILL). Ray Train restarts the worker group on the head, which suffices, and
+    the run continues from its newest complete checkpoint."""
+    from raysl.train import recovery, storage
+    from raysl.train.metrics import read_metrics
+
+    marker = str(_free_ports(1)[0])  # this node's metrics port: it names the node's processes
+    spot = [
+        os.path.join(BIN, "ray"), "start", "--address", cluster["gcs"], "--num-cpus", "1",
+        "--resources", json.dumps({"trainer_node": 1}), "--metrics-export-port", marker,
+        "--node-ip-address", "127.0.0.1", "--temp-dir", os.path.join(cluster["temp_dir"], "ray"), "--disable-usage-stats",
+    ]
+    started = subprocess.run(spot, env=cluster["env"], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    shards = str(tmp_path / "shards")
+    write_shards(shards, digit_images(64), shard_size=8)
+    run = str(tmp_path / "runs" / "lost")
+    overrides = [
+        f"data.shards={shards}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
+        "method.proj_hidden_dim=64", "method.proj_dim=32", "train.num_workers=2", "train.epochs=2", "train.max_steps=12",
+        "train.checkpoint_every=4", "train.log_every=1", "train.max_failures=1", f"train.storage_path={tmp_path / 'runs'}",
+        "train.name=lost", "train.placement_strategy=SPREAD", 'train.worker_resources={"trainer_node": 1}',
+        "data.task_cpus=0.5", 'data.task_resources={"data_node": 1}',
+    ]
+    job = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "jobs", "submit.py"), "--address", cluster["address"],
+         "--working-dir", REPO, "--runtime-env", os.path.join(REPO, "jobs", "runtime_env.yaml"),
+         "--timeout", "400", "--", "raysl", "pretrain", "quickstart", *overrides],
+        cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    killed_after = newest = None
+    try:
+        deadline = time.monotonic() + 400
+        while job.poll() is None and time.monotonic() < deadline:
+            rows = read_metrics(run) if os.path.exists(run) else []
+            if killed_after is None and rows and rows[-1]["step"] >= 5:
+                node = _pids_of(f"--metrics_export_port={marker}")
+                assert node, "the third node's processes"
+                for pid in node:
+                    os.kill(pid, signal.SIGKILL)
+                while any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in node):
+                    time.sleep(0.05)
+                killed_after = read_metrics(run)[-1]["step"]
+                newest, _ = recovery.newest_complete(run)
+            time.sleep(0.05)
+        out = job.communicate(timeout=60)[0]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0 and "SUCCEEDED" in out, out
+    assert killed_after is not None, out
+    attempts = recovery.read_attempts(run)
+    assert [a["attempt"] for a in attempts] == [1, 2], (attempts, out)
+    assert attempts[1]["checkpoint"] == os.path.basename(newest) and attempts[1]["world_size"] == 2
+    start = storage.checkpoint_step(newest)
+    assert attempts[1]["start_step"] == start and start < killed_after < start + 4  # only steps after it redone
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
+    assert storage.checkpoint_problem(newest) is None  # what the finished checkpoint wrote is all there
+    assert "raysl: attempt 2: simclr on test_resnet, 2 worker(s), 12 steps" in out, out

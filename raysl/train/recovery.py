@@ -71,8 +71,10 @@ def start_line(record: dict, what: str) -> str:
     head = f"raysl: attempt {record['attempt']}: {what}"
     if record["checkpoint"] is None:
         return f"{head}, starting at step {record['start_step']}"
+    found = {"ray train": "handed over by Ray Train", "run storage": "found in the run's storage",
+             "handed over": "handed over by raysl tune"}[record["source"]]
     return (f"{head}, starting at step {record['start_step']} from {record['checkpoint']} "
-            f"(found by {record['source']}); first step trained: {record['start_step'] + 1}")
+            f"({found}); first step trained: {record['start_step'] + 1}")
 
 
 def skipped_line(name: str, problem: str) -> str:

@@ -80,6 +80,7 @@ def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume
             resources_per_worker={
                 "CPU": cfg.train.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **cfg.train.worker_resources
             },
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
