@@ -8,15 +8,13 @@ import os
 
 import torch
 
-from raysl.config import Config, from_dict
+from raysl.config import Config, from_dict, load_yaml
 from raysl.errors import UserError
 from raysl.train import checkpoint, storage
 
 
 def run_config(run_dir: str) -> Config:
     """The recipe the run was started with (`config.yaml` in the run dir)."""
-    import yaml
-
     if storage.is_uri(run_dir):
         raise UserError(
             f"--ckpt {run_dir}: eval, export and report read a run directory on this machine (local disk or NFS); "
@@ -26,7 +24,7 @@ def run_config(run_dir: str) -> Config:
     if not os.path.isfile(path):
         raise UserError(f"--ckpt {run_dir}: no config.yaml there; point it at a run directory written by raysl pretrain")
     with open(path) as f:
-        return from_dict(yaml.safe_load(f) or {}, origin=path)
+        return from_dict(load_yaml(f) or {}, origin=path)
 
 
 def checkpoints(run_dir: str) -> list[tuple[int, str]]:
