@@ -245,10 +245,12 @@ def format_table(rows: list[dict], header: bool = True) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods (default: all); variants: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=200, help="pretraining steps per method (batch 64)")
-    p.add_argument("--out", default="bench_methods", help="folder for shards, runs, bench_methods.md/.json")
+    p.add_argument("--out", type=resolve_path, default="bench_methods", help="folder for shards, runs, bench_methods.md/.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="METHOD:section.key=value",
                    help="extra override for one bench entry, e.g. dino:optim.lr=0.01 (repeatable)")
