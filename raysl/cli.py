@@ -117,7 +117,7 @@ def cmd_eval(args) -> None:
         options = {"ks": _numbers(args.k, int, "--k"), "temperature": args.temperature}
     result = evaluate(args.kind, args.ckpt, args.train, args.val, options=options, backbone=args.backbone,
                       workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                      image_size=args.image_size, address=args.address)
+                      image_size=args.image_size, address=args.address, baseline=args.baseline)
     print(json.dumps(result))
 
 
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--train", type=resolve_path, required=True, help="labeled shard set to fit on (memory bank for knn)")
     ev.add_argument("--val", type=resolve_path, required=True, help="labeled shard set to score on")
     ev.add_argument("--backbone", help="refuse the run unless it trained this timm backbone")
+    ev.add_argument("--baseline", action="store_true",
+                    help="knn/linear/fewshot: also score the same backbone at random init (the run's seed), as random_init")
     ev.add_argument("--image-size", type=int, default=0, help="eval resolution (default: the run's data.image_size, else 224)")
     ev.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     ev.add_argument("--cpus-per-worker", type=int, default=1)
