@@ -214,3 +214,45 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
 
     assert main(["doctor", "--storage", "runs"]) == 0
     assert seen["doctor"][0] == (None, here("runs"))
+
+
+def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
+    """Quiet: the driver's third-party loggers and Ray Data's env settings, and the same for
+    every Ray worker of the job (runtime_env); --verbose leaves all of it alone."""
+    import logging
+
+    import ray
+
+    from raysl import runtime
+    from raysl.cli import build_parser
+
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "DeepSpeed")]
+    saved = [(lg.level, list(lg.filters)) for lg in loggers]
+    for key in (runtime.VERBOSE_ENV, *runtime.QUIET_ENV):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2})
+    try:
+        runtime.set_verbose(False)
+        assert {k: os.environ[k] for k in runtime.QUIET_ENV} == runtime.QUIET_ENV
+        assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+        deepspeed = logging.getLogger("DeepSpeed")
+        deepspeed.setLevel(logging.WARNING)  # as DeepSpeed does when it is imported
+        assert not all(f.filter(logging.makeLogRecord({"levelno": logging.WARNING})) for f in deepspeed.filters)
+        runtime.init_ray()
+        assert calls[-1]["runtime_env"] == {"env_vars": runtime.QUIET_ENV, "worker_process_setup_hook": "raysl.runtime.quiet_logs"}
+        assert calls[-1]["logging_level"] == logging.WARNING
+
+        runtime.set_verbose(True)
+        runtime.init_ray()
+        assert calls[-1]["runtime_env"] is None and "logging_level" not in calls[-1]
+        assert runtime.train_logging().log_level == "INFO"
+    finally:
+        for lg, (level, filters) in zip(loggers, saved):
+            lg.setLevel(level)
+            lg.filters[:] = filters
+    assert build_parser().parse_args(["eval", "knn", "--ckpt", "r", "--train", "t", "--val", "v", "-v"]).verbose
+    assert build_parser().parse_args(["--verbose", "shards", "inspect", "d"]).verbose
+    assert not hasattr(build_parser().parse_args(["doctor"]), "verbose")
