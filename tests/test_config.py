@@ -46,6 +46,10 @@ def test_overrides_are_typed():
         (["model.compile=maybe"], "model.compile: expected true or false"),
         (["turbo.x=1"], "unknown section 'turbo'"),
         (["lr=1"], "expected section.key=value"),
+        (["optim.min_lr=1e-6x"], "optim.min_lr: expected a number, got '1e-6x'"),  # numbers as people write them, wrong
+        (["optim.lr=1e"], "optim.lr: expected a number"),
+        (["optim.warmup_steps=1e-6"], "optim.warmup_steps: expected an integer"),
+        (["optim.warmup_steps=2.5E0"], "optim.warmup_steps: expected an integer"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -92,20 +96,6 @@ def test_numbers_in_a_recipe_file(tmp_path):
     recipe.write_text("optim:\n  lr: 5e-4\n  min_lr: 1e-6\n  warmup_steps: 1E2\ntrain:\n  max_steps: 1_000\n")
     cfg = load_config(str(recipe))
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps) == (5e-4, 1e-6, 100, 1000)
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        (["optim.min_lr=1e-6x"], "optim.min_lr: expected a number, got '1e-6x'"),
-        (["optim.lr=1e"], "optim.lr: expected a number"),
-        (["optim.warmup_steps=1e-6"], "optim.warmup_steps: expected an integer"),
-        (["optim.warmup_steps=2.5E0"], "optim.warmup_steps: expected an integer"),
-    ],
-)
-def test_bad_numbers_still_name_the_key(override, message):
-    with pytest.raises(UserError, match=message):
-        load_config("quickstart", override)
 
 
 def test_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch):
