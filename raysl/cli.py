@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from raysl.config import resolve_path
 from raysl.errors import RunFailed, UserError
 
 
@@ -116,7 +117,7 @@ def cmd_eval(args) -> None:
         options = {"ks": _numbers(args.k, int, "--k"), "temperature": args.temperature}
     result = evaluate(args.kind, args.ckpt, args.train, args.val, options=options, backbone=args.backbone,
                       workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                      image_size=args.image_size, address=args.address)
+                      image_size=args.image_size, address=args.address, baseline=args.baseline)
     print(json.dumps(result))
 
 
@@ -130,6 +131,15 @@ def cmd_report(args) -> None:
     from raysl.eval.report import build_report
 
     print(build_report(args.run, args.eval))
+
+
+def cmd_doctor(args) -> int:
+    from raysl.doctor import run_checks
+
+    checks = run_checks(args.address, args.storage)
+    for check in checks:
+        print(check.line(), flush=True)
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def cmd_demo(args) -> None:
@@ -149,14 +159,32 @@ def _ray_command(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every command and subcommand takes --verbose, before or after its name (SUPPRESS:
+    a later parser does not overwrite an earlier --verbose with False)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="show every library's log lines (Ray, Ray Data, DeepSpeed, bitsandbytes); "
+                               "default: raysl's own progress, results and warnings")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raysl", description=__doc__)
+    from raysl import __version__
+
+    p = _Parser(prog="raysl", description=__doc__)
+    p.add_argument("--version", action="version", version=f"raysl {__version__}")
     p.add_argument("--address", default=None, help=_ADDRESS_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = _ray_command(sub.add_parser("demo", help="build shards from real bundled images and stream views through Ray Data"))
-    demo.add_argument("--out", default="demo_out", help="folder for the demo's images, shards and pictures")
+    demo.add_argument("--out", type=resolve_path, default="demo_out", help="folder for the demo's images, shards and pictures")
     demo.set_defaults(func=cmd_demo)
+
+    doc = _ray_command(sub.add_parser("doctor", help="check this machine: versions, GPUs, 8-bit kernels, Ray cluster, free disk"))
+    doc.add_argument("--storage", type=resolve_path, default="runs", help="where runs will be stored (train.storage_path)")
+    doc.set_defaults(func=cmd_doctor)
 
     pre = _ray_command(sub.add_parser("pretrain", help="self-supervised pretraining from a recipe on Ray Train + DeepSpeed"))
     pre.add_argument("recipe", help="a shipped recipe name (e.g. quickstart) or a YAML path")
@@ -167,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu = _ray_command(sub.add_parser("tune", help="Ray Tune over any config key of a recipe (ASHA or PBT, optional Optuna)"))
     tu.add_argument("recipe", help="a shipped recipe name or a YAML path")
     tu.add_argument("overrides", nargs="*", help="section.key=value, applied before the search space")
-    tu.add_argument("--space", required=True, help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}")
+    tu.add_argument("--space", type=resolve_path, required=True, help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}")
     tu.add_argument("--scheduler", choices=["asha", "pbt"], default="asha")
     tu.add_argument("--samples", type=int, default=4, help="trials (PBT: the population)")
     tu.add_argument("--metric", default="loss", help="loss, val_loss (needs eval.val_shards) or knn_top1 (needs eval.knn_shards)")
@@ -176,16 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--concurrent", type=int, default=1, help="trials at once (each takes train.num_workers workers)")
     tu.add_argument("--grace-steps", type=int, default=None, help="ASHA: steps before a trial can be stopped (default: a quarter)")
     tu.add_argument("--name", default="tune", help="experiment name (a folder under --storage)")
-    tu.add_argument("--storage", default="runs", help="local dir, NFS path or bucket URI")
+    tu.add_argument("--storage", type=resolve_path, default="runs", help="local dir, NFS path or bucket URI")
     tu.add_argument("--resume", action="store_true", help="continue the experiment --storage/--name")
     tu.set_defaults(func=cmd_tune)
 
     ev = _ray_command(sub.add_parser("eval", help="evaluate a run's backbone on labeled shards: knn, linear probe, few-shot, fine-tune"))
     ev.add_argument("kind", choices=("knn", "linear", "fewshot", "finetune"))
-    ev.add_argument("--ckpt", required=True, help="a pretraining run directory (its latest checkpoint is used)")
-    ev.add_argument("--train", required=True, help="labeled shard set to fit on (memory bank for knn)")
-    ev.add_argument("--val", required=True, help="labeled shard set to score on")
+    ev.add_argument("--ckpt", type=resolve_path, required=True, help="a pretraining run directory (its latest checkpoint is used)")
+    ev.add_argument("--train", type=resolve_path, required=True, help="labeled shard set to fit on (memory bank for knn)")
+    ev.add_argument("--val", type=resolve_path, required=True, help="labeled shard set to score on")
     ev.add_argument("--backbone", help="refuse the run unless it trained this timm backbone")
+    ev.add_argument("--baseline", action="store_true",
+                    help="knn/linear/fewshot: also score the same backbone at random init (the run's seed), as random_init")
     ev.add_argument("--image-size", type=int, default=0, help="eval resolution (default: the run's data.image_size, else 224)")
     ev.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     ev.add_argument("--cpus-per-worker", type=int, default=1)
@@ -207,22 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     exp = sub.add_parser("export", help="a run's backbone for timm.create_model, with a model card and attributions")
-    exp.add_argument("--ckpt", required=True, help="the run directory (its latest checkpoint is exported)")
-    exp.add_argument("--out", required=True, help="folder for model.safetensors, config.json, README.md, ATTRIBUTIONS.csv")
-    exp.add_argument("--shards", help="where the training shard set lives now, if it moved since training")
+    exp.add_argument("--ckpt", type=resolve_path, required=True, help="the run directory (its latest checkpoint is exported)")
+    exp.add_argument("--out", type=resolve_path, required=True, help="folder for model.safetensors, config.json, README.md, ATTRIBUTIONS.csv")
+    exp.add_argument("--shards", type=resolve_path, help="where the training shard set lives now, if it moved since training")
     exp.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="one self-contained HTML page of a run's numbers and pictures (RUN/report.html)")
-    rep.add_argument("run", help="the run directory")
-    rep.add_argument("--eval", help="a labeled shard set for the embedding plot and the attention samples")
+    rep.add_argument("run", type=resolve_path, help="the run directory")
+    rep.add_argument("--eval", type=resolve_path, help="a labeled shard set for the embedding plot and the attention samples")
     rep.set_defaults(func=cmd_report)
 
     shards = sub.add_parser("shards", help="build and inspect image shard sets").add_subparsers(dest="shards_cmd", required=True)
     b = _ray_command(shards.add_parser("build", help="turn folders, WebDataset tars or img2dataset parquet into shards"))
-    b.add_argument("src", nargs="+", help="image folders, .tar files or .parquet files")
-    b.add_argument("--out", required=True, help="output shard directory")
+    b.add_argument("src", nargs="+", type=resolve_path, help="image folders, .tar files or .parquet files")
+    b.add_argument("--out", type=resolve_path, required=True, help="output shard directory")
     b.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
-    b.add_argument("--metadata", help="CSV/JSONL with path or key plus license, attribution, source, label")
+    b.add_argument("--metadata", type=resolve_path, help="CSV/JSONL with path or key plus license, attribution, source, label")
     b.add_argument("--license", type=_csv_list, help="keep only images whose license is in this comma list")
     b.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side is smaller")
     b.add_argument("--max-pixels", type=int, default=89_478_485, help="skip images with more pixels (bomb guard)")
@@ -230,15 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
     b.set_defaults(func=cmd_shards_build)
     i = shards.add_parser("inspect", help="counts, bytes, resolutions, licenses; optional contact sheet")
-    i.add_argument("dir")
-    i.add_argument("--grid", help="write a contact sheet PNG of sample images here")
+    i.add_argument("dir", type=resolve_path)
+    i.add_argument("--grid", type=resolve_path, help="write a contact sheet PNG of sample images here")
     i.add_argument("--samples", type=int, default=64)
     i.set_defaults(func=cmd_shards_inspect)
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     bd = _ray_command(bsub.add_parser("data", help="raysl view pipeline vs a plain DataLoader + torchvision"))
-    bd.add_argument("--shards", required=True)
+    bd.add_argument("--shards", type=resolve_path, required=True)
     bd.add_argument("--views", default="dino")
     bd.add_argument("--workers", type=int, default=2)
     bd.add_argument("--images", type=int, default=256)
@@ -261,9 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raysl.runtime import set_verbose
+
     args = build_parser().parse_args(argv)
+    set_verbose(getattr(args, "verbose", False))
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as exc:
         print(f"raysl: error: {exc}", file=sys.stderr)
         return 2
@@ -273,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raysl: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

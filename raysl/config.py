@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,6 +16,28 @@ from importlib import resources
 import yaml
 
 from raysl.errors import UserError
+
+
+def resolve_path(path: str) -> str:
+    """A path the user gave, made absolute against their working directory before it goes to
+    Ray (whose workers run elsewhere); URIs ("scheme://...") and "" (off) are left as they are."""
+    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: PyYAML follows YAML 1.1, which reads 1e-6 and 1E3 (no dot,
+    or no exponent sign) as strings; YAML 1.2 and Python read them as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream):
+    """yaml.safe_load, but 1e-6, 5e-4 and 1E3 are numbers (see _Loader)."""
+    return yaml.load(stream, Loader=_Loader)
 
 
 def _range(lo=None, hi=None, *, lo_open=False):
@@ -34,7 +57,7 @@ def _scale_pair():
 
 @dataclass
 class DataConfig:
-    shards: str = field(default="", metadata={"help": "shard directory or URI (raysl shards build)"})
+    shards: str = field(default="", metadata={"help": "shard directory or URI (raysl shards build)", "path": True})
     views: str = "simclr"  # a views preset; the method's default when empty
     image_size: int = field(default=0, metadata=_range(0))  # 0: the preset's size
     # Crop overrides of the views preset; the defaults (-1, 0, []) keep the preset's own.
@@ -148,7 +171,7 @@ class DeepSpeedConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"
-    storage_path: str = "runs"  # local dir, NFS path or bucket URI
+    storage_path: str = field(default="runs", metadata={"path": True})  # local dir, NFS path or bucket URI
     epochs: int = field(default=1, metadata=_range(1))
     max_steps: int = field(default=0, metadata=_range(0))  # 0: run all epochs
     seed: int = 0
@@ -171,8 +194,8 @@ class EvalConfig:
     """The online kNN monitor (raysl.eval.monitor): weighted cosine kNN on a small labeled
     shard set every `knn_every` steps, into metrics.jsonl as knn_top1_k20, knn_top5_k200, ..."""
 
-    knn_shards: str = ""  # labeled shard set; empty: no monitor
-    knn_val_shards: str = ""  # its query set; empty: a seeded split of knn_shards
+    knn_shards: str = field(default="", metadata={"path": True})  # labeled shard set; empty: no monitor
+    knn_val_shards: str = field(default="", metadata={"path": True})  # its query set; empty: a seeded split of knn_shards
     knn_val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
     knn_every: int = field(default=100, metadata=_range(1))  # steps (and at the last step)
     knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"each": _range(1)})
@@ -180,7 +203,7 @@ class EvalConfig:
     knn_batch_size: int = field(default=256, metadata=_range(1))
     # Held-out SSL loss (`val_loss` in metrics.jsonl; a Tune metric): the method's own loss
     # on `val_batches` batches of views of this shard set, every `val_every` steps.
-    val_shards: str = ""  # empty: off
+    val_shards: str = field(default="", metadata={"path": True})  # empty: off
     val_every: int = field(default=100, metadata=_range(1))
     val_batches: int = field(default=2, metadata=_range(1))
 
@@ -232,6 +255,8 @@ def _check(key: str, f: dataclasses.Field, value):
     typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1E3 or 1e3 for an integer key
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise UserError(f"config key {key}: expected {_TYPE_NAMES[typ]}, got {value!r}")
     meta = f.metadata
@@ -288,7 +313,7 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
 def recipe_path(recipe: str) -> str:
     """A path to a YAML file, or the name of a recipe shipped in raysl/recipes."""
     if os.path.exists(recipe):
-        return recipe
+        return resolve_path(recipe)
     shipped = resources.files("raysl") / "recipes" / f"{recipe.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
         return str(shipped)
@@ -301,14 +326,14 @@ def parse_override(text: str) -> tuple[str, str, object]:
         raise UserError(f"override {text!r}: expected section.key=value, e.g. optim.lr=0.001")
     key, value = text.split("=", 1)
     section, name = key.strip().split(".", 1)
-    return section, name, yaml.safe_load(value) if value.strip() else ""
+    return section, name, load_yaml(value) if value.strip() else ""
 
 
 def load_config(recipe: str, overrides: list[str] = ()) -> Config:
     path = recipe_path(recipe)
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
@@ -321,4 +346,15 @@ def load_config(recipe: str, overrides: list[str] = ()) -> Config:
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    return from_dict(raw, origin=path)
+    return resolve_paths(from_dict(raw, origin=path))
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """The config with every path key (data.shards, eval.*_shards, train.storage_path)
+    absolute against the working directory (`resolve_path`)."""
+    for name in _section_fields(Config):
+        section = getattr(cfg, name)
+        for key, f in _section_fields(type(section)).items():
+            if f.metadata.get("path"):
+                setattr(section, key, resolve_path(getattr(section, key)))
+    return cfg

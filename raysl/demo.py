@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 
@@ -75,12 +76,48 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
     )
     shutil.rmtree(os.path.join(out, "runs", "demo"), ignore_errors=True)  # the demo always trains from scratch
     run = pretrain(cfg)
-    print(f"run directory: {run['run_dir']} (metrics.jsonl, loss.png, lr.png, checkpoints)")
-    print(f"evaluate it on the labeled digits: raysl eval knn --ckpt {run['run_dir']} "
-          f"--train {digits['train']} --val {digits['val']}")
+    print(f"run directory: {_shown(run['run_dir'])} (metrics.jsonl, loss.png, lr.png, checkpoints)")
 
-    result = {"images_written": manifest.written, "skipped": sum(manifest.skipped.values()), "shards": len(manifest.shards),
-              "views_per_image": spec.n_views, "images_streamed": seen, "train_steps": run["steps"],
-              "final_loss": round(run["final_loss"], 4)}
-    _step(f"Result: {result}")
-    return result
+    _step("kNN on the held-out labeled digits: the pretrained backbone against the same backbone at random init")
+    from raysl.eval.report import build_report
+    from raysl.eval.run import evaluate
+
+    knn = evaluate("knn", run["run_dir"], digits["train"], digits["val"], baseline=True)
+    print(knn_table(knn))
+    report = build_report(run["run_dir"], digits["val"])
+    print(f"report: {_shown(report)}")
+
+    _step("Next, try these (paths relative to this folder work from it)")
+    commands = next_commands(out, run["run_dir"], digits["train"], digits["val"])
+    print("\n".join(commands))
+    return {"images_written": manifest.written, "skipped": sum(manifest.skipped.values()), "shards": len(manifest.shards),
+            "views_per_image": spec.n_views, "images_streamed": seen, "train_steps": run["steps"],
+            "final_loss": round(run["final_loss"], 4), "knn": knn, "report": report, "next": commands}
+
+
+def _shown(path: str) -> str:
+    """A path as the user would type it here: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return shlex.quote(path if rel.startswith("..") else rel)
+
+
+def knn_table(result: dict) -> str:
+    """The pretrained and the random-init rows of a `raysl eval knn --baseline` result."""
+    ks = sorted(int(k.removeprefix("knn_top1_k")) for k in result if k.startswith("knn_top1_k"))
+    header = ["backbone", *(f"kNN top-1 k={k}" for k in ks)]
+    rows = [["random init (same seed)", *(f"{result['random_init'][f'knn_top1_k{k}']:.1f}" for k in ks)],
+            [f"pretrained, {result['step']} steps", *(f"{result[f'knn_top1_k{k}']:.1f}" for k in ks)]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in [header, *rows])
+
+
+def next_commands(out: str, run_dir: str, train: str, val: str) -> list[str]:
+    run, train, val = _shown(run_dir), _shown(train), _shown(val)
+    return [
+        f"raysl eval linear --ckpt {run} --train {train} --val {val} --baseline   # linear probe, both backbones",
+        f"raysl export --ckpt {run} --out {_shown(os.path.join(out, 'export'))}   # weights for timm.create_model",
+        f"raysl pretrain quickstart data.shards={_shown(os.path.join(out, 'shards'))} "
+        f"train.storage_path={_shown(os.path.join(out, 'runs'))} train.name=longer train.epochs=40   # train longer",
+        "raysl doctor   # versions, GPUs, 8-bit kernels, free disk",
+    ]

@@ -1,22 +1,107 @@
-"""Connecting to Ray: an embedded local Ray by default, or an existing cluster."""
+"""Connecting to Ray: an embedded local Ray by default, or an existing cluster; and how loud
+the libraries under raysl are.
+
+Quiet by default: the terminal shows raysl's own progress, results and warnings (a
+collapse, skipped images, a failed upload). Third-party lines that tell a raysl user
+nothing are turned off where they start, in the driver and in every Ray worker of the job:
+Ray Data's per-dataset lines and progress logs, bitsandbytes' CPU-kernel probe, DeepSpeed's
+accelerator and untested-optimizer notes, Ray's own INFO lines on the driver, and Ray
+Train's INFO lines where raysl builds the RunConfig (`train_logging`).
+`raysl --verbose` (RAYSL_VERBOSE=1) leaves every library as it is.
+
+Not turned off: Ray Train 2.60's controller logs a C++ error line ("PreemptionWatcher ...
+constructor arguments in the object store") at every start. The only switch for it,
+RAY_BACKEND_LOG_LEVEL, makes every Ray process print a line that it was set, which is worse.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+
+VERBOSE_ENV = "RAYSL_VERBOSE"
+# Python loggers of other libraries, and the least level of theirs that reaches the terminal.
+# ray.data._internal.progress only says that its bars are off (raysl draws its own); Ray
+# Train 2.60 names the logger of "Reporting training result ..." by its file's path.
+QUIET_LOGGERS = {
+    "bitsandbytes": logging.ERROR,
+    "DeepSpeed": logging.ERROR,
+    "ray.data._internal.progress": logging.ERROR,
+    os.path.join("{ray}", "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
+}
+# Read by Ray Data, in the driver and in the workers
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` in the job's driver
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def set_verbose(on: bool) -> None:
+    """`--verbose` or not, for this process and the local Ray it starts (children inherit the
+    environment); call it before Ray, Ray Data or DeepSpeed are imported."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)  # the user's own setting wins
+    quiet_logs()
+
+
+class _AtLeast(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def quiet_logs() -> None:
+    """QUIET_LOGGERS' levels, in this process. Also Ray's worker_process_setup_hook, so it
+    runs in every worker of the job before any task."""
+    import ray
+
+    for name, level in QUIET_LOGGERS.items():
+        logger = logging.getLogger(name.format(ray=os.path.dirname(ray.__file__)))
+        logger.setLevel(level)  # child loggers (bitsandbytes.backends...) inherit it
+        logger.addFilter(_AtLeast(level))  # kept when the library resets its level on import (DeepSpeed)
+
+
+def _quiet_runtime_env() -> dict | None:
+    """The job's workers: quiet too. A job from `ray job submit` brings its own runtime_env,
+    which Ray refuses to merge with one that sets the same keys: that one rules there."""
+    if verbose() or _JOB_ENV in os.environ:
+        return None
+    env = {k: v for k, v in QUIET_ENV.items() if k not in os.environ or os.environ[k] == v}
+    return {"env_vars": env, "worker_process_setup_hook": "raysl.runtime.quiet_logs"}
+
+
+def train_logging():
+    """Ray Train's RunConfig(logging_config=...): its INFO lines (resources requested, worker
+    group started, each checkpoint and report) only with --verbose."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> str:
     """Join the cluster at `address` (or $RAY_ADDRESS); otherwise start a local Ray.
+    `quiet=False` shows the workers' output (raysl's progress lines) on this terminal.
     Returns a line that says which."""
     import ray
 
     if ray.is_initialized():
         return "Ray: already connected"
     address = address or os.environ.get("RAY_ADDRESS")
+    options = dict(log_to_driver=not quiet, runtime_env=_quiet_runtime_env())
+    if not verbose():
+        options["logging_level"] = logging.WARNING  # Ray's own INFO lines on this process
     if address:
-        ray.init(address=address, log_to_driver=not quiet)
+        ray.init(address=address, **options)
         return f"Ray: joined cluster at {address}"
     # With the dashboard: Ray Train's placement-group cleaner and `ray list` need its state
     # API (without it the cleaner warns every few seconds); it costs about 2 s at start.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=not quiet)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, **options)
     return f"Ray: started locally with {int(ray.cluster_resources().get('CPU', 0))} CPUs"

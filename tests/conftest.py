@@ -24,6 +24,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def restore_environ():
+    """cli.main sets the quiet defaults (raysl.runtime.set_verbose) in os.environ: undone after the test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole session (the integration tier)."""

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from raysl.config import Config, from_dict, load_config, recipe_path
@@ -44,6 +46,10 @@ def test_overrides_are_typed():
         (["model.compile=maybe"], "model.compile: expected true or false"),
         (["turbo.x=1"], "unknown section 'turbo'"),
         (["lr=1"], "expected section.key=value"),
+        (["optim.min_lr=1e-6x"], "optim.min_lr: expected a number, got '1e-6x'"),  # numbers as people write them, wrong
+        (["optim.lr=1e"], "optim.lr: expected a number"),
+        (["optim.warmup_steps=1e-6"], "optim.warmup_steps: expected an integer"),
+        (["optim.warmup_steps=2.5E0"], "optim.warmup_steps: expected an integer"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -65,3 +71,41 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 def test_defaults_are_valid():
     assert from_dict({}) == Config()
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("optim.min_lr=1e-6", "min_lr", 1e-6),
+        ("optim.lr=5e-4", "lr", 5e-4),
+        ("optim.lr=1E3", "lr", 1000.0),
+        ("optim.lr=.5", "lr", 0.5),
+        ("optim.lr=2.5e-3", "lr", 2.5e-3),
+        ("optim.warmup_steps=1_000", "warmup_steps", 1000),
+        ("optim.warmup_steps=1E3", "warmup_steps", 1000),
+        ("optim.weight_decay=1_000", "weight_decay", 1000.0),
+    ],
+)
+def test_numbers_as_people_write_them(override, key, value):
+    got = getattr(load_config("quickstart", [override]).optim, key)
+    assert got == value and type(got) is type(value)
+
+
+def test_numbers_in_a_recipe_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 5e-4\n  min_lr: 1e-6\n  warmup_steps: 1E2\ntrain:\n  max_steps: 1_000\n")
+    cfg = load_config(str(recipe))
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.train.max_steps) == (5e-4, 1e-6, 100, 1000)
+
+
+def test_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("data:\n  shards: shards\n")
+    cfg = load_config("recipes/r.yaml", ["eval.knn_shards=labeled", "eval.val_shards=~/held_out",
+                                         "train.storage_path=s3://bucket/runs"])
+    assert cfg.data.shards == str(tmp_path / "shards") and cfg.eval.knn_shards == str(tmp_path / "labeled")
+    assert cfg.eval.val_shards == os.path.expanduser("~/held_out")
+    assert cfg.train.storage_path == "s3://bucket/runs" and cfg.eval.knn_val_shards == ""  # URIs and "off" stay
+    assert load_config("quickstart").train.storage_path == str(tmp_path / "runs")
+    assert recipe_path("recipes/r.yaml") == str(tmp_path / "recipes" / "r.yaml")

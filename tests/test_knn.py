@@ -75,9 +75,10 @@ def test_bench_methods_data_and_baseline(tmp_path):
     the real digits, a shard set the reader accepts, the random-init baseline."""
     import numpy as np
 
-    from raysl.bench.methods import BASE, bench_overrides, digits, format_table, knn_eval, random_init_backbone, split, write_shards
+    from raysl.bench.methods import BASE, bench_overrides, digits, format_table, knn_eval, split, write_shards
     from raysl.config import load_config
     from raysl.data.schema import read_manifest
+    from raysl.eval.weights import initial_backbone
 
     images, labels, pngs = digits(32)
     assert images.shape == (1797, 3, 32, 32) and images.dtype == np.uint8 and len(set(labels.tolist())) == 10
@@ -89,7 +90,7 @@ def test_bench_methods_data_and_baseline(tmp_path):
     method, per = bench_overrides("simclr-quality")
     assert method == "simclr" and "method.quality_weighting=true" in per
     cfg = load_config("quickstart", [*BASE, *per, f"method.name={method}"])
-    a, b = random_init_backbone(cfg), random_init_backbone(cfg)
+    a, b = initial_backbone(cfg), initial_backbone(cfg)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     r = knn_eval(a, torch.from_numpy(images[train[:300]]), labels[train[:300]], torch.from_numpy(images[test[:100]]), labels[test[:100]])
     assert 10 < r["top1"] <= 100  # random conv features are already far above chance (10%) on digits

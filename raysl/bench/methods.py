@@ -121,14 +121,6 @@ def resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
 # --- backbones -----------------------------------------------------------------------
 
 
-def random_init_backbone(cfg) -> torch.nn.Module:
-    """The backbone exactly as the training run starts it (same seed, same construction)."""
-    from raysl.methods.base import build_method
-
-    torch.manual_seed(cfg.train.seed)
-    return build_method(cfg).backbone
-
-
 def trained_backbone(run_dir: str) -> torch.nn.Module:
     """The backbone of the run's last checkpoint (its weights.safetensors)."""
     from raysl.eval.weights import load_backbone
@@ -160,6 +152,7 @@ def run_methods_bench(
 ) -> dict:
     from raysl.config import load_config
     from raysl.errors import UserError
+    from raysl.eval.weights import initial_backbone
     from raysl.train.metrics import read_metrics
     from raysl.train.run import pretrain
 
@@ -188,7 +181,7 @@ def run_methods_bench(
         tr_imgs, te_imgs = resize_uint8(images[train_idx], size), resize_uint8(images[test_idx], size)
         key = (cfg.model.backbone, size)
         if key not in baselines:
-            baselines[key] = knn_eval(random_init_backbone(cfg), tr_imgs, labels[train_idx], te_imgs, labels[test_idx])
+            baselines[key] = knn_eval(initial_backbone(cfg), tr_imgs, labels[train_idx], te_imgs, labels[test_idx])
         t0 = time.perf_counter()
         summary = pretrain(cfg, address=address)
         wall = time.perf_counter() - t0
@@ -245,10 +238,12 @@ def format_table(rows: list[dict], header: bool = True) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods (default: all); variants: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=200, help="pretraining steps per method (batch 64)")
-    p.add_argument("--out", default="bench_methods", help="folder for shards, runs, bench_methods.md/.json")
+    p.add_argument("--out", type=resolve_path, default="bench_methods", help="folder for shards, runs, bench_methods.md/.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="METHOD:section.key=value",
                    help="extra override for one bench entry, e.g. dino:optim.lr=0.01 (repeatable)")

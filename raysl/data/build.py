@@ -35,6 +35,7 @@ from raysl.data.metadata import load_metadata
 from raysl.data.sources import Inputs, Item, list_inputs, read_ref
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, Manifest, filesystem_and_path, write_manifest
 from raysl.errors import UserError
+from raysl.progress import bar
 
 STAGING = ".staging"
 JOINED = "metadata_joined"  # a stat row counter that is not a skip reason
@@ -261,14 +262,17 @@ def run_build(plan: BuildPlan) -> Manifest:
         batch_format="pyarrow",
         fn_kwargs=dict(staging=staging, fail_after=int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)),
     )
-    results = ds.take_all()
-
     manifest = Manifest(sources=list(inputs.roots.values()), ignored_files=inputs.ignored_files)
-    skipped, lics = Counter(), Counter()
-    for r in results:
-        stats = json.loads(r["stats"])
-        skipped.update(stats["skipped"])
-        lics.update(stats["licenses"])
+    results, skipped, lics = [], Counter(), Counter()
+    # tars count as an estimated 1,000 images until they are read
+    with bar(inputs.estimated_images, "shards build") as progress:
+        for r in ds.iter_rows():  # one row per shard written, as the writers finish
+            results.append(r)
+            stats = json.loads(r["stats"])
+            skipped.update(stats["skipped"])
+            lics.update(stats["licenses"])
+            progress.update(r["rows"] + sum(stats["skipped"].get(reason, 0) for reason in SKIP_REASONS))
+            progress.set_postfix(skipped=sum(skipped[reason] for reason in SKIP_REASONS), refresh=False)
     manifest.skipped = {reason: skipped.get(reason, 0) for reason in SKIP_REASONS}
     manifest.licenses = dict(sorted(lics.items()))
     manifest.metadata_unmatched = meta_rows - skipped.get(JOINED, 0) if metadata else 0

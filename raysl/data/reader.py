@@ -195,4 +195,6 @@ class ViewBatches:
             # positions are consecutive except where a corrupt image was dropped
             self.skipped += int(pos[-1] + 1 - self.position - len(pos))
             self.position = int(pos[-1]) + 1
-            yield batch
+            # Ray Data hands out read-only views of its Arrow blocks; torch.from_numpy needs
+            # writable arrays (it warns, and a tensor written in place would corrupt the block)
+            yield {k: np.require(v, requirements="W") for k, v in batch.items()}

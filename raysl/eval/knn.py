@@ -7,13 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from raysl.data.views import normalize
+from raysl.progress import bar
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, images_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def extract_features(backbone: torch.nn.Module, images_uint8: torch.Tensor, batch_size: int = 256,
+                     progress: str | None = None) -> torch.Tensor:
     """L2-normalised pooled features (N, D) of uint8 images (N, 3, H, W) already at the
     evaluation size: ImageNet-normalised as in training (`views.normalize`), backbone in
-    eval mode (its mode is restored afterwards), on the backbone's device, returned on CPU."""
+    eval mode (its mode is restored afterwards), on the backbone's device, returned on CPU.
+    With `progress` (its description), a progress bar of the images done."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"images must be uint8 (N, 3, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     if batch_size < 1:
@@ -25,12 +28,14 @@ def extract_features(backbone: torch.nn.Module, images_uint8: torch.Tensor, batc
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         feats = []
-        for i in range(0, images_uint8.shape[0], batch_size):
-            x = normalize(images_uint8[i : i + batch_size].to(device)).to(dtype)
-            f = backbone(x)
-            if f.dim() > 2:  # a backbone that returns a map: global average pool
-                f = f.flatten(2).mean(-1)
-            feats.append(F.normalize(f.float(), dim=1).cpu())
+        with bar(images_uint8.shape[0], progress, disable=progress is None) as done:
+            for i in range(0, images_uint8.shape[0], batch_size):
+                x = normalize(images_uint8[i : i + batch_size].to(device)).to(dtype)
+                f = backbone(x)
+                if f.dim() > 2:  # a backbone that returns a map: global average pool
+                    f = f.flatten(2).mean(-1)
+                feats.append(F.normalize(f.float(), dim=1).cpu())
+                done.update(x.shape[0])
         return torch.cat(feats) if feats else torch.zeros(0, 0)
     finally:
         backbone.train(was_training)

@@ -60,17 +60,19 @@ def write_attributions(shards: str, out_csv: str) -> tuple[int, Counter]:
     import pyarrow.parquet as pq
 
     from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+    from raysl.progress import bar
 
     manifest = read_manifest(shards)
     licenses: Counter = Counter()
     rows = 0
-    with pacsv.CSVWriter(out_csv, _schema()) as writer:
+    with pacsv.CSVWriter(out_csv, _schema()) as writer, bar(manifest.rows, "export: attributions") as progress:
         for path in shard_paths(shards, manifest):
             fs, local = filesystem_and_path(path)
             table = pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs)
             writer.write_table(table)
             rows += table.num_rows
             licenses.update(table.column("license").to_pylist())
+            progress.update(table.num_rows)
     return rows, licenses
 
 

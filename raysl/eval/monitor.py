@@ -20,15 +20,17 @@ from raysl.eval.knn import extract_features, knn_top1
 from raysl.eval.labeled import check_labeled, load_labeled
 
 
-def gathered_features(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def gathered_features(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256,
+                      progress: str | None = None) -> torch.Tensor:
     """Features (N, D) of all `images`, in their order: worker r extracts rows r::world,
     then every worker gets every share (all_gather_object over the default group). The
-    same as `extract_features(backbone, images)` in one process."""
+    same as `extract_features(backbone, images)` in one process. `progress`: rank 0's
+    progress bar of its share."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return extract_features(backbone, images, batch_size)
+        return extract_features(backbone, images, batch_size, progress=progress)
     rank, world = dist.get_rank(), dist.get_world_size()
     with _rank0_buffers(backbone):
-        mine = extract_features(backbone, images[rank::world], batch_size)
+        mine = extract_features(backbone, images[rank::world], batch_size, progress=progress if rank == 0 else None)
     shares: list = [None] * world
     dist.all_gather_object(shares, mine)
     dim = max(s.shape[1] for s in shares if s.numel())

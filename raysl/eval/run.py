@@ -32,7 +32,7 @@ def check_options(options: dict) -> None:
 
 
 def validate(kind: str, ckpt: str, train: str, val: str, backbone: str | None = None,
-             options: dict | None = None) -> tuple[int, int, int]:
+             options: dict | None = None, baseline: bool = False) -> tuple[int, int, int]:
     """(train images, val images, checkpoint step); a UserError for a wrong run, backbone,
     set or option."""
     from raysl.eval.labeled import check_labeled
@@ -40,6 +40,8 @@ def validate(kind: str, ckpt: str, train: str, val: str, backbone: str | None = 
 
     if kind not in KINDS:
         raise UserError(f"eval kind {kind!r}: choose one of {', '.join(KINDS)}")
+    if baseline and kind == "finetune":
+        raise UserError("--baseline: scores frozen features (knn, linear, fewshot); fine-tune a random init as its own run")
     check_options(options or {})
     _, _, step = load_backbone(ckpt, expect_backbone=backbone)  # refuses another backbone, or weights that do not fit
     return check_labeled(train, "--train"), check_labeled(val, "--val"), step
@@ -56,33 +58,25 @@ def eval_loop_per_worker(raw: dict) -> None:
     torch.set_num_threads(raw["cpus_per_worker"])
     kind, opts = raw["kind"], raw["options"]
     drop_path = opts.get("drop_path", 0.0) if kind == "finetune" else 0.0
-    backbone, cfg, _ = load_backbone(raw["ckpt"], img_size=raw["image_size"], drop_path_rate=drop_path)
-    if torch.cuda.is_available() and raw["gpus_per_worker"]:
-        backbone = backbone.to(torch.device("cuda", ray.train.get_context().get_local_rank()))
+
+    def backbone_of(random_init: bool = False):
+        backbone, _, _ = load_backbone(raw["ckpt"], img_size=raw["image_size"], drop_path_rate=drop_path,
+                                       random_init=random_init)
+        if torch.cuda.is_available() and raw["gpus_per_worker"]:
+            backbone = backbone.to(torch.device("cuda", ray.train.get_context().get_local_rank()))
+        return backbone
+
     train_x, train_y = load_labeled(raw["train"], raw["image_size"], "--train")
     val_x, val_y = load_labeled(raw["val"], raw["image_size"], "--val")
     if kind == "finetune":
         from raysl.eval.finetune import FinetuneOptions, finetune
 
-        result = finetune(backbone, train_x, train_y, val_x, val_y, FinetuneOptions(**opts))
+        result = finetune(backbone_of(), train_x, train_y, val_x, val_y, FinetuneOptions(**opts))
     else:
-        from raysl.eval.monitor import gathered_features
-
-        train_f, val_f = gathered_features(backbone, train_x), gathered_features(backbone, val_x)
-        if kind == "linear":
-            from raysl.eval.linear import linear_probe
-
-            result = linear_probe(train_f, train_y, val_f, val_y, **opts)
-        elif world()[0] != 0:
-            result = {}  # kNN and few-shot are cheap: rank 0 alone scores the gathered features
-        elif kind == "knn":
-            from raysl.eval.monitor import knn_metrics
-
-            result = knn_metrics(train_f, train_y, val_f, val_y, opts.get("ks", [20, 200]), opts.get("temperature", 0.07))
-        else:
-            from raysl.eval.fewshot import fewshot
-
-            result = fewshot(train_f, train_y, val_f, val_y, **opts)
+        result = _score_features(kind, backbone_of(), train_x, train_y, val_x, val_y, opts, "")
+        if raw.get("baseline"):
+            result["random_init"] = _score_features(kind, backbone_of(random_init=True), train_x, train_y, val_x, val_y,
+                                                    opts, " (random init)")
     # Ray Train keeps a run's reported metrics with its checkpoints: rank 0 hands its result back as one
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
@@ -93,32 +87,59 @@ def eval_loop_per_worker(raw: dict) -> None:
         ray.train.report({"done": 1}, checkpoint=checkpoint)
 
 
+def _score_features(kind: str, backbone, train_x, train_y, val_x, val_y, opts: dict, label: str) -> dict:
+    """knn, linear or fewshot metrics of the backbone's frozen features (on rank 0; {} on the others
+    for knn and fewshot)."""
+    from raysl.eval.monitor import gathered_features
+    from raysl.eval.supervised import world
+
+    train_f = gathered_features(backbone, train_x, progress=f"features: --train{label}")
+    val_f = gathered_features(backbone, val_x, progress=f"features: --val{label}")
+    if kind == "linear":
+        from raysl.eval.linear import linear_probe
+
+        return linear_probe(train_f, train_y, val_f, val_y, **opts)
+    if world()[0] != 0:
+        return {}  # kNN and few-shot are cheap: rank 0 alone scores the gathered features
+    if kind == "knn":
+        from raysl.eval.monitor import knn_metrics
+
+        return knn_metrics(train_f, train_y, val_f, val_y, opts.get("ks", [20, 200]), opts.get("temperature", 0.07))
+    from raysl.eval.fewshot import fewshot
+
+    return fewshot(train_f, train_y, val_f, val_y, **opts)
+
+
 def evaluate(kind: str, ckpt: str, train: str, val: str, *, options: dict | None = None, backbone: str | None = None,
              workers: int = 1, cpus_per_worker: int = 1, gpus_per_worker: float = 0.0, image_size: int = 0,
-             address: str | None = None) -> dict:
+             address: str | None = None, baseline: bool = False) -> dict:
+    """`baseline`: also score the same backbone at random init (the weights the run started
+    from), under "random_init" in the result."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raysl.config import resolve_path
     from raysl.eval.weights import run_config
-    from raysl.runtime import init_ray
+    from raysl.runtime import init_ray, train_logging
 
-    n_train, n_val, step = validate(kind, ckpt, train, val, backbone, options)
+    ckpt, train, val = resolve_path(ckpt), resolve_path(train), resolve_path(val)  # the workers run elsewhere
+    n_train, n_val, step = validate(kind, ckpt, train, val, backbone, options, baseline)
     cfg = run_config(ckpt)
     size = image_size or cfg.data.image_size or 224
-    print(init_ray(address), flush=True)
+    print(init_ray(address, quiet=False), flush=True)  # the workers' progress lines
     # Ray Train's storage inside the run dir, which every worker reads anyway (shared FS on a cluster)
-    storage = tempfile.mkdtemp(prefix=".eval_", dir=os.path.abspath(ckpt))
+    storage = tempfile.mkdtemp(prefix=".eval_", dir=ckpt)
     try:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"kind": kind, "ckpt": os.path.abspath(ckpt), "train": train, "val": val,
+            train_loop_config={"kind": kind, "ckpt": ckpt, "train": train, "val": val, "baseline": baseline,
                                "image_size": size, "options": options or {}, "cpus_per_worker": cpus_per_worker,
                                "gpus_per_worker": gpus_per_worker},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=gpus_per_worker > 0,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
             ),
-            run_config=ray.train.RunConfig(name=f"eval_{kind}", storage_path=storage),
+            run_config=ray.train.RunConfig(name=f"eval_{kind}", storage_path=storage, logging_config=train_logging()),
         )
         with trainer.fit().checkpoint.as_directory() as d, open(os.path.join(d, "result.json")) as f:
             metrics = json.load(f)

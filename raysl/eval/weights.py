@@ -8,15 +8,13 @@ import os
 
 import torch
 
-from raysl.config import Config, from_dict
+from raysl.config import Config, from_dict, load_yaml
 from raysl.errors import UserError
 from raysl.train import checkpoint, storage
 
 
 def run_config(run_dir: str) -> Config:
     """The recipe the run was started with (`config.yaml` in the run dir)."""
-    import yaml
-
     if storage.is_uri(run_dir):
         raise UserError(
             f"--ckpt {run_dir}: eval, export and report read a run directory on this machine (local disk or NFS); "
@@ -26,7 +24,7 @@ def run_config(run_dir: str) -> Config:
     if not os.path.isfile(path):
         raise UserError(f"--ckpt {run_dir}: no config.yaml there; point it at a run directory written by raysl pretrain")
     with open(path) as f:
-        return from_dict(yaml.safe_load(f) or {}, origin=path)
+        return from_dict(load_yaml(f) or {}, origin=path)
 
 
 def checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -61,14 +59,26 @@ def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
 
 
+def initial_backbone(cfg: Config) -> torch.nn.Module:
+    """The backbone exactly as the training run starts it (same seed, same construction):
+    the random-init baseline of an evaluation."""
+    from raysl.methods.base import build_method
+
+    torch.manual_seed(cfg.train.seed)
+    return build_method(cfg).backbone
+
+
 def load_backbone(run_dir: str, *, expect_backbone: str | None = None, img_size: int | None = None,
-                  drop_path_rate: float = 0.0) -> tuple[torch.nn.Module, Config, int]:
+                  drop_path_rate: float = 0.0, random_init: bool = False) -> tuple[torch.nn.Module, Config, int]:
     """(trained backbone with no classifier, the run's recipe, its step). With
     `expect_backbone`, a run of another architecture is refused with a clear error; a
-    state that does not fit the backbone the recipe names is refused too."""
+    state that does not fit the backbone the recipe names is refused too. `random_init`:
+    the same backbone with the weights the run started from (`initial_backbone`)."""
     from raysl.models.backbone import create_backbone
 
     cfg, step, state = method_state(run_dir)
+    if random_init:
+        state = {f"backbone.{k}": v for k, v in initial_backbone(cfg).state_dict().items()}
     name = cfg.model.backbone
     if expect_backbone and expect_backbone != name:
         raise UserError(f"--ckpt {run_dir}: that run trained {name!r}, not {expect_backbone!r}; "

@@ -16,7 +16,7 @@ import typing
 
 import yaml
 
-from raysl.config import Config, _check, _section_fields
+from raysl.config import Config, _check, _section_fields, load_yaml
 from raysl.errors import UserError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
@@ -93,7 +93,7 @@ def parse_space(raw, origin: str = "space") -> list[Param]:
 def load_space(path: str) -> list[Param]:
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = load_yaml(f)
     except FileNotFoundError:
         raise UserError(f"--space {path}: no such file") from None
     except yaml.YAMLError as exc:
