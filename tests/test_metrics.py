@@ -200,3 +200,55 @@ def test_pretrain_checks_a_uri_runs_checkpoints_before_ray(tmp_path, monkeypatch
         run.pretrain(cfg)
     with pytest.raises(UserError, match="no complete checkpoint"):
         run.pretrain(cfg, resume=True)
+
+
+def test_the_give_up_line_names_attempts_last_step_checkpoint_and_a_lost_node(tmp_path):
+    from raysl.train import recovery
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run / "checkpoint_a")  # step 4
+    log = MetricsLog(str(run), total_steps=10)
+    for s in range(1, 7):
+        log.log(_row(s), show=False)
+    log.close()
+    for start in (0, 4):
+        recovery.record_attempt(str(run), {"start_step": start, "checkpoint": None, "source": None})
+    error = RuntimeError("Training failed due to worker errors:\n[Rank 1 Error Snippet]:\nray.exceptions.ActorDiedError: "
+                         "The actor died because its node has died. Node Id: 4f2c, IP: 10.0.0.7\n\ttraceback tail")
+    line = recovery.failure_summary(str(run), error, max_failures=1)
+    assert "\n" not in line
+    assert line == (f"run {run} failed after 2 attempt(s) (train.max_failures=1); last step reached 6; last complete "
+                    "checkpoint checkpoint_a (step 4); cause: ray.exceptions.ActorDiedError: The actor died because its "
+                    "node has died. Node Id: 4f2c, IP: 10.0.0.7. Continue it with the same command and --resume")
+    assert "cause: boom." in recovery.failure_summary(str(run), RuntimeError("x\nboom"), max_failures=-1)
+    assert "(train.max_failures=unlimited)" in recovery.failure_summary(str(run), RuntimeError("x"), max_failures=-1)
+
+
+def test_each_attempt_is_numbered_and_its_start_line_says_where_it_began(tmp_path):
+    from raysl.train import recovery
+
+    first = recovery.record_attempt(str(tmp_path), {"start_step": 0, "checkpoint": None, "source": None})
+    again = recovery.record_attempt(str(tmp_path), {"start_step": 8, "checkpoint": "checkpoint_b", "source": "run storage"})
+    assert [a["attempt"] for a in recovery.read_attempts(str(tmp_path))] == [1, 2] and again["attempt"] == 2
+    assert recovery.start_line(first, "simclr on r, 2 worker(s)") == "raysl: attempt 1: simclr on r, 2 worker(s), starting at step 0"
+    assert recovery.start_line(again, "simclr on r, 2 worker(s)") == (
+        "raysl: attempt 2: simclr on r, 2 worker(s), starting at step 8 from checkpoint_b (found in the run's storage); "
+        "first step trained: 9")
+
+
+def test_eval_needs_only_rank_0s_weights_of_a_checkpoint(tmp_path):
+    """A run copied without its optimizer state still evaluates; a cut-short weights file does not."""
+    d = tmp_path / "checkpoint_a"
+    _fake_checkpoint(d)
+    (d / "weights.safetensors").write_bytes(b"w" * 80)
+    listing = json.loads((d / storage.worker_listing(0)).read_text())
+    listing["files"]["weights.safetensors"] = 80
+    (d / storage.worker_listing(0)).write_text(json.dumps(listing))
+    shutil.rmtree(d / "engine")
+    only = ("weights.safetensors",)
+    assert storage.checkpoint_problem(str(d)).endswith("is missing")  # not resumable
+    assert storage.checkpoint_problem(str(d), only=only) is None  # but its weights are whole
+    (d / "weights.safetensors").write_bytes(b"w" * 20)
+    assert storage.checkpoint_problem(str(d), only=only) == "weights.safetensors is truncated (20 of 80 bytes)"
+    (d / "weights.safetensors").unlink()
+    assert storage.checkpoint_problem(str(d), only=only) == "weights.safetensors is missing"

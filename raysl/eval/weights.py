@@ -30,9 +30,9 @@ def run_config(run_dir: str) -> Config:
 def checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """(step, directory) of the run's complete checkpoints, oldest first."""
     found = []
-    for name, complete in storage.checkpoint_dirs(run_dir):
+    for name, complete in storage.checkpoint_dirs(run_dir, only=(checkpoint.WEIGHTS,)):
         d = os.path.join(run_dir, name)
-        if complete and os.path.isfile(os.path.join(d, checkpoint.WEIGHTS)):
+        if complete:
             with open(os.path.join(d, checkpoint.RUN_STATE)) as f:
                 found.append((int(json.load(f)["step"]), d))
     return sorted(found)

@@ -93,7 +93,10 @@ def failure_summary(run_dir: str, error: BaseException, max_failures: int) -> st
         files.close()
     last, _ = newest_complete(run_dir)
     where = f"{os.path.basename(last)} (step {storage.checkpoint_step(last)})" if last else "none"
-    cause = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), type(error).__name__)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # a lost node: Ray's line that names it ("... its node has died. Node ID: ..., IP: ...")
+    cause = next((line for line in lines if "node" in line.lower() and ("died" in line or "dead" in line)),
+                 lines[-1] if lines else type(error).__name__)
     allowed = "unlimited" if max_failures < 0 else max_failures
     return (f"run {run_dir} failed after {len(attempts)} attempt(s) (train.max_failures={allowed}); "
             f"last step reached {rows[-1]['step'] if rows else 0}; last complete checkpoint {where}; "

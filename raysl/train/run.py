@@ -63,6 +63,7 @@ def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raysl.runtime import train_logging
     from raysl.train.loop import train_loop_per_worker
 
     gpus = cfg.train.gpus_per_worker
@@ -88,6 +89,7 @@ def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or None,
+            logging_config=train_logging(),
         ),
     )
 

@@ -51,10 +51,10 @@ def subdirs(path: str, prefix: str = "") -> list[str]:
     )
 
 
-def checkpoint_dirs(run: str) -> list[tuple[str, bool]]:
+def checkpoint_dirs(run: str, *, only: tuple[str, ...] | None = None) -> list[tuple[str, bool]]:
     """(name, complete) of each `checkpoint_*` directory of the run, sorted by name
     (Ray Train names them by time); complete: `checkpoint_problem` finds nothing wrong."""
-    return [(name, checkpoint_problem(_join(run, name)) is None) for name in subdirs(run, "checkpoint_")]
+    return [(name, checkpoint_problem(_join(run, name), only=only) is None) for name in subdirs(run, "checkpoint_")]
 
 
 def worker_listing(rank: int) -> str:
@@ -69,12 +69,23 @@ def _read_json(fs, path: str):
         return json.loads(f.read())
 
 
-def checkpoint_problem(ckpt: str) -> str | None:
+def _listing_problem(listed: dict[str, int], sizes: dict[str, int]) -> str | None:
+    for rel, size in sorted(listed.items()):
+        if rel not in sizes:
+            return f"{rel} is missing"
+        if sizes[rel] != size:
+            return f"{rel} is truncated ({sizes[rel]} of {size} bytes)"
+    return None
+
+
+def checkpoint_problem(ckpt: str, *, only: tuple[str, ...] | None = None) -> str | None:
     """Why the checkpoint directory (local or URI) cannot be resumed from, or None when it
     is complete: rank 0's state file names the world size, and every worker's listing is
     there and matches the stored files by name and size (a worker killed mid-upload leaves
     a file missing or short). One listing of the directory plus one small read per worker;
-    at 1,024 workers that is ~1,000 reads of a few hundred bytes, done in parallel."""
+    at 1,024 workers that is ~1,000 reads of a few hundred bytes, done in parallel.
+    `only` (eval, export): just these files of rank 0 matter, e.g. weights.safetensors of a
+    run copied without its optimizer state."""
     import pyarrow.fs
     from concurrent.futures import ThreadPoolExecutor
 
@@ -88,12 +99,19 @@ def checkpoint_problem(ckpt: str) -> str | None:
         return f"no {RUN_STATE} (rank 0 had not finished writing it)"
     try:
         meta = _read_json(fs, f"{root}/{RUN_STATE}")
-        world = int(meta["world_size"])
+        world = int(meta["world_size"]) if only is None else 1
     except (ValueError, KeyError, TypeError, OSError):
         return f"{RUN_STATE} is damaged"
-    if "format" not in meta:  # written before per-worker listings: every worker file must be there
-        missing = [f"worker_{r}.pt" for r in range(world) if f"worker_{r}.pt" not in sizes]
-        return f"{missing[0]} is missing" if missing else None
+    if only is not None or "format" not in meta:  # written before per-worker listings, or a part of rank 0's files
+        wanted = only or [f"worker_{r}.pt" for r in range(world)]
+        missing = [rel for rel in wanted if rel not in sizes]
+        if missing or worker_listing(0) not in sizes:
+            return f"{missing[0]} is missing" if missing else None
+        try:
+            listed = _read_json(fs, f"{root}/{worker_listing(0)}")["files"]
+        except (ValueError, KeyError, TypeError, OSError):
+            return f"{worker_listing(0)} is damaged"
+        return _listing_problem({rel: size for rel, size in listed.items() if rel in wanted}, sizes)
 
     def worker_problem(rank: int) -> str | None:
         name = worker_listing(rank)
@@ -103,12 +121,7 @@ def checkpoint_problem(ckpt: str) -> str | None:
             listed = _read_json(fs, f"{root}/{name}")["files"]
         except (ValueError, KeyError, TypeError, OSError):
             return f"{name} is damaged"
-        for rel, size in sorted(listed.items()):
-            if rel not in sizes:
-                return f"{rel} is missing"
-            if sizes[rel] != size:
-                return f"{rel} is truncated ({sizes[rel]} of {size} bytes)"
-        return None
+        return _listing_problem(listed, sizes)
 
     with ThreadPoolExecutor(max_workers=min(32, world)) as pool:
         return next((p for p in pool.map(worker_problem, range(world)) if p), None)
