@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from procs import wait_gone
 from shardfactory import digit_images, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,18 +71,7 @@ def _stop_cluster(temp_dir: str) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = {p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"}
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
+        wait_gone(pids, wait)
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +213,7 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
                 assert node, "the third node's processes"
                 for pid in node:
                     os.kill(pid, signal.SIGKILL)
-                while any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in node):
-                    time.sleep(0.05)
+                assert not wait_gone(node)
                 killed_after = read_metrics(run)[-1]["step"]
                 newest, _ = recovery.newest_complete(run)
             time.sleep(0.05)

@@ -17,6 +17,7 @@ from raysl.errors import RunFailed, UserError
 from raysl.train import checkpoint, recovery, storage
 from raysl.train.metrics import read_metrics
 from raysl.train.run import pretrain, validate
+from procs import wait_gone
 from shardfactory import digit_images, write_shards
 
 
@@ -97,8 +98,7 @@ class _Killer:
                     pid = self._worker_pid(attempts[-1], sig)
                     os.kill(pid, sig)
                     if sig == signal.SIGKILL:
-                        while os.path.exists(f"/proc/{pid}") and _proc_state(pid) != "Z":
-                            time.sleep(0.01)
+                        assert not wait_gone([pid])
                         # what rank 0 had logged when it died, and the checkpoint storage held then
                         newest, _ = recovery.newest_complete(self.run_dir)
                         self.killed.append((attempt_no, [r["step"] for r in read_metrics(self.run_dir)][-1],
@@ -109,14 +109,6 @@ class _Killer:
                 time.sleep(0.01)
         except BaseException as exc:  # surfaced by the test, not lost in the thread
             self.error = exc
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
 
 
 def _attempts(run_dir):
