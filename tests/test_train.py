@@ -152,7 +152,8 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
         killed = pretrain(cfg)
     assert killer.error is None, killer.error
     attempts = _attempts(killed["run_dir"])
-    assert [(a["attempt"], a["start_step"]) for a in attempts] == [(1, 0), (2, 4), (3, 8)], (attempts, killer.killed)
+    assert [(a["attempt"], a["start_step"], a["first_step"]) for a in attempts] == [(1, 0, 1), (2, 4, 5), (3, 8, 9)], (
+        attempts, killer.killed)
     for (attempt_no, died_after, newest), nxt in zip(killer.killed, attempts[1:]):
         assert nxt["checkpoint"] == newest and _ckpt_step(killed["run_dir"], newest) == nxt["start_step"]
         assert nxt["start_step"] < died_after < nxt["start_step"] + 4  # only steps after the checkpoint are redone

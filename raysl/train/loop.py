@@ -185,7 +185,8 @@ def train_loop_per_worker(raw: dict) -> None:
         for name, problem in start["skipped"]:
             say(recovery.skipped_line(name, problem))
         attempt = recovery.record_attempt(files.local, {
-            "start_step": state["step"], "checkpoint": start["checkpoint"] and os.path.basename(start["checkpoint"]),
+            "start_step": state["step"], "first_step": state["step"] + 1,
+            "checkpoint": start["checkpoint"] and os.path.basename(start["checkpoint"]),
             "source": start["source"], "skipped": [name for name, _ in start["skipped"]], "world_size": world,
             "rank0_pid": os.getpid(), "rank0_actor_id": ray.get_runtime_context().get_actor_id(),
         })
