@@ -35,6 +35,13 @@ def cmd_shards_build(args) -> None:
     print(format_summary(manifest))
 
 
+def cmd_shards_migrate(args) -> None:
+    from raysl.data.legacy import migrate
+
+    m = migrate(args.dir)
+    print(f"migrated {args.dir}: {len(m.shards):,} shard(s), {m.rows:,} images; the shard list is now in its index")
+
+
 def cmd_shards_inspect(args) -> None:
     from raysl.data.inspect import contact_sheet, format_inspect, inspect_shards
 
@@ -264,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--grid", type=resolve_path, help="write a contact sheet PNG of sample images here")
     i.add_argument("--samples", type=int, default=64)
     i.set_defaults(func=cmd_shards_inspect)
+    mg = shards.add_parser("migrate", help="rewrite an old shard set (every shard listed in manifest.json) in the current format")
+    mg.add_argument("dir", type=resolve_path)
+    mg.set_defaults(func=cmd_shards_migrate)
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)

@@ -21,6 +21,7 @@ from raysl.data import build
 from raysl.data.decode import decode_rgb
 from raysl.data.metadata import read_rows
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, read_manifest, shard_paths
+from raysl.data.shard_index import INDEX
 from raysl.errors import UserError
 
 pytestmark = pytest.mark.ray
@@ -110,7 +111,7 @@ def test_folder_manifest_and_shards_on_disk(folder):
     assert read_manifest(out) == m
     assert all(0 < s["rows"] <= 4 for s in m.shards)
     assert [s["file"] for s in m.shards] == [f"shard-{i:05d}.parquet" for i in range(len(m.shards))]
-    assert sorted(os.listdir(out)) == sorted([MANIFEST] + [s["file"] for s in m.shards])  # staging gone
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, INDEX] + [s["file"] for s in m.shards])  # staging gone
     with pytest.raises(UserError, match="--overwrite"):
         build.build_shards([folder["src"]], out)
 
@@ -268,7 +269,7 @@ def test_crash_midway_leaves_no_manifest(tmp_path, ray_local, monkeypatch):
     monkeypatch.delenv(build.FAIL_AFTER_ENV)
     again = build.build_shards([str(src)], out, shard_size=2)
     assert again.written == 6 and again.skipped["duplicate"] == 1
-    assert sorted(os.listdir(out)) == sorted([MANIFEST] + [s["file"] for s in again.shards])
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, INDEX] + [s["file"] for s in again.shards])
     assert set(_rows(out)) == {f"few/{i}.png" for i in range(6)}  # "again.png" sorts after "0.png"
 
 

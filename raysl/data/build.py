@@ -33,6 +33,7 @@ import ray
 from raysl.data import decode
 from raysl.data.metadata import load_metadata
 from raysl.data.sources import Inputs, Item, list_inputs, read_ref
+from raysl.data.shard_index import ShardIndex
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, Manifest, filesystem_and_path, write_manifest
 from raysl.errors import UserError
 from raysl.progress import bar
@@ -123,7 +124,7 @@ def _fold_stats(block: pa.Table) -> pa.Table:
 def _write_batch(batch: pa.Table, *, staging: str, fail_after: int) -> pa.Table:
     images, counts = _split(batch)
     images = images.select(SCHEMA.names).cast(SCHEMA)
-    name, first = "", ""
+    name, first, size = "", "", 0
     if images.num_rows:
         fs, root = filesystem_and_path(staging)
         name = f"{uuid.uuid4().hex}.parquet"
@@ -135,7 +136,11 @@ def _write_batch(batch: pa.Table, *, staging: str, fail_after: int) -> pa.Table:
         if fail_after and len(fs.get_file_info(pafs.FileSelector(root))) > fail_after:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {fail_after} shard(s)")
         first = pc.min(images["key"]).as_py()
-    stats = {"skipped": dict(counts), "licenses": dict(Counter(images["license"].to_pylist()))}
+        size = fs.get_file_info(posixpath.join(root, name)).size
+    names = pc.list_element(pc.split_pattern(images["key"], "/", max_splits=1), 0)  # schema.source_name
+    by_source = {d["values"]: d["counts"] for d in pc.value_counts(names).to_pylist()}
+    stats = {"skipped": dict(counts), "licenses": dict(Counter(images["license"].to_pylist())),
+             "sources": by_source, "bytes": size}
     return pa.table({"file": [name], "rows": [images.num_rows], "first_key": [first], "stats": [json.dumps(stats)]})
 
 
@@ -169,10 +174,12 @@ def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manif
         if old.base_name.startswith("shard-") and old.base_name.endswith(".parquet"):
             fs.delete_file(old.path)
     staged = sorted((r for r in results if r["rows"]), key=lambda r: r["first_key"])
-    for n, r in enumerate(staged):
-        name = f"shard-{n:05d}.parquet"
+    names = [f"shard-{n:05d}.parquet" for n in range(len(staged))]
+    for name, r in zip(names, staged):
         fs.move(posixpath.join(root, STAGING, r["file"]), posixpath.join(root, name))
-        manifest.shards.append({"file": name, "rows": r["rows"]})
+    stats = [json.loads(r["stats"]) for r in staged]
+    manifest.shards = ShardIndex.from_columns(names, [r["rows"] for r in staged], [s["bytes"] for s in stats],
+                                              [sorted(s["sources"]) for s in stats])
     fs.delete_dir(posixpath.join(root, STAGING))
 
 
@@ -263,7 +270,7 @@ def run_build(plan: BuildPlan) -> Manifest:
         fn_kwargs=dict(staging=staging, fail_after=int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)),
     )
     manifest = Manifest(sources=list(inputs.roots.values()), ignored_files=inputs.ignored_files)
-    results, skipped, lics = [], Counter(), Counter()
+    results, skipped, lics, by_source = [], Counter(), Counter(), Counter()
     # tars count as an estimated 1,000 images until they are read
     with bar(inputs.estimated_images, "shards build") as progress:
         for r in ds.iter_rows():  # one row per shard written, as the writers finish
@@ -271,10 +278,12 @@ def run_build(plan: BuildPlan) -> Manifest:
             stats = json.loads(r["stats"])
             skipped.update(stats["skipped"])
             lics.update(stats["licenses"])
+            by_source.update(stats["sources"])
             progress.update(r["rows"] + sum(stats["skipped"].get(reason, 0) for reason in SKIP_REASONS))
             progress.set_postfix(skipped=sum(skipped[reason] for reason in SKIP_REASONS), refresh=False)
     manifest.skipped = {reason: skipped.get(reason, 0) for reason in SKIP_REASONS}
     manifest.licenses = dict(sorted(lics.items()))
+    manifest.source_images = dict(sorted(by_source.items()))
     manifest.metadata_unmatched = meta_rows - skipped.get(JOINED, 0) if metadata else 0
     _finish(fs, root, results, manifest)
     manifest.written = manifest.rows
