@@ -74,6 +74,12 @@ def cmd_bench_optim(args) -> None:
     print(json.dumps(run_optim_bench(args.model)))
 
 
+def cmd_bench_plan(args) -> None:
+    from raysl.bench.plan import run_from_args
+
+    print(json.dumps(run_from_args(args)))
+
+
 def cmd_bench_step(args) -> None:
     from raysl.bench.step import run_from_args
 
@@ -297,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bs)
     bs.set_defaults(func=cmd_bench_step)
+    bp = bsub.add_parser("plan", help="manifest bytes, write, read and planning seconds at N shards: index vs the old JSON list")
+    from raysl.bench.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(bp)
+    bp.set_defaults(func=cmd_bench_plan)
     return p
 
 
