@@ -32,7 +32,7 @@ def cmd_shards_build(args) -> None:
     )
     print(init_ray(args.address), file=sys.stderr)
     manifest = run_build(plan)
-    print(format_summary(manifest))
+    print(format_summary(manifest, plan))
 
 
 def cmd_shards_migrate(args) -> None:

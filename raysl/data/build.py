@@ -3,14 +3,20 @@
 Pipeline (one pass, image bytes never reach the driver):
   references (sources.list_inputs, on the driver)
   -> read + sha256 + probe + filters + metadata join   (map_batches, one block of refs per task)
-  -> exact dedup by sha256                              (groupby(sha256).map_groups)
-     + fold the stat rows of each block into a few      (map_batches)
+     minus the exact duplicates found by the first pass (pc.is_in over their keys)
   -> blocks of `shard_size` rows                        (streaming repartition)
   -> write each block to a staging parquet file         (map_batches; returns one stats row)
 Skipped inputs do not travel as rows: each read task folds them into a few "stat rows"
 (`_stat` = counter name, `_n` = count) that flow with the images and are summed by the
 writers, so every count comes out of the same pass that writes the shards. The driver
 then renames the staged files to shard-NNNNN.parquet and writes manifest.json last.
+
+Exact dedup is a first pass over the same inputs that keeps only (sha256, key) of each
+image the filters keep, never its bytes: it groups them by sha256 and returns every key
+but the smallest of each group. Only those small columns cross the network in the
+shuffle; the image bytes are read again by the pass above and written once. The
+duplicate keys (few in most sets) reach every read task as one Arrow array in the object
+store.
 """
 
 from __future__ import annotations
@@ -68,7 +74,10 @@ def _check(item: Item, *, licenses: set[str] | None, min_side: int, max_pixels: 
     return "", info
 
 
-def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixels: int):
+def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixels: int, drop=None):
+    """Rows of the images in `refs` that pass the filters, plus stat rows counting the rest.
+    `drop`: an ObjectRef of the keys the dedup pass found to be duplicates."""
+    drop = ray.get(drop) if drop is not None else None
     if max_pixels > PIL.Image.MAX_IMAGE_PIXELS:
         # decode._open turns PIL's own bomb warning into "too_large"; let the user's limit rule
         PIL.Image.MAX_IMAGE_PIXELS = max_pixels
@@ -81,6 +90,8 @@ def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixe
                 for name, value in extra.items():
                     setattr(item, name, value)
             reason, info = _check(item, licenses=licenses, min_side=min_side, max_pixels=max_pixels)
+            if not reason and drop is not None and item.key in drop:
+                reason = "duplicate"
             if reason:
                 counts[reason] += 1
                 continue
@@ -95,13 +106,37 @@ def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixe
     yield _rows_table(rows, counts)
 
 
-def _dedup(group: pa.Table) -> pa.Table:
-    """One sha256: keep the row with the smallest key, count the rest as duplicates."""
-    if group.num_rows == 1 or group["_stat"][0].as_py():  # stat rows all have sha256 ""
-        return group
+def _hashes(refs: pa.Table, **options):
+    """The dedup pass's read: (sha256, key) of every image the filters keep, no bytes."""
+    for block in _read_batch(refs, **options):
+        yield block.filter(pc.equal(block["_stat"], "")).select(["sha256", "key"])
+
+
+def _duplicates(group: pa.Table) -> pa.Table:
+    """One sha256: every key but the smallest (the row that is kept)."""
     keys = group["key"]
-    keep = group.slice(pc.index(keys, pc.min(keys)).as_py(), 1)
-    return pa.concat_tables([keep, _rows_table([], Counter(duplicate=group.num_rows - 1))])
+    return pa.table({"key": pc.filter(keys, pc.not_equal(keys, pc.min(keys)))})
+
+
+def duplicate_keys(blocks: list[pa.Table], options: dict, partitions: int) -> tuple[set, int]:
+    """(keys of exact duplicates, bytes the shuffle moved: its input, from Ray Data's stats)."""
+    hashes = ray.data.from_arrow(blocks).map_batches(_hashes, batch_size=None, batch_format="pyarrow",
+                                                     fn_kwargs=options)
+    dups = hashes.groupby("sha256", num_partitions=partitions).map_groups(_duplicates, batch_format="pyarrow")
+    keys = {k for t in dups.iter_batches(batch_size=None, batch_format="pyarrow") for k in t["key"].to_pylist()}
+    return keys, shuffled_bytes(dups)
+
+
+def shuffled_bytes(ds: ray.data.Dataset) -> int:
+    """Bytes an executed dataset's hash shuffles moved: the output of their map side, from
+    Ray Data's stats (operators named HashShuffleMap(...), in the dataset or its parents)."""
+    total, summaries = 0, [ds.get_stats_summary()]
+    while summaries:
+        summary = summaries.pop()
+        summaries += summary.parents
+        total += sum(op.output_size_bytes.sum for op in summary.operators_stats
+                     if op.operator_name.startswith("HashShuffleMap") and op.output_size_bytes)
+    return int(total)
 
 
 def _split(block: pa.Table) -> tuple[pa.Table, Counter]:
@@ -112,13 +147,6 @@ def _split(block: pa.Table) -> tuple[pa.Table, Counter]:
     for name, n in zip(stats["_stat"].to_pylist(), stats["_n"].to_pylist()):
         counts[name] += n
     return block.filter(is_image), counts
-
-
-def _fold_stats(block: pa.Table) -> pa.Table:
-    """Sum a block's stat rows into one per counter. Stat rows take room in the
-    fixed-size blocks the writers get, so there must be few of them."""
-    images, counts = _split(block)
-    return pa.concat_tables([images, _rows_table([], counts)])
 
 
 def _write_batch(batch: pa.Table, *, staging: str, fail_after: int) -> pa.Table:
@@ -199,6 +227,7 @@ class BuildPlan:
     min_side: int
     max_pixels: int
     dedup: bool
+    shuffled_bytes: int = 0  # set by run_build: what the dedup shuffle moved (Ray Data's stats)
 
 
 def plan_build(
@@ -248,20 +277,17 @@ def run_build(plan: BuildPlan) -> Manifest:
     blocks = [refs.slice(i, 1) for i in range(len(kinds) - n_files)]
     blocks += [refs.slice(i, 64) for i in range(len(kinds) - n_files, len(kinds), 64)]
 
-    ds = ray.data.from_arrow(blocks)
-    # Rows reach the dedup shuffle and the shard writers in input order, not in the order
-    # tasks finish: the same inputs give the same shards, row for row, on every rebuild.
-    ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(
-        _read_batch,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs=dict(meta=meta, licenses=allow, min_side=min_side, max_pixels=max_pixels),
-    )
+    options = dict(meta=meta, licenses=allow, min_side=min_side, max_pixels=max_pixels)
     if dedup:
-        partitions = max(1, min(ds.context.default_hash_shuffle_parallelism, inputs.estimated_images // 20_000))
-        ds = ds.groupby("sha256", num_partitions=partitions).map_groups(_dedup, batch_format="pyarrow")
-        ds = ds.map_batches(_fold_stats, batch_size=None, batch_format="pyarrow")
+        partitions = max(1, min(ray.data.DataContext.get_current().default_hash_shuffle_parallelism,
+                                inputs.estimated_images // 20_000))
+        drop, plan.shuffled_bytes = duplicate_keys(blocks, options, partitions)
+        options["drop"] = ray.put(frozenset(drop))
+    ds = ray.data.from_arrow(blocks)
+    # Rows reach the shard writers in input order, not in the order tasks finish: the same
+    # inputs give the same shards, row for row, on every rebuild.
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(_read_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=options)
     ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
     ds = ds.map_batches(
         _write_batch,
@@ -291,7 +317,7 @@ def run_build(plan: BuildPlan) -> Manifest:
     return manifest
 
 
-def format_summary(manifest: Manifest) -> str:
+def format_summary(manifest: Manifest, plan: BuildPlan | None = None) -> str:
     skipped = sum(manifest.skipped.values())
     lines = [f"wrote {manifest.written:,} images in {len(manifest.shards)} shard(s)"]
     reasons = ", ".join(f"{r} {n:,}" for r, n in manifest.skipped.items() if n)
@@ -303,4 +329,6 @@ def format_summary(manifest: Manifest) -> str:
     if manifest.licenses:
         lines.append("licenses: " + ", ".join(f"{lic or '(none)'} {n:,}" for lic, n in manifest.licenses.items()))
     lines.append("sources: " + ", ".join(manifest.sources))
+    if plan is not None and plan.dedup:
+        lines.append(f"dedup shuffled {plan.shuffled_bytes:,} bytes (sha256 and key of each image, no image bytes)")
     return "\n".join(lines)
