@@ -4,14 +4,14 @@ baseline (write, read and plan exactly as raysl did before the index)."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from raysl.data.schema import MANIFEST, SCHEMA_VERSION, Manifest, filesystem_and_path, write_manifest
+from raysl.data.schema import (MANIFEST, SCHEMA_VERSION, Manifest, filesystem_and_path, read_manifest_json,
+                                write_json_atomically, write_manifest)
 from raysl.data.shard_index import ShardIndex
 from raysl.errors import UserError
 
@@ -29,23 +29,11 @@ class ManifestV1:
 
 
 def write_v1(directory: str, manifest: ManifestV1) -> None:
-    fs, root = filesystem_and_path(directory)
-    tmp = posixpath.join(root, f".{MANIFEST}.tmp")
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(manifest.__dict__, indent=2, sort_keys=True).encode())
-    fs.move(tmp, posixpath.join(root, MANIFEST))
+    write_json_atomically(*filesystem_and_path(directory), manifest.__dict__)
 
 
 def read_v1(directory: str) -> ManifestV1:
-    fs, root = filesystem_and_path(directory)
-    path = posixpath.join(root, MANIFEST)
-    try:
-        with fs.open_input_stream(path) as f:
-            raw = json.loads(f.read())
-    except FileNotFoundError as exc:
-        raise UserError(f"{directory}: no {MANIFEST} here, so there is no shard set to migrate") from exc
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    _, _, path, raw = read_manifest_json(directory)
     if raw.get("schema_version") != 1 or not isinstance(raw.get("shards"), list):
         raise UserError(f"{path}: schema version {raw.get('schema_version')!r}, not an old (version 1) shard set; "
                         "nothing to migrate")

@@ -127,7 +127,8 @@ def write_shard_set(directory: str, rows: list[dict], *, shard_size: int, source
     return manifest
 
 
-def read_manifest(directory: str) -> Manifest:
+def read_manifest_json(directory: str) -> tuple[pafs.FileSystem, str, str, dict]:
+    """(filesystem, root, path of manifest.json, its parsed JSON): any schema version."""
     fs, root = filesystem_and_path(directory)
     path = posixpath.join(root, MANIFEST)
     try:
@@ -140,6 +141,11 @@ def read_manifest(directory: str) -> Manifest:
         ) from exc
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    return fs, root, path, raw
+
+
+def read_manifest(directory: str) -> Manifest:
+    fs, root, path, raw = read_manifest_json(directory)
     version = raw.get("schema_version")
     if version == 1:
         raise UserError(
