@@ -1,9 +1,9 @@
 """`raysl shards build`: inputs -> parquet shards + manifest, as one Ray Data job.
 
-Pipeline (one pass, image bytes never reach the driver):
+Pipeline (image bytes never reach the driver and never cross a shuffle):
   references (sources.list_inputs, on the driver)
   -> read + sha256 + probe + filters + metadata join   (map_batches, one block of refs per task)
-     minus the exact duplicates found by the first pass (pc.is_in over their keys)
+     minus the exact duplicates found by the dedup pass (their keys, below)
   -> blocks of `shard_size` rows                        (streaming repartition)
   -> write each block to a staging parquet file         (map_batches; returns one stats row)
 Skipped inputs do not travel as rows: each read task folds them into a few "stat rows"
@@ -15,8 +15,9 @@ Exact dedup is a first pass over the same inputs that keeps only (sha256, key) o
 image the filters keep, never its bytes: it groups them by sha256 and returns every key
 but the smallest of each group. Only those small columns cross the network in the
 shuffle; the image bytes are read again by the pass above and written once. The
-duplicate keys (few in most sets) reach every read task as one Arrow array in the object
-store.
+duplicate keys are collected on the driver and reach every read task as one frozenset in
+the object store: memory of about 100 bytes per duplicate on the driver and in each read
+task (5 GB at 50 M duplicates, 5% of 1 B images), the price of not shuffling images.
 """
 
 from __future__ import annotations
