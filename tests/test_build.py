@@ -251,17 +251,24 @@ def test_tar_and_parquet_counts(mixed):
 # ---------------------------------------------------------------- dedup moves hashes, not images
 
 
-def test_dedup_pass_keeps_only_hash_and_key(monkeypatch):
-    """The rows the dedup shuffle gets: (sha256, key) of images the filters keep, no bytes."""
+def test_dedup_pass_keeps_only_hash_key_and_input(monkeypatch):
+    """The rows the dedup shuffle gets: (sha256, key, input id) of images the filters keep, no
+    bytes; what it returns; and the second read dropping the keys its input row carries."""
     png = encode(photo(64), "PNG")
     datas = {"a.png": png, "b.png": png, "small.png": encode(photo(16), "PNG")}
     monkeypatch.setattr(build, "read_ref", lambda ref: iter([build.Item(ref["key"], datas[ref["key"]], "/x")]))
-    refs = pa.table({"key": list(datas)})
-    out = pa.concat_tables(build._hashes(refs, meta={}, licenses=None, min_side=32, max_pixels=10**8))
-    assert out.column_names == ["sha256", "key"]
-    assert out.to_pylist() == [{"sha256": hashlib.sha256(png).hexdigest(), "key": k} for k in ("a.png", "b.png")]
-    group = pa.table({"sha256": ["h"] * 3, "key": ["c", "a", "b"]})
-    assert build._duplicates(group)["key"].to_pylist() == ["c", "b"]
+    refs = pa.table({"key": list(datas), "_ref": [0, 1, 2]})
+    options = dict(meta={}, licenses=None, min_side=32, max_pixels=10**8)
+    out = pa.concat_tables(build._hashes(refs, **options))
+    assert out.column_names == ["sha256", "key", "_ref"]
+    assert out.to_pylist() == [{"sha256": hashlib.sha256(png).hexdigest(), "key": k, "_ref": r}
+                               for k, r in (("a.png", 0), ("b.png", 1))]
+    group = pa.table({"sha256": ["h"] * 3, "key": ["c", "a", "b"], "_ref": [7, 8, 9]})
+    assert build._duplicates(group).to_pylist() == [{"key": "c", "_ref": 7}, {"key": "b", "_ref": 9}]
+    refs = refs.append_column("_drop", pa.array([[], ["b.png"], []], pa.list_(pa.string())))
+    rows = pa.concat_tables(build._read_batch(refs, **options))
+    images, counts = build._split(rows)
+    assert images["key"].to_pylist() == ["a.png"] and counts == {"duplicate": 1, "too_small": 1}
 
 
 def test_dedup_shuffles_no_image_bytes(tmp_path, ray_local):

@@ -14,10 +14,11 @@ then renames the staged files to shard-NNNNN.parquet and writes manifest.json la
 Exact dedup is a first pass over the same inputs that keeps only (sha256, key) of each
 image the filters keep, never its bytes: it groups them by sha256 and returns every key
 but the smallest of each group. Only those small columns cross the network in the
-shuffle; the image bytes are read again by the pass above and written once. The
-duplicate keys are collected on the driver and reach every read task as one frozenset in
-the object store: memory of about 100 bytes per duplicate on the driver and in each read
-task (5 GB at 50 M duplicates, 5% of 1 B images), the price of not shuffling images.
+shuffle; the image bytes are read again by the pass above and written once. Each
+duplicate key comes back tagged with the input reference it was read from, and travels
+to the second read inside that reference's row (`_drop`): a read task holds only the
+duplicates of its own inputs, the driver all of them once (about 100 bytes each: 5 GB at
+50 M duplicates, 5% of 1 B images).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def _check(item: Item, *, licenses: set[str] | None, min_side: int, max_pixels: 
     return "", info
 
 
-def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixels: int, drop=None):
-    """Rows of the images in `refs` that pass the filters, plus stat rows counting the rest.
-    `drop`: an ObjectRef of the keys the dedup pass found to be duplicates."""
-    drop = ray.get(drop) if drop is not None else None
+def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixels: int):
+    """Rows of the images in `refs` that pass the filters, plus stat rows counting the rest
+    (keys in a `_drop` column, found by the dedup pass, count as duplicates)."""
+    drop = set(pc.list_flatten(refs["_drop"]).to_pylist()) if "_drop" in refs.column_names else set()
     if max_pixels > PIL.Image.MAX_IMAGE_PIXELS:
         # decode._open turns PIL's own bomb warning into "too_large"; let the user's limit rule
         PIL.Image.MAX_IMAGE_PIXELS = max_pixels
@@ -91,7 +92,7 @@ def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixe
                 for name, value in extra.items():
                     setattr(item, name, value)
             reason, info = _check(item, licenses=licenses, min_side=min_side, max_pixels=max_pixels)
-            if not reason and drop is not None and item.key in drop:
+            if not reason and item.key in drop:
                 reason = "duplicate"
             if reason:
                 counts[reason] += 1
@@ -108,24 +109,36 @@ def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixe
 
 
 def _hashes(refs: pa.Table, **options):
-    """The dedup pass's read: (sha256, key) of every image the filters keep, no bytes."""
-    for block in _read_batch(refs, **options):
-        yield block.filter(pc.equal(block["_stat"], "")).select(["sha256", "key"])
+    """The dedup pass's read: (sha256, key, _ref) of every image the filters keep, no bytes;
+    `_ref` is the row id of the input reference it came from."""
+    for i in range(refs.num_rows):
+        for block in _read_batch(refs.slice(i, 1), **options):
+            block = block.filter(pc.equal(block["_stat"], "")).select(["sha256", "key"])
+            yield block.append_column("_ref", pa.repeat(refs["_ref"][i], block.num_rows))
 
 
 def _duplicates(group: pa.Table) -> pa.Table:
-    """One sha256: every key but the smallest (the row that is kept)."""
-    keys = group["key"]
-    return pa.table({"key": pc.filter(keys, pc.not_equal(keys, pc.min(keys)))})
+    """One sha256: every (key, _ref) but the smallest key (the row that is kept)."""
+    return group.filter(pc.not_equal(group["key"], pc.min(group["key"]))).select(["key", "_ref"])
 
 
-def duplicate_keys(blocks: list[pa.Table], options: dict, partitions: int) -> tuple[set, int]:
-    """(keys of exact duplicates, bytes the shuffle moved: its input, from Ray Data's stats)."""
-    hashes = ray.data.from_arrow(blocks).map_batches(_hashes, batch_size=None, batch_format="pyarrow",
-                                                     fn_kwargs=options)
+def with_duplicates(refs: pa.Table, options: dict, partitions: int) -> tuple[pa.Table, int]:
+    """(`refs` with a `_drop` column: per reference, the keys of its exact duplicates; bytes
+    the shuffle moved, from Ray Data's stats). `refs` has a `_ref` column of row ids."""
+    hashes = ray.data.from_arrow(_blocks(refs)).map_batches(_hashes, batch_size=None, batch_format="pyarrow",
+                                                            fn_kwargs=options)
     dups = hashes.groupby("sha256", num_partitions=partitions).map_groups(_duplicates, batch_format="pyarrow")
-    keys = {k for t in dups.iter_batches(batch_size=None, batch_format="pyarrow") for k in t["key"].to_pylist()}
-    return keys, shuffled_bytes(dups)
+    drop = [[] for _ in range(refs.num_rows)]
+    for t in dups.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for key, ref in zip(t["key"].to_pylist(), t["_ref"].to_pylist()):
+            drop[ref].append(key)
+    return refs.append_column("_drop", pa.array(drop, pa.list_(pa.string()))), shuffled_bytes(dups)
+
+
+def _blocks(refs: pa.Table) -> list[pa.Table]:
+    """One block per reference, except plain files, which go in blocks of up to 64 (files last)."""
+    n_big = refs.num_rows - pc.sum(pc.equal(refs["kind"], "file")).as_py()
+    return [refs.slice(i, 1) for i in range(n_big)] + [refs.slice(i, 64) for i in range(n_big, refs.num_rows, 64)]
 
 
 def shuffled_bytes(ds: ray.data.Dataset) -> int:
@@ -270,21 +283,16 @@ def run_build(plan: BuildPlan) -> Manifest:
     min_side, max_pixels = plan.min_side, plan.max_pixels
     staging = f"{out.rstrip('/')}/{STAGING}"
 
-    # one block per reference, except plain files, which go in blocks of up to 64
     refs = inputs.refs
     kinds = refs.column("kind").to_pylist()
-    n_files = kinds.count("file")
     refs = refs.take(sorted(range(len(kinds)), key=lambda i: kinds[i] == "file"))  # big refs first
-    blocks = [refs.slice(i, 1) for i in range(len(kinds) - n_files)]
-    blocks += [refs.slice(i, 64) for i in range(len(kinds) - n_files, len(kinds), 64)]
-
+    refs = refs.append_column("_ref", pa.array(range(refs.num_rows), pa.int64()))
     options = dict(meta=meta, licenses=allow, min_side=min_side, max_pixels=max_pixels)
     if dedup:
         partitions = max(1, min(ray.data.DataContext.get_current().default_hash_shuffle_parallelism,
                                 inputs.estimated_images // 20_000))
-        drop, plan.shuffled_bytes = duplicate_keys(blocks, options, partitions)
-        options["drop"] = ray.put(frozenset(drop))
-    ds = ray.data.from_arrow(blocks)
+        refs, plan.shuffled_bytes = with_duplicates(refs, options, partitions)
+    ds = ray.data.from_arrow(_blocks(refs))
     # Rows reach the shard writers in input order, not in the order tasks finish: the same
     # inputs give the same shards, row for row, on every rebuild.
     ds.context.execution_options.preserve_order = True
