@@ -32,7 +32,14 @@ def cmd_shards_build(args) -> None:
     )
     print(init_ray(args.address), file=sys.stderr)
     manifest = run_build(plan)
-    print(format_summary(manifest))
+    print(format_summary(manifest, plan))
+
+
+def cmd_shards_migrate(args) -> None:
+    from raysl.data.legacy import migrate
+
+    m = migrate(args.dir)
+    print(f"migrated {args.dir}: {len(m.shards):,} shard(s), {m.rows:,} images; the shard list is now in its index")
 
 
 def cmd_shards_inspect(args) -> None:
@@ -65,6 +72,12 @@ def cmd_bench_optim(args) -> None:
     from raysl.bench.optim import run_optim_bench
 
     print(json.dumps(run_optim_bench(args.model)))
+
+
+def cmd_bench_plan(args) -> None:
+    from raysl.bench.plan import run_from_args
+
+    print(json.dumps(run_from_args(args)))
 
 
 def cmd_bench_step(args) -> None:
@@ -264,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--grid", type=resolve_path, help="write a contact sheet PNG of sample images here")
     i.add_argument("--samples", type=int, default=64)
     i.set_defaults(func=cmd_shards_inspect)
+    mg = shards.add_parser("migrate", help="rewrite an old shard set (every shard listed in manifest.json) in the current format")
+    mg.add_argument("dir", type=resolve_path)
+    mg.set_defaults(func=cmd_shards_migrate)
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
@@ -287,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bs)
     bs.set_defaults(func=cmd_bench_step)
+    bp = bsub.add_parser("plan", help="manifest bytes, write, read and planning seconds at N shards: index vs the old JSON list")
+    from raysl.bench.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(bp)
+    bp.set_defaults(func=cmd_bench_plan)
     return p
 
 

@@ -21,6 +21,7 @@ from raysl.data import build
 from raysl.data.decode import decode_rgb
 from raysl.data.metadata import read_rows
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, read_manifest, shard_paths
+from raysl.data.shard_index import INDEX
 from raysl.errors import UserError
 
 pytestmark = pytest.mark.ray
@@ -110,7 +111,7 @@ def test_folder_manifest_and_shards_on_disk(folder):
     assert read_manifest(out) == m
     assert all(0 < s["rows"] <= 4 for s in m.shards)
     assert [s["file"] for s in m.shards] == [f"shard-{i:05d}.parquet" for i in range(len(m.shards))]
-    assert sorted(os.listdir(out)) == sorted([MANIFEST] + [s["file"] for s in m.shards])  # staging gone
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, INDEX] + [s["file"] for s in m.shards])  # staging gone
     with pytest.raises(UserError, match="--overwrite"):
         build.build_shards([folder["src"]], out)
 
@@ -247,6 +248,44 @@ def test_tar_and_parquet_counts(mixed):
     assert m.metadata_unmatched == 0
 
 
+# ---------------------------------------------------------------- dedup moves hashes, not images
+
+
+def test_dedup_pass_keeps_only_hash_key_and_input(monkeypatch):
+    """The rows the dedup shuffle gets: (sha256, key, input id) of images the filters keep, no
+    bytes; what it returns; and the second read dropping the keys its input row carries."""
+    png = encode(photo(64), "PNG")
+    datas = {"a.png": png, "b.png": png, "small.png": encode(photo(16), "PNG")}
+    monkeypatch.setattr(build, "read_ref", lambda ref: iter([build.Item(ref["key"], datas[ref["key"]], "/x")]))
+    refs = pa.table({"key": list(datas), "_ref": [0, 1, 2]})
+    options = dict(meta={}, licenses=None, min_side=32, max_pixels=10**8)
+    out = pa.concat_tables(build._hashes(refs, **options))
+    assert out.column_names == ["sha256", "key", "_ref"]
+    assert out.to_pylist() == [{"sha256": hashlib.sha256(png).hexdigest(), "key": k, "_ref": r}
+                               for k, r in (("a.png", 0), ("b.png", 1))]
+    group = pa.table({"sha256": ["h"] * 3, "key": ["c", "a", "b"], "_ref": [7, 8, 9]})
+    assert build._duplicates(group).to_pylist() == [{"key": "c", "_ref": 7}, {"key": "b", "_ref": 9}]
+    refs = refs.append_column("_drop", pa.array([[], ["b.png"], []], pa.list_(pa.string())))
+    rows = pa.concat_tables(build._read_batch(refs, **options))
+    images, counts = build._split(rows)
+    assert images["key"].to_pylist() == ["a.png"] and counts == {"duplicate": 1, "too_small": 1}
+
+
+def test_dedup_shuffles_no_image_bytes(tmp_path, ray_local):
+    src = tmp_path / "big"
+    images = {f"{i}.png": encode(photo(160 + 8 * i), "PNG") for i in range(4)}
+    images["z_copy.png"] = images["1.png"]
+    for name, data in images.items():
+        _write(str(src / name), data)
+    plan = build.plan_build([str(src)], str(tmp_path / "out"), shard_size=2)
+    m = build.run_build(plan)
+    assert m.written == 4 and m.skipped["duplicate"] == 1
+    assert set(_rows(str(tmp_path / "out"))) == {f"big/{i}.png" for i in range(4)}  # the smaller key kept
+    # Ray Data's stats: the shuffle moved a few dozen bytes per image, less than any one image
+    assert 0 < plan.shuffled_bytes < min(len(d) for d in images.values())
+    assert f"dedup shuffled {plan.shuffled_bytes:,} bytes" in build.format_summary(m, plan)
+
+
 # ---------------------------------------------------------------- a crash midway
 
 
@@ -268,7 +307,7 @@ def test_crash_midway_leaves_no_manifest(tmp_path, ray_local, monkeypatch):
     monkeypatch.delenv(build.FAIL_AFTER_ENV)
     again = build.build_shards([str(src)], out, shard_size=2)
     assert again.written == 6 and again.skipped["duplicate"] == 1
-    assert sorted(os.listdir(out)) == sorted([MANIFEST] + [s["file"] for s in again.shards])
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, INDEX] + [s["file"] for s in again.shards])
     assert set(_rows(out)) == {f"few/{i}.png" for i in range(6)}  # "again.png" sorts after "0.png"
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from imagefactory import encode, photo
 from raysl.data import inspect as shard_inspect
 from raysl.data.schema import SCHEMA, Manifest, write_manifest
+from raysl.data.shard_index import ShardIndex
 from raysl.errors import UserError
 
 
@@ -33,11 +34,11 @@ def shards(tmp_path_factory):
             _row("web.tar/1", b"\xff\xd8 damaged after the build", 40, 30, "jpeg", ""),
         ],
     ]
-    m = Manifest(sources=["/data/cams", "/data/web.tar"], skipped={"corrupt": 2, "duplicate": 0})
-    for n, rows in enumerate(shards):
-        name = f"shard-{n:05d}.parquet"
+    names = [f"shard-{n:05d}.parquet" for n in range(len(shards))]
+    for name, rows in zip(names, shards):
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), os.path.join(d, name))
-        m.shards.append({"file": name, "rows": len(rows)})
+    m = Manifest(shards=ShardIndex.from_columns(names, [len(rows) for rows in shards]),
+                 sources=["/data/cams", "/data/web.tar"], skipped={"corrupt": 2, "duplicate": 0})
     m.written = 5
     write_manifest(d, m)
     return d

@@ -101,13 +101,13 @@ def contact_sheet(directory: str, out_png: str, *, samples: int = 64, thumb: int
     """Draw `samples` random images (seeded) as a grid of thumb x thumb cells; returns how
     many were drawn (images that fail to decode leave their cell empty)."""
     manifest = read_manifest(directory)
-    counts = [s["rows"] for s in manifest.shards]
-    total = sum(counts)
+    counts = manifest.shards.rows
+    total = int(counts.sum())
     if total == 0:
         raise UserError(f"{directory}: the shard set has no images to draw")
     n = min(samples, total)
     picks = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
-    starts = np.cumsum([0] + counts)
+    starts = np.concatenate([[0], np.cumsum(counts)])
     cols = math.ceil(math.sqrt(n))
     sheet = Image.new("RGB", (cols * thumb, math.ceil(n / cols) * thumb), (32, 32, 32))
     drawn = cell = 0

@@ -1,9 +1,11 @@
 """Shard format: the parquet schema and the manifest that makes a shard set complete.
 
 A shard directory is complete only once `manifest.json` exists; it is written last and
-atomically (write to a temporary name, then rename), and readers read only the shard
-files it lists. A build that crashes midway therefore never leaves anything a reader
-would take as complete.
+atomically (write to a temporary name, then rename), after the shard index
+(`index.parquet`, see shard_index) it names, and readers read only the shard files the
+index lists. A build that crashes midway therefore never leaves anything a reader
+would take as complete. manifest.json holds only summary counts, so it stays small
+however many shards the set has.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from raysl.data.shard_index import INDEX, ShardIndex, read_index, write_index
 from raysl.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: every shard listed in manifest.json (see legacy)
 MANIFEST = "manifest.json"
 
 SCHEMA = pa.schema(
@@ -52,18 +55,24 @@ SKIP_REASONS = (
 
 @dataclass
 class Manifest:
-    shards: list[dict] = field(default_factory=list)  # [{"file": name, "rows": n}]
+    shards: ShardIndex = field(default_factory=ShardIndex)  # stored in INDEX, not in manifest.json
     written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     licenses: dict[str, int] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    source_images: dict[str, int] = field(default_factory=dict)  # images per SRC name (first part of the key)
     ignored_files: int = 0  # files in SRC folders that are not images (the builder lists them)
     metadata_unmatched: int = 0  # --metadata rows that named no input
     schema_version: int = SCHEMA_VERSION
 
     @property
     def rows(self) -> int:
-        return sum(s["rows"] for s in self.shards)
+        return int(self.shards.rows.sum())
+
+    def summary(self) -> dict:
+        """What manifest.json holds: everything but the shard list, plus its size and where it is."""
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "shards"}
+        return fields | {"index": INDEX, "shards": len(self.shards), "rows": self.rows}
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -77,10 +86,17 @@ def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def write_manifest(directory: str, manifest: Manifest) -> None:
+    """The index first, then manifest.json, each atomically: the set is complete only once
+    manifest.json is there, and then its index is too."""
     fs, root = filesystem_and_path(directory)
+    write_index(fs, root, manifest.shards)
+    write_json_atomically(fs, root, manifest.summary())
+
+
+def write_json_atomically(fs: pafs.FileSystem, root: str, raw: dict) -> None:
     tmp = posixpath.join(root, f".{MANIFEST}.tmp")
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
+        f.write(json.dumps(raw, indent=2, sort_keys=True).encode())
     fs.move(tmp, posixpath.join(root, MANIFEST))
 
 
@@ -94,19 +110,25 @@ def write_shard_set(directory: str, rows: list[dict], *, shard_size: int, source
     import pyarrow.parquet as pq
 
     os.makedirs(directory, exist_ok=True)
-    manifest = Manifest(sources=sources)
+    files, counts, sizes, names = [], [], [], []
     for n, start in enumerate(range(0, len(rows), shard_size)):
         chunk = [dict(r, sha256=hashlib.sha256(r["image"]).hexdigest()) for r in rows[start : start + shard_size]]
         name = f"shard-{n:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), os.path.join(directory, name))
-        manifest.shards.append({"file": name, "rows": len(chunk)})
+        files.append(name)
+        counts.append(len(chunk))
+        sizes.append(os.path.getsize(os.path.join(directory, name)))
+        names.append(sorted({source_name(r["key"]) for r in chunk}))
+    manifest = Manifest(shards=ShardIndex.from_columns(files, counts, sizes, names), sources=sources)
     manifest.written = len(rows)
     manifest.licenses = dict(Counter(r["license"] for r in rows))
+    manifest.source_images = dict(Counter(source_name(r["key"]) for r in rows))
     write_manifest(directory, manifest)
     return manifest
 
 
-def read_manifest(directory: str) -> Manifest:
+def read_manifest_json(directory: str) -> tuple[pafs.FileSystem, str, str, dict]:
+    """(filesystem, root, path of manifest.json, its parsed JSON): any schema version."""
     fs, root = filesystem_and_path(directory)
     path = posixpath.join(root, MANIFEST)
     try:
@@ -119,17 +141,43 @@ def read_manifest(directory: str) -> Manifest:
         ) from exc
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    return fs, root, path, raw
+
+
+def read_manifest(directory: str) -> Manifest:
+    fs, root, path, raw = read_manifest_json(directory)
     version = raw.get("schema_version")
+    if version == 1:
+        raise UserError(
+            f"{path}: shard set in the old format (schema version 1, every shard listed in {MANIFEST}); "
+            f"rebuild it (`raysl shards build SRC --out DIR --overwrite`) or run `raysl shards migrate {directory}`"
+        )
     if version != SCHEMA_VERSION:
         raise UserError(
             f"{path}: shard schema version {version!r}, this raysl reads {SCHEMA_VERSION}; "
             "rebuild the shards with this version"
         )
-    known = {f for f in Manifest.__dataclass_fields__}
-    return Manifest(**{k: v for k, v in raw.items() if k in known})
+    index_path = posixpath.join(root, raw.get("index", INDEX))
+    try:
+        index = read_index(fs, index_path)
+    except FileNotFoundError as exc:
+        raise UserError(f"{index_path}: the shard index {MANIFEST} names is missing; rebuild the shard set") from exc
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UserError(f"{index_path}: cannot read the shard index ({exc}); rebuild the shard set") from exc
+    if len(index) != raw.get("shards"):
+        raise UserError(f"{index_path}: lists {len(index)} shard(s), {MANIFEST} says {raw.get('shards')}; "
+                        "rebuild the shard set")
+    known = {f for f in Manifest.__dataclass_fields__} - {"shards"}
+    return Manifest(shards=index, **{k: v for k, v in raw.items() if k in known})
 
 
-def shard_paths(directory: str, manifest: Manifest) -> list[str]:
-    """Full paths (or URIs) of the shard files a manifest lists, in manifest order."""
+def source_name(key: str) -> str:
+    """The SRC name a row came from: keys start with it (`photos/cat.jpg`, `web.tar/0`)."""
+    return key.split("/", 1)[0]
+
+
+def shard_paths(directory: str, manifest: Manifest, indices=None) -> list[str]:
+    """Full paths (or URIs) of the shard files a manifest lists, in manifest order, or of
+    the shards at `indices` (in that order)."""
     base = directory.rstrip("/")
-    return [f"{base}/{s['file']}" for s in manifest.shards]
+    return [f"{base}/{name}" for name in manifest.shards.files(indices)]
