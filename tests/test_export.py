@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from raysl.cli import main
+from raysl.data.schema import read_manifest, shard_paths
 from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from raysl.errors import UserError
 from raysl.eval.export import export
@@ -104,8 +105,8 @@ def test_model_card_and_attributions_trace_every_training_image(vit_run, tmp_pat
     assert yaml.safe_load(recipe)["model"]["backbone"] == "test_vit"
     with open(out / "ATTRIBUTIONS.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    keys = [k for p in sorted(os.listdir(shards)) if p.endswith(".parquet")
-            for k in pq.read_table(os.path.join(shards, p), columns=["key"]).column("key").to_pylist()]
+    keys = [k for p in shard_paths(shards, read_manifest(shards))
+            for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
     assert [r["key"] for r in rows] == keys and len(keys) == 48
     assert set(rows[0]) == {"key", "source", "license", "attribution"}
     assert {r["license"] for r in rows} == {"cc0-1.0"} and {r["source"] for r in rows} == {"test"}
