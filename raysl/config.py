@@ -58,7 +58,7 @@ def _scale_pair():
 @dataclass
 class DataConfig:
     shards: str = field(default="", metadata={"help": "shard directory or URI (raysl shards build)", "path": True})
-    views: str = "simclr"  # a views preset; the method's default when empty
+    views: str = ""  # a views preset; empty: the method's own (its default_views)
     image_size: int = field(default=0, metadata=_range(0))  # 0: the preset's size
     # Crop overrides of the views preset; the defaults (-1, 0, []) keep the preset's own.
     # Global crops are the preset's largest (image_size sets their size); local crops the

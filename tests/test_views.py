@@ -442,3 +442,19 @@ def test_probe_reasons():
         probe(imagefactory.encode(imagefactory.photo(), "PNG"), max_pixels=128 * 96 - 1)
     assert exc.value.reason == "too_large"
     assert probe(imagefactory.encode(imagefactory.photo(), "PNG"), max_pixels=128 * 96).width == 128
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3", "byol", "barlowtwins", "vicreg", "swav", "dino", "mae"])
+def test_a_recipe_without_data_views_streams_the_methods_own_views(method, tmp_path):
+    """data.views left out of a recipe means the method's views: DINO gets its 2 global + 8
+    local crops, not SimCLR's 2 views (the default once was "simclr", silently)."""
+    from raysl.config import load_config
+    from raysl.methods.base import method_class
+    from raysl.train.loop import spec_for
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method:\n  name: {method}\n")
+    cls = method_class(method)
+    spec = spec_for(load_config(str(recipe)), cls)
+    assert spec == V.PRESETS[cls.default_views]
+    assert spec.n_views == {"dino": 10, "swav": 8, "mae": 1}.get(method, 2)
