@@ -49,9 +49,13 @@ def validate(cfg: Config) -> None:
 
 
 def _has_checkpoints(directory: str, *, complete: bool = False) -> bool:
-    """Whether the run (a local dir or a URI) has a checkpoint_* directory; with
-    `complete`, one that holds the state file rank 0 writes last."""
-    return any(done or not complete for _, done in storage.checkpoint_dirs(directory))
+    """Whether the run (a local dir or a URI) has a checkpoint_* directory; with `complete`,
+    one that an attempt can resume from (the newest such is what the workers will load)."""
+    from raysl.train.recovery import newest_complete
+
+    if complete:
+        return newest_complete(directory)[0] is not None
+    return bool(storage.subdirs(directory, "checkpoint_"))
 
 
 def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume_from: str | None = None,
