@@ -252,3 +252,20 @@ def test_eval_needs_only_rank_0s_weights_of_a_checkpoint(tmp_path):
     assert storage.checkpoint_problem(str(d), only=only) == "weights.safetensors is truncated (20 of 80 bytes)"
     (d / "weights.safetensors").unlink()
     assert storage.checkpoint_problem(str(d), only=only) == "weights.safetensors is missing"
+
+
+def test_an_attempt_never_starts_from_a_checkpoint_judged_damaged_even_one_ray_train_registered(tmp_path):
+    from raysl.train import recovery
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run / "checkpoint_a")
+    _fake_checkpoint(run / "checkpoint_b")
+    registered = str(run / "checkpoint_b")
+    assert recovery.choose_start(str(run), registered, None) == {"checkpoint": registered, "source": "ray train", "skipped": []}
+    assert recovery.choose_start(str(run), str(run / "checkpoint_a"), None)["source"] == "run storage"
+    for name in ("checkpoint_a", "checkpoint_b"):
+        (run / name / "worker_1.pt").unlink()
+    start = recovery.choose_start(str(run), registered, "/elsewhere/checkpoint_x")
+    assert start["checkpoint"] == "/elsewhere/checkpoint_x" and start["source"] == "handed over"
+    assert [name for name, _ in start["skipped"]] == ["checkpoint_b", "checkpoint_a"]
+    assert recovery.choose_start(str(run), registered, None)["checkpoint"] is None

@@ -92,7 +92,7 @@ class _Killer:
         try:
             while self.plan and not self._stop.is_set():
                 attempt_no, after, sig = self.plan[0]
-                attempts = _attempts(self.run_dir)
+                attempts = recovery.read_attempts(self.run_dir)
                 steps = [r["step"] for r in read_metrics(self.run_dir)]
                 if len(attempts) == attempt_no and steps and steps[-1] >= after:
                     pid = self._worker_pid(attempts[-1], sig)
@@ -112,10 +112,6 @@ class _Killer:
             self.error = exc
 
 
-def _attempts(run_dir):
-    return recovery.read_attempts(run_dir)
-
-
 def _ckpt_step(run_dir, name):
     return storage.checkpoint_step(os.path.join(run_dir, name))
 
@@ -131,7 +127,7 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
     run = base["run_dir"]
     for f in ("config.yaml", "metrics.jsonl", "loss.png", "lr.png", recovery.ATTEMPTS):
         assert os.path.exists(os.path.join(run, f)), f
-    assert [(a["attempt"], a["start_step"], a["checkpoint"]) for a in _attempts(run)] == [(1, 0, None)]
+    assert [(a["attempt"], a["start_step"], a["checkpoint"]) for a in recovery.read_attempts(run)] == [(1, 0, None)]
     assert glob.glob(os.path.join(run, "tensorboard", "events.out.tfevents.*"))
     ckpts = [p for p in glob.glob(os.path.join(run, "checkpoint_*")) if os.path.isdir(p)]
     assert len(ckpts) == 2  # keep last K
@@ -152,7 +148,7 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
     with _Killer(os.path.join(storage_path, "killed"), [(1, 5, signal.SIGKILL), (2, 11, signal.SIGKILL)]) as killer:
         killed = pretrain(cfg)
     assert killer.error is None, killer.error
-    attempts = _attempts(killed["run_dir"])
+    attempts = recovery.read_attempts(killed["run_dir"])
     assert [(a["attempt"], a["start_step"], a["first_step"]) for a in attempts] == [(1, 0, 1), (2, 4, 5), (3, 8, 9)], (
         attempts, killer.killed)
     for (attempt_no, died_after, newest), nxt in zip(killer.killed, attempts[1:]):
@@ -186,7 +182,7 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
     with pytest.raises(UserError, match="--resume"):
         pretrain(cfg)  # refuses to start over an existing run silently
     resumed = pretrain(cfg, resume=True)
-    attempts = _attempts(resumed["run_dir"])
+    attempts = recovery.read_attempts(resumed["run_dir"])
     assert [(a["attempt"], a["start_step"]) for a in attempts] == [(1, 0), (2, stopped_at)]  # 0 steps redone
     assert attempts[1]["checkpoint"] == os.path.basename(newest) and attempts[1]["skipped"] == [os.path.basename(damaged)]
     assert _losses(resumed["run_dir"]) == ref

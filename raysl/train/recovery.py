@@ -35,13 +35,12 @@ def newest_complete(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
 
 def choose_start(run_dir: str, registered: str | None, handed: str | None) -> dict:
     """Rank 0, at the start of an attempt: the checkpoint to load and where it was found.
-    `registered` is Ray Train's latest checkpoint path, `handed` one given by raysl.tune
-    (a PBT exploit, a restored trial) for a run with none of its own yet."""
+    `registered` is Ray Train's latest checkpoint path (it lives in `run_dir` too, so it only
+    names the source: one that failed the check is skipped like any other), `handed` one
+    given by raysl.tune (a PBT exploit, a restored trial) for a run with none of its own yet."""
     path, skipped = newest_complete(run_dir)
     if path:
         source = "ray train" if registered and os.path.basename(registered) == os.path.basename(path) else "run storage"
-    elif registered:
-        path, source = registered, "ray train"
     elif handed:
         path, source = handed, "handed over"
     else:
