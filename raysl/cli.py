@@ -56,7 +56,9 @@ def cmd_bench_data(args) -> None:
     from raysl.runtime import init_ray
 
     print(init_ray(args.address), file=sys.stderr)
-    result = run_data_bench(args.shards, args.views, workers=args.workers, images=args.images, batch_size=args.batch_size)
+    result = run_data_bench(
+        args.shards, args.views, workers=args.workers, images=args.images, batch_size=args.batch_size
+    )
     print(json.dumps(result))
 
 
@@ -93,12 +95,24 @@ def cmd_tune(args) -> None:
 
     cfg = load_config(args.recipe, args.overrides)
     result = tune_recipe(
-        cfg, load_space(args.space), scheduler=args.scheduler, samples=args.samples, metric=args.metric, mode=args.mode,
-        search=args.search, name=args.name, storage=args.storage, resume=args.resume, max_concurrent=args.concurrent,
-        grace_steps=args.grace_steps, address=args.address,
+        cfg,
+        load_space(args.space),
+        scheduler=args.scheduler,
+        samples=args.samples,
+        metric=args.metric,
+        mode=args.mode,
+        search=args.search,
+        name=args.name,
+        storage=args.storage,
+        resume=args.resume,
+        max_concurrent=args.concurrent,
+        grace_steps=args.grace_steps,
+        address=args.address,
     )
     print(result["table"])
-    print(json.dumps({k: result[k] for k in ("experiment_dir", "metric", "mode", "results_csv", "best_yaml", "errors")}))
+    print(
+        json.dumps({k: result[k] for k in ("experiment_dir", "metric", "mode", "results_csv", "best_yaml", "errors")})
+    )
 
 
 def cmd_pretrain(args) -> None:
@@ -120,7 +134,10 @@ def cmd_eval(args) -> None:
     from raysl.eval.run import evaluate
 
     if args.kind == "finetune":
-        options = {k: getattr(args, k) for k in ("lr", "layer_decay", "drop_path", "mixup", "cutmix", "smoothing", "batch_size", "seed")}
+        options = {
+            k: getattr(args, k)
+            for k in ("lr", "layer_decay", "drop_path", "mixup", "cutmix", "smoothing", "batch_size", "seed")
+        }
         options["epochs"] = args.epochs or 10
     elif args.kind == "linear":
         options = {"lrs": _numbers(args.lrs, float, "--lrs"), "epochs": args.epochs or 100, "seed": args.seed}
@@ -128,9 +145,20 @@ def cmd_eval(args) -> None:
         options = {"shots": _numbers(args.shots, int, "--shots"), "draws": args.draws, "seed": args.seed}
     else:
         options = {"ks": _numbers(args.k, int, "--k"), "temperature": args.temperature}
-    result = evaluate(args.kind, args.ckpt, args.train, args.val, options=options, backbone=args.backbone,
-                      workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                      image_size=args.image_size, address=args.address, baseline=args.baseline)
+    result = evaluate(
+        args.kind,
+        args.ckpt,
+        args.train,
+        args.val,
+        options=options,
+        backbone=args.backbone,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        image_size=args.image_size,
+        address=args.address,
+        baseline=args.baseline,
+    )
     print(json.dumps(result))
 
 
@@ -178,9 +206,14 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                          help="show every library's log lines (Ray, Ray Data, DeepSpeed, bitsandbytes); "
-                               "default: raysl's own progress, results and warnings")
+        self.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show every library's log lines (Ray, Ray Data, DeepSpeed, bitsandbytes); "
+            "default: raysl's own progress, results and warnings",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,52 +224,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help=_ADDRESS_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = _ray_command(sub.add_parser("demo", help="build shards from real bundled images and stream views through Ray Data"))
-    demo.add_argument("--out", type=resolve_path, default="demo_out", help="folder for the demo's images, shards and pictures")
+    demo = _ray_command(
+        sub.add_parser("demo", help="build shards from real bundled images and stream views through Ray Data")
+    )
+    demo.add_argument(
+        "--out", type=resolve_path, default="demo_out", help="folder for the demo's images, shards and pictures"
+    )
     demo.set_defaults(func=cmd_demo)
 
-    doc = _ray_command(sub.add_parser("doctor", help="check this machine: versions, GPUs, 8-bit kernels, Ray cluster, free disk"))
-    doc.add_argument("--storage", type=resolve_path, default="runs", help="where runs will be stored (train.storage_path)")
+    doc = _ray_command(
+        sub.add_parser("doctor", help="check this machine: versions, GPUs, 8-bit kernels, Ray cluster, free disk")
+    )
+    doc.add_argument(
+        "--storage", type=resolve_path, default="runs", help="where runs will be stored (train.storage_path)"
+    )
     doc.set_defaults(func=cmd_doctor)
 
-    pre = _ray_command(sub.add_parser("pretrain", help="self-supervised pretraining from a recipe on Ray Train + DeepSpeed"))
+    pre = _ray_command(
+        sub.add_parser("pretrain", help="self-supervised pretraining from a recipe on Ray Train + DeepSpeed")
+    )
     pre.add_argument("recipe", help="a shipped recipe name (e.g. quickstart) or a YAML path")
     pre.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.001 train.num_workers=2")
     pre.add_argument("--resume", action="store_true", help="continue the run (train.name) from its latest checkpoint")
     pre.set_defaults(func=cmd_pretrain)
 
-    tu = _ray_command(sub.add_parser("tune", help="Ray Tune over any config key of a recipe (ASHA or PBT, optional Optuna)"))
+    tu = _ray_command(
+        sub.add_parser("tune", help="Ray Tune over any config key of a recipe (ASHA or PBT, optional Optuna)")
+    )
     tu.add_argument("recipe", help="a shipped recipe name or a YAML path")
     tu.add_argument("overrides", nargs="*", help="section.key=value, applied before the search space")
-    tu.add_argument("--space", type=resolve_path, required=True, help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}")
+    tu.add_argument(
+        "--space",
+        type=resolve_path,
+        required=True,
+        help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}",
+    )
     tu.add_argument("--scheduler", choices=["asha", "pbt"], default="asha")
     tu.add_argument("--samples", type=int, default=4, help="trials (PBT: the population)")
-    tu.add_argument("--metric", default="loss", help="loss, val_loss (needs eval.val_shards) or knn_top1 (needs eval.knn_shards)")
+    tu.add_argument(
+        "--metric", default="loss", help="loss, val_loss (needs eval.val_shards) or knn_top1 (needs eval.knn_shards)"
+    )
     tu.add_argument("--mode", choices=["min", "max"], default=None, help="default: min for loss, max for knn_*")
-    tu.add_argument("--search", choices=["optuna"], default=None, help="Optuna TPE instead of random search (needs optuna)")
+    tu.add_argument(
+        "--search", choices=["optuna"], default=None, help="Optuna TPE instead of random search (needs optuna)"
+    )
     tu.add_argument("--concurrent", type=int, default=1, help="trials at once (each takes train.num_workers workers)")
-    tu.add_argument("--grace-steps", type=int, default=None, help="ASHA: steps before a trial can be stopped (default: a quarter)")
+    tu.add_argument(
+        "--grace-steps", type=int, default=None, help="ASHA: steps before a trial can be stopped (default: a quarter)"
+    )
     tu.add_argument("--name", default="tune", help="experiment name (a folder under --storage)")
     tu.add_argument("--storage", type=resolve_path, default="runs", help="local dir, NFS path or bucket URI")
     tu.add_argument("--resume", action="store_true", help="continue the experiment --storage/--name")
     tu.set_defaults(func=cmd_tune)
 
-    ev = _ray_command(sub.add_parser("eval", help="evaluate a run's backbone on labeled shards: knn, linear probe, few-shot, fine-tune"))
+    ev = _ray_command(
+        sub.add_parser(
+            "eval", help="evaluate a run's backbone on labeled shards: knn, linear probe, few-shot, fine-tune"
+        )
+    )
     ev.add_argument("kind", choices=("knn", "linear", "fewshot", "finetune"))
-    ev.add_argument("--ckpt", type=resolve_path, required=True, help="a pretraining run directory (its latest checkpoint is used)")
-    ev.add_argument("--train", type=resolve_path, required=True, help="labeled shard set to fit on (memory bank for knn)")
+    ev.add_argument(
+        "--ckpt", type=resolve_path, required=True, help="a pretraining run directory (its latest checkpoint is used)"
+    )
+    ev.add_argument(
+        "--train", type=resolve_path, required=True, help="labeled shard set to fit on (memory bank for knn)"
+    )
     ev.add_argument("--val", type=resolve_path, required=True, help="labeled shard set to score on")
     ev.add_argument("--backbone", help="refuse the run unless it trained this timm backbone")
-    ev.add_argument("--baseline", action="store_true",
-                    help="knn/linear/fewshot: also score the same backbone at random init (the run's seed), as random_init")
-    ev.add_argument("--image-size", type=int, default=0, help="eval resolution (default: the run's data.image_size, else 224)")
+    ev.add_argument(
+        "--baseline",
+        action="store_true",
+        help="knn/linear/fewshot: also score the same backbone at random init (the run's seed), as random_init",
+    )
+    ev.add_argument(
+        "--image-size", type=int, default=0, help="eval resolution (default: the run's data.image_size, else 224)"
+    )
     ev.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     ev.add_argument("--cpus-per-worker", type=int, default=1)
     ev.add_argument("--gpus-per-worker", type=float, default=0.0)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--k", default="20,200", help="knn: neighbour counts (comma list)")
     ev.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
-    ev.add_argument("--lrs", default="0.01,0.1,1.0", help="linear: the lr sweep (comma list), best on --val is reported")
+    ev.add_argument(
+        "--lrs", default="0.01,0.1,1.0", help="linear: the lr sweep (comma list), best on --val is reported"
+    )
     ev.add_argument("--shots", default="1,5,10", help="fewshot: labeled images per class (comma list)")
     ev.add_argument("--draws", type=int, default=5, help="fewshot: seeded draws per shot count")
     ev.add_argument("--epochs", type=int, default=0, help="linear (default 100) and finetune (default 10) epochs")
@@ -250,22 +321,41 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     exp = sub.add_parser("export", help="a run's backbone for timm.create_model, with a model card and attributions")
-    exp.add_argument("--ckpt", type=resolve_path, required=True, help="the run directory (its latest checkpoint is exported)")
-    exp.add_argument("--out", type=resolve_path, required=True, help="folder for model.safetensors, config.json, README.md, ATTRIBUTIONS.csv")
-    exp.add_argument("--shards", type=resolve_path, help="where the training shard set lives now, if it moved since training")
+    exp.add_argument(
+        "--ckpt", type=resolve_path, required=True, help="the run directory (its latest checkpoint is exported)"
+    )
+    exp.add_argument(
+        "--out",
+        type=resolve_path,
+        required=True,
+        help="folder for model.safetensors, config.json, README.md, ATTRIBUTIONS.csv",
+    )
+    exp.add_argument(
+        "--shards", type=resolve_path, help="where the training shard set lives now, if it moved since training"
+    )
     exp.set_defaults(func=cmd_export)
 
-    rep = sub.add_parser("report", help="one self-contained HTML page of a run's numbers and pictures (RUN/report.html)")
+    rep = sub.add_parser(
+        "report", help="one self-contained HTML page of a run's numbers and pictures (RUN/report.html)"
+    )
     rep.add_argument("run", type=resolve_path, help="the run directory")
-    rep.add_argument("--eval", type=resolve_path, help="a labeled shard set for the embedding plot and the attention samples")
+    rep.add_argument(
+        "--eval", type=resolve_path, help="a labeled shard set for the embedding plot and the attention samples"
+    )
     rep.set_defaults(func=cmd_report)
 
-    shards = sub.add_parser("shards", help="build and inspect image shard sets").add_subparsers(dest="shards_cmd", required=True)
-    b = _ray_command(shards.add_parser("build", help="turn folders, WebDataset tars or img2dataset parquet into shards"))
+    shards = sub.add_parser("shards", help="build and inspect image shard sets").add_subparsers(
+        dest="shards_cmd", required=True
+    )
+    b = _ray_command(
+        shards.add_parser("build", help="turn folders, WebDataset tars or img2dataset parquet into shards")
+    )
     b.add_argument("src", nargs="+", type=resolve_path, help="image folders, .tar files or .parquet files")
     b.add_argument("--out", type=resolve_path, required=True, help="output shard directory")
     b.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
-    b.add_argument("--metadata", type=resolve_path, help="CSV/JSONL with path or key plus license, attribution, source, label")
+    b.add_argument(
+        "--metadata", type=resolve_path, help="CSV/JSONL with path or key plus license, attribution, source, label"
+    )
     b.add_argument("--license", type=_csv_list, help="keep only images whose license is in this comma list")
     b.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side is smaller")
     b.add_argument("--max-pixels", type=int, default=89_478_485, help="skip images with more pixels (bomb guard)")
@@ -277,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--grid", type=resolve_path, help="write a contact sheet PNG of sample images here")
     i.add_argument("--samples", type=int, default=64)
     i.set_defaults(func=cmd_shards_inspect)
-    mg = shards.add_parser("migrate", help="rewrite an old shard set (every shard listed in manifest.json) in the current format")
+    mg = shards.add_parser(
+        "migrate", help="rewrite an old shard set (every shard listed in manifest.json) in the current format"
+    )
     mg.add_argument("dir", type=resolve_path)
     mg.set_defaults(func=cmd_shards_migrate)
 
@@ -293,17 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
     bo = bsub.add_parser("optim", help="optimizer state bytes/param: fp32 AdamW vs AdamW8bit")
     bo.add_argument("--model", default="vit_base_patch16_224")
     bo.set_defaults(func=cmd_bench_optim)
-    bm = _ray_command(bsub.add_parser("methods", help="each SSL method: short CPU pretraining, kNN top-1 on real digits vs random init"))
+    bm = _ray_command(
+        bsub.add_parser(
+            "methods", help="each SSL method: short CPU pretraining, kNN top-1 on real digits vs random init"
+        )
+    )
     from raysl.bench.methods import add_arguments as add_methods_arguments
 
     add_methods_arguments(bm)
     bm.set_defaults(func=cmd_bench_methods)
-    bs = _ray_command(bsub.add_parser("step", help="seconds per training step: raysl (Ray Train + DeepSpeed) vs a bare PyTorch loop"))
+    bs = _ray_command(
+        bsub.add_parser("step", help="seconds per training step: raysl (Ray Train + DeepSpeed) vs a bare PyTorch loop")
+    )
     from raysl.bench.step import add_arguments
 
     add_arguments(bs)
     bs.set_defaults(func=cmd_bench_step)
-    bp = bsub.add_parser("plan", help="manifest bytes, write, read and planning seconds at N shards: index vs the old JSON list")
+    bp = bsub.add_parser(
+        "plan", help="manifest bytes, write, read and planning seconds at N shards: index vs the old JSON list"
+    )
     from raysl.bench.plan import add_arguments as add_plan_arguments
 
     add_plan_arguments(bp)

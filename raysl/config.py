@@ -30,7 +30,8 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 
@@ -51,8 +52,13 @@ def _choices(*values):
 def _scale_pair():
     """A crop-scale range [lo, hi] as a fraction of the image area, 0 < lo <= hi <= 1;
     the empty list means "the views preset's own"."""
-    return {"each": _range(0.0, 1.0, lo_open=True), "length": 2, "ascending": True, "empty_ok": True,
-            "example": "[0.4, 1.0]"}
+    return {
+        "each": _range(0.0, 1.0, lo_open=True),
+        "length": 2,
+        "ascending": True,
+        "empty_ok": True,
+        "example": "[0.4, 1.0]",
+    }
 
 
 @dataclass
@@ -71,7 +77,9 @@ class DataConfig:
     local_scale: list[float] = field(default_factory=list, metadata=_scale_pair())  # [lo, hi]; []: the preset's
     batch_size: int = field(default=64, metadata=_range(1))  # per worker, per micro-step
     shuffle_window: int = field(default=2, metadata=_range(1))  # shards mixed per shuffle window
-    augment_tasks: int = field(default=0, metadata=_range(0))  # parallel read/augment tasks per worker; 0: train.cpus_per_worker
+    augment_tasks: int = field(
+        default=0, metadata=_range(0)
+    )  # parallel read/augment tasks per worker; 0: train.cpus_per_worker
     # Logical CPUs each read/augment task reserves. 0 shares the training workers' cores
     # (right on one machine, where the workers hold every CPU); 1 on a cluster with
     # CPU-only data nodes places the tasks there.
@@ -109,7 +117,9 @@ class MethodConfig:
     teacher_temp_warmup: float = field(default=0.04, metadata=_range(0.0, lo_open=True))
     teacher_temp_warmup_steps: int = field(default=0, metadata=_range(0))
     # --- heads (0: the method's usual value) ---
-    proj_layers: int = field(default=0, metadata=_range(0))  # projector depth; simclr/byol/swav 2, mocov3/barlowtwins/vicreg 3
+    proj_layers: int = field(
+        default=0, metadata=_range(0)
+    )  # projector depth; simclr/byol/swav 2, mocov3/barlowtwins/vicreg 3
     pred_hidden_dim: int = field(default=4096, metadata=_range(1))  # byol/mocov3 predictor
     # --- mocov2 ---
     queue_size: int = field(default=65536, metadata=_range(1))  # negatives kept (keys of all workers)
@@ -143,13 +153,18 @@ class MethodConfig:
     ft_every: int = field(default=0, metadata=_range(0))  # return pos/neg score histograms every N steps; 0: never
     # --- GenView-style quality-driven contrast (simclr) ---
     quality_weighting: bool = False
-    quality_temp: float = field(default=0.5, metadata=_range(0.0, lo_open=True))  # softmax temperature over quality scores
+    quality_temp: float = field(
+        default=0.5, metadata=_range(0.0, lo_open=True)
+    )  # softmax temperature over quality scores
     extra_views: str = ""  # "package.module:function" mapping a batch's views to extra generated views
 
 
 @dataclass
 class OptimConfig:
-    name: str = field(default="adamw", metadata=_choices("adamw", "sgd", "lars", "lamb", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"))
+    name: str = field(
+        default="adamw",
+        metadata=_choices("adamw", "sgd", "lars", "lamb", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"),
+    )
     lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))  # per 256 images (linear scaling)
     min_lr: float = field(default=1e-6, metadata=_range(0.0))
     warmup_steps: int = field(default=0, metadata=_range(0))
@@ -195,7 +210,9 @@ class EvalConfig:
     shard set every `knn_every` steps, into metrics.jsonl as knn_top1_k20, knn_top5_k200, ..."""
 
     knn_shards: str = field(default="", metadata={"path": True})  # labeled shard set; empty: no monitor
-    knn_val_shards: str = field(default="", metadata={"path": True})  # its query set; empty: a seeded split of knn_shards
+    knn_val_shards: str = field(
+        default="", metadata={"path": True}
+    )  # its query set; empty: a seeded split of knn_shards
     knn_val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
     knn_every: int = field(default=100, metadata=_range(1))  # steps (and at the last step)
     knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"each": _range(1)})
@@ -245,12 +262,16 @@ def _check(key: str, f: dataclasses.Field, value):
         return checked
     if typing.get_origin(f.type) is dict:  # custom Ray resources: name -> amount
         if not isinstance(value, dict):
-            raise UserError(f"config key {key}: expected a mapping of resource name to amount, e.g. {{data_node: 1}}, got {value!r}")
+            raise UserError(
+                f"config key {key}: expected a mapping of resource name to amount, e.g. {{data_node: 1}}, got {value!r}"
+            )
         item = dataclasses.field(metadata=f.metadata)
         item.type = typing.get_args(f.type)[1]
         for name in value:
             if not isinstance(name, str) or not name or name in ("CPU", "GPU", "memory"):
-                raise UserError(f"config key {key}: {name!r} is not a custom resource name (CPU/GPU have their own keys)")
+                raise UserError(
+                    f"config key {key}: {name!r} is not a custom resource name (CPU/GPU have their own keys)"
+                )
         return {name: _check(f"{key}.{name}", item, v) for name, v in value.items()}
     typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -264,7 +285,9 @@ def _check(key: str, f: dataclasses.Field, value):
         raise UserError(f"config key {key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-        raise UserError(f"config key {key}: {value!r} is out of range (must be {'>' if meta.get('lo_open') else '>='} {lo})")
+        raise UserError(
+            f"config key {key}: {value!r} is out of range (must be {'>' if meta.get('lo_open') else '>='} {lo})"
+        )
     if hi is not None and value > hi:
         raise UserError(f"config key {key}: {value!r} is out of range (must be <= {hi})")
     return value
@@ -317,7 +340,11 @@ def recipe_path(recipe: str) -> str:
     shipped = resources.files("raysl") / "recipes" / f"{recipe.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
         return str(shipped)
-    names = sorted(p.name.removesuffix(".yaml") for p in (resources.files("raysl") / "recipes").iterdir() if p.name.endswith(".yaml"))
+    names = sorted(
+        p.name.removesuffix(".yaml")
+        for p in (resources.files("raysl") / "recipes").iterdir()
+        if p.name.endswith(".yaml")
+    )
     raise UserError(f"recipe {recipe!r}: no such file, and not a shipped recipe ({', '.join(names)})")
 
 

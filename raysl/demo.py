@@ -71,8 +71,14 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
 
     cfg = load_config(
         "quickstart",
-        [f"data.shards={shards}", "data.batch_size=8", "train.epochs=12", "train.log_every=4",
-         f"train.storage_path={os.path.join(out, 'runs')}", "train.name=demo"],
+        [
+            f"data.shards={shards}",
+            "data.batch_size=8",
+            "train.epochs=12",
+            "train.log_every=4",
+            f"train.storage_path={os.path.join(out, 'runs')}",
+            "train.name=demo",
+        ],
     )
     shutil.rmtree(os.path.join(out, "runs", "demo"), ignore_errors=True)  # the demo always trains from scratch
     run = pretrain(cfg)
@@ -90,9 +96,18 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
     _step("Next, try these (paths relative to this folder work from it)")
     commands = next_commands(out, run["run_dir"], digits["train"], digits["val"])
     print("\n".join(commands))
-    return {"images_written": manifest.written, "skipped": sum(manifest.skipped.values()), "shards": len(manifest.shards),
-            "views_per_image": spec.n_views, "images_streamed": seen, "train_steps": run["steps"],
-            "final_loss": round(run["final_loss"], 4), "knn": knn, "report": report, "next": commands}
+    return {
+        "images_written": manifest.written,
+        "skipped": sum(manifest.skipped.values()),
+        "shards": len(manifest.shards),
+        "views_per_image": spec.n_views,
+        "images_streamed": seen,
+        "train_steps": run["steps"],
+        "final_loss": round(run["final_loss"], 4),
+        "knn": knn,
+        "report": report,
+        "next": commands,
+    }
 
 
 def _shown(path: str) -> str:
@@ -105,11 +120,15 @@ def knn_table(result: dict) -> str:
     """The pretrained and the random-init rows of a `raysl eval knn --baseline` result."""
     ks = sorted(int(k.removeprefix("knn_top1_k")) for k in result if k.startswith("knn_top1_k"))
     header = ["backbone", *(f"kNN top-1 k={k}" for k in ks)]
-    rows = [["random init (same seed)", *(f"{result['random_init'][f'knn_top1_k{k}']:.1f}" for k in ks)],
-            [f"pretrained, {result['step']} steps", *(f"{result[f'knn_top1_k{k}']:.1f}" for k in ks)]]
+    rows = [
+        ["random init (same seed)", *(f"{result['random_init'][f'knn_top1_k{k}']:.1f}" for k in ks)],
+        [f"pretrained, {result['step']} steps", *(f"{result[f'knn_top1_k{k}']:.1f}" for k in ks)],
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in [header, *rows])
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    )
 
 
 def next_commands(out: str, run_dir: str, train: str, val: str) -> list[str]:

@@ -22,12 +22,16 @@ class Check:
     fix: str = ""  # what to do when not ok
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}" + ("" if self.ok or not self.fix else f" -> {self.fix}")
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}" + (
+            "" if self.ok or not self.fix else f" -> {self.fix}"
+        )
 
 
 def check_python() -> Check:
     ok = sys.version_info >= (3, 10)
-    return Check("python", ok, f"{platform.python_version()} ({sys.executable})", "use Python 3.10 or newer (3.11 is tested)")
+    return Check(
+        "python", ok, f"{platform.python_version()} ({sys.executable})", "use Python 3.10 or newer (3.11 is tested)"
+    )
 
 
 def check_package(name: str) -> Check:
@@ -44,8 +48,12 @@ def check_gpu() -> Check:
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
         return Check("gpu", True, f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {', '.join(names)}")
     why = "torch is a CPU build" if not torch.version.cuda else "CUDA build, but no GPU is visible"
-    return Check("gpu", True, f"none ({why}); raysl trains on the CPU (train.gpus_per_worker=0)",
-                 "for GPUs: a CUDA build of torch, a driver (nvidia-smi) and CUDA_VISIBLE_DEVICES unset or right")
+    return Check(
+        "gpu",
+        True,
+        f"none ({why}); raysl trains on the CPU (train.gpus_per_worker=0)",
+        "for GPUs: a CUDA build of torch, a driver (nvidia-smi) and CUDA_VISIBLE_DEVICES unset or right",
+    )
 
 
 def check_8bit() -> Check:
@@ -61,11 +69,19 @@ def check_8bit() -> Check:
         opt.step()
         dtype = opt.state[p]["state1"].dtype
     except Exception as exc:  # any failure here means the 8-bit optimizers cannot run
-        return Check("8-bit optimizers", False, f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
-                     "use optim.name=adamw, or reinstall bitsandbytes for this platform")
+        return Check(
+            "8-bit optimizers",
+            False,
+            f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
+            "use optim.name=adamw, or reinstall bitsandbytes for this platform",
+        )
     ok = dtype == torch.uint8
-    return Check("8-bit optimizers", ok, f"AdamW8bit step on {p.device.type}, state {dtype}",
-                 "bitsandbytes kept fp32 state: reinstall bitsandbytes, or use optim.name=adamw")
+    return Check(
+        "8-bit optimizers",
+        ok,
+        f"AdamW8bit step on {p.device.type}, state {dtype}",
+        "bitsandbytes kept fp32 state: reinstall bitsandbytes, or use optim.name=adamw",
+    )
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -96,7 +112,9 @@ def check_ray(address: str | None, timeout_s: float = 5.0) -> Check:
             ray.shutdown()
     except Exception as exc:
         return Check("ray cluster", False, f"{address}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", fix)
-    return Check("ray cluster", True, f"{address}: {nodes} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+    return Check(
+        "ray cluster", True, f"{address}: {nodes} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+    )
 
 
 def check_disk(storage: str) -> Check:
@@ -107,8 +125,12 @@ def check_disk(storage: str) -> Check:
         existing = os.path.dirname(existing)
     free_gb = shutil.disk_usage(existing).free / 1e9
     ok = free_gb >= MIN_FREE_GB
-    return Check("disk", ok, f"{free_gb:.1f} GB free at {existing} (storage path {storage})",
-                 f"free space, or point train.storage_path / --storage at a disk with {MIN_FREE_GB:g} GB or more")
+    return Check(
+        "disk",
+        ok,
+        f"{free_gb:.1f} GB free at {existing} (storage path {storage})",
+        f"free space, or point train.storage_path / --storage at a disk with {MIN_FREE_GB:g} GB or more",
+    )
 
 
 def run_checks(address: str | None, storage: str) -> list[Check]:

@@ -33,5 +33,12 @@ def bar(total: int | None, desc: str | None, unit: str = "img", *, file=None, di
     file = file or sys.stderr
     if getattr(file, "isatty", lambda: False)():
         return tqdm(total=total, desc=desc, unit=unit, file=file, dynamic_ncols=True, disable=disable)
-    return tqdm(total=total, desc=desc, unit=unit, file=_Lines(file), mininterval=PLAIN_EVERY_S, disable=disable,
-                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=_Lines(file),
+        mininterval=PLAIN_EVERY_S,
+        disable=disable,
+        bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+    )

@@ -11,8 +11,8 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image
 import skimage.data
+from PIL import Image
 
 
 def photo(size: int = 96) -> Image.Image:

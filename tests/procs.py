@@ -1,6 +1,5 @@
 """Processes seen through /proc, for tests that kill them from outside."""
 
-import os
 import time
 
 

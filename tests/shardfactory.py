@@ -20,8 +20,19 @@ def write_shards(directory: str, images: list[tuple[str, bytes, int | None]], sh
     rows = []
     for key, data, label in images:
         width, height = _size(data)
-        rows.append({"key": key, "image": data, "width": width, "height": height, "format": "png", "source": "test",
-                     "license": "cc0-1.0", "attribution": "", "label": label})
+        rows.append(
+            {
+                "key": key,
+                "image": data,
+                "width": width,
+                "height": height,
+                "format": "png",
+                "source": "test",
+                "license": "cc0-1.0",
+                "attribution": "",
+                "label": label,
+            }
+        )
     return write_shard_set(directory, rows, shard_size=shard_size, sources=["test"])
 
 

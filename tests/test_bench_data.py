@@ -7,7 +7,6 @@ import os
 import pytest
 import skimage.data
 from PIL import Image
-
 from shardfactory import write_shards
 
 # real photographs shipped in scikit-image; no people, as in the demo's pool
@@ -40,7 +39,9 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
     for side in ("raysl_timed", "baseline_timed"):
         timed = result[side]
         assert timed["images"] >= 8 and 0 < timed["first_batch_s"] <= timed["seconds"]
-    assert result["raysl_img_s"] == pytest.approx(result["raysl_timed"]["images"] / result["raysl_timed"]["seconds"], rel=0.05)
+    assert result["raysl_img_s"] == pytest.approx(
+        result["raysl_timed"]["images"] / result["raysl_timed"]["seconds"], rel=0.05
+    )
     json.dumps(result)
 
     main([str(tmp_path), "--views", "simclr", "--workers", "1", "--images", "4", "--batch-size", "2"])

@@ -15,9 +15,31 @@ FIGURES = {"manifest_bytes", "write_s", "read_s", "plan_s"}
 
 
 def test_cli_prints_one_json_line_with_both_formats():
-    done = subprocess.run([sys.executable, "-m", "raysl.cli", "bench", "plan", "--shards", "40", "--workers", "3",
-                           "--epochs", "4", "--rows", "20", "--batch-size", "5", "--baseline-epochs", "4"],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raysl.cli",
+            "bench",
+            "plan",
+            "--shards",
+            "40",
+            "--workers",
+            "3",
+            "--epochs",
+            "4",
+            "--rows",
+            "20",
+            "--batch-size",
+            "5",
+            "--baseline-epochs",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -29,14 +51,17 @@ def test_cli_prints_one_json_line_with_both_formats():
     assert out["baseline_v1"]["manifest_bytes"] > 0 and {"plan_speedup", "bytes_ratio"} <= set(out)
     m = simulated_manifest(40, 20)
     assert out["steps_per_epoch"] == [
-        reader.steps_per_epoch(m, batch_size=5, seed=0, epoch=e, world_size=3) for e in range(4)]
+        reader.steps_per_epoch(m, batch_size=5, seed=0, epoch=e, world_size=3) for e in range(4)
+    ]
 
 
 def test_plans_match_the_reader_for_other_seeds_and_sizes():
     out = run_plan_bench(25, 4, 3, rows=12, batch_size=2, seed=7, baseline_epochs=3)  # baseline checked against it
     m = simulated_manifest(25, 12, seed=7)
     assert m.rows == sum(m.shards.rows) and 25 * 10 <= m.rows <= 25 * 12
-    assert out["steps_per_epoch"] == [reader.steps_per_epoch(m, batch_size=2, seed=7, epoch=e, world_size=4) for e in range(3)]
+    assert out["steps_per_epoch"] == [
+        reader.steps_per_epoch(m, batch_size=2, seed=7, epoch=e, world_size=4) for e in range(3)
+    ]
 
 
 def test_bad_sizes_are_one_clear_error():

@@ -30,7 +30,6 @@ def test_bench_step_reports_both_sides(ray_local):
     json.dumps(res)
 
 
-
 def test_bench_step_cli_passes_its_arguments(monkeypatch, capsys):
     import raysl.bench.step as step
     from raysl.cli import main
@@ -42,8 +41,31 @@ def test_bench_step_cli_passes_its_arguments(monkeypatch, capsys):
         return {"bench": "step"}
 
     monkeypatch.setattr(step, "run_step_bench", fake)
-    assert main(["bench", "step", "--model", "test_vit", "--batch-size", "4", "--image-size", "32", "--steps", "3",
-                 "--warmup", "0", "--threads", "2", "--optimizer", "adamw8bit", "--zero-stage", "2"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "step",
+                "--model",
+                "test_vit",
+                "--batch-size",
+                "4",
+                "--image-size",
+                "32",
+                "--steps",
+                "3",
+                "--warmup",
+                "0",
+                "--threads",
+                "2",
+                "--optimizer",
+                "adamw8bit",
+                "--zero-stage",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert seen["args"] == ("test_vit", 4, 32, 3, 0, 2, "adamw8bit", 2)
     assert seen["kwargs"] == {"seed": 0, "address": None}
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"bench": "step"}

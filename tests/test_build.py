@@ -10,13 +10,12 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import numpy as np
-
 from imagefactory import bad_files, encode, good_files, photo, red_then_blue_gif
+
 from raysl.data import build
 from raysl.data.decode import decode_rgb
 from raysl.data.metadata import read_rows
@@ -123,7 +122,12 @@ def test_folder_metadata_join(folder):
     assert (rows["imgs/rotated.jpg"]["license"], rows["imgs/rotated.jpg"]["label"]) == ("CC0-1.0", 2)
     assert rows["imgs/good.png"]["license"] == "" and rows["imgs/good.png"]["label"] is None
     r = rows["imgs/good.bmp"]  # a CSV row keyed by key
-    assert (r["license"], r["attribution"], r["label"], r["source"]) == ("CC0-1.0", "Bob", 3, "https://example.org/good.bmp")
+    assert (r["license"], r["attribution"], r["label"], r["source"]) == (
+        "CC0-1.0",
+        "Bob",
+        3,
+        "https://example.org/good.bmp",
+    )
     assert m.licenses == {"": len(rows) - 3, "CC-BY-4.0": 1, "CC0-1.0": 2}
     assert m.metadata_unmatched == 1
 
@@ -144,11 +148,17 @@ def limits(tmp_path_factory, ray_local):
     for name, size in (("big.png", 96), ("mid.jpg", 60), ("small.png", 48)):
         _write(str(src / name), encode(photo(size), "JPEG" if name.endswith("jpg") else "PNG"))
     meta = tmp / "meta.jsonl"
-    meta.write_text("\n".join(json.dumps(r) for r in [
-        {"path": "small.png", "source": "https://example.org/small", "license": "CC0-1.0"},  # relative path
-        {"path": str(src / "mid.jpg"), "label": 4, "attribution": "Cy"},  # absolute path
-        {"path": "big.png", "license": "CC0-1.0"},  # joined, then dropped as too large
-    ]) + "\n")
+    meta.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"path": "small.png", "source": "https://example.org/small", "license": "CC0-1.0"},  # relative path
+                {"path": str(src / "mid.jpg"), "label": 4, "attribution": "Cy"},  # absolute path
+                {"path": "big.png", "license": "CC0-1.0"},  # joined, then dropped as too large
+            ]
+        )
+        + "\n"
+    )
     out = str(tmp / "out")
     manifest = build.build_shards([str(src)], out, metadata=str(meta), max_pixels=80 * 60)  # mid.jpg is 80x60
     return dict(src=str(src), manifest=manifest, rows=_rows(out))
@@ -261,8 +271,9 @@ def test_dedup_pass_keeps_only_hash_key_and_input(monkeypatch):
     options = dict(meta={}, licenses=None, min_side=32, max_pixels=10**8)
     out = pa.concat_tables(build._hashes(refs, **options))
     assert out.column_names == ["sha256", "key", "_ref"]
-    assert out.to_pylist() == [{"sha256": hashlib.sha256(png).hexdigest(), "key": k, "_ref": r}
-                               for k, r in (("a.png", 0), ("b.png", 1))]
+    assert out.to_pylist() == [
+        {"sha256": hashlib.sha256(png).hexdigest(), "key": k, "_ref": r} for k, r in (("a.png", 0), ("b.png", 1))
+    ]
     group = pa.table({"sha256": ["h"] * 3, "key": ["c", "a", "b"], "_ref": [7, 8, 9]})
     assert build._duplicates(group).to_pylist() == [{"key": "c", "_ref": 7}, {"key": "b", "_ref": 9}]
     refs = refs.append_column("_drop", pa.array([[], ["b.png"], []], pa.list_(pa.string())))

@@ -8,7 +8,9 @@ import pytest
 
 
 def raysl(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "raysl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "raysl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def _error_line(proc):
@@ -91,8 +93,14 @@ def test_readme_pretrain_line_reaches_pretrain_with_the_address(monkeypatch, cap
         return {"run_dir": "x"}
 
     monkeypatch.setattr(raysl.train.run, "pretrain", fake_pretrain)
-    argv = ["pretrain", "quickstart", "data.shards=s3://bucket/shards", "train.storage_path=s3://bucket/runs",
-            "--address", "auto"]
+    argv = [
+        "pretrain",
+        "quickstart",
+        "data.shards=s3://bucket/shards",
+        "train.storage_path=s3://bucket/runs",
+        "--address",
+        "auto",
+    ]
     assert main(argv) == 0
     assert seen["address"] == "auto" and seen["resume"] is False
     assert seen["cfg"].train.storage_path == "s3://bucket/runs" and seen["cfg"].data.shards == "s3://bucket/shards"
@@ -169,8 +177,14 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
     monkeypatch.setattr(raysl.demo, "run_demo", record("demo"))
     monkeypatch.setattr(raysl.train.run, "pretrain", record("pretrain", {}))
     monkeypatch.setattr(raysl.tune.space, "load_space", record("load_space", []))
-    monkeypatch.setattr(raysl.tune.search, "tune_recipe", record("tune", {"table": ""} | dict.fromkeys(
-        ("experiment_dir", "metric", "mode", "results_csv", "best_yaml", "errors"))))
+    monkeypatch.setattr(
+        raysl.tune.search,
+        "tune_recipe",
+        record(
+            "tune",
+            {"table": ""} | dict.fromkeys(("experiment_dir", "metric", "mode", "results_csv", "best_yaml", "errors")),
+        ),
+    )
     monkeypatch.setattr(raysl.eval.run, "evaluate", record("eval", {}))
     monkeypatch.setattr(raysl.eval.export, "export", record("export", {}))
     monkeypatch.setattr(raysl.eval.report, "build_report", record("report", ""))
@@ -191,11 +205,27 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
     assert seen["demo"][0] == (here("out/demo"),)
     assert main(["demo"]) == 0 and seen["demo"][0] == (here("demo_out"),)  # the default too
 
-    assert main(["pretrain", "recipe.yaml", "eval.knn_shards=../labeled", "eval.knn_val_shards=q",
-                 "eval.val_shards=v", "train.storage_path=runs"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "recipe.yaml",
+                "eval.knn_shards=../labeled",
+                "eval.knn_val_shards=q",
+                "eval.val_shards=v",
+                "train.storage_path=runs",
+            ]
+        )
+        == 0
+    )
     cfg = seen["pretrain"][0][0]
-    assert (cfg.data.shards, cfg.eval.knn_shards, cfg.eval.knn_val_shards, cfg.eval.val_shards, cfg.train.storage_path) == (
-        here("shards"), str(tmp_path / "labeled"), here("q"), here("v"), here("runs"))
+    assert (
+        cfg.data.shards,
+        cfg.eval.knn_shards,
+        cfg.eval.knn_val_shards,
+        cfg.eval.val_shards,
+        cfg.train.storage_path,
+    ) == (here("shards"), str(tmp_path / "labeled"), here("q"), here("v"), here("runs"))
 
     assert main(["tune", "recipe.yaml", "--space", "space.yaml", "--storage", "tune_runs"]) == 0
     assert seen["load_space"][0] == (here("space.yaml"),)
@@ -212,8 +242,22 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
     assert main(["report", "runs/demo", "--eval", "d/val"]) == 0
     assert seen["report"][0] == (here("runs/demo"), here("d/val"))
 
-    assert main(["shards", "build", "photos", "more.tar", "s3://bucket/part.parquet", "--out", "shards",
-                 "--metadata", "meta.csv"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "build",
+                "photos",
+                "more.tar",
+                "s3://bucket/part.parquet",
+                "--out",
+                "shards",
+                "--metadata",
+                "meta.csv",
+            ]
+        )
+        == 0
+    )
     args, kwargs = seen["plan_build"]
     assert args == ([here("photos"), here("more.tar"), "s3://bucket/part.parquet"], here("shards"))
     assert kwargs["metadata"] == here("meta.csv")
@@ -256,7 +300,10 @@ def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
         deepspeed.setLevel(logging.WARNING)  # as DeepSpeed does when it is imported
         assert not all(f.filter(logging.makeLogRecord({"levelno": logging.WARNING})) for f in deepspeed.filters)
         runtime.init_ray()
-        assert calls[-1]["runtime_env"] == {"env_vars": runtime.QUIET_ENV, "worker_process_setup_hook": "raysl.runtime.quiet_logs"}
+        assert calls[-1]["runtime_env"] == {
+            "env_vars": runtime.QUIET_ENV,
+            "worker_process_setup_hook": "raysl.runtime.quiet_logs",
+        }
         assert calls[-1]["logging_level"] == logging.WARNING
 
         runtime.set_verbose(True)

@@ -32,7 +32,9 @@ def _check_node_types(types: dict, head: str) -> None:
     gpu = [v for v in workers.values() if v["resources"].get("GPU", 0) >= 1]
     data = [v for v in workers.values() if v["resources"].get(DATA_RESOURCE, 0) >= 1]
     assert gpu and all(v["min_workers"] == 0 and v["max_workers"] >= 1 for v in gpu)
-    assert data and all(v["min_workers"] == 0 and not v["resources"].get("GPU") and v["resources"]["CPU"] >= 1 for v in data)
+    assert data and all(
+        v["min_workers"] == 0 and not v["resources"].get("GPU") and v["resources"]["CPU"] >= 1 for v in data
+    )
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])

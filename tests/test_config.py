@@ -26,7 +26,9 @@ def test_every_shipped_recipe_passes_the_engine_checks():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("quickstart", ["optim.lr=0.5", "train.num_workers=3", "model.compile=true", "optim.weight_decay=0"])
+    cfg = load_config(
+        "quickstart", ["optim.lr=0.5", "train.num_workers=3", "model.compile=true", "optim.weight_decay=0"]
+    )
     assert cfg.optim.lr == 0.5 and cfg.train.num_workers == 3 and cfg.model.compile is True
     assert isinstance(cfg.optim.weight_decay, float)
 
@@ -102,8 +104,10 @@ def test_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "r.yaml").write_text("data:\n  shards: shards\n")
-    cfg = load_config("recipes/r.yaml", ["eval.knn_shards=labeled", "eval.val_shards=~/held_out",
-                                         "train.storage_path=s3://bucket/runs"])
+    cfg = load_config(
+        "recipes/r.yaml",
+        ["eval.knn_shards=labeled", "eval.val_shards=~/held_out", "train.storage_path=s3://bucket/runs"],
+    )
     assert cfg.data.shards == str(tmp_path / "shards") and cfg.eval.knn_shards == str(tmp_path / "labeled")
     assert cfg.eval.val_shards == os.path.expanduser("~/held_out")
     assert cfg.train.storage_path == "s3://bucket/runs" and cfg.eval.knn_val_shards == ""  # URIs and "off" stay

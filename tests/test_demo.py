@@ -28,8 +28,12 @@ def test_copy_pool_copies_the_bundled_photographs_byte_for_byte(tmp_path):
     images = demo_images.copy_pool(str(tmp_path / "pool"))
     names = sorted(os.listdir(images))
     dirs = demo_images._dirs()
-    expected = [f"{pkg}_{n}" for pkg, table in (("skimage", demo_images.SKIMAGE), ("sklearn", demo_images.SKLEARN))
-                for n in table if os.path.exists(os.path.join(dirs[pkg], n))]
+    expected = [
+        f"{pkg}_{n}"
+        for pkg, table in (("skimage", demo_images.SKIMAGE), ("sklearn", demo_images.SKLEARN))
+        for n in table
+        if os.path.exists(os.path.join(dirs[pkg], n))
+    ]
     assert names == sorted(expected) and len(names) >= 15  # the packages ship (nearly) all of them
     for name in names:
         pkg, original = name.split("_", 1)
@@ -50,7 +54,10 @@ def test_digits_are_split_and_labeled(tmp_path):
     from sklearn.datasets import load_digits
 
     target = load_digits().target
-    for folder, labels, idx in ((train, train_csv, [i for i in range(40) if i % 5 != 4]), (val, val_csv, range(4, 40, 5))):
+    for folder, labels, idx in (
+        (train, train_csv, [i for i in range(40) if i % 5 != 4]),
+        (val, val_csv, range(4, 40, 5)),
+    ):
         with open(labels) as f:
             rows = list(csv.DictReader(f))
         assert [os.path.basename(r["path"]) for r in rows] == [f"{i:04d}.png" for i in idx]
@@ -119,8 +126,13 @@ def test_demo_ends_with_a_knn_table_and_commands_that_work_as_printed(tmp_path):
 
     from raysl.cli import build_parser
 
-    proc = subprocess.run([sys.executable, "-m", "raysl.cli", "demo", "--out", "out"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysl.cli", "demo", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.splitlines()
 

@@ -52,16 +52,19 @@ def gloo_world_of_one():
             ds_comm.cdb = None  # DeepSpeed's handle on the destroyed group
 
 
-def _cfg(*, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None,
-         method=None):
-    return from_dict({
-        "data": {"batch_size": BATCH, "image_size": SIZE},
-        "model": {"backbone": "test_resnet", **(model or {})},
-        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16, **(method or {})},
-        # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
-        "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
-        "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
-    })
+def _cfg(
+    *, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None, method=None
+):
+    return from_dict(
+        {
+            "data": {"batch_size": BATCH, "image_size": SIZE},
+            "model": {"backbone": "test_resnet", **(model or {})},
+            "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16, **(method or {})},
+            # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
+            "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
+            "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
+        }
+    )
 
 
 def _build(cfg, seed=0):
@@ -79,8 +82,12 @@ def _build(cfg, seed=0):
 def _views(cfg, key: int) -> list[torch.Tensor]:
     """The two views of micro-batch `key`: fixed random uint8 pixels, normalised as the loop does."""
     g = torch.Generator().manual_seed(1000 + key)
-    return [normalize(torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=g))
-            .to(DTYPES[cfg.deepspeed.precision]) for _ in range(2)]
+    return [
+        normalize(torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)).to(
+            DTYPES[cfg.deepspeed.precision]
+        )
+        for _ in range(2)
+    ]
 
 
 def _step(built, cfg, step: int) -> float:
@@ -105,8 +112,7 @@ def _changed(before, after) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"),
-                                            (2, "bf16")])
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
 def test_zero_stages_and_precisions_train(zero, precision):
     cfg = _cfg(zero=zero, precision=precision)
     built = _build(cfg)
@@ -163,7 +169,9 @@ def _reference_grad_norm(cfg, views, values) -> float:
     torch.manual_seed(0)
     method = build_method(cfg)
     method(views, values)["loss"].backward()
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in method.parameters() if p.grad is not None])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in method.parameters() if p.grad is not None]))
+    )
 
 
 @pytest.mark.parametrize("zero", [0, 2])
@@ -212,8 +220,13 @@ def test_layerwise_optimizers_are_refused_under_zero(name):
 
 
 def _save(built, directory: str, step: int) -> None:
-    checkpoint.save(directory, built[0], rank=0, world_size=1,
-                    state={"step": step, "epoch": 0, "position": step * BATCH, "skipped": 0})
+    checkpoint.save(
+        directory,
+        built[0],
+        rank=0,
+        world_size=1,
+        state={"step": step, "epoch": 0, "position": step * BATCH, "skipped": 0},
+    )
 
 
 @pytest.mark.parametrize("zero", [0, 2, 3])
@@ -237,8 +250,11 @@ def test_checkpoint_round_trip_continues_exactly(zero, tmp_path):
 def test_ema_teacher_round_trip_continues_exactly(tmp_path):
     """BYOL's EMA target network is its own state in the checkpoint, and a run restored
     from it continues bit-exactly (the teacher's next EMA update included)."""
-    cfg = _cfg(zero=2, optimizer="adamw8bit",
-               method={"name": "byol", "pred_hidden_dim": 32, "ema_momentum": 0.9, "ema_momentum_end": 0.9})
+    cfg = _cfg(
+        zero=2,
+        optimizer="adamw8bit",
+        method={"name": "byol", "pred_hidden_dim": 32, "ema_momentum": 0.9, "ema_momentum_end": 0.9},
+    )
     original = _build(cfg)
     for s in range(2):
         _step(original, cfg, s)
@@ -246,7 +262,11 @@ def test_ema_teacher_round_trip_continues_exactly(tmp_path):
     module = original[0].module.state_dict()
     teacher = {k: v.clone() for k, v in module.items() if k.startswith("target_backbone.")}  # as saved
     assert teacher, "the EMA target must be in the method's state"
-    moved = [k for k, v in teacher.items() if v.is_floating_point() and not torch.equal(v, module[k.replace("target_", "", 1)])]
+    moved = [
+        k
+        for k, v in teacher.items()
+        if v.is_floating_point() and not torch.equal(v, module[k.replace("target_", "", 1)])
+    ]
     assert moved  # the target is its own state, not a copy of the online network
     expected = [_step(original, cfg, s) for s in (2, 3)]
 

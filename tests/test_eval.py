@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from shardfactory import digit_images, write_shards
 
 from raysl.cli import main
 from raysl.config import load_config
@@ -19,15 +20,16 @@ from raysl.eval.run import evaluate, validate
 from raysl.eval.weights import load_backbone
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
-from shardfactory import digit_images, write_shards
 
 
 def _write_run(run_dir, backbone: str, config_backbone: str | None = None) -> str:
     """A run directory as `raysl pretrain` leaves it (config.yaml + one checkpoint), at random init."""
     from safetensors.torch import save_file
 
-    cfg = load_config("quickstart", [f"model.backbone={backbone}", "data.image_size=32", "method.proj_hidden_dim=64",
-                                     "method.proj_dim=32"])
+    cfg = load_config(
+        "quickstart",
+        [f"model.backbone={backbone}", "data.image_size=32", "method.proj_hidden_dim=64", "method.proj_dim=32"],
+    )
     torch.manual_seed(0)
     state = {k: v.contiguous() for k, v in build_method(cfg).state_dict().items()}
     ckpt = os.path.join(run_dir, "checkpoint_000000")
@@ -77,7 +79,9 @@ def test_bad_input_is_refused_before_ray(sets, capsys):
         validate("fewshot", run, train, val, options={"shots": [1, 0]})
     with pytest.raises(UserError, match=r"--ckpt .*train: no config.yaml there"):
         validate("knn", train, train, val)
-    with pytest.raises(UserError, match=r"--ckpt s3://bucket/runs/x: eval, export and report read a run directory on this machine"):
+    with pytest.raises(
+        UserError, match=r"--ckpt s3://bucket/runs/x: eval, export and report read a run directory on this machine"
+    ):
         validate("knn", "s3://bucket/runs/x", train, val)
     # the CLI prints one line and exits 2, before any Ray work
     assert main(["eval", "knn", "--ckpt", run, "--train", str(sets / "unlabeled"), "--val", val]) == 2
@@ -89,7 +93,9 @@ def test_bad_input_is_refused_before_ray(sets, capsys):
 @pytest.mark.ray
 def test_knn_cli_across_two_workers_matches_one_process(ray_local, sets, capsys):
     run = str(sets / "run")
-    code = main(["eval", "knn", "--ckpt", run, "--train", str(sets / "train"), "--val", str(sets / "val"), "--workers", "2"])
+    code = main(
+        ["eval", "knn", "--ckpt", run, "--train", str(sets / "train"), "--val", str(sets / "val"), "--workers", "2"]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with open(os.path.join(run, "eval_knn.json")) as f:
@@ -116,9 +122,23 @@ def test_linear_fewshot_and_finetune(ray_local, sets):
     assert len(few["1shot"]["runs"]) == 3 and few["1shot"]["std"] >= 0.0
     assert few["10shot"]["mean"] > few["1shot"]["mean"] > 10.0
 
-    ft = evaluate("finetune", run, train, val, workers=2,
-                  options={"epochs": 2, "lr": 1e-3, "layer_decay": 0.75, "drop_path": 0.1, "mixup": 0.8,
-                           "cutmix": 1.0, "smoothing": 0.1, "batch_size": 16})
+    ft = evaluate(
+        "finetune",
+        run,
+        train,
+        val,
+        workers=2,
+        options={
+            "epochs": 2,
+            "lr": 1e-3,
+            "layer_decay": 0.75,
+            "drop_path": 0.1,
+            "mixup": 0.8,
+            "cutmix": 1.0,
+            "smoothing": 0.1,
+            "batch_size": 16,
+        },
+    )
     assert [h["epoch"] for h in ft["history"]] == [1, 2]
     assert ft["steps"] == 2 * (75 // 16)
     assert all(torch.isfinite(torch.tensor(h["loss"])) and 0.0 <= h["val_top1"] <= 100.0 for h in ft["history"])

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from shardfactory import digit_images, write_shards
 
 from raysl.cli import main
 from raysl.data.schema import read_manifest, shard_paths
@@ -18,7 +19,6 @@ from raysl.errors import UserError
 from raysl.eval.export import export
 from raysl.eval.knn import extract_features
 from raysl.eval.weights import backbone_state, load_backbone, method_state
-from shardfactory import digit_images, write_shards
 
 SIZE = 64  # not test_vit's default 160: the export must carry the image size
 _RUN: dict = {}  # one training run for the session (tests/test_report.py shares it)
@@ -35,12 +35,27 @@ def vit_run(ray_local, tmp_path_factory):
         root = tmp_path_factory.mktemp("export_run")
         shards = str(root / "shards")
         write_shards(shards, digit_images(48), shard_size=16)
-        cfg = load_config("quickstart", [
-            f"data.shards={shards}", f"data.image_size={SIZE}", "data.batch_size=8", "model.backbone=test_vit",
-            "method.proj_hidden_dim=32", "method.proj_dim=16", "method.ft_extrapolate=2.0", "method.ft_every=3",
-            "optim.name=adamw", "deepspeed.zero_stage=0", "train.num_workers=1", "train.max_steps=3",
-            "train.log_every=1", "train.checkpoint_every=3", f"train.storage_path={root / 'runs'}", "train.name=vit",
-        ])
+        cfg = load_config(
+            "quickstart",
+            [
+                f"data.shards={shards}",
+                f"data.image_size={SIZE}",
+                "data.batch_size=8",
+                "model.backbone=test_vit",
+                "method.proj_hidden_dim=32",
+                "method.proj_dim=16",
+                "method.ft_extrapolate=2.0",
+                "method.ft_every=3",
+                "optim.name=adamw",
+                "deepspeed.zero_stage=0",
+                "train.num_workers=1",
+                "train.max_steps=3",
+                "train.log_every=1",
+                "train.checkpoint_every=3",
+                f"train.storage_path={root / 'runs'}",
+                "train.name=vit",
+            ],
+        )
         _RUN.update(run=pretrain(cfg)["run_dir"], shards=shards)
     return _RUN["run"], _RUN["shards"]
 
@@ -61,12 +76,17 @@ def test_export_loads_in_timm_with_the_checkpoint_weights(vit_run, tmp_path):
     assert result["step"] == 3 and result["img_size"] == SIZE
 
     # exactly the call the model card documents
-    model = timm.create_model("test_vit", pretrained=True, num_classes=0, img_size=SIZE,
-                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    model = timm.create_model(
+        "test_vit",
+        pretrained=True,
+        num_classes=0,
+        img_size=SIZE,
+        pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")),
+    )
     _, _, state = method_state(run)
     ckpt = backbone_state(state)
     loaded = model.state_dict()
-    assert set(loaded) == set(ckpt), (set(loaded) ^ set(ckpt))  # no missing or unexpected keys
+    assert set(loaded) == set(ckpt), set(loaded) ^ set(ckpt)  # no missing or unexpected keys
     for k, v in ckpt.items():
         assert torch.equal(loaded[k], v), k
     reference, _, _ = load_backbone(run)
@@ -105,8 +125,11 @@ def test_model_card_and_attributions_trace_every_training_image(vit_run, tmp_pat
     assert yaml.safe_load(recipe)["model"]["backbone"] == "test_vit"
     with open(out / "ATTRIBUTIONS.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    keys = [k for p in shard_paths(shards, read_manifest(shards))
-            for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
+    keys = [
+        k
+        for p in shard_paths(shards, read_manifest(shards))
+        for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()
+    ]
     assert [r["key"] for r in rows] == keys and len(keys) == 48
     assert set(rows[0]) == {"key", "source", "license", "attribution"}
     assert {r["license"] for r in rows} == {"cc0-1.0"} and {r["source"] for r in rows} == {"test"}

@@ -6,9 +6,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from imagefactory import encode, photo
 from PIL import Image
 
-from imagefactory import encode, photo
 from raysl.data import inspect as shard_inspect
 from raysl.data.schema import SCHEMA, Manifest, write_manifest
 from raysl.data.shard_index import ShardIndex
@@ -16,8 +16,18 @@ from raysl.errors import UserError
 
 
 def _row(key, data, w, h, fmt, license, label=None):
-    return dict(key=key, image=data, sha256=hashlib.sha256(data).hexdigest(), width=w, height=h, format=fmt,
-                source=f"/data/{key}", license=license, attribution="", label=label)
+    return dict(
+        key=key,
+        image=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=w,
+        height=h,
+        format=fmt,
+        source=f"/data/{key}",
+        license=license,
+        attribution="",
+        label=label,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,11 @@ def shards(tmp_path_factory):
     names = [f"shard-{n:05d}.parquet" for n in range(len(shards))]
     for name, rows in zip(names, shards):
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), os.path.join(d, name))
-    m = Manifest(shards=ShardIndex.from_columns(names, [len(rows) for rows in shards]),
-                 sources=["/data/cams", "/data/web.tar"], skipped={"corrupt": 2, "duplicate": 0})
+    m = Manifest(
+        shards=ShardIndex.from_columns(names, [len(rows) for rows in shards]),
+        sources=["/data/cams", "/data/web.tar"],
+        skipped={"corrupt": 2, "duplicate": 0},
+    )
     m.written = 5
     write_manifest(d, m)
     return d

@@ -16,7 +16,6 @@ import tempfile
 import time
 
 import pytest
-
 from procs import wait_gone
 from shardfactory import digit_images, write_shards
 
@@ -84,23 +83,59 @@ def cluster():
         f.write(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token,
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=token,
         RAY_USAGE_STATS_ENABLED="0",
     )
     gcs, dash, client, *agent = _free_ports(11)
     common = ["--node-ip-address", "127.0.0.1", "--temp-dir", os.path.join(temp_dir, "ray"), "--disable-usage-stats"]
     head = [
-        os.path.join(BIN, "ray"), "start", "--head", "--port", str(gcs), "--num-cpus", "2",
-        "--resources", json.dumps({"trainer_node": 2}), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-        "--dashboard-agent-listen-port", str(agent[0]), "--dashboard-agent-grpc-port", str(agent[1]),
-        "--runtime-env-agent-port", str(agent[2]), "--metrics-export-port", str(agent[3]), *common,
+        os.path.join(BIN, "ray"),
+        "start",
+        "--head",
+        "--port",
+        str(gcs),
+        "--num-cpus",
+        "2",
+        "--resources",
+        json.dumps({"trainer_node": 2}),
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-agent-listen-port",
+        str(agent[0]),
+        "--dashboard-agent-grpc-port",
+        str(agent[1]),
+        "--runtime-env-agent-port",
+        str(agent[2]),
+        "--metrics-export-port",
+        str(agent[3]),
+        *common,
     ]
     worker = [
-        os.path.join(BIN, "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
-        "--resources", json.dumps({"data_node": 2}),
-        "--dashboard-agent-listen-port", str(agent[4]), "--dashboard-agent-grpc-port", str(agent[5]),
-        "--runtime-env-agent-port", str(agent[6]), "--metrics-export-port", str(agent[7]), *common,
+        os.path.join(BIN, "ray"),
+        "start",
+        "--address",
+        f"127.0.0.1:{gcs}",
+        "--num-cpus",
+        "1",
+        "--resources",
+        json.dumps({"data_node": 2}),
+        "--dashboard-agent-listen-port",
+        str(agent[4]),
+        "--dashboard-agent-grpc-port",
+        str(agent[5]),
+        "--runtime-env-agent-port",
+        str(agent[6]),
+        "--metrics-export-port",
+        str(agent[7]),
+        *common,
     ]
     try:
         for cmd in (head, worker):
@@ -120,18 +155,48 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     storage = f"file://{runs}"  # a bucket URI, as s3:// or gs:// would be: the run's files go through pyarrow.fs
     placement_file = str(tmp_path / "placement.json")
     overrides = [
-        f"data.shards={shards}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
-        "method.proj_hidden_dim=64", "method.proj_dim=32", "train.max_steps=3", "train.checkpoint_every=2",
-        "train.log_every=1", f"train.storage_path={storage}", "train.name=job",
+        f"data.shards={shards}",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "model.backbone=test_resnet",
+        "method.proj_hidden_dim=64",
+        "method.proj_dim=32",
+        "train.max_steps=3",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        f"train.storage_path={storage}",
+        "train.name=job",
         # decoding/augmentation on the CPU-only data node, the training worker on the "GPU" node
-        "data.task_cpus=0.5", 'data.task_resources={"data_node": 1}', 'train.worker_resources={"trainer_node": 1}',
+        "data.task_cpus=0.5",
+        'data.task_resources={"data_node": 1}',
+        'train.worker_resources={"trainer_node": 1}',
     ]
     t0 = time.monotonic()
     job = subprocess.run(
-        [sys.executable, os.path.join(REPO, "jobs", "submit.py"), "--address", cluster["address"],
-         "--working-dir", REPO, "--runtime-env", os.path.join(REPO, "jobs", "runtime_env.yaml"),
-         "--placement", placement_file, "--timeout", "400", "--", "raysl", "pretrain", "quickstart", *overrides],
-        cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=480,
+        [
+            sys.executable,
+            os.path.join(REPO, "jobs", "submit.py"),
+            "--address",
+            cluster["address"],
+            "--working-dir",
+            REPO,
+            "--runtime-env",
+            os.path.join(REPO, "jobs", "runtime_env.yaml"),
+            "--placement",
+            placement_file,
+            "--timeout",
+            "400",
+            "--",
+            "raysl",
+            "pretrain",
+            "quickstart",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     seconds = time.monotonic() - t0
     out = job.stdout + job.stderr
@@ -159,15 +224,22 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     data_nodes = {n["node_id"] for n in placement["nodes"] if n["resources"].get("data_node")}
     train_nodes = {n["node_id"] for n in placement["nodes"] if n["resources"].get("trainer_node")}
     assert len(data_nodes) == 1 and len(train_nodes) == 1 and data_nodes != train_nodes, placement
-    data_tasks = {name: {n["node_id"] for n in nodes} for name, nodes in placement["tasks"].items()
-                  if "_read_windows" in name or "_augment" in name}
-    assert any("_read_windows" in n for n in data_tasks) and any("_augment" in n for n in data_tasks), placement["tasks"]
+    data_tasks = {
+        name: {n["node_id"] for n in nodes}
+        for name, nodes in placement["tasks"].items()
+        if "_read_windows" in name or "_augment" in name
+    }
+    assert any("_read_windows" in n for n in data_tasks) and any("_augment" in n for n in data_tasks), placement[
+        "tasks"
+    ]
     for name, nodes in data_tasks.items():
         assert nodes == data_nodes, (name, nodes)
     workers = {n["node_id"] for n in placement["actors"]["RayTrainWorker"]}
     assert workers == train_nodes, placement["actors"]
-    print(f"\njob on a 2-node cluster: {seconds:.0f} s; data tasks {sorted(data_tasks)} on the data node, "
-          f"RayTrainWorker on the trainer node")
+    print(
+        f"\njob on a 2-node cluster: {seconds:.0f} s; data tasks {sorted(data_tasks)} on the data node, "
+        f"RayTrainWorker on the trainer node"
+    )
 
 
 @pytest.mark.ray
@@ -181,9 +253,21 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
 
     marker = str(_free_ports(1)[0])  # this node's metrics port: it names the node's processes
     spot = [
-        os.path.join(BIN, "ray"), "start", "--address", cluster["gcs"], "--num-cpus", "1",
-        "--resources", json.dumps({"trainer_node": 1}), "--metrics-export-port", marker,
-        "--node-ip-address", "127.0.0.1", "--temp-dir", os.path.join(cluster["temp_dir"], "ray"), "--disable-usage-stats",
+        os.path.join(BIN, "ray"),
+        "start",
+        "--address",
+        cluster["gcs"],
+        "--num-cpus",
+        "1",
+        "--resources",
+        json.dumps({"trainer_node": 1}),
+        "--metrics-export-port",
+        marker,
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        os.path.join(cluster["temp_dir"], "ray"),
+        "--disable-usage-stats",
     ]
     started = subprocess.run(spot, env=cluster["env"], capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -191,17 +275,48 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
     write_shards(shards, digit_images(64), shard_size=8)
     run = str(tmp_path / "runs" / "lost")
     overrides = [
-        f"data.shards={shards}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
-        "method.proj_hidden_dim=64", "method.proj_dim=32", "train.num_workers=2", "train.epochs=2", "train.max_steps=12",
-        "train.checkpoint_every=4", "train.log_every=1", "train.max_failures=1", f"train.storage_path={tmp_path / 'runs'}",
-        "train.name=lost", "train.placement_strategy=SPREAD", 'train.worker_resources={"trainer_node": 1}',
-        "data.task_cpus=0.5", 'data.task_resources={"data_node": 1}',
+        f"data.shards={shards}",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "model.backbone=test_resnet",
+        "method.proj_hidden_dim=64",
+        "method.proj_dim=32",
+        "train.num_workers=2",
+        "train.epochs=2",
+        "train.max_steps=12",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.max_failures=1",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "train.name=lost",
+        "train.placement_strategy=SPREAD",
+        'train.worker_resources={"trainer_node": 1}',
+        "data.task_cpus=0.5",
+        'data.task_resources={"data_node": 1}',
     ]
     job = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "jobs", "submit.py"), "--address", cluster["address"],
-         "--working-dir", REPO, "--runtime-env", os.path.join(REPO, "jobs", "runtime_env.yaml"),
-         "--timeout", "400", "--", "raysl", "pretrain", "quickstart", *overrides],
-        cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            os.path.join(REPO, "jobs", "submit.py"),
+            "--address",
+            cluster["address"],
+            "--working-dir",
+            REPO,
+            "--runtime-env",
+            os.path.join(REPO, "jobs", "runtime_env.yaml"),
+            "--timeout",
+            "400",
+            "--",
+            "raysl",
+            "pretrain",
+            "quickstart",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=cluster["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     killed_after = newest = None
     try:

@@ -92,8 +92,24 @@ def test_bench_methods_data_and_baseline(tmp_path):
     cfg = load_config("quickstart", [*BASE, *per, f"method.name={method}"])
     a, b = initial_backbone(cfg), initial_backbone(cfg)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    r = knn_eval(a, torch.from_numpy(images[train[:300]]), labels[train[:300]], torch.from_numpy(images[test[:100]]), labels[test[:100]])
+    r = knn_eval(
+        a,
+        torch.from_numpy(images[train[:300]]),
+        labels[train[:300]],
+        torch.from_numpy(images[test[:100]]),
+        labels[test[:100]],
+    )
     assert 10 < r["top1"] <= 100  # random conv features are already far above chance (10%) on digits
-    row = {"method": "simclr", "backbone": "test_resnet", "image_size": 32, "steps": 1, "wall_s": 1.0,
-           "knn_top1_random": 80.0, "knn_top1": 85.0, "delta": 5.0, "first_loss": 5.0, "final_loss": 4.0}
+    row = {
+        "method": "simclr",
+        "backbone": "test_resnet",
+        "image_size": 32,
+        "steps": 1,
+        "wall_s": 1.0,
+        "knn_top1_random": 80.0,
+        "knn_top1": 85.0,
+        "delta": 5.0,
+        "first_loss": 5.0,
+        "final_loss": 4.0,
+    }
     assert "| simclr | test_resnet @32px | 1 |" in format_table([row])

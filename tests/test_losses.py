@@ -42,6 +42,7 @@ def cos(a, b):
 
 # ------------------------------------------------------------------ plain references
 
+
 def ref_nt_xent(z1, z2, t, w=None):
     z = [unit(v) for v in torch.cat([z1, z2])]
     n = z1.shape[0]
@@ -178,7 +179,9 @@ def ref_mae(pred, target, mask, norm_pix):
 
 
 def test_nt_xent_matches_plain_loops():
-    check(lambda a, b: L.nt_xent(a, b, 0.2), lambda a, b: ref_nt_xent(a, b, 0.2), rand(6, 5, seed=1), rand(6, 5, seed=2))
+    check(
+        lambda a, b: L.nt_xent(a, b, 0.2), lambda a, b: ref_nt_xent(a, b, 0.2), rand(6, 5, seed=1), rand(6, 5, seed=2)
+    )
 
 
 def test_nt_xent_weighted_matches_plain_loops_and_reduces_to_nt_xent():
@@ -186,12 +189,16 @@ def test_nt_xent_weighted_matches_plain_loops_and_reduces_to_nt_xent():
     z1, z2 = rand(6, 5, seed=1), rand(6, 5, seed=2)
     check(lambda a, b: L.nt_xent_weighted(a, b, 0.3, w), lambda a, b: ref_nt_xent(a, b, 0.3, w), z1, z2)
     assert torch.allclose(L.nt_xent_weighted(z1, z2, 0.3, w), L.nt_xent_weighted(z1, z2, 0.3, 7 * w), **TIGHT)
-    assert torch.allclose(L.nt_xent_weighted(z1, z2, 0.3, torch.ones(6, dtype=torch.float64)), L.nt_xent(z1, z2, 0.3), **TIGHT)
+    assert torch.allclose(
+        L.nt_xent_weighted(z1, z2, 0.3, torch.ones(6, dtype=torch.float64)), L.nt_xent(z1, z2, 0.3), **TIGHT
+    )
 
 
 def test_info_nce_queue_matches_plain_loops():
     k, queue = rand(4, 5, seed=2, grad=False), rand(7, 5, seed=3, grad=False)
-    check(lambda q: L.info_nce_queue(q, k, queue, 0.2), lambda q: ref_info_nce_queue(q, k, queue, 0.2), rand(4, 5, seed=1))
+    check(
+        lambda q: L.info_nce_queue(q, k, queue, 0.2), lambda q: ref_info_nce_queue(q, k, queue, 0.2), rand(4, 5, seed=1)
+    )
 
 
 def test_moco_v3_matches_plain_loops():
@@ -211,7 +218,10 @@ def test_byol_matches_plain_loops_and_stops_target_gradient():
 
 @pytest.mark.parametrize("eps,iters", [(0.05, 3), (0.5, 1), (0.1, 10)])
 def test_sinkhorn_matches_swav_paper_algorithm(eps, iters):
-    scores = torch.nn.functional.normalize(rand(12, 5, seed=4, grad=False), dim=1) @ torch.nn.functional.normalize(rand(7, 5, seed=5, grad=False), dim=1).t()
+    scores = (
+        torch.nn.functional.normalize(rand(12, 5, seed=4, grad=False), dim=1)
+        @ torch.nn.functional.normalize(rand(7, 5, seed=5, grad=False), dim=1).t()
+    )
     got = L.sinkhorn(scores, eps, iters)
     assert torch.allclose(got, torch.from_numpy(ref_sinkhorn(scores.numpy(), eps, iters)), **TIGHT)
     assert torch.allclose(got.sum(1), torch.ones(12, dtype=torch.float64), **TIGHT)
@@ -226,7 +236,11 @@ def test_sinkhorn_does_not_overflow_in_float32():
 
 def test_swav_matches_plain_loops():
     views = [rand(6, 4, seed=s) for s in range(4)]
-    check(lambda *v: L.swav_loss(list(v), (0, 1), 0.1, 0.05, 3), lambda *v: ref_swav(list(v), (0, 1), 0.1, 0.05, 3), *views)
+    check(
+        lambda *v: L.swav_loss(list(v), (0, 1), 0.1, 0.05, 3),
+        lambda *v: ref_swav(list(v), (0, 1), 0.1, 0.05, 3),
+        *views,
+    )
 
 
 def test_swav_with_queue_matches_plain_loops():
@@ -268,7 +282,12 @@ def test_dino_center_update_is_ema_of_the_batch_mean():
 
 
 def test_barlow_twins_matches_plain_loops():
-    check(lambda a, b: L.barlow_twins_loss(a, b, 0.0051), lambda a, b: ref_barlow(a, b, 0.0051), rand(7, 4, seed=1), rand(7, 4, seed=2))
+    check(
+        lambda a, b: L.barlow_twins_loss(a, b, 0.0051),
+        lambda a, b: ref_barlow(a, b, 0.0051),
+        rand(7, 4, seed=1),
+        rand(7, 4, seed=2),
+    )
 
 
 def test_vicreg_matches_plain_loops():
@@ -284,7 +303,11 @@ def test_vicreg_matches_plain_loops():
 def test_mae_matches_plain_loops(norm_pix):
     target = rand(3, 5, 12, seed=2, grad=False)
     mask = (torch.rand(3, 5, generator=torch.Generator().manual_seed(4)) < 0.6).double()
-    check(lambda p: L.mae_loss(p, target, mask, norm_pix), lambda p: ref_mae(p, target, mask, norm_pix), rand(3, 5, 12, seed=1))
+    check(
+        lambda p: L.mae_loss(p, target, mask, norm_pix),
+        lambda p: ref_mae(p, target, mask, norm_pix),
+        rand(3, 5, 12, seed=1),
+    )
 
 
 # ------------------------------------------------------------------ FT (Zhu et al. 2021)
@@ -324,7 +347,9 @@ def test_feature_transform_sampling_and_options():
     b = L.feature_transform(q, k, n, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     qt, kt, nt = L.feature_transform(q, k, n, extrapolate=None, interpolate=None)
-    assert torch.allclose(qt, torch.nn.functional.normalize(q, dim=1)) and torch.allclose(nt, torch.nn.functional.normalize(n, dim=1))
+    assert torch.allclose(qt, torch.nn.functional.normalize(q, dim=1)) and torch.allclose(
+        nt, torch.nn.functional.normalize(n, dim=1)
+    )
     # lam_ex - 1 ~ Beta(2, 2): mean 1/2, variance 1/20
     g = torch.Generator().manual_seed(1)
     qn, kn = (torch.nn.functional.normalize(t, dim=1) for t in (q, k))
@@ -354,7 +379,12 @@ def test_pos_neg_scores_are_cosines():
 
 def test_half_precision_inputs_are_computed_in_float32():
     z1, z2 = rand(6, 5, seed=1, grad=False), rand(6, 5, seed=2, grad=False)
-    for fn in (lambda a, b: L.nt_xent(a, b, 0.1), L.barlow_twins_loss, lambda a, b: L.vicreg_loss(a, b)[0], L.byol_loss):
+    for fn in (
+        lambda a, b: L.nt_xent(a, b, 0.1),
+        L.barlow_twins_loss,
+        lambda a, b: L.vicreg_loss(a, b)[0],
+        L.byol_loss,
+    ):
         got = fn(z1.bfloat16(), z2.bfloat16())
         assert got.dtype == torch.float32
         assert torch.allclose(got.double(), fn(z1.bfloat16().double(), z2.bfloat16().double()), rtol=1e-4, atol=1e-4)

@@ -66,7 +66,12 @@ def _barlow(zs, part, g):
 def _vicreg(zs, part, g):
     loss, terms = L.vicreg_loss(zs[0], zs[1])
     # invariance is local (its mean over workers is global); variance/covariance are global on every worker
-    return {"loss": loss, "mean:invariance": terms["invariance"], "variance": terms["variance"], "covariance": terms["covariance"]}
+    return {
+        "loss": loss,
+        "mean:invariance": terms["invariance"],
+        "variance": terms["variance"],
+        "covariance": terms["covariance"],
+    }
 
 
 CASES = {

@@ -8,12 +8,12 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from shardfactory import digit_images, write_shards
 
 from raysl.data import legacy, reader, schema
 from raysl.data.schema import MANIFEST, read_manifest, shard_paths
 from raysl.data.shard_index import INDEX, INDEX_SCHEMA, read_index
 from raysl.errors import UserError
-from shardfactory import digit_images, write_shards
 
 
 @pytest.fixture
@@ -26,8 +26,13 @@ def shards(tmp_path):
 def _as_v1(d):
     """Turn a current set into the version 1 layout: the shard list inside manifest.json."""
     m = read_manifest(d)
-    old = legacy.ManifestV1(shards=[{"file": s["file"], "rows": s["rows"]} for s in m.shards], written=m.written,
-                            skipped=m.skipped, licenses=m.licenses, sources=m.sources)
+    old = legacy.ManifestV1(
+        shards=[{"file": s["file"], "rows": s["rows"]} for s in m.shards],
+        written=m.written,
+        skipped=m.skipped,
+        licenses=m.licenses,
+        sources=m.sources,
+    )
     os.remove(os.path.join(d, INDEX))
     legacy.write_v1(d, old)
     return m
@@ -94,7 +99,9 @@ def test_migrate_keeps_the_set_and_its_streams(shards):
     assert after.shards.files() == before.shards.files() and after.shards.rows.tolist() == before.shards.rows.tolist()
     assert after.shards.table["bytes"].to_pylist() == before.shards.table["bytes"].to_pylist()
     assert (after.written, after.licenses, after.sources) == (before.written, before.licenses, before.sources)
-    assert [reader.worker_shards(after, seed=2, epoch=e, rank=r, world_size=2) for e in range(3) for r in range(2)] == plans
+    assert [
+        reader.worker_shards(after, seed=2, epoch=e, rank=r, world_size=2) for e in range(3) for r in range(2)
+    ] == plans
     assert shard_paths(shards, after) == shard_paths(shards, before)
     with pytest.raises(UserError, match="not an old .* nothing to migrate"):
         legacy.migrate(shards)
@@ -121,8 +128,13 @@ def test_migrate_names_a_missing_shard_file(shards):
 def test_cli_migrate(shards):
     _as_v1(shards)
     env = dict(os.environ)
-    run = lambda: subprocess.run([sys.executable, "-m", "raysl.cli", "shards", "migrate", shards],
-                                 capture_output=True, text=True, env=env, timeout=300)
+    run = lambda: subprocess.run(
+        [sys.executable, "-m", "raysl.cli", "shards", "migrate", shards],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     done = run()
     assert done.returncode == 0, done.stderr
     assert "6 shard(s), 40 images" in done.stdout

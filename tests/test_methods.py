@@ -18,8 +18,14 @@ from raysl.errors import UserError
 from raysl.methods.base import METHODS, build_method, collapse_warning, method_class
 
 TINY = [
-    "data.image_size=32", "method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=32",
-    "method.queue_size=40", "method.num_prototypes=12", "method.decoder_dim=32", "method.decoder_depth=1",
+    "data.image_size=32",
+    "method.proj_hidden_dim=32",
+    "method.proj_dim=16",
+    "method.pred_hidden_dim=32",
+    "method.queue_size=40",
+    "method.num_prototypes=12",
+    "method.decoder_dim=32",
+    "method.decoder_depth=1",
     "method.decoder_heads=4",
 ]
 VALUES = {"lr": 0.1, "weight_decay": 0.0, "ema_momentum": 0.9, "teacher_temp": 0.04, "step": 0}
@@ -78,7 +84,7 @@ def test_forward_backward_reaches_the_backbone(name, backbone, n_global, n_local
     out = m(views(n_global, n_local), VALUES)
     assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
-    assert 0 < float(out["embedding_std"]) and m.embedding_dim > 0
+    assert float(out["embedding_std"]) > 0 and m.embedding_dim > 0
     out["loss"].backward()
     grads = [p.grad for p in m.backbone.parameters() if p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
@@ -134,7 +140,10 @@ def test_teacher_state_is_in_the_state_dict():
     m = make("dino", "test_vit")
     keys = m.state_dict().keys()
     assert any(k.startswith("teacher_backbone.") for k in keys) and "center" in keys
-    assert any(k.startswith("key_backbone.") for k in make("mocov2").state_dict()) and "queue" in make("mocov2").state_dict()
+    assert (
+        any(k.startswith("key_backbone.") for k in make("mocov2").state_dict())
+        and "queue" in make("mocov2").state_dict()
+    )
 
 
 def test_mocov2_queue_enqueues_both_keys_at_the_pointer():
@@ -238,8 +247,14 @@ def test_feature_transformation_changes_scores_as_specified(name):
 def test_score_histograms_plot(tmp_path):
     from raysl.methods.feature_transform_plots import plot_score_histograms
 
-    out = plot_score_histograms(torch.rand(50), torch.rand(500) * 2 - 1, 7, str(tmp_path / "h" / "ft.png"),
-                                pos_raw=torch.rand(50), neg_raw=torch.rand(500))
+    out = plot_score_histograms(
+        torch.rand(50),
+        torch.rand(500) * 2 - 1,
+        7,
+        str(tmp_path / "h" / "ft.png"),
+        pos_raw=torch.rand(50),
+        neg_raw=torch.rand(500),
+    )
     assert os.path.getsize(out) > 1000
 
 
@@ -298,7 +313,10 @@ def test_collapse_warning():
     assert collapse_warning({"embedding_std": float("nan")}, d)
     assert collapse_warning({"embedding_std": float(healthy), "teacher_entropy": 0.999}, d)
     assert collapse_warning({"embedding_std": float(healthy), "teacher_mean_entropy": 0.001}, d)
-    assert collapse_warning({"embedding_std": float(healthy), "teacher_entropy": 0.3, "teacher_mean_entropy": 0.6}, d) is None
+    assert (
+        collapse_warning({"embedding_std": float(healthy), "teacher_entropy": 0.3, "teacher_mean_entropy": 0.6}, d)
+        is None
+    )
     # a real method's metric on identical images: every embedding the same
     m = make("byol")
     x = torch.randn(1, 3, 32, 32).expand(B, 3, 32, 32).contiguous()

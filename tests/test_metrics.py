@@ -28,8 +28,15 @@ def clock(monkeypatch):
 
 
 def _row(step, loss=None, epoch=0):
-    return {"step": step, "epoch": epoch, "loss": 2.0 - step / 100 if loss is None else loss, "lr": 1e-3 * step,
-            "weight_decay": 0.05, "images_per_s": 55.5, "skipped_corrupt": 0}
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": 2.0 - step / 100 if loss is None else loss,
+        "lr": 1e-3 * step,
+        "weight_decay": 0.05,
+        "images_per_s": 55.5,
+        "skipped_corrupt": 0,
+    }
 
 
 def _scalars(run_dir, tag):
@@ -93,7 +100,10 @@ def test_resume_drops_the_steps_after_the_checkpoint(tmp_path, clock):
     rows = read_metrics(str(tmp_path))
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in rows] == [_row(s)["loss"] for s in (1, 2, 3)] + [13.0, 14.0]
-    assert _scalars(str(tmp_path), "loss") == [(s, pytest.approx(_row(s)["loss"])) for s in (1, 2, 3)] + [(4, 13.0), (5, 14.0)]
+    assert _scalars(str(tmp_path), "loss") == [(s, pytest.approx(_row(s)["loss"])) for s in (1, 2, 3)] + [
+        (4, 13.0),
+        (5, 14.0),
+    ]
 
 
 def test_run_files_on_a_uri_are_staged_locally_and_synced(tmp_path, clock, monkeypatch):
@@ -120,7 +130,11 @@ def test_run_files_on_a_uri_are_staged_locally_and_synced(tmp_path, clock, monke
     log.log(_row(3, loss=7.0), show=False)
     log.close()
     again.close()
-    assert [(r["step"], r["loss"]) for r in read_metrics(str(where))] == [(1, _row(1)["loss"]), (2, _row(2)["loss"]), (3, 7.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(where))] == [
+        (1, _row(1)["loss"]),
+        (2, _row(2)["loss"]),
+        (3, 7.0),
+    ]
     assert not any(p.name.startswith("file:") for p in tmp_path.rglob("*"))
 
 
@@ -164,11 +178,17 @@ def test_a_checkpoint_with_a_missing_or_short_worker_file_is_named_and_skipped(t
     problem = "engine/zero_pp_rank_1_optim_states.pt is truncated (7 of 301 bytes)"
     assert storage.checkpoint_problem(f"{where}/checkpoint_b") == problem
     assert recovery.newest_complete(where) == (f"{where}/checkpoint_a", [("checkpoint_b", problem)])
-    assert recovery.skipped_line("checkpoint_b", problem) == f"raysl: warning: skipping damaged checkpoint checkpoint_b: {problem}"
+    assert (
+        recovery.skipped_line("checkpoint_b", problem)
+        == f"raysl: warning: skipping damaged checkpoint checkpoint_b: {problem}"
+    )
     for damage, expected in (
         (lambda: (old / "worker_0.pt").unlink(), "worker_0.pt is missing"),
-        (lambda: (old / storage.worker_listing(1)).unlink(), "worker_1.json is missing (worker 1 had not finished uploading)"),
-        (lambda: (old / storage.worker_listing(1)).write_text("{\"files\": "), "worker_1.json is damaged"),
+        (
+            lambda: (old / storage.worker_listing(1)).unlink(),
+            "worker_1.json is missing (worker 1 had not finished uploading)",
+        ),
+        (lambda: (old / storage.worker_listing(1)).write_text('{"files": '), "worker_1.json is damaged"),
         (lambda: (old / storage.RUN_STATE).write_text("{"), f"{storage.RUN_STATE} is damaged"),
         (lambda: (old / storage.RUN_STATE).unlink(), f"no {storage.RUN_STATE} (rank 0 had not finished writing it)"),
     ):
@@ -213,13 +233,17 @@ def test_the_give_up_line_names_attempts_last_step_checkpoint_and_a_lost_node(tm
     log.close()
     for start in (0, 4):
         recovery.record_attempt(str(run), {"start_step": start, "checkpoint": None, "source": None})
-    error = RuntimeError("Training failed due to worker errors:\n[Rank 1 Error Snippet]:\nray.exceptions.ActorDiedError: "
-                         "The actor died because its node has died. Node Id: 4f2c, IP: 10.0.0.7\n\ttraceback tail")
+    error = RuntimeError(
+        "Training failed due to worker errors:\n[Rank 1 Error Snippet]:\nray.exceptions.ActorDiedError: "
+        "The actor died because its node has died. Node Id: 4f2c, IP: 10.0.0.7\n\ttraceback tail"
+    )
     line = recovery.failure_summary(str(run), error, max_failures=1)
     assert "\n" not in line
-    assert line == (f"run {run} failed after 2 attempt(s) (train.max_failures=1); last step reached 6; last complete "
-                    "checkpoint checkpoint_a (step 4); cause: ray.exceptions.ActorDiedError: The actor died because its "
-                    "node has died. Node Id: 4f2c, IP: 10.0.0.7. Continue it with the same command and --resume")
+    assert line == (
+        f"run {run} failed after 2 attempt(s) (train.max_failures=1); last step reached 6; last complete "
+        "checkpoint checkpoint_a (step 4); cause: ray.exceptions.ActorDiedError: The actor died because its "
+        "node has died. Node Id: 4f2c, IP: 10.0.0.7. Continue it with the same command and --resume"
+    )
     assert "cause: boom." in recovery.failure_summary(str(run), RuntimeError("x\nboom"), max_failures=-1)
     assert "(train.max_failures=unlimited)" in recovery.failure_summary(str(run), RuntimeError("x"), max_failures=-1)
 
@@ -228,12 +252,18 @@ def test_each_attempt_is_numbered_and_its_start_line_says_where_it_began(tmp_pat
     from raysl.train import recovery
 
     first = recovery.record_attempt(str(tmp_path), {"start_step": 0, "checkpoint": None, "source": None})
-    again = recovery.record_attempt(str(tmp_path), {"start_step": 8, "checkpoint": "checkpoint_b", "source": "run storage"})
+    again = recovery.record_attempt(
+        str(tmp_path), {"start_step": 8, "checkpoint": "checkpoint_b", "source": "run storage"}
+    )
     assert [a["attempt"] for a in recovery.read_attempts(str(tmp_path))] == [1, 2] and again["attempt"] == 2
-    assert recovery.start_line(first, "simclr on r, 2 worker(s)") == "raysl: attempt 1: simclr on r, 2 worker(s), starting at step 0"
+    assert (
+        recovery.start_line(first, "simclr on r, 2 worker(s)")
+        == "raysl: attempt 1: simclr on r, 2 worker(s), starting at step 0"
+    )
     assert recovery.start_line(again, "simclr on r, 2 worker(s)") == (
         "raysl: attempt 2: simclr on r, 2 worker(s), starting at step 8 from checkpoint_b (found in the run's storage); "
-        "first step trained: 9")
+        "first step trained: 9"
+    )
 
 
 def test_eval_needs_only_rank_0s_weights_of_a_checkpoint(tmp_path):
@@ -261,7 +291,11 @@ def test_an_attempt_never_starts_from_a_checkpoint_judged_damaged_even_one_ray_t
     _fake_checkpoint(run / "checkpoint_a")
     _fake_checkpoint(run / "checkpoint_b")
     registered = str(run / "checkpoint_b")
-    assert recovery.choose_start(str(run), registered, None) == {"checkpoint": registered, "source": "ray train", "skipped": []}
+    assert recovery.choose_start(str(run), registered, None) == {
+        "checkpoint": registered,
+        "source": "ray train",
+        "skipped": [],
+    }
     assert recovery.choose_start(str(run), str(run / "checkpoint_a"), None)["source"] == "run storage"
     for name in ("checkpoint_a", "checkpoint_b"):
         (run / name / "worker_1.pt").unlink()

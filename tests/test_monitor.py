@@ -2,6 +2,7 @@
 and the cross-worker numbers equal a single-process kNN of the checkpoint's backbone."""
 
 import pytest
+from shardfactory import digit_images, write_shards
 
 from raysl.config import load_config
 from raysl.errors import UserError
@@ -10,7 +11,6 @@ from raysl.eval.monitor import KnnMonitor, knn_metrics
 from raysl.eval.weights import load_backbone
 from raysl.train.metrics import read_metrics
 from raysl.train.run import pretrain, validate
-from shardfactory import digit_images, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,24 @@ def _cfg(root, *extra):
     return load_config(
         "quickstart",
         [
-            f"data.shards={root / 'pretrain'}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
-            "method.proj_hidden_dim=64", "method.proj_dim=32", "optim.name=adamw", "deepspeed.zero_stage=2",
-            "train.num_workers=2", "train.max_steps=6", "train.checkpoint_every=6", "train.log_every=3",
-            f"train.storage_path={root / 'runs'}", "train.name=monitored",
-            f"eval.knn_shards={root / 'knn'}", "eval.knn_every=3", "eval.knn_k=[20, 200]", *extra,
+            f"data.shards={root / 'pretrain'}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=64",
+            "method.proj_dim=32",
+            "optim.name=adamw",
+            "deepspeed.zero_stage=2",
+            "train.num_workers=2",
+            "train.max_steps=6",
+            "train.checkpoint_every=6",
+            "train.log_every=3",
+            f"train.storage_path={root / 'runs'}",
+            "train.name=monitored",
+            f"eval.knn_shards={root / 'knn'}",
+            "eval.knn_every=3",
+            "eval.knn_k=[20, 200]",
+            *extra,
         ],
     )
 
@@ -39,7 +52,9 @@ def _cfg(root, *extra):
 def test_monitor_config_is_checked_before_ray(sets):
     with pytest.raises(UserError, match="eval.knn_shards: the online kNN monitor .* deepspeed.zero_stage<=2"):
         _cfg(sets, "deepspeed.zero_stage=3")
-    with pytest.raises(UserError, match=r"eval.knn_shards .*unlabeled: 8 of 8 rows have no value in the 'label' column"):
+    with pytest.raises(
+        UserError, match=r"eval.knn_shards .*unlabeled: 8 of 8 rows have no value in the 'label' column"
+    ):
         validate(_cfg(sets, f"eval.knn_shards={sets / 'unlabeled'}"))
     with pytest.raises(UserError, match="config key eval.knn_k: 0 is out of range"):
         _cfg(sets, "eval.knn_k=[0]")

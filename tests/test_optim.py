@@ -9,8 +9,16 @@ from raysl.optim.optimizers import OPTIMIZERS, build_optimizer, optimizer_state_
 
 CPU_OPTIMIZERS = [n for n in OPTIMIZERS if not n.startswith("paged_")]
 PAGED = [n for n in OPTIMIZERS if n.startswith("paged_")]
-LR = {"adamw": 1e-2, "sgd": 0.05, "lars": 1.0, "lamb": 1e-2, "adamw8bit": 1e-2, "lion8bit": 1e-3,
-      "paged_adamw8bit": 1e-2, "paged_lion8bit": 1e-3}
+LR = {
+    "adamw": 1e-2,
+    "sgd": 0.05,
+    "lars": 1.0,
+    "lamb": 1e-2,
+    "adamw8bit": 1e-2,
+    "lion8bit": 1e-3,
+    "paged_adamw8bit": 1e-2,
+    "paged_lion8bit": 1e-3,
+}
 
 
 class Tiny(nn.Module):
@@ -59,7 +67,9 @@ def test_param_groups_timm_vit_and_wrapped():
     decay, nodecay = param_groups(wrapped, 0.04)
     nd = _names(wrapped, nodecay)
     assert {"backbone.pos_embed", "backbone.cls_token", "backbone.norm.weight", "head.bias"} <= nd
-    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "head.weight"} <= _names(wrapped, decay)
+    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "head.weight"} <= _names(
+        wrapped, decay
+    )
     assert len(decay["params"]) + len(nodecay["params"]) == len(list(wrapped.parameters()))
 
 

@@ -3,12 +3,12 @@ per-rank planning it replaces, and no epochs planned past train.max_steps."""
 
 import numpy as np
 import pytest
+from shardfactory import digit_images, write_shards
 
 from raysl.config import load_config
 from raysl.data import legacy, reader
 from raysl.data.schema import Manifest
 from raysl.data.shard_index import ShardIndex
-from shardfactory import digit_images, write_shards
 
 
 def _manifest(n, seed=0):
@@ -28,11 +28,16 @@ def test_one_pass_gives_the_per_rank_plan(n, world):
     m = _manifest(n, seed=n)
     for seed, epoch in [(0, 0), (5, 3)]:
         plans, shares = _per_rank(m, seed, epoch, world)
-        assert [reader.worker_shards(m, seed=seed, epoch=epoch, rank=r, world_size=world) for r in range(world)] == plans
+        assert [
+            reader.worker_shards(m, seed=seed, epoch=epoch, rank=r, world_size=world) for r in range(world)
+        ] == plans
         assert reader.rows_per_worker(m, seed=seed, epoch=epoch, world_size=world) == shares
         old = legacy.ManifestV1(shards=[{"file": f, "rows": int(r)} for f, r in zip(m.shards.files(), m.shards.rows)])
-        assert reader.steps_per_epoch(m, batch_size=3, seed=seed, epoch=epoch, world_size=world) == min(shares) // 3 \
+        assert (
+            reader.steps_per_epoch(m, batch_size=3, seed=seed, epoch=epoch, world_size=world)
+            == min(shares) // 3
             == legacy.steps_per_epoch_v1(old, batch_size=3, seed=seed, epoch=epoch, world_size=world)
+        )
 
 
 def test_steps_per_epoch_permutes_once_for_all_ranks(monkeypatch):

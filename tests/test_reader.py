@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
+from shardfactory import digit_images, write_shards
 
 from raysl.data import reader
 from raysl.data.schema import read_manifest
 from raysl.errors import UserError
-from shardfactory import digit_images, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,10 @@ def test_plan_partitions_every_shard_once_per_epoch(shards):
     ) or reader.worker_shards(m, seed=1, epoch=2, rank=0, world_size=2) != reader.worker_shards(
         m, seed=1, epoch=0, rank=0, world_size=2
     ), "shard order must be reshuffled across epochs"
-    assert reader.steps_per_epoch(m, batch_size=4, seed=1, epoch=0, world_size=2) == min(
-        reader.rows_per_worker(m, seed=1, epoch=0, world_size=2)
-    ) // 4
+    assert (
+        reader.steps_per_epoch(m, batch_size=4, seed=1, epoch=0, world_size=2)
+        == min(reader.rows_per_worker(m, seed=1, epoch=0, world_size=2)) // 4
+    )
 
 
 def test_more_workers_than_shards_is_a_clear_error(shards):

@@ -10,12 +10,12 @@ import subprocess
 import pytest
 import torch
 from PIL import Image, ImageStat
+from test_export import vit_run  # noqa: F401  (the session's one training run)
 
 from raysl.cli import main
 from raysl.errors import UserError
 from raysl.eval.pictures import knn_curve, patch_maps, saliency, saliency_figure
 from raysl.eval.report import build_report
-from test_export import vit_run  # noqa: F401  (the session's one training run)
 
 
 def _browser(tmp_path) -> list[str]:
@@ -26,9 +26,19 @@ def _browser(tmp_path) -> list[str]:
         pytest.skip("chromium is not installed; set RAYSL_REQUIRE_BROWSER=1 to make this a failure")
     profile = tmp_path / "chromium_profile"
     profile.mkdir()
-    return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+    return [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+    ]
 
 
 def _copy_run(run, dest):
@@ -56,8 +66,14 @@ def test_report_is_self_contained_and_renders_in_chromium(vit_run, tmp_path, cap
     assert path == os.path.join(run, "report.html")
     page = open(path, encoding="utf-8").read()
     titles = re.findall(r'<img alt="([^"]+)"', page)
-    assert titles == ["Training loss", "Training lr", "kNN accuracy over steps",
-                      *(f"Score histograms, step {int(h[5:-4])}" for h in hists), "Embedding (PCA)", "Attention maps"]
+    assert titles == [
+        "Training loss",
+        "Training lr",
+        "kNN accuracy over steps",
+        *(f"Score histograms, step {int(h[5:-4])}" for h in hists),
+        "Embedding (PCA)",
+        "Attention maps",
+    ]
     assert re.findall(r'src="([a-z]+):', page) == ["data"] * len(titles)
     assert not re.search(r"https?://|href=|@import|url\(", page)  # nothing external
     assert "<td>top1</td><td>71.25</td>" in page and "<td>knn_top1</td><td>62.5</td>" in page
@@ -69,8 +85,12 @@ def test_report_is_self_contained_and_renders_in_chromium(vit_run, tmp_path, cap
     assert body, dom.stderr[-2000:]
     assert f'data-images-total="{len(titles)}"' in body.group(0) and f'data-images-ok="{len(titles)}"' in body.group(0)
     shot = tmp_path / "shot.png"
-    subprocess.run([*cmd, f"--screenshot={shot}", "--window-size=1100,1600", f"file://{path}"],
-                   capture_output=True, timeout=180, check=True)
+    subprocess.run(
+        [*cmd, f"--screenshot={shot}", "--window-size=1100,1600", f"file://{path}"],
+        capture_output=True,
+        timeout=180,
+        check=True,
+    )
     stat = ImageStat.Stat(Image.open(shot).convert("L"))
     assert stat.stddev[0] > 10, "the screenshot is blank"
 

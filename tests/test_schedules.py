@@ -35,9 +35,19 @@ def test_linear_then_constant():
 
 
 def test_schedules_build_and_at():
-    s = Schedules.build(total_steps=200, warmup_steps=20, lr=1e-3, min_lr=1e-6, weight_decay=0.04,
-                        weight_decay_end=0.4, ema_momentum=0.996, ema_momentum_end=1.0,
-                        teacher_temp=0.07, teacher_temp_warmup=0.04, teacher_temp_warmup_steps=60)
+    s = Schedules.build(
+        total_steps=200,
+        warmup_steps=20,
+        lr=1e-3,
+        min_lr=1e-6,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        ema_momentum=0.996,
+        ema_momentum_end=1.0,
+        teacher_temp=0.07,
+        teacher_temp_warmup=0.04,
+        teacher_temp_warmup_steps=60,
+    )
     assert {len(a) for a in (s.lr, s.weight_decay, s.ema_momentum, s.teacher_temp)} == {200}
     v0, v20, vend = s.at(0), s.at(20), s.at(199)
     assert set(v0) == {"lr", "weight_decay", "ema_momentum", "teacher_temp"}
@@ -48,9 +58,19 @@ def test_schedules_build_and_at():
     assert s.at(10_000) == vend  # past the end keeps the last values
     assert all(isinstance(x, float) for x in v0.values())
     # a resumed run recomputes the same arrays from the same config
-    again = Schedules.build(total_steps=200, warmup_steps=20, lr=1e-3, min_lr=1e-6, weight_decay=0.04,
-                            weight_decay_end=0.4, ema_momentum=0.996, ema_momentum_end=1.0,
-                            teacher_temp=0.07, teacher_temp_warmup=0.04, teacher_temp_warmup_steps=60)
+    again = Schedules.build(
+        total_steps=200,
+        warmup_steps=20,
+        lr=1e-3,
+        min_lr=1e-6,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        ema_momentum=0.996,
+        ema_momentum_end=1.0,
+        teacher_temp=0.07,
+        teacher_temp_warmup=0.04,
+        teacher_temp_warmup_steps=60,
+    )
     assert np.array_equal(s.lr, again.lr) and np.array_equal(s.teacher_temp, again.teacher_temp)
 
 
@@ -72,24 +92,49 @@ def test_scaled_lr():
     assert scaled_lr(1.0, 64, reference_batch=32) == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("call, arg", [
-    (lambda: cosine(1.0, 0.0, total_steps=0), "total_steps"),
-    (lambda: cosine(1.0, 0.0, total_steps=-5), "total_steps"),
-    (lambda: cosine(1.0, 0.0, total_steps=10, warmup_steps=10), "warmup_steps"),
-    (lambda: cosine(1.0, 0.0, total_steps=10, warmup_steps=-1), "warmup_steps"),
-    (lambda: cosine(-1.0, 0.0, total_steps=10), "base"),
-    (lambda: linear_then_constant(0.04, 0.07, ramp_steps=11, total_steps=10), "ramp_steps"),
-    (lambda: Schedules.build(total_steps=10, warmup_steps=0, lr=-1e-3, min_lr=0.0, weight_decay=0.0,
-                             weight_decay_end=0.0), "lr"),
-    (lambda: Schedules.build(total_steps=10, warmup_steps=0, lr=1e-3, min_lr=-1.0, weight_decay=0.0,
-                             weight_decay_end=0.0), "min_lr"),
-    (lambda: Schedules.build(total_steps=10, warmup_steps=0, lr=1e-3, min_lr=0.0, weight_decay=0.0,
-                             weight_decay_end=0.0, ema_momentum=1.5), "ema_momentum"),
-    (lambda: Schedules.build(total_steps=10, warmup_steps=12, lr=1e-3, min_lr=0.0, weight_decay=0.0,
-                             weight_decay_end=0.0), "warmup_steps"),
-    (lambda: scaled_lr(-0.1, 256), "base_lr"),
-    (lambda: scaled_lr(0.1, 0), "global_batch"),
-])
+@pytest.mark.parametrize(
+    "call, arg",
+    [
+        (lambda: cosine(1.0, 0.0, total_steps=0), "total_steps"),
+        (lambda: cosine(1.0, 0.0, total_steps=-5), "total_steps"),
+        (lambda: cosine(1.0, 0.0, total_steps=10, warmup_steps=10), "warmup_steps"),
+        (lambda: cosine(1.0, 0.0, total_steps=10, warmup_steps=-1), "warmup_steps"),
+        (lambda: cosine(-1.0, 0.0, total_steps=10), "base"),
+        (lambda: linear_then_constant(0.04, 0.07, ramp_steps=11, total_steps=10), "ramp_steps"),
+        (
+            lambda: Schedules.build(
+                total_steps=10, warmup_steps=0, lr=-1e-3, min_lr=0.0, weight_decay=0.0, weight_decay_end=0.0
+            ),
+            "lr",
+        ),
+        (
+            lambda: Schedules.build(
+                total_steps=10, warmup_steps=0, lr=1e-3, min_lr=-1.0, weight_decay=0.0, weight_decay_end=0.0
+            ),
+            "min_lr",
+        ),
+        (
+            lambda: Schedules.build(
+                total_steps=10,
+                warmup_steps=0,
+                lr=1e-3,
+                min_lr=0.0,
+                weight_decay=0.0,
+                weight_decay_end=0.0,
+                ema_momentum=1.5,
+            ),
+            "ema_momentum",
+        ),
+        (
+            lambda: Schedules.build(
+                total_steps=10, warmup_steps=12, lr=1e-3, min_lr=0.0, weight_decay=0.0, weight_decay_end=0.0
+            ),
+            "warmup_steps",
+        ),
+        (lambda: scaled_lr(-0.1, 256), "base_lr"),
+        (lambda: scaled_lr(0.1, 0), "global_batch"),
+    ],
+)
 def test_bad_arguments(call, arg):
     with pytest.raises(UserError, match=arg):
         call()

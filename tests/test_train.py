@@ -11,14 +11,14 @@ import time
 
 import pytest
 import torch
+from procs import wait_gone
+from shardfactory import digit_images, write_shards
 
 from raysl.config import load_config
 from raysl.errors import RunFailed, UserError
 from raysl.train import checkpoint, recovery, storage
 from raysl.train.metrics import read_metrics
 from raysl.train.run import pretrain, validate
-from procs import wait_gone
-from shardfactory import digit_images, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,22 @@ def _cfg(shards, storage, name, *extra):
     return load_config(
         "quickstart",
         [
-            f"data.shards={shards}", "data.image_size=32", "data.batch_size=4", "model.backbone=test_resnet",
-            "method.proj_hidden_dim=64", "method.proj_dim=32", "optim.name=adamw8bit", "deepspeed.zero_stage=2",
-            "train.num_workers=2", "train.epochs=2", "train.max_steps=14", "train.checkpoint_every=4",
-            "train.keep_checkpoints=2", "train.log_every=1", f"train.storage_path={storage}", f"train.name={name}",
+            f"data.shards={shards}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=64",
+            "method.proj_dim=32",
+            "optim.name=adamw8bit",
+            "deepspeed.zero_stage=2",
+            "train.num_workers=2",
+            "train.epochs=2",
+            "train.max_steps=14",
+            "train.checkpoint_every=4",
+            "train.keep_checkpoints=2",
+            "train.log_every=1",
+            f"train.storage_path={storage}",
+            f"train.name={name}",
             *extra,
         ],
     )
@@ -83,8 +95,11 @@ class _Killer:
         assert rank0["State"] == "ALIVE" and rank0["Pid"] == attempt["rank0_pid"]
         if sig == signal.SIGKILL:
             return rank0["Pid"]
-        others = [a["Pid"] for a in actors().values()
-                  if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"] != rank0["Pid"]]
+        others = [
+            a["Pid"]
+            for a in actors().values()
+            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"] != rank0["Pid"]
+        ]
         assert len(others) == 1, others
         return others[0]
 
@@ -102,8 +117,13 @@ class _Killer:
                         # what rank 0 had logged when it died, and the newest complete checkpoint then
                         # (name and step: Ray Train's keep_checkpoints may delete it later)
                         newest, _ = recovery.newest_complete(self.run_dir)
-                        self.killed.append((attempt_no, [r["step"] for r in read_metrics(self.run_dir)][-1],
-                                            (os.path.basename(newest), storage.checkpoint_step(newest)) if newest else None))
+                        self.killed.append(
+                            (
+                                attempt_no,
+                                [r["step"] for r in read_metrics(self.run_dir)][-1],
+                                (os.path.basename(newest), storage.checkpoint_step(newest)) if newest else None,
+                            )
+                        )
                     else:
                         self.killed.append((attempt_no, after, None))
                     self.plan.pop(0)
@@ -150,7 +170,9 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
     assert killer.error is None, killer.error
     attempts = recovery.read_attempts(killed["run_dir"])
     assert [(a["attempt"], a["start_step"], a["first_step"]) for a in attempts] == [(1, 0, 1), (2, 4, 5), (3, 8, 9)], (
-        attempts, killer.killed)
+        attempts,
+        killer.killed,
+    )
     for (attempt_no, died_after, newest), nxt in zip(killer.killed, attempts[1:]):
         assert (nxt["checkpoint"], nxt["start_step"]) == newest
         assert nxt["start_step"] < died_after < nxt["start_step"] + 4  # only steps after the checkpoint are redone
@@ -170,7 +192,10 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
     assert 6 <= stopped_at < 14 and _ckpt_step(run, newest) == stopped_at  # the step in flight was checkpointed
     summary = str(failed.value)
     assert "\n" not in summary and "failed after 1 attempt(s) (train.max_failures=0)" in summary
-    assert f"last step reached {stopped_at}; last complete checkpoint {os.path.basename(newest)} (step {stopped_at})" in summary
+    assert (
+        f"last step reached {stopped_at}; last complete checkpoint {os.path.basename(newest)} (step {stopped_at})"
+        in summary
+    )
     assert "--resume" in summary and "SIGTERM" in summary
 
     # 4. `--resume`, past a newer checkpoint whose worker file was cut short
@@ -184,7 +209,9 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
     resumed = pretrain(cfg, resume=True)
     attempts = recovery.read_attempts(resumed["run_dir"])
     assert [(a["attempt"], a["start_step"]) for a in attempts] == [(1, 0), (2, stopped_at)]  # 0 steps redone
-    assert attempts[1]["checkpoint"] == os.path.basename(newest) and attempts[1]["skipped"] == [os.path.basename(damaged)]
+    assert attempts[1]["checkpoint"] == os.path.basename(newest) and attempts[1]["skipped"] == [
+        os.path.basename(damaged)
+    ]
     assert _losses(resumed["run_dir"]) == ref
 
 

@@ -4,30 +4,33 @@ hand-off) over tiny pretraining runs on the local Ray."""
 import csv
 import glob
 import importlib.util
-import json
 import os
 
 import pytest
 import yaml
+from shardfactory import digit_images, write_shards
 
 from raysl.config import load_config
 from raysl.errors import UserError
 from raysl.train.metrics import read_metrics
 from raysl.tune.search import resolve_metric, tune_recipe
 from raysl.tune.space import load_space, parse_space
-from shardfactory import digit_images, write_shards
 
 
 def test_space_parses_the_four_distributions():
-    params = parse_space({
-        "optim.lr": {"loguniform": [1e-4, 1e-2]},
-        "optim.weight_decay": {"uniform": [0.0, 0.1]},
-        "method.temperature": {"choice": [0.1, 0.2]},
-        "data.batch_size": {"randint": [4, 9]},
-    })
+    params = parse_space(
+        {
+            "optim.lr": {"loguniform": [1e-4, 1e-2]},
+            "optim.weight_decay": {"uniform": [0.0, 0.1]},
+            "method.temperature": {"choice": [0.1, 0.2]},
+            "data.batch_size": {"randint": [4, 9]},
+        }
+    )
     assert [(p.key, p.kind, p.args) for p in params] == [
-        ("optim.lr", "loguniform", (1e-4, 1e-2)), ("optim.weight_decay", "uniform", (0.0, 0.1)),
-        ("method.temperature", "choice", (0.1, 0.2)), ("data.batch_size", "randint", (4, 9)),
+        ("optim.lr", "loguniform", (1e-4, 1e-2)),
+        ("optim.weight_decay", "uniform", (0.0, 0.1)),
+        ("method.temperature", "choice", (0.1, 0.2)),
+        ("data.batch_size", "randint", (4, 9)),
     ]
     from ray import tune
 
@@ -35,19 +38,22 @@ def test_space_parses_the_four_distributions():
     assert isinstance(params[3].tune_domain(), tune.search.sample.Integer)
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"optim.learning_rate": {"uniform": [0.1, 0.2]}}, "config key optim.learning_rate is unknown"),
-    ({"optimizer.lr": {"uniform": [0.1, 0.2]}}, "unknown section 'optimizer'"),
-    ({"lr": {"uniform": [0.1, 0.2]}}, "must be section.key"),
-    ({"optim.lr": {"normal": [0.1, 0.2]}}, "optim.lr: expected one of"),
-    ({"optim.lr": {"loguniform": [0.0, 0.2]}}, "loguniform needs low > 0"),
-    ({"optim.lr": {"uniform": [0.2, 0.1]}}, "needs low < high"),
-    ({"optim.momentum": {"uniform": [0.5, 1.5]}}, r"optim.momentum: 1.5 is out of range"),
-    ({"optim.name": {"choice": ["adamw", "adam"]}}, "'adam' is not one of"),
-    ({"data.batch_size": {"loguniform": [4, 64]}}, "integer key: use randint or choice"),
-    ({"data.batch_size": {"randint": [0, 8]}}, "data.batch_size: 0 is out of range"),
-    ({}, "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"optim.learning_rate": {"uniform": [0.1, 0.2]}}, "config key optim.learning_rate is unknown"),
+        ({"optimizer.lr": {"uniform": [0.1, 0.2]}}, "unknown section 'optimizer'"),
+        ({"lr": {"uniform": [0.1, 0.2]}}, "must be section.key"),
+        ({"optim.lr": {"normal": [0.1, 0.2]}}, "optim.lr: expected one of"),
+        ({"optim.lr": {"loguniform": [0.0, 0.2]}}, "loguniform needs low > 0"),
+        ({"optim.lr": {"uniform": [0.2, 0.1]}}, "needs low < high"),
+        ({"optim.momentum": {"uniform": [0.5, 1.5]}}, r"optim.momentum: 1.5 is out of range"),
+        ({"optim.name": {"choice": ["adamw", "adam"]}}, "'adam' is not one of"),
+        ({"data.batch_size": {"loguniform": [4, 64]}}, "integer key: use randint or choice"),
+        ({"data.batch_size": {"randint": [0, 8]}}, "data.batch_size: 0 is out of range"),
+        ({}, "expected a mapping"),
+    ],
+)
 def test_space_errors_name_the_key(space, message):
     with pytest.raises(UserError, match=message):
         parse_space(space, origin="SPACE.yaml")
@@ -105,19 +111,41 @@ def shards(tmp_path_factory):
 
 
 def _tiny(shards, *extra):
-    return load_config("quickstart", [
-        f"data.shards={shards}", "data.image_size=32", "data.batch_size=8", "model.backbone=test_resnet",
-        "method.proj_hidden_dim=64", "method.proj_dim=32", "optim.name=adamw", "deepspeed.zero_stage=0",
-        "optim.warmup_steps=0", "train.num_workers=1", "train.cpus_per_worker=1", "train.log_every=1", *extra,
-    ])
+    return load_config(
+        "quickstart",
+        [
+            f"data.shards={shards}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=64",
+            "method.proj_dim=32",
+            "optim.name=adamw",
+            "deepspeed.zero_stage=0",
+            "optim.warmup_steps=0",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            "train.log_every=1",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.ray
 def test_asha_search_writes_results_and_a_loadable_best_recipe(ray_local, shards, tmp_path):
     space = parse_space({"optim.lr": {"loguniform": [1e-4, 1e-2]}, "method.temperature": {"choice": [0.1, 0.5]}})
     cfg = _tiny(shards, "train.max_steps=3", "train.checkpoint_every=3", "train.name=tiny")
-    result = tune_recipe(cfg, space, scheduler="asha", samples=2, metric="loss", name="asha",
-                         storage=str(tmp_path), grace_steps=2, max_concurrent=1)
+    result = tune_recipe(
+        cfg,
+        space,
+        scheduler="asha",
+        samples=2,
+        metric="loss",
+        name="asha",
+        storage=str(tmp_path),
+        grace_steps=2,
+        max_concurrent=1,
+    )
     print("\n" + result["table"])
     rows = list(csv.DictReader(open(result["results_csv"])))
     assert len(rows) == 2 and result["errors"] == 0
@@ -160,8 +188,9 @@ def test_pbt_exploits_a_checkpoint_and_the_trial_resumes_from_it(ray_local, shar
     both continue as new Train runs that start at step 3 from those checkpoints."""
     space = parse_space({"optim.lr": {"loguniform": [1e-4, 1e-2]}})
     cfg = _tiny(shards, "train.max_steps=3", "train.checkpoint_every=2", "train.name=tiny")
-    result = tune_recipe(cfg, space, scheduler="pbt", samples=2, metric="loss", name="pbt",
-                         storage=str(tmp_path), max_concurrent=2)
+    result = tune_recipe(
+        cfg, space, scheduler="pbt", samples=2, metric="loss", name="pbt", storage=str(tmp_path), max_concurrent=2
+    )
     print("\n" + result["table"])
     exp = os.path.join(str(tmp_path), "pbt")
     assert result["errors"] == 0 and len(result["rows"]) == 2
@@ -187,7 +216,9 @@ def test_pbt_exploits_a_checkpoint_and_the_trial_resumes_from_it(ray_local, shar
     # bit-exact hand-off: the exploited trial's first step on the cloned weights and data
     # position gives the very loss the cloned trial logged at that step (computed before
     # the update, so the perturbed lr does not enter), not the loss of its own weights
-    losses = {t: {r["step"]: r["loss"] for r in read_metrics(os.path.join(exp, "train", t, "attempt_0"))} for t in trials}
+    losses = {
+        t: {r["step"]: r["loss"] for r in read_metrics(os.path.join(exp, "train", t, "attempt_0"))} for t in trials
+    }
     resumed_loss = read_metrics(os.path.join(exp, "train", target, "attempt_1"))[0]["loss"]
     assert resumed_loss == read_metrics(os.path.join(exp, "train", other, "attempt_1"))[0]["loss"]
     if 3 in losses[other]:  # the cloned trial's first run may have taken step 3 before PBT paused it

@@ -5,13 +5,13 @@ import logging
 import math
 import os
 
+import imagefactory
 import numpy as np
 import pytest
 import skimage.data
 import torch
 from PIL import Image
 
-import imagefactory
 from raysl.data import views as V
 from raysl.data.decode import decode_rgb
 from raysl.errors import UserError
@@ -114,7 +114,9 @@ def test_min_decode_side_covers_the_smallest_crop():
     side = dino.min_decode_side()
     rng = np.random.default_rng(0)
     local = dino.crops[2]
-    smallest = min(min(r - l, b - t) for l, t, r, b in (V.crop_box(rng, side, side, local.scale, local.ratio) for _ in range(3000)))
+    smallest = min(
+        min(r - l, b - t) for l, t, r, b in (V.crop_box(rng, side, side, local.scale, local.ratio) for _ in range(3000))
+    )
     assert smallest >= local.size - 1
 
 
@@ -189,7 +191,9 @@ def test_normalize_statistics_and_device():
 
 
 def _rate(plans, view, attr):
-    return np.mean([bool(getattr(p[view], attr)) if attr != "blur_sigma" else p[view].blur_sigma is not None for p in plans])
+    return np.mean(
+        [bool(getattr(p[view], attr)) if attr != "blur_sigma" else p[view].blur_sigma is not None for p in plans]
+    )
 
 
 def test_dino_per_view_probabilities():
@@ -213,7 +217,7 @@ def test_dino_per_view_probabilities():
     for (view, attr), p in expect.items():
         assert abs(_rate(plans, view, attr) - p) <= tol(p), (view, attr)
     sigmas = [p[0].blur_sigma for p in plans]
-    assert 0.1 <= min(sigmas) and max(sigmas) <= 2.0
+    assert min(sigmas) >= 0.1 and max(sigmas) <= 2.0
     # local boxes cover 5-40% of the image, global ones 40-100% (outside the fallback)
     for p in plans[:200]:
         l, t, r, b = p[0].box
@@ -247,7 +251,11 @@ def test_jitter_matches_torchvision_pil_ops():
         assert np.array_equal(np.asarray(V._hue(img, factor)), np.asarray(F.adjust_hue(img, factor)))
     crop = V.Crop(96, (1.0, 1.0))
     box = (0, 0, 96, 64)
-    for op, fn in (("brightness", F.adjust_brightness), ("contrast", F.adjust_contrast), ("saturation", F.adjust_saturation)):
+    for op, fn in (
+        ("brightness", F.adjust_brightness),
+        ("contrast", F.adjust_contrast),
+        ("saturation", F.adjust_saturation),
+    ):
         mine = V.apply_view(img, V.ViewPlan(box, False, ((op, 1.3),), False, None, False), crop)
         theirs = np.asarray(fn(img.resize((96, 96), Image.Resampling.BILINEAR, box=box), 1.3)).transpose(2, 0, 1)
         assert np.array_equal(mine, theirs), op
@@ -278,7 +286,6 @@ def test_views_from_imagefactory_formats():
     assert out["view_1"].shape == (len(files), 3, 224, 224)
 
 
-
 # ---------------------------------------------------------------- recipe keys (data.*) -> views
 
 
@@ -291,7 +298,9 @@ def _spec(method: str, *overrides: str):
     return spec_for(cfg, method_class(method))
 
 
-@pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3", "byol", "barlowtwins", "vicreg", "swav", "dino", "mae"])
+@pytest.mark.parametrize(
+    "method", ["simclr", "mocov2", "mocov3", "byol", "barlowtwins", "vicreg", "swav", "dino", "mae"]
+)
 def test_recipe_defaults_keep_the_presets(method):
     from raysl.methods.base import method_class
 
@@ -299,8 +308,15 @@ def test_recipe_defaults_keep_the_presets(method):
 
 
 def test_recipe_crop_keys_change_the_views():
-    s = _spec("dino", "data.global_crops=3", "data.global_scale=[0.5, 1.0]", "data.local_crops=4",
-              "data.local_size=64", "data.local_scale=[0.1, 0.3]", "data.image_size=160")
+    s = _spec(
+        "dino",
+        "data.global_crops=3",
+        "data.global_scale=[0.5, 1.0]",
+        "data.local_crops=4",
+        "data.local_size=64",
+        "data.local_scale=[0.1, 0.3]",
+        "data.image_size=160",
+    )
     assert [c.size for c in s.per_view()] == [160] * 3 + [64] * 4
     assert [c.scale for c in s.per_view()] == [(0.5, 1.0)] * 3 + [(0.1, 0.3)] * 4
     out = V.ViewTransform(s)(batch_of(PHOTOS[:2]))
@@ -377,8 +393,12 @@ def test_exif_rotated_jpeg_decodes_upright(orientation, red_side):
     assert img.mode == "RGB" and img.size == ((32, 64) if orientation in (6, 8) else (64, 32))
     assert (probe(data).width, probe(data).height) == img.size  # the shard's width/height agree
     h, w = a.shape[:2]
-    halves = {"top": (a[: h // 2 - 2], a[h // 2 + 2 :]), "bottom": (a[h // 2 + 2 :], a[: h // 2 - 2]),
-              "left": (a[:, : w // 2 - 2], a[:, w // 2 + 2 :]), "right": (a[:, w // 2 + 2 :], a[:, : w // 2 - 2])}
+    halves = {
+        "top": (a[: h // 2 - 2], a[h // 2 + 2 :]),
+        "bottom": (a[h // 2 + 2 :], a[: h // 2 - 2]),
+        "left": (a[:, : w // 2 - 2], a[:, w // 2 + 2 :]),
+        "right": (a[:, w // 2 + 2 :], a[:, : w // 2 - 2]),
+    }
     red, blue = halves[red_side]
     assert _is(red, (255, 0, 0)) and _is(blue, (0, 0, 255))
 
@@ -444,7 +464,9 @@ def test_probe_reasons():
     assert probe(imagefactory.encode(imagefactory.photo(), "PNG"), max_pixels=128 * 96).width == 128
 
 
-@pytest.mark.parametrize("method", ["simclr", "mocov2", "mocov3", "byol", "barlowtwins", "vicreg", "swav", "dino", "mae"])
+@pytest.mark.parametrize(
+    "method", ["simclr", "mocov2", "mocov3", "byol", "barlowtwins", "vicreg", "swav", "dino", "mae"]
+)
 def test_a_recipe_without_data_views_streams_the_methods_own_views(method, tmp_path):
     """data.views left out of a recipe means the method's views: DINO gets its 2 global + 8
     local crops, not SimCLR's 2 views (the default once was "simclr", silently)."""

@@ -27,36 +27,86 @@ DEFAULT_METHODS = ("simclr", "mocov2", "mocov3", "byol", "swav", "dino", "mae", 
 
 # Every bench run: tiny timm ResNet at 32 px, batch 64, AdamW, one worker, fp32, ZeRO-0.
 BASE = [
-    "data.image_size=32", "data.batch_size=64", "data.shuffle_window=4", "model.backbone=test_resnet",
-    "optim.name=adamw", "optim.lr=0.004", "optim.min_lr=0.00001", "optim.warmup_steps=10", "optim.weight_decay=0.0001",
-    "deepspeed.zero_stage=0", "deepspeed.precision=fp32", "train.epochs=1000", "train.num_workers=1",
-    "train.cpus_per_worker=1", "train.log_every=50", "train.checkpoint_every=100000", "train.keep_checkpoints=1",
-    "method.proj_hidden_dim=256", "method.proj_dim=64", "method.pred_hidden_dim=256",
+    "data.image_size=32",
+    "data.batch_size=64",
+    "data.shuffle_window=4",
+    "model.backbone=test_resnet",
+    "optim.name=adamw",
+    "optim.lr=0.004",
+    "optim.min_lr=0.00001",
+    "optim.warmup_steps=10",
+    "optim.weight_decay=0.0001",
+    "deepspeed.zero_stage=0",
+    "deepspeed.precision=fp32",
+    "train.epochs=1000",
+    "train.num_workers=1",
+    "train.cpus_per_worker=1",
+    "train.log_every=50",
+    "train.checkpoint_every=100000",
+    "train.keep_checkpoints=1",
+    "method.proj_hidden_dim=256",
+    "method.proj_dim=64",
+    "method.pred_hidden_dim=256",
 ]
 # Short-run settings per method: crops gentle enough for 32 px digits (mocov2 preset: crop
 # 0.2-1, DINO/SwAV global crops only, since local crops are 96 px), faster EMA.
 PER_METHOD = {
     "simclr": ["data.views=mocov2", "method.temperature=0.2"],
-    "mocov2": ["data.views=mocov2", "method.temperature=0.2", "method.queue_size=2048",
-               "method.ema_momentum=0.99", "method.ema_momentum_end=0.99"],
-    "mocov3": ["data.views=mocov2", "method.temperature=0.2", "method.proj_layers=2",
-               "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
+    "mocov2": [
+        "data.views=mocov2",
+        "method.temperature=0.2",
+        "method.queue_size=2048",
+        "method.ema_momentum=0.99",
+        "method.ema_momentum_end=0.99",
+    ],
+    "mocov3": [
+        "data.views=mocov2",
+        "method.temperature=0.2",
+        "method.proj_layers=2",
+        "method.ema_momentum=0.99",
+        "method.ema_momentum_end=1.0",
+    ],
     "byol": ["data.views=mocov2", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0", "optim.lr=0.016"],
     # Short runs sit at the uniform-code fixed point (loss = log K) with a queue of stale
     # embeddings or with eps 0.05; sharper Sinkhorn codes (eps 0.02) over more prototypes
     # than embedding dimensions, prototypes frozen for the first 50 steps, learn.
-    "swav": ["data.views=swav", "data.local_crops=0", "method.temperature=0.1", "method.num_prototypes=300",
-             "method.sinkhorn_eps=0.02", "method.freeze_prototypes_steps=50", "method.swav_queue_size=0"],
-    "dino": ["data.views=dino", "data.local_crops=0", "method.num_prototypes=1024", "method.proj_dim=64",
-             "method.teacher_temp=0.04", "method.teacher_temp_warmup=0.04", "method.student_temp=0.1",
-             "method.freeze_last_layer_steps=20", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0"],
+    "swav": [
+        "data.views=swav",
+        "data.local_crops=0",
+        "method.temperature=0.1",
+        "method.num_prototypes=300",
+        "method.sinkhorn_eps=0.02",
+        "method.freeze_prototypes_steps=50",
+        "method.swav_queue_size=0",
+    ],
+    "dino": [
+        "data.views=dino",
+        "data.local_crops=0",
+        "method.num_prototypes=1024",
+        "method.proj_dim=64",
+        "method.teacher_temp=0.04",
+        "method.teacher_temp_warmup=0.04",
+        "method.student_temp=0.1",
+        "method.freeze_last_layer_steps=20",
+        "method.ema_momentum=0.99",
+        "method.ema_momentum_end=1.0",
+    ],
     # ViT-only: test_vit at 64 px (16 patches of 16 px), features = mean of patch tokens;
     # plain-pixel targets (per-patch normalisation blows up the near-constant background
     # patches of digits); with 16 patches, 75% masking leaves 4 and stays below random init in 200
     # steps, 50% does.
-    "mae": ["model.backbone=test_vit", "model.global_pool=avg", "data.image_size=64", "data.views=mae",
-            "method.mask_ratio=0.5", "method.norm_pix_loss=false", "method.decoder_dim=64", "method.decoder_depth=2",
-            "method.decoder_heads=4", "optim.lr=0.008"],
+    "mae": [
+        "model.backbone=test_vit",
+        "model.global_pool=avg",
+        "data.image_size=64",
+        "data.views=mae",
+        "method.mask_ratio=0.5",
+        "method.norm_pix_loss=false",
+        "method.decoder_dim=64",
+        "method.decoder_depth=2",
+        "method.decoder_heads=4",
+        "optim.lr=0.008",
+    ],
     "barlowtwins": ["data.views=mocov2", "method.proj_layers=3", "method.barlow_lambda=0.005"],
     "vicreg": ["data.views=mocov2", "method.proj_layers=3"],
 }
@@ -102,8 +152,17 @@ def write_shards(directory: str, pngs: list[bytes], labels: np.ndarray, idx: np.
 
     license_, attribution = DIGITS_LICENSE
     rows = [
-        {"key": f"digits/{i:04d}.png", "image": pngs[i], "width": 32, "height": 32, "format": "png",
-         "source": "sklearn:digits", "license": license_, "attribution": attribution, "label": int(labels[i])}
+        {
+            "key": f"digits/{i:04d}.png",
+            "image": pngs[i],
+            "width": 32,
+            "height": 32,
+            "format": "png",
+            "source": "sklearn:digits",
+            "license": license_,
+            "attribution": attribution,
+            "label": int(labels[i]),
+        }
         for i in idx
     ]
     write_shard_set(directory, rows, shard_size=shard_size, sources=["sklearn:digits"])
@@ -158,7 +217,9 @@ def run_methods_bench(
 
     unknown = [m for m in methods if m not in PER_METHOD and m not in VARIANTS]
     if unknown:
-        raise UserError(f"bench methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join([*PER_METHOD, *VARIANTS])}")
+        raise UserError(
+            f"bench methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join([*PER_METHOD, *VARIANTS])}"
+        )
     if steps < 1:
         raise UserError(f"bench methods: --steps must be >= 1, got {steps}")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -173,9 +234,17 @@ def run_methods_bench(
     rows, baselines = [], {}
     for name in methods:
         method, per_method = bench_overrides(name)
-        overrides = [*BASE, *per_method, *(extra_overrides or {}).get(name, []), f"method.name={method}",
-                     f"data.shards={shards}", f"train.max_steps={steps}", f"train.seed={seed}",
-                     f"train.storage_path={storage}", f"train.name={name}-{stamp}"]
+        overrides = [
+            *BASE,
+            *per_method,
+            *(extra_overrides or {}).get(name, []),
+            f"method.name={method}",
+            f"data.shards={shards}",
+            f"train.max_steps={steps}",
+            f"train.seed={seed}",
+            f"train.storage_path={storage}",
+            f"train.name={name}-{stamp}",
+        ]
         cfg = load_config("quickstart", overrides)
         size = cfg.data.image_size
         tr_imgs, te_imgs = resize_uint8(images[train_idx], size), resize_uint8(images[test_idx], size)
@@ -188,22 +257,24 @@ def run_methods_bench(
         trained = knn_eval(trained_backbone(summary["run_dir"]), tr_imgs, labels[train_idx], te_imgs, labels[test_idx])
         metrics = read_metrics(summary["run_dir"])
         last = metrics[-1] if metrics else {}
-        rows.append({
-            "method": name,
-            "backbone": cfg.model.backbone,
-            "image_size": size,
-            "steps": summary["steps"],
-            "wall_s": round(wall, 1),
-            "knn_top1_random": baselines[key]["top1"],
-            "knn_top1": trained["top1"],
-            "delta": round(trained["top1"] - baselines[key]["top1"], 2),
-            "knn_top5": trained["top5"],
-            "first_loss": round(metrics[0]["loss"], 4) if metrics else None,
-            "final_loss": round(last.get("loss", float("nan")), 4),
-            "embedding_std": round(last.get("embedding_std", float("nan")), 4),
-            "run_dir": summary["run_dir"],
-            "overrides": overrides,
-        })
+        rows.append(
+            {
+                "method": name,
+                "backbone": cfg.model.backbone,
+                "image_size": size,
+                "steps": summary["steps"],
+                "wall_s": round(wall, 1),
+                "knn_top1_random": baselines[key]["top1"],
+                "knn_top1": trained["top1"],
+                "delta": round(trained["top1"] - baselines[key]["top1"], 2),
+                "knn_top5": trained["top5"],
+                "first_loss": round(metrics[0]["loss"], 4) if metrics else None,
+                "final_loss": round(last.get("loss", float("nan")), 4),
+                "embedding_std": round(last.get("embedding_std", float("nan")), 4),
+                "run_dir": summary["run_dir"],
+                "overrides": overrides,
+            }
+        )
         print(format_table(rows[-1:], header=not rows[:-1]), flush=True)
     result = {
         "bench": "methods",
@@ -240,13 +311,23 @@ def format_table(rows: list[dict], header: bool = True) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from raysl.config import resolve_path
 
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated methods (default: all); variants: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods (default: all); variants: {', '.join(VARIANTS)}",
+    )
     p.add_argument("--steps", type=int, default=200, help="pretraining steps per method (batch 64)")
-    p.add_argument("--out", type=resolve_path, default="bench_methods", help="folder for shards, runs, bench_methods.md/.json")
+    p.add_argument(
+        "--out", type=resolve_path, default="bench_methods", help="folder for shards, runs, bench_methods.md/.json"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="METHOD:section.key=value",
-                   help="extra override for one bench entry, e.g. dino:optim.lr=0.01 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD:section.key=value",
+        help="extra override for one bench entry, e.g. dino:optim.lr=0.01 (repeatable)",
+    )
 
 
 def run_from_args(args, address: str | None = None) -> dict:
@@ -259,5 +340,6 @@ def run_from_args(args, address: str | None = None) -> dict:
             raise UserError(f"--set {item!r}: expected METHOD:section.key=value")
         name, override = item.split(":", 1)
         extra.setdefault(name, []).append(override)
-    return run_methods_bench(methods, steps=args.steps, out_dir=args.out, seed=args.seed, extra_overrides=extra,
-                             address=address)
+    return run_methods_bench(
+        methods, steps=args.steps, out_dir=args.out, seed=args.seed, extra_overrides=extra, address=address
+    )

@@ -17,12 +17,16 @@ from raysl.optim.optimizers import build_optimizer, optimizer_state_bytes, param
 
 def _fp32_state_params(optimizer) -> int:
     """Params whose state stays 32-bit in a bitsandbytes 8-bit optimizer (< min_8bit_size)."""
-    return sum(p.numel() for p, s in optimizer.state.items()
-               if torch.is_tensor(s.get("state1")) and s["state1"].dtype == torch.float32)
+    return sum(
+        p.numel()
+        for p, s in optimizer.state.items()
+        if torch.is_tensor(s.get("state1")) and s["state1"].dtype == torch.float32
+    )
 
 
-def run_optim_bench(model: str = "vit_base_patch16_224", optimizers=("adamw", "adamw8bit"),
-                    weight_decay: float = 0.05, seed: int = 0) -> dict:
+def run_optim_bench(
+    model: str = "vit_base_patch16_224", optimizers=("adamw", "adamw8bit"), weight_decay: float = 0.05, seed: int = 0
+) -> dict:
     import timm
 
     torch.manual_seed(seed)

@@ -28,8 +28,9 @@ def simulated_manifest(shards: int, rows: int, seed: int = 0) -> Manifest:
     files = [f"shard-{i:07d}.parquet" for i in range(shards)]
     index = ShardIndex.from_columns(files, counts, counts * 100_000, [["web"]] * shards)
     total = int(counts.sum())
-    return Manifest(shards=index, written=total, sources=["/data/web"], source_images={"web": total},
-                    licenses={"cc-by-4.0": total})
+    return Manifest(
+        shards=index, written=total, sources=["/data/web"], source_images={"web": total}, licenses={"cc-by-4.0": total}
+    )
 
 
 def _timed(fn):
@@ -42,41 +43,80 @@ def _bytes(directory: str, *names: str) -> int:
     return sum(os.path.getsize(os.path.join(directory, n)) for n in names)
 
 
-def run_plan_bench(shards: int, workers: int, epochs: int, *, rows: int = 1000, batch_size: int = 256,
-                   seed: int = 0, baseline_epochs: int = 1) -> dict:
+def run_plan_bench(
+    shards: int,
+    workers: int,
+    epochs: int,
+    *,
+    rows: int = 1000,
+    batch_size: int = 256,
+    seed: int = 0,
+    baseline_epochs: int = 1,
+) -> dict:
     if shards < workers:
         raise UserError(f"--shards {shards} is fewer than --workers {workers}: every worker needs a shard")
     if min(workers, epochs, rows, batch_size) < 1 or not 0 <= baseline_epochs <= epochs:
-        raise UserError("--workers, --epochs, --rows and --batch-size must be >= 1, and --baseline-epochs in [0, --epochs]")
+        raise UserError(
+            "--workers, --epochs, --rows and --batch-size must be >= 1, and --baseline-epochs in [0, --epochs]"
+        )
     manifest = simulated_manifest(shards, rows, seed)
-    old = legacy.ManifestV1(shards=[{"file": f, "rows": int(r)} for f, r in zip(manifest.shards.files(), manifest.shards.rows)],
-                            written=manifest.written, sources=manifest.sources, licenses=manifest.licenses)
+    old = legacy.ManifestV1(
+        shards=[{"file": f, "rows": int(r)} for f, r in zip(manifest.shards.files(), manifest.shards.rows)],
+        written=manifest.written,
+        sources=manifest.sources,
+        licenses=manifest.licenses,
+    )
 
     def plan(m: Manifest) -> list[int]:  # what raysl.train.loop.epoch_steps does, without a config
-        return [reader.steps_per_epoch(m, batch_size=batch_size, seed=seed, epoch=e, world_size=workers)
-                for e in range(epochs)]
+        return [
+            reader.steps_per_epoch(m, batch_size=batch_size, seed=seed, epoch=e, world_size=workers)
+            for e in range(epochs)
+        ]
 
     with tempfile.TemporaryDirectory() as new_dir, tempfile.TemporaryDirectory() as old_dir:
         _, write_s = _timed(lambda: write_manifest(new_dir, manifest))
         _, read_s = _timed(lambda: read_manifest(new_dir))
         steps, plan_s = _timed(lambda: plan(read_manifest(new_dir)))
-        current = {"manifest_bytes": _bytes(new_dir, MANIFEST, INDEX), "json_bytes": _bytes(new_dir, MANIFEST),
-                   "index_bytes": _bytes(new_dir, INDEX), "write_s": write_s, "read_s": read_s, "plan_s": plan_s}
+        current = {
+            "manifest_bytes": _bytes(new_dir, MANIFEST, INDEX),
+            "json_bytes": _bytes(new_dir, MANIFEST),
+            "index_bytes": _bytes(new_dir, INDEX),
+            "write_s": write_s,
+            "read_s": read_s,
+            "plan_s": plan_s,
+        }
 
         _, old_write_s = _timed(lambda: legacy.write_v1(old_dir, old))
         old_read, old_read_s = _timed(lambda: legacy.read_v1(old_dir))
-        old_steps, old_epochs_s = _timed(lambda: [
-            legacy.steps_per_epoch_v1(old_read, batch_size=batch_size, seed=seed, epoch=e, world_size=workers)
-            for e in range(baseline_epochs)])
+        old_steps, old_epochs_s = _timed(
+            lambda: [
+                legacy.steps_per_epoch_v1(old_read, batch_size=batch_size, seed=seed, epoch=e, world_size=workers)
+                for e in range(baseline_epochs)
+            ]
+        )
         per_epoch = old_epochs_s / baseline_epochs if baseline_epochs else float("nan")
-        baseline = {"manifest_bytes": _bytes(old_dir, MANIFEST), "write_s": old_write_s, "read_s": old_read_s,
-                    "plan_s": old_read_s + per_epoch * epochs, "plan_s_per_epoch": per_epoch,
-                    "plan_epochs_measured": baseline_epochs}
+        baseline = {
+            "manifest_bytes": _bytes(old_dir, MANIFEST),
+            "write_s": old_write_s,
+            "read_s": old_read_s,
+            "plan_s": old_read_s + per_epoch * epochs,
+            "plan_s_per_epoch": per_epoch,
+            "plan_epochs_measured": baseline_epochs,
+        }
         if old_steps != steps[:baseline_epochs]:
             raise RuntimeError(f"the baseline planned {old_steps} steps, the index {steps[:baseline_epochs]}")
-    return {"shards": shards, "workers": workers, "epochs": epochs, "rows_per_shard": rows, "batch_size": batch_size,
-            "index": current, "baseline_v1": baseline, "steps_per_epoch": steps,
-            "plan_speedup": baseline["plan_s"] / plan_s, "bytes_ratio": baseline["manifest_bytes"] / current["manifest_bytes"]}
+    return {
+        "shards": shards,
+        "workers": workers,
+        "epochs": epochs,
+        "rows_per_shard": rows,
+        "batch_size": batch_size,
+        "index": current,
+        "baseline_v1": baseline,
+        "steps_per_epoch": steps,
+        "plan_speedup": baseline["plan_s"] / plan_s,
+        "bytes_ratio": baseline["manifest_bytes"] / current["manifest_bytes"],
+    }
 
 
 def add_arguments(p) -> None:
@@ -86,11 +126,21 @@ def add_arguments(p) -> None:
     p.add_argument("--rows", type=int, default=1000, help="about this many rows per simulated shard")
     p.add_argument("--batch-size", type=int, default=256, help="rows per worker per step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--baseline-epochs", type=int, default=1,
-                   help="epochs the version 1 baseline plans for real (its plan_s scales them to --epochs)")
+    p.add_argument(
+        "--baseline-epochs",
+        type=int,
+        default=1,
+        help="epochs the version 1 baseline plans for real (its plan_s scales them to --epochs)",
+    )
 
 
 def run_from_args(a) -> dict:
-    return run_plan_bench(a.shards, a.workers, a.epochs, rows=a.rows, batch_size=a.batch_size, seed=a.seed,
-                          baseline_epochs=a.baseline_epochs)
-
+    return run_plan_bench(
+        a.shards,
+        a.workers,
+        a.epochs,
+        rows=a.rows,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        baseline_epochs=a.baseline_epochs,
+    )

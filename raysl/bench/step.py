@@ -46,14 +46,17 @@ from raysl.errors import UserError
 def _config(model: str, batch_size: int, image_size: int, threads: int, optimizer: str, zero_stage: int, seed: int):
     from raysl.config import from_dict
 
-    return from_dict({
-        "data": {"batch_size": batch_size, "image_size": image_size},
-        "model": {"backbone": model},
-        "method": {"name": "simclr"},
-        "optim": {"name": optimizer},
-        "deepspeed": {"zero_stage": zero_stage, "precision": "fp32", "grad_accum": 1},
-        "train": {"num_workers": 1, "cpus_per_worker": threads, "seed": seed},
-    }, origin="bench step")
+    return from_dict(
+        {
+            "data": {"batch_size": batch_size, "image_size": image_size},
+            "model": {"backbone": model},
+            "method": {"name": "simclr"},
+            "optim": {"name": optimizer},
+            "deepspeed": {"zero_stage": zero_stage, "precision": "fp32", "grad_accum": 1},
+            "train": {"num_workers": 1, "cpus_per_worker": threads, "seed": seed},
+        },
+        origin="bench step",
+    )
 
 
 def _views(batch_size: int, image_size: int, seed: int) -> list:
@@ -61,8 +64,10 @@ def _views(batch_size: int, image_size: int, seed: int) -> list:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g).numpy()
-            for _ in range(2)]
+    return [
+        torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g).numpy()
+        for _ in range(2)
+    ]
 
 
 def _summary(times: list[float]) -> dict:
@@ -153,8 +158,8 @@ def _raysl_worker(raw: dict) -> dict:
         if log:
             log.close()
     return {
-        "times": times[raw["warmup"]:],
-        "cpu": cpu[raw["warmup"]:],
+        "times": times[raw["warmup"] :],
+        "cpu": cpu[raw["warmup"] :],
         "losses": losses,
         "torch_threads": torch.get_num_threads(),
         "nice": os.getpriority(os.PRIO_PROCESS, 0),
@@ -200,7 +205,9 @@ def _run_raysl(cfg, views: list, *, total: int, warmup: int) -> dict:
         trainer = TorchTrainer(
             _raysl_worker,
             train_loop_config={"config": cfg.to_dict(), "views": views, "total": total, "warmup": warmup},
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+            ),
             run_config=ray.train.RunConfig(name="bench_step", storage_path=storage),
         )
         result = trainer.fit()
@@ -243,7 +250,9 @@ def run_step_bench(
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < threads:
-            raise UserError(f"bench step: --threads {threads} needs that many CPUs for the Ray worker; Ray has {cpus:g}")
+            raise UserError(
+                f"bench step: --threads {threads} needs that many CPUs for the Ray worker; Ray has {cpus:g}"
+            )
         nice = _worker_niceness()
         torch.set_num_threads(threads)
         base = _Baseline(cfg, views, total)
@@ -318,8 +327,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(a, address: str | None = None) -> dict:
-    return run_step_bench(a.model, a.batch_size, a.image_size, a.steps, a.warmup, a.threads, a.optimizer,
-                          a.zero_stage, seed=a.seed, address=address)
+    return run_step_bench(
+        a.model,
+        a.batch_size,
+        a.image_size,
+        a.steps,
+        a.warmup,
+        a.threads,
+        a.optimizer,
+        a.zero_stage,
+        seed=a.seed,
+        address=address,
+    )
 
 
 if __name__ == "__main__":

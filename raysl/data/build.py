@@ -40,9 +40,9 @@ import ray
 
 from raysl.data import decode
 from raysl.data.metadata import load_metadata
-from raysl.data.sources import Inputs, Item, list_inputs, read_ref
-from raysl.data.shard_index import ShardIndex
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, Manifest, filesystem_and_path, write_manifest
+from raysl.data.shard_index import ShardIndex
+from raysl.data.sources import Inputs, Item, list_inputs, read_ref
 from raysl.errors import UserError
 from raysl.progress import bar
 
@@ -55,8 +55,9 @@ _READ_BATCH_BYTES = 64 << 20
 
 
 def _rows_table(rows: list[dict], counts: Counter) -> pa.Table:
-    empty = dict(key="", image=b"", sha256="", width=0, height=0, format="", source="", license="",
-                 attribution="", label=None)
+    empty = dict(
+        key="", image=b"", sha256="", width=0, height=0, format="", source="", license="", attribution="", label=None
+    )
     stats = [{**empty, "_stat": name, "_n": n} for name, n in sorted(counts.items()) if n]
     return pa.Table.from_pylist(rows + stats, schema=ROW_SCHEMA)
 
@@ -97,10 +98,22 @@ def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixe
             if reason:
                 counts[reason] += 1
                 continue
-            rows.append(dict(key=item.key, image=item.data, sha256=hashlib.sha256(item.data).hexdigest(),
-                             width=info.width, height=info.height, format=info.format, source=item.source,
-                             license=item.license, attribution=item.attribution, label=item.label,
-                             _stat="", _n=1))
+            rows.append(
+                dict(
+                    key=item.key,
+                    image=item.data,
+                    sha256=hashlib.sha256(item.data).hexdigest(),
+                    width=info.width,
+                    height=info.height,
+                    format=info.format,
+                    source=item.source,
+                    license=item.license,
+                    attribution=item.attribution,
+                    label=item.label,
+                    _stat="",
+                    _n=1,
+                )
+            )
             size += len(item.data)
             if len(rows) >= _READ_BATCH_ROWS or size >= _READ_BATCH_BYTES:
                 yield _rows_table(rows, Counter())
@@ -125,8 +138,9 @@ def _duplicates(group: pa.Table) -> pa.Table:
 def with_duplicates(refs: pa.Table, options: dict, partitions: int) -> tuple[pa.Table, int]:
     """(`refs` with a `_drop` column: per reference, the keys of its exact duplicates; bytes
     the shuffle moved, from Ray Data's stats). `refs` has a `_ref` column of row ids."""
-    hashes = ray.data.from_arrow(_blocks(refs)).map_batches(_hashes, batch_size=None, batch_format="pyarrow",
-                                                            fn_kwargs=options)
+    hashes = ray.data.from_arrow(_blocks(refs)).map_batches(
+        _hashes, batch_size=None, batch_format="pyarrow", fn_kwargs=options
+    )
     dups = hashes.groupby("sha256", num_partitions=partitions).map_groups(_duplicates, batch_format="pyarrow")
     drop = [[] for _ in range(refs.num_rows)]
     for t in dups.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -148,8 +162,11 @@ def shuffled_bytes(ds: ray.data.Dataset) -> int:
     while summaries:
         summary = summaries.pop()
         summaries += summary.parents
-        total += sum(op.output_size_bytes.sum for op in summary.operators_stats
-                     if op.operator_name.startswith("HashShuffleMap") and op.output_size_bytes)
+        total += sum(
+            op.output_size_bytes.sum
+            for op in summary.operators_stats
+            if op.operator_name.startswith("HashShuffleMap") and op.output_size_bytes
+        )
     return int(total)
 
 
@@ -171,9 +188,13 @@ def _write_batch(batch: pa.Table, *, staging: str, fail_after: int) -> pa.Table:
         fs, root = filesystem_and_path(staging)
         name = f"{uuid.uuid4().hex}.parquet"
         # images are already compressed: compressing them again costs CPU and saves nothing
-        pq.write_table(images, posixpath.join(root, name), filesystem=fs,
-                       compression={c: ("none" if c == "image" else "zstd") for c in SCHEMA.names},
-                       use_dictionary=[c for c in SCHEMA.names if c != "image"])
+        pq.write_table(
+            images,
+            posixpath.join(root, name),
+            filesystem=fs,
+            compression={c: ("none" if c == "image" else "zstd") for c in SCHEMA.names},
+            use_dictionary=[c for c in SCHEMA.names if c != "image"],
+        )
         # counted after writing, so whichever writer finishes last sees every staged file
         if fail_after and len(fs.get_file_info(pafs.FileSelector(root))) > fail_after:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {fail_after} shard(s)")
@@ -181,8 +202,12 @@ def _write_batch(batch: pa.Table, *, staging: str, fail_after: int) -> pa.Table:
         size = fs.get_file_info(posixpath.join(root, name)).size
     names = pc.list_element(pc.split_pattern(images["key"], "/", max_splits=1), 0)  # schema.source_name
     by_source = {d["values"]: d["counts"] for d in pc.value_counts(names).to_pylist()}
-    stats = {"skipped": dict(counts), "licenses": dict(Counter(images["license"].to_pylist())),
-             "sources": by_source, "bytes": size}
+    stats = {
+        "skipped": dict(counts),
+        "licenses": dict(Counter(images["license"].to_pylist())),
+        "sources": by_source,
+        "bytes": size,
+    }
     return pa.table({"file": [name], "rows": [images.num_rows], "first_key": [first], "stats": [json.dumps(stats)]})
 
 
@@ -220,8 +245,9 @@ def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manif
     for name, r in zip(names, staged):
         fs.move(posixpath.join(root, STAGING, r["file"]), posixpath.join(root, name))
     stats = [json.loads(r["stats"]) for r in staged]
-    manifest.shards = ShardIndex.from_columns(names, [r["rows"] for r in staged], [s["bytes"] for s in stats],
-                                              [sorted(s["sources"]) for s in stats])
+    manifest.shards = ShardIndex.from_columns(
+        names, [r["rows"] for r in staged], [s["bytes"] for s in stats], [sorted(s["sources"]) for s in stats]
+    )
     fs.delete_dir(posixpath.join(root, STAGING))
 
 
@@ -289,8 +315,10 @@ def run_build(plan: BuildPlan) -> Manifest:
     refs = refs.append_column("_ref", pa.array(range(refs.num_rows), pa.int64()))
     options = dict(meta=meta, licenses=allow, min_side=min_side, max_pixels=max_pixels)
     if dedup:
-        partitions = max(1, min(ray.data.DataContext.get_current().default_hash_shuffle_parallelism,
-                                inputs.estimated_images // 20_000))
+        partitions = max(
+            1,
+            min(ray.data.DataContext.get_current().default_hash_shuffle_parallelism, inputs.estimated_images // 20_000),
+        )
         refs, plan.shuffled_bytes = with_duplicates(refs, options, partitions)
     ds = ray.data.from_arrow(_blocks(refs))
     # Rows reach the shard writers in input order, not in the order tasks finish: the same

@@ -92,7 +92,9 @@ def digit_pngs(size: int = 32, limit: int | None = None) -> list[tuple[bytes, in
     return out
 
 
-def write_digits(out_dir: str, *, size: int = 32, val_every: int = 5, limit: int | None = None) -> dict[str, tuple[str, str]]:
+def write_digits(
+    out_dir: str, *, size: int = 32, val_every: int = 5, limit: int | None = None
+) -> dict[str, tuple[str, str]]:
     """The digits of `digit_pngs` as PNG files: a labeled evaluation set. Every
     `val_every`-th digit goes to the validation split. Writes out_dir/digits_{train,val}/NNNN.png
     and, next to each folder, digits_{train,val}.csv (path, label, license, attribution)

@@ -10,8 +10,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.fs as pafs
 
-from raysl.data.schema import (MANIFEST, SCHEMA_VERSION, Manifest, filesystem_and_path, read_manifest_json,
-                                write_json_atomically, write_manifest)
+from raysl.data.schema import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    Manifest,
+    filesystem_and_path,
+    read_manifest_json,
+    write_json_atomically,
+    write_manifest,
+)
 from raysl.data.shard_index import ShardIndex
 from raysl.errors import UserError
 
@@ -35,8 +42,10 @@ def write_v1(directory: str, manifest: ManifestV1) -> None:
 def read_v1(directory: str) -> ManifestV1:
     _, _, path, raw = read_manifest_json(directory)
     if raw.get("schema_version") != 1 or not isinstance(raw.get("shards"), list):
-        raise UserError(f"{path}: schema version {raw.get('schema_version')!r}, not an old (version 1) shard set; "
-                        "nothing to migrate")
+        raise UserError(
+            f"{path}: schema version {raw.get('schema_version')!r}, not an old (version 1) shard set; "
+            "nothing to migrate"
+        )
     return ManifestV1(**{k: v for k, v in raw.items() if k in ManifestV1.__dataclass_fields__})
 
 
@@ -61,11 +70,20 @@ def migrate(directory: str) -> Manifest:
     files = [s["file"] for s in old.shards]
     missing = [f for f in files if f not in sizes]
     if missing:
-        raise UserError(f"{posixpath.join(root, missing[0])}: listed in {MANIFEST} but not there "
-                        f"({len(missing)} shard file(s) missing); rebuild the shard set")
+        raise UserError(
+            f"{posixpath.join(root, missing[0])}: listed in {MANIFEST} but not there "
+            f"({len(missing)} shard file(s) missing); rebuild the shard set"
+        )
     index = ShardIndex.from_columns(files, [s["rows"] for s in old.shards], [sizes[f] for f in files])
-    manifest = Manifest(shards=index, written=old.written, skipped=old.skipped, licenses=old.licenses,
-                        sources=old.sources, ignored_files=old.ignored_files,
-                        metadata_unmatched=old.metadata_unmatched, schema_version=SCHEMA_VERSION)
+    manifest = Manifest(
+        shards=index,
+        written=old.written,
+        skipped=old.skipped,
+        licenses=old.licenses,
+        sources=old.sources,
+        ignored_files=old.ignored_files,
+        metadata_unmatched=old.metadata_unmatched,
+        schema_version=SCHEMA_VERSION,
+    )
     write_manifest(directory, manifest)
     return manifest

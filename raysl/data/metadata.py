@@ -88,7 +88,7 @@ def _key_of_path(p: str, roots: dict[str, str], file_keys: set[str]) -> str | No
         p = p if "://" in p else posixpath.normpath(p)
         for name, root in roots.items():
             if p.startswith(root.rstrip("/") + "/"):
-                return f"{name}/{posixpath.normpath(p[len(root.rstrip('/')) + 1:])}"
+                return f"{name}/{posixpath.normpath(p[len(root.rstrip('/')) + 1 :])}"
         return None
     candidates = [f"{name}/{posixpath.normpath(p)}" for name in roots]
     return next((k for k in candidates if k in file_keys), candidates[0] if len(candidates) == 1 else None)

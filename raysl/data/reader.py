@@ -133,8 +133,13 @@ def read_rows(
     if not items:
         raise UserError(f"start position {start} is past the end of epoch {epoch} ({first_pos} rows for worker {rank})")
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_windows, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
-                        **({"resources": resources} if resources else {}))
+    ds = ds.map_batches(
+        _read_windows,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        **({"resources": resources} if resources else {}),
+    )
     ds.context.execution_options.preserve_order = True  # the stream order is part of the contract
     return ds
 
@@ -168,7 +173,14 @@ def read_views(
     0 (the tasks then share the workers' cores) with a bounded `concurrency`. `resources`
     (custom Ray resources, e.g. {"data_node": 1}) pins the tasks to the nodes that have them."""
     ds = read_rows(
-        shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start, window=window, num_cpus=num_cpus,
+        shards,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        start=start,
+        window=window,
+        num_cpus=num_cpus,
         resources=resources,
     )
     return ds.map_batches(

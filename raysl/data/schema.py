@@ -165,8 +165,9 @@ def read_manifest(directory: str) -> Manifest:
     except (OSError, pa.ArrowInvalid) as exc:
         raise UserError(f"{index_path}: cannot read the shard index ({exc}); rebuild the shard set") from exc
     if len(index) != raw.get("shards"):
-        raise UserError(f"{index_path}: lists {len(index)} shard(s), {MANIFEST} says {raw.get('shards')}; "
-                        "rebuild the shard set")
+        raise UserError(
+            f"{index_path}: lists {len(index)} shard(s), {MANIFEST} says {raw.get('shards')}; rebuild the shard set"
+        )
     known = {f for f in Manifest.__dataclass_fields__} - {"shards"}
     return Manifest(shards=index, **{k: v for k, v in raw.items() if k in known})
 

@@ -32,18 +32,25 @@ class ShardIndex:
     """The shards of a set, in set order (the order planning permutes)."""
 
     def __init__(self, table: pa.Table | None = None):
-        self.table = INDEX_SCHEMA.empty_table() if table is None else table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+        self.table = (
+            INDEX_SCHEMA.empty_table() if table is None else table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+        )
         self.rows = self.table.column("rows").to_numpy()  # int64, one per shard
 
     @classmethod
-    def from_columns(cls, file, rows, bytes=None, sources=None) -> "ShardIndex":
+    def from_columns(cls, file, rows, bytes=None, sources=None) -> ShardIndex:
         n = len(file)
-        return cls(pa.table({
-            "file": pa.array(file, pa.string()),
-            "rows": pa.array(rows, pa.int64()),
-            "bytes": pa.array(np.zeros(n, np.int64) if bytes is None else bytes, pa.int64()),
-            "sources": pa.array([[]] * n if sources is None else sources, pa.list_(pa.string())),
-        }, schema=INDEX_SCHEMA))
+        return cls(
+            pa.table(
+                {
+                    "file": pa.array(file, pa.string()),
+                    "rows": pa.array(rows, pa.int64()),
+                    "bytes": pa.array(np.zeros(n, np.int64) if bytes is None else bytes, pa.int64()),
+                    "sources": pa.array([[]] * n if sources is None else sources, pa.list_(pa.string())),
+                },
+                schema=INDEX_SCHEMA,
+            )
+        )
 
     def __len__(self) -> int:
         return self.table.num_rows

@@ -94,8 +94,19 @@ def _parquet_refs(fs, path: str, root: str, rel: str, name: str) -> list[dict] |
     refs, first = [], 0
     for g in range(meta.num_row_groups):
         rows = meta.row_group(g).num_rows
-        refs.append(dict(kind="parquet", root=root, rel=rel, key=_join(name, rel), source=_join(root, rel),
-                         group=g, first_row=first, rows=rows, column=column))
+        refs.append(
+            dict(
+                kind="parquet",
+                root=root,
+                rel=rel,
+                key=_join(name, rel),
+                source=_join(root, rel),
+                group=g,
+                first_row=first,
+                rows=rows,
+                column=column,
+            )
+        )
         first += rows
     return refs
 
@@ -104,8 +115,19 @@ def _container_refs(fs, path: str, root: str, rel: str, name: str) -> list[dict]
     """References for a tar or parquet file, or None if it is neither (or has no images)."""
     lower = path.lower()
     if lower.endswith(TAR_SUFFIXES):
-        return [dict(kind="tar", root=root, rel=rel, key=_join(name, rel), source=_join(root, rel),
-                     group=-1, first_row=0, rows=0, column="")]
+        return [
+            dict(
+                kind="tar",
+                root=root,
+                rel=rel,
+                key=_join(name, rel),
+                source=_join(root, rel),
+                group=-1,
+                first_row=0,
+                rows=0,
+                column="",
+            )
+        ]
     if lower.endswith(".parquet"):
         return _parquet_refs(fs, path, root, rel, name)
     return None
@@ -134,8 +156,11 @@ def list_inputs(sources: list[str], *, exclude: str | None = None) -> Inputs:
         if info.type == pafs.FileType.File:
             found = _container_refs(fs, path, root, "", name) or []
             if not found and _ext(name) in IMAGE_EXTS:
-                found = [dict(kind="file", root=root, rel="", key=name, source=root, group=-1,
-                              first_row=0, rows=1, column="")]
+                found = [
+                    dict(
+                        kind="file", root=root, rel="", key=name, source=root, group=-1, first_row=0, rows=1, column=""
+                    )
+                ]
                 inputs.file_keys.add(name)
             if not found:
                 raise UserError(
@@ -148,8 +173,19 @@ def list_inputs(sources: list[str], *, exclude: str | None = None) -> Inputs:
                 if skip and _join(root, rel).startswith(skip):
                     continue
                 if _ext(f.base_name) in IMAGE_EXTS:
-                    found.append(dict(kind="file", root=root, rel=rel, key=_join(name, rel),
-                                      source=_join(root, rel), group=-1, first_row=0, rows=1, column=""))
+                    found.append(
+                        dict(
+                            kind="file",
+                            root=root,
+                            rel=rel,
+                            key=_join(name, rel),
+                            source=_join(root, rel),
+                            group=-1,
+                            first_row=0,
+                            rows=1,
+                            column="",
+                        )
+                    )
                     inputs.file_keys.add(_join(name, rel))
                 else:
                     more = _container_refs(fs, f.path, root, rel, name)
@@ -255,8 +291,14 @@ def _read_parquet(ref: dict):
                         data = data.get("bytes")
                     key = _join(ref["key"], _str(r.get("key")) or str(row))
                     source = _str(r.get("source") or r.get("url")) or f"{ref['source']}#{row}"
-                    yield Item(key, data, source, _str(r.get("license")), _str(r.get("attribution")),
-                               _int_or_none(r.get("label")))
+                    yield Item(
+                        key,
+                        data,
+                        source,
+                        _str(r.get("license")),
+                        _str(r.get("attribution")),
+                        _int_or_none(r.get("label")),
+                    )
                     row += 1
     except OSError:
         for n in range(row, ref["first_row"] + ref["rows"]):

@@ -180,7 +180,10 @@ def view_spec(
     if name not in PRESETS:
         raise UserError(f"unknown view preset {name!r}; choose one of: {', '.join(PRESETS)}")
     spec = PRESETS[name]
-    for short, long_name, a, b in (("size", "global_size", size, global_size), ("scale", "global_scale", scale, global_scale)):
+    for short, long_name, a, b in (
+        ("size", "global_size", size, global_size),
+        ("scale", "global_scale", scale, global_scale),
+    ):
         if a is not None and b is not None and a != b:
             raise UserError(f"{short}={a!r} and {long_name}={b!r} disagree; give one")
     global_size = global_size if global_size is not None else size
@@ -213,7 +216,9 @@ def view_spec(
     locals_ = override(locals_, "local_size", local_size, "local_scale", local_scale)
     out = ViewSpec(spec.name, tuple(globals_ + locals_), spec.eval_resize, n_global=sum(c.count for c in globals_))
     if out.n_views == 0:
-        raise UserError(f"view preset {name!r} with global_crops={global_crops}, local_crops={local_crops}: no views left")
+        raise UserError(
+            f"view preset {name!r} with global_crops={global_crops}, local_crops={local_crops}: no views left"
+        )
     return out
 
 

@@ -26,8 +26,10 @@ def create_model_call(name: str, out_dir: str, img_size: int | None, global_pool
     """The exact `timm.create_model` call that loads the export (written into the card)."""
     size = (f", img_size={img_size}" if img_size else "") + (f", global_pool={global_pool!r}" if global_pool else "")
     path = os.path.join(os.path.abspath(out_dir), WEIGHTS)
-    return (f"model = timm.create_model({name!r}, pretrained=True, num_classes=0{size},\n"
-            f"                          pretrained_cfg_overlay=dict(file={path!r}))")
+    return (
+        f"model = timm.create_model({name!r}, pretrained=True, num_classes=0{size},\n"
+        f"                          pretrained_cfg_overlay=dict(file={path!r}))"
+    )
 
 
 def takes_img_size(backbone) -> bool:
@@ -50,8 +52,11 @@ def export(run_dir: str, out_dir: str, *, shards: str | None = None) -> dict:
     if os.path.isfile(out_dir):
         raise UserError(f"--out {out_dir}: is a file; give a directory to write the export into")
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, os.path.join(out_dir, WEIGHTS),
-              metadata={"format": "pt", "raysl_run": os.path.abspath(run_dir), "step": str(step)})
+    save_file(
+        {k: v.contiguous() for k, v in backbone.state_dict().items()},
+        os.path.join(out_dir, WEIGHTS),
+        metadata={"format": "pt", "raysl_run": os.path.abspath(run_dir), "step": str(step)},
+    )
     config_path = os.path.join(out_dir, TIMM_CONFIG)
     data_config = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=EVAL_CROP_FRACTION, interpolation="bicubic")
     if cfg.data.image_size:
@@ -66,7 +71,21 @@ def export(run_dir: str, out_dir: str, *, shards: str | None = None) -> dict:
     with open(config_path, "w") as f:
         json.dump(timm_cfg, f, indent=2)
     img_size = size if takes_img_size(backbone) else None
-    card = write_card(out_dir, run_dir, cfg, step, create_call=create_model_call(cfg.model.backbone, out_dir, img_size, cfg.model.global_pool),
-                      timm_cfg=timm_cfg, shards=shards)
-    return {"out": out_dir, "weights": os.path.join(out_dir, WEIGHTS), "config": config_path, "step": step,
-            "backbone": cfg.model.backbone, "img_size": img_size, **card}
+    card = write_card(
+        out_dir,
+        run_dir,
+        cfg,
+        step,
+        create_call=create_model_call(cfg.model.backbone, out_dir, img_size, cfg.model.global_pool),
+        timm_cfg=timm_cfg,
+        shards=shards,
+    )
+    return {
+        "out": out_dir,
+        "weights": os.path.join(out_dir, WEIGHTS),
+        "config": config_path,
+        "step": step,
+        "backbone": cfg.model.backbone,
+        "img_size": img_size,
+        **card,
+    }

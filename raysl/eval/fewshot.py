@@ -17,8 +17,16 @@ def draw(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def fewshot(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor, *,
-            shots=DEFAULT_SHOTS, draws: int = 5, seed: int = 0) -> dict:
+def fewshot(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    val_f: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    shots=DEFAULT_SHOTS,
+    draws: int = 5,
+    seed: int = 0,
+) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     x, y, vx, vy = train_f.numpy(), train_y.numpy(), val_f.numpy(), val_y.numpy()

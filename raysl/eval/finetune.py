@@ -54,15 +54,19 @@ def finetune(backbone: torch.nn.Module, train_x, train_y, val_x, val_y, opts: Fi
     torch.manual_seed(opts.seed)  # the same new head on every worker
     backbone.reset_classifier(classes)
     no_decay = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
-    groups = param_groups_layer_decay(backbone, weight_decay=opts.weight_decay, layer_decay=opts.layer_decay,
-                                      no_weight_decay_list=no_decay)
+    groups = param_groups_layer_decay(
+        backbone, weight_decay=opts.weight_decay, layer_decay=opts.layer_decay, no_weight_decay_list=no_decay
+    )
     optimizer = torch.optim.AdamW(groups, lr=opts.lr)
     mixing = opts.mixup > 0 or opts.cutmix > 0
     bs = per_worker_batch(len(train_y), opts.batch_size, even=mixing)
     engine = initialize(backbone, optimizer, engine_config(bs))
     rank, size = world()
-    mixup = Mixup(mixup_alpha=opts.mixup, cutmix_alpha=opts.cutmix, label_smoothing=opts.smoothing,
-                  num_classes=classes) if mixing else None
+    mixup = (
+        Mixup(mixup_alpha=opts.mixup, cutmix_alpha=opts.cutmix, label_smoothing=opts.smoothing, num_classes=classes)
+        if mixing
+        else None
+    )
     criterion = SoftTargetCrossEntropy() if mixing else torch.nn.CrossEntropyLoss(label_smoothing=opts.smoothing)
     randaug = v2.RandAugment(num_ops=opts.randaug_ops, magnitude=opts.randaug_magnitude)
     torch.manual_seed(opts.seed * 1000 + rank + 1)  # per-worker augmentation, mixing and DropPath
@@ -90,5 +94,10 @@ def finetune(backbone: torch.nn.Module, train_x, train_y, val_x, val_y, opts: Fi
         backbone.eval()
         top1 = accuracy(lambda i: backbone(normalize(val_x[i].to(device))), len(val_y), val_y)
         history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "val_top1": top1})
-    return {"top1": history[-1]["val_top1"] if history else None, "best_top1": max((h["val_top1"] for h in history), default=None),
-            "history": history, "steps": step, "options": vars(opts)}
+    return {
+        "top1": history[-1]["val_top1"] if history else None,
+        "best_top1": max((h["val_top1"] for h in history), default=None),
+        "history": history,
+        "steps": step,
+        "options": vars(opts),
+    }

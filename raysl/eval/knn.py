@@ -11,8 +11,9 @@ from raysl.progress import bar
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, images_uint8: torch.Tensor, batch_size: int = 256,
-                     progress: str | None = None) -> torch.Tensor:
+def extract_features(
+    backbone: torch.nn.Module, images_uint8: torch.Tensor, batch_size: int = 256, progress: str | None = None
+) -> torch.Tensor:
     """L2-normalised pooled features (N, D) of uint8 images (N, 3, H, W) already at the
     evaluation size: ImageNet-normalised as in training (`views.normalize`), backbone in
     eval mode (its mode is restored afterwards), on the backbone's device, returned on CPU.

@@ -22,8 +22,10 @@ def _columns(directory: str, what: str, columns: list[str]) -> list:
         fs, local = filesystem_and_path(path)
         names = pq.read_schema(local, filesystem=fs).names
         if "label" not in names:
-            raise UserError(f"{what} {directory}: shard {path} has no 'label' column; evaluation needs a labeled "
-                            "shard set (raysl shards build ... --metadata FILE with a label column)")
+            raise UserError(
+                f"{what} {directory}: shard {path} has no 'label' column; evaluation needs a labeled "
+                "shard set (raysl shards build ... --metadata FILE with a label column)"
+            )
         tables.append(pq.read_table(local, columns=columns, filesystem=fs))
     return tables
 
@@ -37,8 +39,10 @@ def check_labeled(directory: str, what: str = "--train") -> int:
         raise UserError(f"{what} {directory}: the shard set has no images; evaluation needs at least one labeled image")
     missing = sum(c.null_count for c in columns)
     if missing:
-        raise UserError(f"{what} {directory}: {missing} of {rows} rows have no value in the 'label' column; "
-                        "label every image of an evaluation set")
+        raise UserError(
+            f"{what} {directory}: {missing} of {rows} rows have no value in the 'label' column; "
+            "label every image of an evaluation set"
+        )
     labels = np.concatenate([c.to_numpy() for c in columns])
     if labels.min() < 0:
         raise UserError(f"{what} {directory}: the 'label' column has negative values; labels must be 0..C-1")

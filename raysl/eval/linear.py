@@ -30,8 +30,18 @@ class Heads(torch.nn.Module):
         return torch.stack([h(x) for h in self.heads])
 
 
-def linear_probe(train_f, train_y, val_f, val_y, *, lrs=DEFAULT_LRS, epochs: int = 100, batch_size: int = 256,
-                 weight_decay: float = 0.0, seed: int = 0) -> dict:
+def linear_probe(
+    train_f,
+    train_y,
+    val_f,
+    val_y,
+    *,
+    lrs=DEFAULT_LRS,
+    epochs: int = 100,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict:
     torch.manual_seed(seed)  # the same initial heads on every worker
     classes = int(max(train_y.max(), val_y.max())) + 1
     model = Heads(train_f.shape[1], classes, len(lrs), train_f.mean(0), train_f.std(0) + 1e-6)

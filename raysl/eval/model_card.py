@@ -49,8 +49,14 @@ def training_facts(run_dir: str, cfg: Config, step: int) -> dict:
     with open(os.path.join(directory, checkpoint.RUN_STATE)) as f:
         world = int(json.load(f).get("world_size", cfg.train.num_workers))
     global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
-    return {"method": cfg.method.name, "backbone": cfg.model.backbone, "steps": step, "workers": world,
-            "global_batch": global_batch, "images_seen": step * global_batch}
+    return {
+        "method": cfg.method.name,
+        "backbone": cfg.model.backbone,
+        "steps": step,
+        "workers": world,
+        "global_batch": global_batch,
+        "images_seen": step * global_batch,
+    }
 
 
 def write_attributions(shards: str, out_csv: str) -> tuple[int, Counter]:
@@ -88,11 +94,19 @@ def lineage(shards: str, out_dir: str) -> dict:
     try:
         manifest = read_manifest(shards)
     except UserError as exc:
-        raise UserError(f"data.shards in the run's config.yaml: {exc}; pass --shards DIR where that shard set "
-                        "lives now, so the card can list where the training images came from") from exc
+        raise UserError(
+            f"data.shards in the run's config.yaml: {exc}; pass --shards DIR where that shard set "
+            "lives now, so the card can list where the training images came from"
+        ) from exc
     rows, licenses = write_attributions(shards, os.path.join(out_dir, ATTRIBUTIONS))
-    return {"shards": shards, "written": manifest.written, "rows": rows, "skipped": dict(manifest.skipped),
-            "sources": list(manifest.sources), "licenses": dict(sorted(licenses.items(), key=lambda kv: -kv[1]))}
+    return {
+        "shards": shards,
+        "written": manifest.written,
+        "rows": rows,
+        "skipped": dict(manifest.skipped),
+        "sources": list(manifest.sources),
+        "licenses": dict(sorted(licenses.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def _table(header: tuple[str, str], items) -> str:
@@ -109,8 +123,9 @@ def _fmt(v) -> str:
     return str(v) if v != "" else "(empty)"
 
 
-def write_card(out_dir: str, run_dir: str, cfg: Config, step: int, *, create_call: str, timm_cfg: dict,
-               shards: str | None = None) -> dict:
+def write_card(
+    out_dir: str, run_dir: str, cfg: Config, step: int, *, create_call: str, timm_cfg: dict, shards: str | None = None
+) -> dict:
     """Write README.md and ATTRIBUTIONS.csv into out_dir; returns their paths and the facts."""
     from raysl.train.metrics import read_metrics
 
@@ -140,16 +155,25 @@ def write_card(out_dir: str, run_dir: str, cfg: Config, step: int, *, create_cal
         "",
         f"Input: RGB {pre['input_size'][1]}x{pre['input_size'][2]}, scaled to [0, 1], normalised with mean "
         f"{list(pre['mean'])} and std {list(pre['std'])}. `config.json` holds timm's pretrained cfg with these "
-        "values and the model's arguments: `timm.create_model(\"local-dir:DIR\", pretrained=True)` (DIR: this "
+        'values and the model\'s arguments: `timm.create_model("local-dir:DIR", pretrained=True)` (DIR: this '
         "folder) builds the same model from it, and `timm.data.resolve_data_config(model=model)` then gives "
         "this preprocessing.",
         "",
         "## Training",
         "",
-        _table(("", ""), [("method", facts["method"]), ("backbone", facts["backbone"]), ("steps", facts["steps"]),
-                          ("workers", facts["workers"]), ("global batch", facts["global_batch"]),
-                          ("images seen (steps x global batch)", facts["images_seen"]),
-                          ("precision", cfg.deepspeed.precision), ("ZeRO stage", cfg.deepspeed.zero_stage)]),
+        _table(
+            ("", ""),
+            [
+                ("method", facts["method"]),
+                ("backbone", facts["backbone"]),
+                ("steps", facts["steps"]),
+                ("workers", facts["workers"]),
+                ("global batch", facts["global_batch"]),
+                ("images seen (steps x global batch)", facts["images_seen"]),
+                ("precision", cfg.deepspeed.precision),
+                ("ZeRO stage", cfg.deepspeed.zero_stage),
+            ],
+        ),
         "",
         "## Final metrics",
         "",

@@ -20,8 +20,9 @@ from raysl.eval.knn import extract_features, knn_top1
 from raysl.eval.labeled import check_labeled, load_labeled
 
 
-def gathered_features(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256,
-                      progress: str | None = None) -> torch.Tensor:
+def gathered_features(
+    backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, progress: str | None = None
+) -> torch.Tensor:
     """Features (N, D) of all `images`, in their order: worker r extracts rows r::world,
     then every worker gets every share (all_gather_object over the default group). The
     same as `extract_features(backbone, images)` in one process. `progress`: rank 0's
@@ -74,14 +75,21 @@ def check_config(cfg: Config) -> None:
         elif n < 2:
             from raysl.errors import UserError
 
-            raise UserError(f"eval.knn_shards {cfg.eval.knn_shards}: {n} image; the monitor splits it into a memory "
-                            "bank and queries, so it needs at least 2 (or set eval.knn_val_shards)")
+            raise UserError(
+                f"eval.knn_shards {cfg.eval.knn_shards}: {n} image; the monitor splits it into a memory "
+                "bank and queries, so it needs at least 2 (or set eval.knn_val_shards)"
+            )
 
 
 class KnnMonitor:
     def __init__(self, cfg: Config, image_size: int):
         e = cfg.eval
-        self.every, self.ks, self.temperature, self.batch_size = e.knn_every, list(e.knn_k), e.knn_temperature, e.knn_batch_size
+        self.every, self.ks, self.temperature, self.batch_size = (
+            e.knn_every,
+            list(e.knn_k),
+            e.knn_temperature,
+            e.knn_batch_size,
+        )
         images, labels = load_labeled(e.knn_shards, image_size, "eval.knn_shards")
         if e.knn_val_shards:
             self.bank, self.bank_labels = images, labels
@@ -92,7 +100,7 @@ class KnnMonitor:
             self.query, self.query_labels = images[query], labels[query]
 
     @classmethod
-    def from_config(cls, cfg: Config, image_size: int) -> "KnnMonitor | None":
+    def from_config(cls, cfg: Config, image_size: int) -> KnnMonitor | None:
         return cls(cfg, image_size) if cfg.eval.knn_shards else None
 
     def due(self, step: int, total: int) -> bool:

@@ -98,7 +98,9 @@ def patch_maps(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> tuple[t
 def saliency(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> tuple[torch.Tensor, str]:
     """`patch_maps` upsampled to the images' size, each scaled to [0, 1]."""
     maps, kind = patch_maps(backbone, images_uint8)
-    maps = F.interpolate(maps[:, None].float(), size=images_uint8.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    maps = F.interpolate(maps[:, None].float(), size=images_uint8.shape[-2:], mode="bilinear", align_corners=False)[
+        :, 0
+    ]
     lo = maps.flatten(1).min(1).values[:, None, None]
     hi = maps.flatten(1).max(1).values[:, None, None]
     return (maps - lo) / (hi - lo).clamp_min(1e-12), kind
@@ -121,14 +123,17 @@ def saliency_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, out_p
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     if kind == "attention":
-        return ("ViT attention maps: the CLS token's attention over the patches in the last block "
-                "(mean over heads), upsampled and overlaid on each image.")
-    return ("Feature-norm saliency (this backbone is a convnet, it has no attention to show): the L2 norm "
-            "over channels of the last feature map, upsampled and overlaid on each image.")
+        return (
+            "ViT attention maps: the CLS token's attention over the patches in the last block "
+            "(mean over heads), upsampled and overlaid on each image."
+        )
+    return (
+        "Feature-norm saliency (this backbone is a convnet, it has no attention to show): the L2 norm "
+        "over channels of the last feature map, upsampled and overlaid on each image."
+    )
 
 
-def embedding_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
-                     out_path: str) -> str:
+def embedding_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, out_path: str) -> str:
     """The backbone's L2-normalised features projected to 2-D with PCA, coloured by label."""
     from sklearn.decomposition import PCA
 
@@ -147,5 +152,7 @@ def embedding_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, labe
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
-    return (f"PCA of the backbone's L2-normalised features of {len(labels)} labeled evaluation images, "
-            "coloured by label (labels were never used in training).")
+    return (
+        f"PCA of the backbone's L2-normalised features of {len(labels)} labeled evaluation images, "
+        "coloured by label (labels were never used in training)."
+    )

@@ -45,16 +45,19 @@ def _table(rows, header=("key", "value")) -> str:
 def _figure(title: str, path: str, caption: str) -> str:
     with open(path, "rb") as f:
         data = base64.b64encode(f.read()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption><b>{html.escape(title)}.</b> {html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption><b>{html.escape(title)}.</b> {html.escape(caption)}</figcaption></figure>"
+    )
 
 
-def _backbone_pictures(run_dir: str, cfg, eval_dir: str | None, samples: int, out_dir: str,
-                       figures: list, notes: list) -> None:
+def _backbone_pictures(
+    run_dir: str, cfg, eval_dir: str | None, samples: int, out_dir: str, figures: list, notes: list
+) -> None:
     """Attention/saliency maps and the feature PCA (needs a checkpoint)."""
     from raysl.eval.export import eval_image_size
     from raysl.eval.labeled import load_labeled
-    from raysl.eval.pictures import embedding_figure, sample_images, saliency_figure
+    from raysl.eval.pictures import embedding_figure, saliency_figure, sample_images
     from raysl.eval.weights import load_backbone
 
     try:
@@ -117,15 +120,22 @@ def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8)
     if caption:
         figures.append(("kNN accuracy over steps", knn_path, caption))
     hists = sorted(glob.glob(os.path.join(run_dir, "score_histograms", "step_*.png")))
-    shown = [hists[round(i * (len(hists) - 1) / max(MAX_HISTOGRAMS - 1, 1))] for i in range(min(len(hists), MAX_HISTOGRAMS))]
+    shown = [
+        hists[round(i * (len(hists) - 1) / max(MAX_HISTOGRAMS - 1, 1))] for i in range(min(len(hists), MAX_HISTOGRAMS))
+    ]
     for path in dict.fromkeys(shown):
         step = int(os.path.splitext(os.path.basename(path))[0].removeprefix("step_"))
-        figures.append((f"Score histograms, step {step}", path, "Cosine scores of positive and negative pairs "
-                        f"(Feature Transformation); {len(shown)} of {len(hists)} steps shown."))
+        figures.append(
+            (
+                f"Score histograms, step {step}",
+                path,
+                "Cosine scores of positive and negative pairs "
+                f"(Feature Transformation); {len(shown)} of {len(hists)} steps shown.",
+            )
+        )
     _backbone_pictures(run_dir, cfg, eval_dir, samples, out_dir, figures, notes)
 
-    sections = [f"<h1>raysl run {html.escape(cfg.train.name)}</h1>",
-                f"<p>{html.escape(os.path.abspath(run_dir))}</p>"]
+    sections = [f"<h1>raysl run {html.escape(cfg.train.name)}</h1>", f"<p>{html.escape(os.path.abspath(run_dir))}</p>"]
     try:
         step, _ = latest_checkpoint(run_dir)
         sections += ["<h2>Training</h2>", _table(training_facts(run_dir, cfg, step).items())]
@@ -138,16 +148,18 @@ def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8)
     sections += ["<h2>Pictures</h2>", *(_figure(*f) for f in figures)]
     sections += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     sections += ["<h2>Recipe</h2>", f"<pre>{html.escape(cfg.to_yaml())}</pre>"]
-    page = "\n".join([
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-        f"<title>raysl report: {html.escape(cfg.train.name)}</title><style>{_STYLE}</style></head>",
-        '<body data-images-ok="-1">',
-        *sections,
-        f"<script>{_SCRIPT}</script>",
-        "</body></html>",
-    ])
+    page = "\n".join(
+        [
+            "<!doctype html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+            f"<title>raysl report: {html.escape(cfg.train.name)}</title><style>{_STYLE}</style></head>",
+            '<body data-images-ok="-1">',
+            *sections,
+            f"<script>{_SCRIPT}</script>",
+            "</body></html>",
+        ]
+    )
     path = os.path.join(run_dir, REPORT)
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)

@@ -15,9 +15,21 @@ KINDS = ("knn", "linear", "fewshot", "finetune")
 
 
 # option: (smallest allowed, largest allowed or None); lists are checked item by item
-LIMITS = {"ks": (1, None), "temperature": (1e-9, None), "lrs": (1e-12, None), "epochs": (1, None), "shots": (1, None),
-          "draws": (1, None), "lr": (1e-12, None), "layer_decay": (1e-6, 1.0), "drop_path": (0.0, 0.99),
-          "mixup": (0.0, None), "cutmix": (0.0, None), "smoothing": (0.0, 0.99), "batch_size": (1, None)}
+LIMITS = {
+    "ks": (1, None),
+    "temperature": (1e-9, None),
+    "lrs": (1e-12, None),
+    "epochs": (1, None),
+    "shots": (1, None),
+    "draws": (1, None),
+    "lr": (1e-12, None),
+    "layer_decay": (1e-6, 1.0),
+    "drop_path": (0.0, 0.99),
+    "mixup": (0.0, None),
+    "cutmix": (0.0, None),
+    "smoothing": (0.0, 0.99),
+    "batch_size": (1, None),
+}
 
 
 def check_options(options: dict) -> None:
@@ -26,13 +38,22 @@ def check_options(options: dict) -> None:
         for v in value if isinstance(value, list) else [value]:
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 flag = "--" + key.replace("_", "-")
-                raise UserError(f"{flag} {v}: out of range (must be >= {lo}{f' and <= {hi}' if hi is not None else ''})")
+                raise UserError(
+                    f"{flag} {v}: out of range (must be >= {lo}{f' and <= {hi}' if hi is not None else ''})"
+                )
         if isinstance(value, list) and not value:
             raise UserError(f"--{key.replace('_', '-')}: give at least one value")
 
 
-def validate(kind: str, ckpt: str, train: str, val: str, backbone: str | None = None,
-             options: dict | None = None, baseline: bool = False) -> tuple[int, int, int]:
+def validate(
+    kind: str,
+    ckpt: str,
+    train: str,
+    val: str,
+    backbone: str | None = None,
+    options: dict | None = None,
+    baseline: bool = False,
+) -> tuple[int, int, int]:
     """(train images, val images, checkpoint step); a UserError for a wrong run, backbone,
     set or option."""
     from raysl.eval.labeled import check_labeled
@@ -41,7 +62,9 @@ def validate(kind: str, ckpt: str, train: str, val: str, backbone: str | None = 
     if kind not in KINDS:
         raise UserError(f"eval kind {kind!r}: choose one of {', '.join(KINDS)}")
     if baseline and kind == "finetune":
-        raise UserError("--baseline: scores frozen features (knn, linear, fewshot); fine-tune a random init as its own run")
+        raise UserError(
+            "--baseline: scores frozen features (knn, linear, fewshot); fine-tune a random init as its own run"
+        )
     check_options(options or {})
     _, _, step = load_backbone(ckpt, expect_backbone=backbone)  # refuses another backbone, or weights that do not fit
     return check_labeled(train, "--train"), check_labeled(val, "--val"), step
@@ -60,8 +83,9 @@ def eval_loop_per_worker(raw: dict) -> None:
     drop_path = opts.get("drop_path", 0.0) if kind == "finetune" else 0.0
 
     def backbone_of(random_init: bool = False):
-        backbone, _, _ = load_backbone(raw["ckpt"], img_size=raw["image_size"], drop_path_rate=drop_path,
-                                       random_init=random_init)
+        backbone, _, _ = load_backbone(
+            raw["ckpt"], img_size=raw["image_size"], drop_path_rate=drop_path, random_init=random_init
+        )
         if torch.cuda.is_available() and raw["gpus_per_worker"]:
             backbone = backbone.to(torch.device("cuda", ray.train.get_context().get_local_rank()))
         return backbone
@@ -75,8 +99,9 @@ def eval_loop_per_worker(raw: dict) -> None:
     else:
         result = _score_features(kind, backbone_of(), train_x, train_y, val_x, val_y, opts, "")
         if raw.get("baseline"):
-            result["random_init"] = _score_features(kind, backbone_of(random_init=True), train_x, train_y, val_x, val_y,
-                                                    opts, " (random init)")
+            result["random_init"] = _score_features(
+                kind, backbone_of(random_init=True), train_x, train_y, val_x, val_y, opts, " (random init)"
+            )
     # Ray Train keeps a run's reported metrics with its checkpoints: rank 0 hands its result back as one
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
@@ -110,9 +135,21 @@ def _score_features(kind: str, backbone, train_x, train_y, val_x, val_y, opts: d
     return fewshot(train_f, train_y, val_f, val_y, **opts)
 
 
-def evaluate(kind: str, ckpt: str, train: str, val: str, *, options: dict | None = None, backbone: str | None = None,
-             workers: int = 1, cpus_per_worker: int = 1, gpus_per_worker: float = 0.0, image_size: int = 0,
-             address: str | None = None, baseline: bool = False) -> dict:
+def evaluate(
+    kind: str,
+    ckpt: str,
+    train: str,
+    val: str,
+    *,
+    options: dict | None = None,
+    backbone: str | None = None,
+    workers: int = 1,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: float = 0.0,
+    image_size: int = 0,
+    address: str | None = None,
+    baseline: bool = False,
+) -> dict:
     """`baseline`: also score the same backbone at random init (the weights the run started
     from), under "random_init" in the result."""
     import ray.train
@@ -132,11 +169,20 @@ def evaluate(kind: str, ckpt: str, train: str, val: str, *, options: dict | None
     try:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"kind": kind, "ckpt": ckpt, "train": train, "val": val, "baseline": baseline,
-                               "image_size": size, "options": options or {}, "cpus_per_worker": cpus_per_worker,
-                               "gpus_per_worker": gpus_per_worker},
+            train_loop_config={
+                "kind": kind,
+                "ckpt": ckpt,
+                "train": train,
+                "val": val,
+                "baseline": baseline,
+                "image_size": size,
+                "options": options or {},
+                "cpus_per_worker": cpus_per_worker,
+                "gpus_per_worker": gpus_per_worker,
+            },
             scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                num_workers=workers,
+                use_gpu=gpus_per_worker > 0,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
             ),
             run_config=ray.train.RunConfig(name=f"eval_{kind}", storage_path=storage, logging_config=train_logging()),
@@ -145,8 +191,17 @@ def evaluate(kind: str, ckpt: str, train: str, val: str, *, options: dict | None
             metrics = json.load(f)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
-    result = {"eval": kind, "ckpt": ckpt, "step": step, "backbone": cfg.model.backbone, "image_size": size,
-              "train_images": n_train, "val_images": n_val, "workers": workers, **metrics}
+    result = {
+        "eval": kind,
+        "ckpt": ckpt,
+        "step": step,
+        "backbone": cfg.model.backbone,
+        "image_size": size,
+        "train_images": n_train,
+        "val_images": n_val,
+        "workers": workers,
+        **metrics,
+    }
     with open(os.path.join(ckpt, f"eval_{kind}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -22,7 +22,9 @@ def run_config(run_dir: str) -> Config:
         )
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
-        raise UserError(f"--ckpt {run_dir}: no config.yaml there; point it at a run directory written by raysl pretrain")
+        raise UserError(
+            f"--ckpt {run_dir}: no config.yaml there; point it at a run directory written by raysl pretrain"
+        )
     with open(path) as f:
         return from_dict(load_yaml(f) or {}, origin=path)
 
@@ -68,8 +70,14 @@ def initial_backbone(cfg: Config) -> torch.nn.Module:
     return build_method(cfg).backbone
 
 
-def load_backbone(run_dir: str, *, expect_backbone: str | None = None, img_size: int | None = None,
-                  drop_path_rate: float = 0.0, random_init: bool = False) -> tuple[torch.nn.Module, Config, int]:
+def load_backbone(
+    run_dir: str,
+    *,
+    expect_backbone: str | None = None,
+    img_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    random_init: bool = False,
+) -> tuple[torch.nn.Module, Config, int]:
     """(trained backbone with no classifier, the run's recipe, its step). With
     `expect_backbone`, a run of another architecture is refused with a clear error; a
     state that does not fit the backbone the recipe names is refused too. `random_init`:
@@ -81,10 +89,16 @@ def load_backbone(run_dir: str, *, expect_backbone: str | None = None, img_size:
         state = {f"backbone.{k}": v for k, v in initial_backbone(cfg).state_dict().items()}
     name = cfg.model.backbone
     if expect_backbone and expect_backbone != name:
-        raise UserError(f"--ckpt {run_dir}: that run trained {name!r}, not {expect_backbone!r}; "
-                        f"use a run of {expect_backbone!r} or ask for {name!r}")
-    backbone = create_backbone(name, drop_path_rate=drop_path_rate, img_size=img_size or cfg.data.image_size or None,
-                               global_pool=cfg.model.global_pool)
+        raise UserError(
+            f"--ckpt {run_dir}: that run trained {name!r}, not {expect_backbone!r}; "
+            f"use a run of {expect_backbone!r} or ask for {name!r}"
+        )
+    backbone = create_backbone(
+        name,
+        drop_path_rate=drop_path_rate,
+        img_size=img_size or cfg.data.image_size or None,
+        global_pool=cfg.model.global_pool,
+    )
     weights = backbone_state(state)
     if not weights:
         raise UserError(f"--ckpt {run_dir}: its checkpoint holds no backbone.* weights")

@@ -7,7 +7,7 @@ from torch import nn
 
 from raysl.errors import UserError
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
@@ -90,9 +90,13 @@ def collapse_warning(metrics: dict, dim: int) -> str | None:
         msgs.append(f"teacher_entropy {float(ent):.3f} of log K: the teacher's outputs are uniform (collapse)")
     mean_ent = metrics.get("teacher_mean_entropy")
     if mean_ent is not None and float(mean_ent) < 0.02:
-        msgs.append(f"teacher_mean_entropy {float(mean_ent):.3f} of log K: one prototype dominates every image (collapse)")
+        msgs.append(
+            f"teacher_mean_entropy {float(mean_ent):.3f} of log K: one prototype dominates every image (collapse)"
+        )
     if not msgs:
         return None
     step = metrics.get("step")
     at = f" at step {step}" if step is not None else ""
-    return f"!!! COLLAPSE WARNING{at}: " + "; ".join(msgs) + " -- check lr, temperatures, EMA momentum and augmentations"
+    return (
+        f"!!! COLLAPSE WARNING{at}: " + "; ".join(msgs) + " -- check lr, temperatures, EMA momentum and augmentations"
+    )

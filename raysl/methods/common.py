@@ -15,7 +15,10 @@ from raysl.models.backbone import create_backbone
 
 def is_vit(backbone: nn.Module) -> bool:
     """A timm ViT-like model: patch embedding, absolute position embedding, blocks, norm."""
-    return all(hasattr(backbone, a) for a in ("patch_embed", "blocks", "norm")) and getattr(backbone, "pos_embed", None) is not None
+    return (
+        all(hasattr(backbone, a) for a in ("patch_embed", "blocks", "norm"))
+        and getattr(backbone, "pos_embed", None) is not None
+    )
 
 
 def make_backbone(cfg, *, multi_crop: bool = False) -> nn.Module:

@@ -29,12 +29,25 @@ def plot_score_histograms(pos, neg, step: int, out_png: str, *, pos_raw=None, ne
     pos, neg, pos_raw, neg_raw = _np(pos), _np(neg), _np(pos_raw), _np(neg_raw)
     bins = np.linspace(-1.0, 1.0, 81)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(np.clip(neg, -1, 1), bins=bins, density=True, alpha=0.55, color="tab:red", label=f"negatives (n={neg.size})")
-    ax.hist(np.clip(pos, -1, 1), bins=bins, density=True, alpha=0.55, color="tab:blue", label=f"positives (n={pos.size})")
+    ax.hist(
+        np.clip(neg, -1, 1), bins=bins, density=True, alpha=0.55, color="tab:red", label=f"negatives (n={neg.size})"
+    )
+    ax.hist(
+        np.clip(pos, -1, 1), bins=bins, density=True, alpha=0.55, color="tab:blue", label=f"positives (n={pos.size})"
+    )
     if neg_raw is not None:
-        ax.hist(np.clip(neg_raw, -1, 1), bins=bins, density=True, histtype="step", color="darkred", label="negatives before FT")
+        ax.hist(
+            np.clip(neg_raw, -1, 1),
+            bins=bins,
+            density=True,
+            histtype="step",
+            color="darkred",
+            label="negatives before FT",
+        )
     if pos_raw is not None:
-        ax.hist(np.clip(pos_raw, -1, 1), bins=bins, density=True, histtype="step", color="navy", label="positives before FT")
+        ax.hist(
+            np.clip(pos_raw, -1, 1), bins=bins, density=True, histtype="step", color="navy", label="positives before FT"
+        )
     ax.set_xlabel("cosine score")
     ax.set_ylabel("density")
     ax.set_title(f"positive / negative scores, step {step}")

@@ -48,6 +48,7 @@ def _pair(names: str, a: torch.Tensor, b: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- SimCLR
 
+
 def _nt_xent_terms(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-anchor NT-Xent losses (2B,) of this worker's anchors: view-1 rows, then view-2."""
     _pair("z1, z2", z1, z2)
@@ -93,6 +94,7 @@ def nt_xent_weighted(z1: torch.Tensor, z2: torch.Tensor, temperature: float, wei
 
 # ----------------------------------------------------------------------------- MoCo
 
+
 def info_nce_queue(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, *, normalize: bool = True
 ) -> torch.Tensor:
@@ -135,6 +137,7 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.
 
 # ----------------------------------------------------------------------------- BYOL
 
+
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL regression loss (Grill et al. 2020, "Bootstrap Your Own Latent"): mean over
     pairs of 2 - 2 cos(p, sg(z)) for online predictions p and target projections z (B,d).
@@ -146,6 +149,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- SwAV
+
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
@@ -216,8 +220,13 @@ def swav_loss(
 
 # ----------------------------------------------------------------------------- DINO
 
+
 def dino_loss(
-    student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, student_temp: float, teacher_temp: float
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
 ) -> torch.Tensor:
     """DINO cross-entropy (Caron et al. 2021, "Emerging Properties in Self-Supervised
     Vision Transformers"): for every teacher crop i (global crops, no grad) and every
@@ -254,6 +263,7 @@ def dino_center_update(center: torch.Tensor, teacher: list[torch.Tensor], moment
 
 
 # ----------------------------------------------------------------------------- Barlow Twins, VICReg
+
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
     """Barlow Twins (Zbontar et al. 2021, "Self-Supervised Learning via Redundancy
@@ -304,6 +314,7 @@ def vicreg_loss(
 
 # ----------------------------------------------------------------------------- MAE
 
+
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
     """MAE reconstruction loss (He et al. 2022, "Masked Autoencoders Are Scalable Vision
     Learners"): per-patch MSE between pred and target (B, L, p*p*3), the target normalised
@@ -326,6 +337,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 
 
 # ----------------------------------------------------------------------------- FT
+
 
 def _beta(alpha: float, generator: torch.Generator | None) -> float:
     """One sample of Beta(alpha, alpha), reproducible from `generator` (CPU) when given."""

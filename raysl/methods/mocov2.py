@@ -40,7 +40,9 @@ class MoCoV2(Method):
         m = cfg.method
         self.temperature = m.temperature
         self.backbone = make_backbone(cfg)
-        self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2, bn=False)
+        self.projector = mlp(
+            self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2, bn=False
+        )
         self.key_backbone = make_teacher(self.backbone)
         self.key_projector = make_teacher(self.projector)
         self.embedding_dim = m.proj_dim
@@ -60,7 +62,11 @@ class MoCoV2(Method):
         if not self.shuffle_bn or size == 1:
             return self._key_encoder(x)
         x_all = gather_no_grad(x)
-        perm = torch.randperm(x_all.shape[0], device=x.device) if rank == 0 else torch.empty(x_all.shape[0], dtype=torch.long, device=x.device)
+        perm = (
+            torch.randperm(x_all.shape[0], device=x.device)
+            if rank == 0
+            else torch.empty(x_all.shape[0], dtype=torch.long, device=x.device)
+        )
         dist.broadcast(perm, 0)
         mine = perm.view(size, -1)[rank]
         k_all = gather_no_grad(self._key_encoder(x_all[mine]))  # row j is image perm[j]
@@ -79,7 +85,9 @@ class MoCoV2(Method):
     def _contrast(self, q, k, negatives, want_hist: bool):
         if self.ft_extrapolate is None and self.ft_interpolate is None:
             return info_nce_queue(q, k, negatives, self.temperature), {}
-        q2, k2, n2 = feature_transform(q, k, negatives, extrapolate=self.ft_extrapolate, interpolate=self.ft_interpolate)
+        q2, k2, n2 = feature_transform(
+            q, k, negatives, extrapolate=self.ft_extrapolate, interpolate=self.ft_interpolate
+        )
         loss = info_nce_queue(q2, k2, n2, self.temperature, normalize=False)
         if not want_hist:
             return loss, {}

@@ -26,7 +26,9 @@ class MoCoV3(Method):
         m = cfg.method
         self.temperature = m.temperature
         self.backbone = make_backbone(cfg)
-        self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3, last_bn=True)
+        self.projector = mlp(
+            self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3, last_bn=True
+        )
         self.predictor = mlp(m.proj_dim, m.pred_hidden_dim, m.proj_dim, layers=2)
         self.momentum_backbone = make_teacher(self.backbone)
         self.momentum_projector = make_teacher(self.projector)

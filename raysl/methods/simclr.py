@@ -18,7 +18,7 @@ from raysl.models.heads import mlp
 
 
 def load_callable(spec: str, key: str = "method.extra_views"):
-    """"package.module:function" -> the function (a UserError naming `key` otherwise)."""
+    """ "package.module:function" -> the function (a UserError naming `key` otherwise)."""
     if ":" not in spec:
         raise UserError(f"config key {key}: {spec!r} should be 'package.module:function'")
     module, name = spec.split(":", 1)
@@ -178,7 +178,9 @@ class SimCLR(Method):
         anchors = torch.cat([za, zb])
         keys = torch.cat([zb, za])
         bank = gather_no_grad(anchors)  # (2B*W, d), worker-major
-        q, k, n = feature_transform(anchors, keys, bank, extrapolate=self.ft_extrapolate, interpolate=self.ft_interpolate)
+        q, k, n = feature_transform(
+            anchors, keys, bank, extrapolate=self.ft_extrapolate, interpolate=self.ft_interpolate
+        )
         rows = torch.arange(2 * b, device=za.device)
         own = rows + rank * 2 * b
         positive = own + torch.where(rows < b, b, -b)
@@ -209,7 +211,9 @@ class SimCLR(Method):
             extra = [extra] if torch.is_tensor(extra) else list(extra)
             for e in extra:
                 if e.shape != views[0].shape:
-                    raise ValueError(f"extra_views returned a view of shape {tuple(e.shape)}; expected {tuple(views[0].shape)}")
+                    raise ValueError(
+                        f"extra_views returned a view of shape {tuple(e.shape)}; expected {tuple(views[0].shape)}"
+                    )
             views += [e.to(views[0].dtype) for e in extra]
         encoded = [self._encode(v) for v in views]
         pairs = [(0, j) for j in range(1, len(views))]

@@ -17,8 +17,9 @@ def check_backbone_name(name: str) -> None:
         raise UserError(f"config key model.backbone: {name!r} is not a timm model{hint}")
 
 
-def create_backbone(name: str, *, drop_path_rate: float = 0.0, img_size: int | None = None,
-                    global_pool: str = "", **extra) -> torch.nn.Module:
+def create_backbone(
+    name: str, *, drop_path_rate: float = 0.0, img_size: int | None = None, global_pool: str = "", **extra
+) -> torch.nn.Module:
     """A timm model without its classifier (`num_classes=0`): forward gives pooled
     features of size `model.num_features`. ViT-like models get `img_size` when given;
     `global_pool` ("" = the model's default) picks the pooling."""

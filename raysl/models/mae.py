@@ -119,8 +119,18 @@ class MAEDecoder(nn.Module):
     unshuffle, add fixed sin-cos positions, `depth` Transformer blocks, predict p*p*3 pixels
     per patch. Prefix tokens (CLS, registers) pass through and are dropped at the end."""
 
-    def __init__(self, enc_dim: int, grid: tuple[int, int], patch: int, *, dim: int = 512, depth: int = 8,
-                 heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3):
+    def __init__(
+        self,
+        enc_dim: int,
+        grid: tuple[int, int],
+        patch: int,
+        *,
+        dim: int = 512,
+        depth: int = 8,
+        heads: int = 16,
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -129,10 +139,12 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=False)
-        self.blocks = nn.Sequential(*[
-            Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for _ in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                for _ in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch * patch * in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -169,6 +181,14 @@ def n_visible(length: int, mask_ratio: float) -> int:
 
 
 __all__ = [
-    "MAEDecoder", "check_vit", "encode_visible", "grid_of", "n_visible", "patch_size", "patchify",
-    "random_masking", "sincos_pos_embed", "unpatchify",
+    "MAEDecoder",
+    "check_vit",
+    "encode_visible",
+    "grid_of",
+    "n_visible",
+    "patch_size",
+    "patchify",
+    "random_masking",
+    "sincos_pos_embed",
+    "unpatchify",
 ]

@@ -77,8 +77,9 @@ def build_optimizer(
     lion_betas = tuple(betas) if betas is not None else (0.9, 0.99)
     # LARS/LAMB adapt a group when its weight_decay != 0 or always_adapt: adapt weights always
     # (even if wd is 0 or scheduled to 0), never norms/biases (their weight_decay is 0).
-    groups = [{**g, "always_adapt": not g.get("lars_exclude", False)} if name in ("lars", "lamb") else dict(g)
-              for g in groups]
+    groups = [
+        {**g, "always_adapt": not g.get("lars_exclude", False)} if name in ("lars", "lamb") else dict(g) for g in groups
+    ]
 
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=adam_betas, eps=eps)

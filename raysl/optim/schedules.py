@@ -84,11 +84,17 @@ class Schedules:
         teacher_temp: float = 0.04,
         teacher_temp_warmup: float = 0.04,
         teacher_temp_warmup_steps: int = 0,
-    ) -> "Schedules":
+    ) -> Schedules:
         """DINO-style: lr warmup + cosine to min_lr, wd cosine, EMA momentum cosine to
         ema_momentum_end, teacher temperature ramp teacher_temp_warmup -> teacher_temp."""
-        _check_nonneg(lr=lr, min_lr=min_lr, weight_decay=weight_decay, weight_decay_end=weight_decay_end,
-                      teacher_temp=teacher_temp, teacher_temp_warmup=teacher_temp_warmup)
+        _check_nonneg(
+            lr=lr,
+            min_lr=min_lr,
+            weight_decay=weight_decay,
+            weight_decay_end=weight_decay_end,
+            teacher_temp=teacher_temp,
+            teacher_temp_warmup=teacher_temp_warmup,
+        )
         for k, v in (("ema_momentum", ema_momentum), ("ema_momentum_end", ema_momentum_end)):
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"{k} must be in [0, 1], got {v}")
@@ -96,7 +102,9 @@ class Schedules:
             lr=cosine(lr, min_lr, total_steps, warmup_steps),
             weight_decay=cosine(weight_decay, weight_decay_end, total_steps),
             ema_momentum=cosine(ema_momentum, ema_momentum_end, total_steps),
-            teacher_temp=linear_then_constant(teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps, total_steps),
+            teacher_temp=linear_then_constant(
+                teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps, total_steps
+            ),
         )
 
 

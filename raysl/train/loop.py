@@ -41,9 +41,13 @@ def spec_for(cfg: Config, method_cls):
         raise UserError(f"config key data.views: {name!r} is not a views preset; choose one of: {', '.join(PRESETS)}")
     for key in ("image_size", "local_size"):
         if 0 < getattr(d, key) < 8:
-            raise UserError(f"config key data.{key}: {getattr(d, key)} is too small (0 for the preset's size, else >= 8)")
+            raise UserError(
+                f"config key data.{key}: {getattr(d, key)} is too small (0 for the preset's size, else >= 8)"
+            )
     if d.global_crops == 0:
-        raise UserError("config key data.global_crops: 0 leaves no global crop; every method needs at least one (-1: the preset's)")
+        raise UserError(
+            "config key data.global_crops: 0 leaves no global crop; every method needs at least one (-1: the preset's)"
+        )
     kwargs = {}
     if d.image_size:
         kwargs["global_size"] = d.image_size
@@ -66,27 +70,41 @@ def spec_for(cfg: Config, method_cls):
     if n_global < least or (most is not None and n_global > most):
         words = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least} to {most}"
         key = "data.global_crops" if d.global_crops >= 0 else "data.views"
-        raise UserError(f"config key {key}: method {method} needs {words} global crop(s); "
-                        f"views {name!r} with these settings give {n_global}")
+        raise UserError(
+            f"config key {key}: method {method} needs {words} global crop(s); "
+            f"views {name!r} with these settings give {n_global}"
+        )
     if not method_cls.uses_local_crops:
-        for key, value, unset in (("local_crops", d.local_crops, -1), ("local_size", d.local_size, 0), ("local_scale", d.local_scale, [])):
+        for key, value, unset in (
+            ("local_crops", d.local_crops, -1),
+            ("local_size", d.local_size, 0),
+            ("local_scale", d.local_scale, []),
+        ):
             if value != unset and (key != "local_crops" or value > 0):
-                raise UserError(f"config key data.{key}: method {method} uses only its global crop(s), "
-                                f"so local crops would be decoded and never used; leave data.{key} unset")
+                raise UserError(
+                    f"config key data.{key}: method {method} uses only its global crop(s), "
+                    f"so local crops would be decoded and never used; leave data.{key} unset"
+                )
         return spec
     if not n_local:
         for key, value, unset in (("local_size", d.local_size, 0), ("local_scale", d.local_scale, [])):
             if value != unset:
-                raise UserError(f"config key data.{key}: the views have no local crops to apply it to "
-                                "(set data.local_crops >= 1, or leave it unset)")
+                raise UserError(
+                    f"config key data.{key}: the views have no local crops to apply it to "
+                    "(set data.local_crops >= 1, or leave it unset)"
+                )
     if spec.n_views < method_cls.min_crops:
-        raise UserError(f"config key data.local_crops: method {method} needs at least {method_cls.min_crops} crops; "
-                        f"with {n_global} global crop(s) it needs local crops (data.local_crops >= 1)")
+        raise UserError(
+            f"config key data.local_crops: method {method} needs at least {method_cls.min_crops} crops; "
+            f"with {n_global} global crop(s) it needs local crops (data.local_crops >= 1)"
+        )
     global_size, crops = spec.crops[0].size, spec.per_view()
     if method_cls.local_smaller and n_local and crops[n_global].size == global_size:
         key = "data.local_size" if d.local_size else "data.image_size"
-        raise UserError(f"config key {key}: {method} tells global from local crops by their size, so local crops "
-                        f"must not be {global_size} px like the global ones")
+        raise UserError(
+            f"config key {key}: {method} tells global from local crops by their size, so local crops "
+            f"must not be {global_size} px like the global ones"
+        )
     return spec
 
 
@@ -100,15 +118,20 @@ def epoch_steps(cfg: Config, world_size: int, epochs: int) -> list[int]:
     for e in range(epochs):
         if cfg.train.max_steps and sum(steps) >= cfg.train.max_steps:
             break
-        steps.append(reader.steps_per_epoch(manifest, batch_size=rows_per_step, seed=cfg.train.seed, epoch=e,
-                                            world_size=world_size))
+        steps.append(
+            reader.steps_per_epoch(
+                manifest, batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size
+            )
+        )
     return steps
 
 
 def val_steps(cfg: Config, world_size: int) -> int:
     """Batches of the held-out set each worker scores for val_loss (0: the set is too small)."""
     manifest = read_manifest(cfg.eval.val_shards)
-    n = reader.steps_per_epoch(manifest, batch_size=cfg.data.batch_size, seed=cfg.train.seed, epoch=0, world_size=world_size)
+    n = reader.steps_per_epoch(
+        manifest, batch_size=cfg.data.batch_size, seed=cfg.train.seed, epoch=0, world_size=world_size
+    )
     return min(n, cfg.eval.val_batches)
 
 
@@ -157,7 +180,11 @@ def train_loop_per_worker(raw: dict) -> None:
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # raysl prints its own progress
     data_context.print_on_execution_start = False  # not one plan per epoch and worker
-    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() and cfg.train.gpus_per_worker else torch.device("cpu")
+    device = (
+        torch.device("cuda", ctx.get_local_rank())
+        if torch.cuda.is_available() and cfg.train.gpus_per_worker
+        else torch.device("cpu")
+    )
     dtype = DTYPES[cfg.deepspeed.precision]
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
@@ -190,22 +217,41 @@ def train_loop_per_worker(raw: dict) -> None:
         files = storage.RunFiles(run_dir, fetch=("metrics.jsonl", recovery.ATTEMPTS))
         for name, problem in start["skipped"]:
             say(recovery.skipped_line(name, problem))
-        attempt = recovery.record_attempt(files.local, {
-            "start_step": state["step"], "first_step": state["step"] + 1,
-            "checkpoint": start["checkpoint"] and os.path.basename(start["checkpoint"]),
-            "source": start["source"], "skipped": [name for name, _ in start["skipped"]], "world_size": world,
-            "rank0_pid": os.getpid(), "rank0_actor_id": ray.get_runtime_context().get_actor_id(),
-        })
+        attempt = recovery.record_attempt(
+            files.local,
+            {
+                "start_step": state["step"],
+                "first_step": state["step"] + 1,
+                "checkpoint": start["checkpoint"] and os.path.basename(start["checkpoint"]),
+                "source": start["source"],
+                "skipped": [name for name, _ in start["skipped"]],
+                "world_size": world,
+                "rank0_pid": os.getpid(),
+                "rank0_actor_id": ray.get_runtime_context().get_actor_id(),
+            },
+        )
         log = MetricsLog(files.local, total_steps=total, resume_step=state["step"])
-        say(recovery.start_line(attempt, f"{cfg.method.name} on {cfg.model.backbone}, {world} worker(s), "
-                                         f"{total} steps, global batch {global_batch}"))
+        say(
+            recovery.start_line(
+                attempt,
+                f"{cfg.method.name} on {cfg.model.backbone}, {world} worker(s), "
+                f"{total} steps, global batch {global_batch}",
+            )
+        )
         files.sync()  # attempts.jsonl reaches a URI run before the first step
 
     def view_batches(shards: str, epoch: int, position: int):
         ds = reader.read_views(
-            shards, spec, seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world,
-            start=position, window=cfg.data.shuffle_window,
-            concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker, num_cpus=cfg.data.task_cpus,
+            shards,
+            spec,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
+            start=position,
+            window=cfg.data.shuffle_window,
+            concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
+            num_cpus=cfg.data.task_cpus,
             resources=cfg.data.task_resources,
         )
         return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
@@ -253,8 +299,14 @@ def train_loop_per_worker(raw: dict) -> None:
                 state["step"] += 1
                 step_in_epoch += 1
                 state["position"] = stream.position
-                metrics = _global_metrics(out, state, stream.skipped, values, global_batch / (time.perf_counter() - t0),
-                                          preempted=preemption.requested())
+                metrics = _global_metrics(
+                    out,
+                    state,
+                    stream.skipped,
+                    values,
+                    global_batch / (time.perf_counter() - t0),
+                    preempted=preemption.requested(),
+                )
                 preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint now, then stop
                 if monitor and monitor.due(state["step"], total):
                     metrics.update(monitor.evaluate(method.backbone))
@@ -266,7 +318,13 @@ def train_loop_per_worker(raw: dict) -> None:
                 last = state["step"] == total
                 if state["step"] % cfg.train.checkpoint_every == 0 or last or preempted:
                     with tempfile.TemporaryDirectory() as d:
-                        checkpoint.save(d, engine, rank=rank, world_size=world, state=dict(state, skipped=state["skipped"] + stream.skipped))
+                        checkpoint.save(
+                            d,
+                            engine,
+                            rank=rank,
+                            world_size=world,
+                            state=dict(state, skipped=state["skipped"] + stream.skipped),
+                        )
                         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                     if files:
                         files.sync()  # URI runs: metrics.jsonl, TensorBoard, pictures up to this checkpoint
@@ -274,9 +332,13 @@ def train_loop_per_worker(raw: dict) -> None:
                     ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
                 if preempted:
                     if log:
-                        say(f"raysl: preemption notice (SIGTERM) on {preempted} worker(s): checkpoint written at step "
-                            f"{state['step']}, stopping; the run continues from it")
-                    raise preemption.Preempted(f"SIGTERM on {preempted} worker(s); checkpoint written at step {state['step']}")
+                        say(
+                            f"raysl: preemption notice (SIGTERM) on {preempted} worker(s): checkpoint written at step "
+                            f"{state['step']}, stopping; the run continues from it"
+                        )
+                    raise preemption.Preempted(
+                        f"SIGTERM on {preempted} worker(s); checkpoint written at step {state['step']}"
+                    )
             if step_in_epoch >= steps[state["epoch"]]:
                 state["skipped"] += stream.skipped
                 state.update(epoch=state["epoch"] + 1, position=0)
@@ -320,24 +382,30 @@ def _report_pictures_and_collapse(out: dict, metrics: dict, method, run_dir: str
         folder = os.path.join(run_dir, "score_histograms")
         os.makedirs(folder, exist_ok=True)
         plot_score_histograms(
-            out["hist_pos"], out["hist_neg"], metrics["step"], os.path.join(folder, f"step_{metrics['step']:07d}.png"),
-            pos_raw=out.get("hist_pos_raw"), neg_raw=out.get("hist_neg_raw"),
+            out["hist_pos"],
+            out["hist_neg"],
+            metrics["step"],
+            os.path.join(folder, f"step_{metrics['step']:07d}.png"),
+            pos_raw=out.get("hist_pos_raw"),
+            neg_raw=out.get("hist_neg_raw"),
         )
     warning = collapse_warning(metrics, getattr(method, "embedding_dim", 0))
     if warning:
         say(warning)
 
 
-def _global_metrics(out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float,
-                    preempted: bool = False) -> dict:
+def _global_metrics(
+    out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float, preempted: bool = False
+) -> dict:
     """Losses and counters averaged/summed over workers, so every rank logs the same numbers.
     Only scalar outputs are metrics (methods may also return score tensors for histograms).
     `preempted` rides on the same all-reduce: `preempted_workers` counts the workers that
     received a preemption notice (present only when some did)."""
     scalars = {k: float(v.detach().float()) for k, v in out.items() if v.numel() == 1}
     names = sorted(scalars)
-    t = torch.tensor([scalars[k] for k in names] + [float(preempted), float(state["skipped"] + skipped_now)],
-                     dtype=torch.float64)
+    t = torch.tensor(
+        [scalars[k] for k in names] + [float(preempted), float(state["skipped"] + skipped_now)], dtype=torch.float64
+    )
     if dist.is_initialized():
         dist.all_reduce(t)
         world = dist.get_world_size()

@@ -58,8 +58,11 @@ def read_attempts(run_local: str) -> list[dict]:
 
 def record_attempt(run_local: str, record: dict) -> dict:
     """Append this attempt (numbered after the earlier ones) to attempts.jsonl; returns it."""
-    record = {"attempt": len(read_attempts(run_local)) + 1,
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **record}
+    record = {
+        "attempt": len(read_attempts(run_local)) + 1,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **record,
+    }
     with open(os.path.join(run_local, ATTEMPTS), "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
@@ -70,10 +73,15 @@ def start_line(record: dict, what: str) -> str:
     head = f"raysl: attempt {record['attempt']}: {what}"
     if record["checkpoint"] is None:
         return f"{head}, starting at step {record['start_step']}"
-    found = {"ray train": "handed over by Ray Train", "run storage": "found in the run's storage",
-             "handed over": "handed over by raysl tune"}[record["source"]]
-    return (f"{head}, starting at step {record['start_step']} from {record['checkpoint']} "
-            f"({found}); first step trained: {record['start_step'] + 1}")
+    found = {
+        "ray train": "handed over by Ray Train",
+        "run storage": "found in the run's storage",
+        "handed over": "handed over by raysl tune",
+    }[record["source"]]
+    return (
+        f"{head}, starting at step {record['start_step']} from {record['checkpoint']} "
+        f"({found}); first step trained: {record['start_step'] + 1}"
+    )
 
 
 def skipped_line(name: str, problem: str) -> str:
@@ -94,9 +102,13 @@ def failure_summary(run_dir: str, error: BaseException, max_failures: int) -> st
     where = f"{os.path.basename(last)} (step {storage.checkpoint_step(last)})" if last else "none"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # a lost node: Ray's line that names it ("... its node has died. Node ID: ..., IP: ...")
-    cause = next((line for line in lines if "node" in line.lower() and ("died" in line or "dead" in line)),
-                 lines[-1] if lines else type(error).__name__)
+    cause = next(
+        (line for line in lines if "node" in line.lower() and ("died" in line or "dead" in line)),
+        lines[-1] if lines else type(error).__name__,
+    )
     allowed = "unlimited" if max_failures < 0 else max_failures
-    return (f"run {run_dir} failed after {len(attempts)} attempt(s) (train.max_failures={allowed}); "
-            f"last step reached {rows[-1]['step'] if rows else 0}; last complete checkpoint {where}; "
-            f"cause: {cause}. Continue it with the same command and --resume")
+    return (
+        f"run {run_dir} failed after {len(attempts)} attempt(s) (train.max_failures={allowed}); "
+        f"last step reached {rows[-1]['step'] if rows else 0}; last complete checkpoint {where}; "
+        f"cause: {cause}. Continue it with the same command and --resume"
+    )

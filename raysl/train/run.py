@@ -58,8 +58,9 @@ def _has_checkpoints(directory: str, *, complete: bool = False) -> bool:
     return bool(storage.subdirs(directory, "checkpoint_"))
 
 
-def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume_from: str | None = None,
-                 report_every: int = 0):
+def make_trainer(
+    cfg: Config, out: str, *, callbacks: list | None = None, resume_from: str | None = None, report_every: int = 0
+):
     """The TorchTrainer of a run whose directory is `out`. `callbacks` are Ray Train
     UserCallbacks, `resume_from` a checkpoint path to start from when the run has none of
     its own yet, `report_every` N also reports metrics (no checkpoint) every N steps;
@@ -83,7 +84,9 @@ def make_trainer(cfg: Config, out: str, *, callbacks: list | None = None, resume
             num_workers=cfg.train.num_workers,
             use_gpu=gpus > 0,
             resources_per_worker={
-                "CPU": cfg.train.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **cfg.train.worker_resources
+                "CPU": cfg.train.cpus_per_worker,
+                **({"GPU": gpus} if gpus else {}),
+                **cfg.train.worker_resources,
             },
             placement_strategy=cfg.train.placement_strategy,
         ),

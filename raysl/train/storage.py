@@ -46,7 +46,8 @@ def subdirs(path: str, prefix: str = "") -> list[str]:
     if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
         return []
     return sorted(
-        info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
+        info.base_name
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(prefix)
     )
 
@@ -86,15 +87,16 @@ def checkpoint_problem(ckpt: str, *, only: tuple[str, ...] | None = None) -> str
     at 1,024 workers that is ~1,000 reads of a few hundred bytes, done in parallel.
     `only` (eval, export): just these files of rank 0 matter, e.g. weights.safetensors of a
     run copied without its optimizer state."""
-    import pyarrow.fs
     from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs
 
     fs, root = filesystem_and_path(ckpt)
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
     except (FileNotFoundError, OSError):
         return "not readable"
-    sizes = {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+    sizes = {i.path[len(root) :].lstrip("/"): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
     if RUN_STATE not in sizes:
         return f"no {RUN_STATE} (rank 0 had not finished writing it)"
     try:

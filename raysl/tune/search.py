@@ -39,7 +39,9 @@ def resolve_metric(cfg: Config, metric: str, mode: str | None) -> tuple[str, str
     """The metric the loop reports under that name, and min/max."""
     if metric.startswith("knn_"):
         if not cfg.eval.knn_shards:
-            raise UserError(f"--metric {metric}: the online kNN monitor is off; set eval.knn_shards to a labeled shard set")
+            raise UserError(
+                f"--metric {metric}: the online kNN monitor is off; set eval.knn_shards to a labeled shard set"
+            )
         ks = cfg.eval.knn_k
         allowed = {"knn_top1"} | {f"knn_top{t}_k{k}" for t in (1, 5) for k in ks}
         if metric not in allowed:
@@ -49,7 +51,9 @@ def resolve_metric(cfg: Config, metric: str, mode: str | None) -> tuple[str, str
         default_mode = "min"
     elif metric == "val_loss":
         if not cfg.eval.val_shards:
-            raise UserError(f"--metric {metric}: the held-out loss is off; set eval.val_shards to a shard set kept out of training")
+            raise UserError(
+                f"--metric {metric}: the held-out loss is off; set eval.val_shards to a shard set kept out of training"
+            )
         default_mode = "min"
     else:
         raise UserError(
@@ -122,8 +126,13 @@ class RecipeTrial(Trainable):
         if self._resume_from:  # provenance: which (possibly another trial's) checkpoint this run starts from
             store.write_text(f"{self._out}/resume_from.txt", self._resume_from + "\n")
         self._queue = Queue(actor_options={"num_cpus": 0})
-        trainer = make_trainer(cfg, self._out, callbacks=[ForwardToTune(self._queue)], resume_from=self._resume_from,
-                               report_every=self._report_every)
+        trainer = make_trainer(
+            cfg,
+            self._out,
+            callbacks=[ForwardToTune(self._queue)],
+            resume_from=self._resume_from,
+            report_every=self._report_every,
+        )
 
         def fit():
             try:
@@ -279,8 +288,9 @@ def tune_recipe(
 
     print(init_ray(address, quiet=True), flush=True)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(RecipeTrial, base=base, train_root=f"{exp_dir}/train", metric=metric,
-                                 report_every=report_every),
+        ray.tune.with_parameters(
+            RecipeTrial, base=base, train_root=f"{exp_dir}/train", metric=metric, report_every=report_every
+        ),
         # the trial only waits on its Train run, whose workers hold the CPUs/GPUs; Tune
         # needs a non-empty request, so it asks for a little memory
         {"cpu": 0, "memory": 64 * 1024**2},
@@ -296,8 +306,9 @@ def tune_recipe(
                 mode=mode,
                 num_samples=samples,
                 max_concurrent_trials=max_concurrent,
-                scheduler=_scheduler(scheduler, params, total=total, checkpoint_every=cfg.train.checkpoint_every,
-                                     grace_steps=grace_steps),
+                scheduler=_scheduler(
+                    scheduler, params, total=total, checkpoint_every=cfg.train.checkpoint_every, grace_steps=grace_steps
+                ),
                 search_alg=_search_alg(search, scheduler, max_concurrent),
             ),
             run_config=ray.tune.RunConfig(
@@ -313,7 +324,9 @@ def tune_recipe(
     rows = _rows(grid, [p.key for p in params], metric, mode)
     if not rows:
         errors = [str(r.error) for r in grid if r.error]
-        raise UserError(f"tune {exp_dir}: no trial reported {metric}" + (f"; first error: {errors[0]}" if errors else ""))
+        raise UserError(
+            f"tune {exp_dir}: no trial reported {metric}" + (f"; first error: {errors[0]}" if errors else "")
+        )
     results_csv = f"{exp_dir}/results.csv"
     _write_csv(results_csv, rows)
     best = rows[0]
@@ -321,8 +334,10 @@ def tune_recipe(
     best_raw["train"]["name"] = f"{cfg.train.name}_best"
     best_cfg = from_dict(best_raw, origin="best trial")
     best_yaml = f"{exp_dir}/best.yaml"
-    header = (f"# best trial {best['trial_id']} of `raysl tune` {exp_dir} ({metric} {best[metric]:.6g}, {mode})\n"
-              f"# train it: raysl pretrain {best_yaml}\n")
+    header = (
+        f"# best trial {best['trial_id']} of `raysl tune` {exp_dir} ({metric} {best[metric]:.6g}, {mode})\n"
+        f"# train it: raysl pretrain {best_yaml}\n"
+    )
     store.write_text(best_yaml, header + best_cfg.to_yaml())
     return {
         "experiment_dir": exp_dir,
@@ -347,15 +362,17 @@ def _rows(grid, keys: list[str], metric: str, mode: str) -> list[dict]:
         series = df[metric].dropna()
         i = series.idxmax() if mode == "max" else series.idxmin()
         values = _plain((result.config or {}).get("params", {}))
-        rows.append({
-            "trial_id": result.metrics.get("trial_id", os.path.basename(result.path)),
-            **{k: values.get(k) for k in keys},
-            metric: float(series[i]),
-            "step": int(df.loc[i, "step"]) if "step" in df else None,
-            "last_step": int(df["step"].max()) if "step" in df else None,
-            "status": "ERROR" if result.error else "done",
-            "path": result.path,
-        })
+        rows.append(
+            {
+                "trial_id": result.metrics.get("trial_id", os.path.basename(result.path)),
+                **{k: values.get(k) for k in keys},
+                metric: float(series[i]),
+                "step": int(df.loc[i, "step"]) if "step" in df else None,
+                "last_step": int(df["step"].max()) if "step" in df else None,
+                "status": "ERROR" if result.error else "done",
+                "path": result.path,
+            }
+        )
     rows.sort(key=lambda r: r[metric], reverse=(mode == "max"))
     if any(math.isnan(r[metric]) for r in rows):
         rows.sort(key=lambda r: math.isnan(r[metric]))

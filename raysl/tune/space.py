@@ -36,7 +36,11 @@ class Param:
         return getattr(tune, self.kind)(*self.args)
 
     def values_to_check(self) -> list:
-        return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1] - 1 if self.kind == "randint" else self.args[1]]
+        return (
+            list(self.args)
+            if self.kind == "choice"
+            else [self.args[0], self.args[1] - 1 if self.kind == "randint" else self.args[1]]
+        )
 
 
 def _field(key: str, origin: str) -> dataclasses.Field:
@@ -57,19 +61,27 @@ def _field(key: str, origin: str) -> dataclasses.Field:
 
 def parse_space(raw, origin: str = "space") -> list[Param]:
     if not isinstance(raw, dict) or not raw:
-        raise UserError(f"{origin}: expected a mapping of section.key to a distribution, e.g. optim.lr: {{loguniform: [1.0e-4, 1.0e-2]}}")
+        raise UserError(
+            f"{origin}: expected a mapping of section.key to a distribution, e.g. optim.lr: {{loguniform: [1.0e-4, 1.0e-2]}}"
+        )
     params = []
     for key, dist in raw.items():
         key = str(key)
         f = _field(key, origin)
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            raise UserError(f"{origin}: {key}: expected one of {', '.join('{' + d + ': ...}' for d in DISTRIBUTIONS)}, got {dist!r}")
+            raise UserError(
+                f"{origin}: {key}: expected one of {', '.join('{' + d + ': ...}' for d in DISTRIBUTIONS)}, got {dist!r}"
+            )
         kind, args = next(iter(dist.items()))
         if kind == "choice":
             if not isinstance(args, list) or not args:
                 raise UserError(f"{origin}: {key}: choice needs a non-empty list of values, got {args!r}")
         else:
-            if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
+            if not (
+                isinstance(args, list)
+                and len(args) == 2
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+            ):
                 raise UserError(f"{origin}: {key}: {kind} needs [low, high] numbers, got {args!r}")
             lo, hi = args
             if not lo < hi:
