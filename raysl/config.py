@@ -15,7 +15,9 @@ from importlib import resources
 
 import yaml
 
+from raysl.checks import between, one_of
 from raysl.errors import UserError
+from raysl.methods.keys import MethodConfig
 
 
 def resolve_path(path: str) -> str:
@@ -41,19 +43,11 @@ def load_yaml(stream):
     return yaml.load(stream, Loader=_Loader)
 
 
-def _range(lo=None, hi=None, *, lo_open=False):
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
-
-
-def _choices(*values):
-    return {"choices": values}
-
-
 def _scale_pair():
     """A crop-scale range [lo, hi] as a fraction of the image area, 0 < lo <= hi <= 1;
     the empty list means "the views preset's own"."""
     return {
-        "each": _range(0.0, 1.0, lo_open=True),
+        "each": between(0.0, 1.0, lo_open=True),
         "length": 2,
         "ascending": True,
         "empty_ok": True,
@@ -65,143 +59,87 @@ def _scale_pair():
 class DataConfig:
     shards: str = field(default="", metadata={"help": "shard directory or URI (raysl shards build)", "path": True})
     views: str = ""  # a views preset; empty: the method's own (its default_views)
-    image_size: int = field(default=0, metadata=_range(0))  # 0: the preset's size
+    image_size: int = field(default=0, metadata=between(0))  # 0: the preset's size
     # Crop overrides of the views preset; the defaults (-1, 0, []) keep the preset's own.
     # Global crops are the preset's largest (image_size sets their size); local crops the
     # smaller multi-crop ones (DINO, SwAV). For single-crop presets (mae, mae_medical)
     # global_scale is the crop-scale range.
-    global_crops: int = field(default=-1, metadata=_range(-1))  # -1: the preset's count
+    global_crops: int = field(default=-1, metadata=between(-1))  # -1: the preset's count
     global_scale: list[float] = field(default_factory=list, metadata=_scale_pair())  # [lo, hi]; []: the preset's
-    local_crops: int = field(default=-1, metadata=_range(-1))  # -1: the preset's count
-    local_size: int = field(default=0, metadata=_range(0))  # 0: the preset's size (96)
+    local_crops: int = field(default=-1, metadata=between(-1))  # -1: the preset's count
+    local_size: int = field(default=0, metadata=between(0))  # 0: the preset's size (96)
     local_scale: list[float] = field(default_factory=list, metadata=_scale_pair())  # [lo, hi]; []: the preset's
-    batch_size: int = field(default=64, metadata=_range(1))  # per worker, per micro-step
-    shuffle_window: int = field(default=2, metadata=_range(1))  # shards mixed per shuffle window
+    batch_size: int = field(default=64, metadata=between(1))  # per worker, per micro-step
+    shuffle_window: int = field(default=2, metadata=between(1))  # shards mixed per shuffle window
     augment_tasks: int = field(
-        default=0, metadata=_range(0)
+        default=0, metadata=between(0)
     )  # parallel read/augment tasks per worker; 0: train.cpus_per_worker
     # Logical CPUs each read/augment task reserves. 0 shares the training workers' cores
     # (right on one machine, where the workers hold every CPU); 1 on a cluster with
     # CPU-only data nodes places the tasks there.
-    task_cpus: float = field(default=0.0, metadata=_range(0.0))
+    task_cpus: float = field(default=0.0, metadata=between(0.0))
     # Custom Ray resources each read/augment task requests, e.g. {data_node: 0.01} to put
     # decoding and augmentation on the CPU-only nodes that advertise `data_node`.
-    task_resources: dict[str, float] = field(default_factory=dict, metadata=_range(0.0))
+    task_resources: dict[str, float] = field(default_factory=dict, metadata=between(0.0))
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"  # any timm model name; never downloaded
-    drop_path_rate: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    drop_path_rate: float = field(default=0.0, metadata=between(0.0, 1.0))
     # pooled feature of the backbone (timm's global_pool); "": the model's default (CLS
     # token for ViTs). MAE recipes use "avg": MAE trains patch tokens, not the CLS token.
-    global_pool: str = field(default="", metadata=_choices("", "avg", "token", "max", "avgmax"))
+    global_pool: str = field(default="", metadata=one_of("", "avg", "token", "max", "avgmax"))
     compile: bool = False  # compile the backbone in place (nn.Module.compile): state-dict keys unchanged
     # torch.compile backend with model.compile=true. inductor generates fused kernels (on the
     # CPU it needs a C++ compiler and minutes of compiling); aot_eager traces forward and
     # backward graphs without generating code; eager only captures graphs (debugging).
-    compile_backend: str = field(default="inductor", metadata=_choices("inductor", "aot_eager", "eager"))
-
-
-@dataclass
-class MethodConfig:
-    name: str = "simclr"
-    temperature: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
-    proj_hidden_dim: int = field(default=2048, metadata=_range(1))
-    proj_dim: int = field(default=128, metadata=_range(1))
-    # per-step schedules for methods with an EMA teacher (BYOL, MoCo, DINO) and DINO's
-    # teacher temperature warmup
-    ema_momentum: float = field(default=0.996, metadata=_range(0.0, 1.0))
-    ema_momentum_end: float = field(default=1.0, metadata=_range(0.0, 1.0))
-    teacher_temp: float = field(default=0.04, metadata=_range(0.0, lo_open=True))
-    teacher_temp_warmup: float = field(default=0.04, metadata=_range(0.0, lo_open=True))
-    teacher_temp_warmup_steps: int = field(default=0, metadata=_range(0))
-    # --- heads (0: the method's usual value) ---
-    proj_layers: int = field(
-        default=0, metadata=_range(0)
-    )  # projector depth; simclr/byol/swav 2, mocov3/barlowtwins/vicreg 3
-    pred_hidden_dim: int = field(default=4096, metadata=_range(1))  # byol/mocov3 predictor
-    # --- mocov2 ---
-    queue_size: int = field(default=65536, metadata=_range(1))  # negatives kept (keys of all workers)
-    shuffle_bn: bool = True  # shuffle the key batch across workers (MoCo's Shuffling BN)
-    # --- swav / dino prototypes ---
-    num_prototypes: int = field(default=3000, metadata=_range(1))  # swav 3000; dino head out_dim 65536
-    freeze_prototypes_steps: int = field(default=0, metadata=_range(0))  # swav: prototypes get zero grads before
-    sinkhorn_eps: float = field(default=0.05, metadata=_range(0.0, lo_open=True))
-    sinkhorn_iters: int = field(default=3, metadata=_range(1))
-    swav_queue_size: int = field(default=0, metadata=_range(0))  # 0: no queue
-    swav_queue_start: int = field(default=0, metadata=_range(0))  # step from which a full queue is used
-    # --- dino ---
-    student_temp: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
-    center_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    norm_last_layer: bool = True  # weight-normed last layer with its norm fixed to 1
-    freeze_last_layer_steps: int = field(default=0, metadata=_range(0))
-    # --- mae ---
-    mask_ratio: float = field(default=0.75, metadata=_range(0.0, 0.99))
-    norm_pix_loss: bool = True
-    decoder_dim: int = field(default=512, metadata=_range(1))
-    decoder_depth: int = field(default=8, metadata=_range(1))
-    decoder_heads: int = field(default=16, metadata=_range(1))
-    # --- barlowtwins / vicreg ---
-    barlow_lambda: float = field(default=0.0051, metadata=_range(0.0))
-    vicreg_sim: float = field(default=25.0, metadata=_range(0.0))
-    vicreg_std: float = field(default=25.0, metadata=_range(0.0))
-    vicreg_cov: float = field(default=1.0, metadata=_range(0.0))
-    # --- Feature Transformation (simclr, mocov2): Beta concentrations, 0 = off ---
-    ft_extrapolate: float = field(default=0.0, metadata=_range(0.0))  # positive extrapolation (paper: 2.0)
-    ft_interpolate: float = field(default=0.0, metadata=_range(0.0))  # negative interpolation (paper: 1.6)
-    ft_every: int = field(default=0, metadata=_range(0))  # return pos/neg score histograms every N steps; 0: never
-    # --- GenView-style quality-driven contrast (simclr) ---
-    quality_weighting: bool = False
-    quality_temp: float = field(
-        default=0.5, metadata=_range(0.0, lo_open=True)
-    )  # softmax temperature over quality scores
-    extra_views: str = ""  # "package.module:function" mapping a batch's views to extra generated views
+    compile_backend: str = field(default="inductor", metadata=one_of("inductor", "aot_eager", "eager"))
 
 
 @dataclass
 class OptimConfig:
     name: str = field(
         default="adamw",
-        metadata=_choices("adamw", "sgd", "lars", "lamb", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"),
+        metadata=one_of("adamw", "sgd", "lars", "lamb", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"),
     )
-    lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))  # per 256 images (linear scaling)
-    min_lr: float = field(default=1e-6, metadata=_range(0.0))
-    warmup_steps: int = field(default=0, metadata=_range(0))
-    weight_decay: float = field(default=0.05, metadata=_range(0.0))
+    lr: float = field(default=1e-3, metadata=between(0.0, lo_open=True))  # per 256 images (linear scaling)
+    min_lr: float = field(default=1e-6, metadata=between(0.0))
+    warmup_steps: int = field(default=0, metadata=between(0))
+    weight_decay: float = field(default=0.05, metadata=between(0.0))
     weight_decay_end: float = field(default=-1.0)  # < 0: same as weight_decay
-    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    beta1: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    beta2: float = field(default=0.999, metadata=_range(0.0, 1.0))
-    clip_grad: float = field(default=0.0, metadata=_range(0.0))  # 0: no clipping
+    momentum: float = field(default=0.9, metadata=between(0.0, 1.0))
+    beta1: float = field(default=0.9, metadata=between(0.0, 1.0))
+    beta2: float = field(default=0.999, metadata=between(0.0, 1.0))
+    clip_grad: float = field(default=0.0, metadata=between(0.0))  # 0: no clipping
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = field(default=0, metadata=_choices(0, 1, 2, 3))
-    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
-    grad_accum: int = field(default=1, metadata=_range(1))
+    zero_stage: int = field(default=0, metadata=one_of(0, 1, 2, 3))
+    precision: str = field(default="fp32", metadata=one_of("fp32", "bf16", "fp16"))
+    grad_accum: int = field(default=1, metadata=between(1))
 
 
 @dataclass
 class TrainConfig:
     name: str = "run"
     storage_path: str = field(default="runs", metadata={"path": True})  # local dir, NFS path or bucket URI
-    epochs: int = field(default=1, metadata=_range(1))
-    max_steps: int = field(default=0, metadata=_range(0))  # 0: run all epochs
+    epochs: int = field(default=1, metadata=between(1))
+    max_steps: int = field(default=0, metadata=between(0))  # 0: run all epochs
     seed: int = 0
-    num_workers: int = field(default=1, metadata=_range(1))
-    cpus_per_worker: int = field(default=1, metadata=_range(1))
-    gpus_per_worker: float = field(default=0.0, metadata=_range(0.0))
-    log_every: int = field(default=10, metadata=_range(1))
-    checkpoint_every: int = field(default=100, metadata=_range(1))
-    keep_checkpoints: int = field(default=2, metadata=_range(1))
-    max_failures: int = field(default=0, metadata=_range(-1))  # Ray Train restarts; -1: unlimited
+    num_workers: int = field(default=1, metadata=between(1))
+    cpus_per_worker: int = field(default=1, metadata=between(1))
+    gpus_per_worker: float = field(default=0.0, metadata=between(0.0))
+    log_every: int = field(default=10, metadata=between(1))
+    checkpoint_every: int = field(default=100, metadata=between(1))
+    keep_checkpoints: int = field(default=2, metadata=between(1))
+    max_failures: int = field(default=0, metadata=between(-1))  # Ray Train restarts; -1: unlimited
     # Custom Ray resources each training worker requests, e.g. {gpu_node: 1} (besides CPU/GPU).
-    worker_resources: dict[str, float] = field(default_factory=dict, metadata=_range(0.0))
+    worker_resources: dict[str, float] = field(default_factory=dict, metadata=between(0.0))
     # How workers are placed on nodes (Ray placement groups): PACK fills nodes first; SPREAD
     # puts them on as many nodes as it can (a lost node then takes fewer workers with it).
-    placement_strategy: str = field(default="PACK", metadata=_choices("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    placement_strategy: str = field(default="PACK", metadata=one_of("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
 
 
 @dataclass
@@ -213,23 +151,23 @@ class EvalConfig:
     knn_val_shards: str = field(
         default="", metadata={"path": True}
     )  # its query set; empty: a seeded split of knn_shards
-    knn_val_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
-    knn_every: int = field(default=100, metadata=_range(1))  # steps (and at the last step)
-    knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"each": _range(1)})
-    knn_temperature: float = field(default=0.07, metadata=_range(0.0, lo_open=True))
-    knn_batch_size: int = field(default=256, metadata=_range(1))
+    knn_val_fraction: float = field(default=0.2, metadata=between(0.0, 0.9, lo_open=True))
+    knn_every: int = field(default=100, metadata=between(1))  # steps (and at the last step)
+    knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"each": between(1)})
+    knn_temperature: float = field(default=0.07, metadata=between(0.0, lo_open=True))
+    knn_batch_size: int = field(default=256, metadata=between(1))
     # Held-out SSL loss (`val_loss` in metrics.jsonl; a Tune metric): the method's own loss
     # on `val_batches` batches of views of this shard set, every `val_every` steps.
     val_shards: str = field(default="", metadata={"path": True})  # empty: off
-    val_every: int = field(default=100, metadata=_range(1))
-    val_batches: int = field(default=2, metadata=_range(1))
+    val_every: int = field(default=100, metadata=between(1))
+    val_batches: int = field(default=2, metadata=between(1))
 
 
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=lambda: method_config("simclr"))  # the method's own keys
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -297,6 +235,21 @@ def _section_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def method_config(name: str) -> MethodConfig:
+    """The defaults of method `name`'s own keys (its `config_class`)."""
+    from raysl.methods.base import method_class
+
+    return method_class(name).config_class(name=name)
+
+
+def _unknown_method_key(name: str, key: str, fields) -> UserError:
+    from raysl.methods.base import discover
+
+    owners = sorted(m for m, cls in discover().items() if key in _section_fields(cls.config_class))
+    hint = f" (a key of {', '.join(owners)})" if owners else ""
+    return UserError(f"config key method.{key}: method {name} has no such key{hint}; {name} has {', '.join(fields)}")
+
+
 def from_dict(raw: dict, origin: str = "config") -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{origin}: expected a mapping of sections ({', '.join(_section_fields(Config))})")
@@ -305,25 +258,33 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
     for name, values in raw.items():
         if name not in sections:
             raise UserError(f"{origin}: unknown section {name!r}; sections are {', '.join(sections)}")
-        cls = typing.get_type_hints(Config)[name]
         if values is None:
             values = {}
         if not isinstance(values, dict):
             raise UserError(f"{origin}: section {name} must be a mapping of keys")
+        cls = typing.get_type_hints(Config)[name]
+        if name == "method":  # each method has its own keys
+            method = values.get("name", "simclr")
+            if not isinstance(method, str):
+                raise UserError(f"config key method.name: expected a method name, got {method!r}")
+            cls = type(method_config(method))
         fields = _section_fields(cls)
         checked = {}
         for key, value in values.items():
             if key not in fields:
+                if name == "method":
+                    raise _unknown_method_key(values.get("name", "simclr"), key, fields)
                 raise UserError(f"config key {name}.{key} is unknown; {name} has {', '.join(fields)}")
             fields[key].type = typing.get_type_hints(cls)[key]
             checked[key] = _check(f"{name}.{key}", fields[key], value)
         kwargs[name] = cls(**checked)
     cfg = Config(**kwargs)
-    for name, cls in typing.get_type_hints(Config).items():  # validate defaults too
-        fields, hints = _section_fields(cls), typing.get_type_hints(cls)
+    for name in sections:  # validate defaults too
+        section = getattr(cfg, name)
+        fields, hints = _section_fields(type(section)), typing.get_type_hints(type(section))
         for key, f in fields.items():
             f.type = hints[key]
-            _check(f"{name}.{key}", f, getattr(getattr(cfg, name), key))
+            _check(f"{name}.{key}", f, getattr(section, key))
     if cfg.eval.knn_shards and cfg.deepspeed.zero_stage == 3:
         raise UserError(
             "config key eval.knn_shards: the online kNN monitor reads the backbone's whole weights, which "
@@ -356,6 +317,18 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, name, load_yaml(value) if value.strip() else ""
 
 
+def _keys_of_method(recipe_keys: dict, name) -> dict:
+    """A recipe's method section when an override switches the method to `name`: the keys
+    the new method has too (e.g. proj_dim) stay, those only the recipe's method reads (e.g.
+    a SimCLR recipe's temperature under method.name=byol) are left behind."""
+    from raysl.methods.base import discover
+
+    cls = discover().get(name) if isinstance(name, str) else None
+    if cls is None:
+        return recipe_keys  # from_dict names the unknown method
+    return {k: v for k, v in recipe_keys.items() if k in _section_fields(cls.config_class)}
+
+
 def load_config(recipe: str, overrides: list[str] = ()) -> Config:
     path = recipe_path(recipe)
     try:
@@ -365,8 +338,11 @@ def load_config(recipe: str, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections")
-    for text in overrides:
-        section, key, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    renamed = [v for section, key, v in parsed if (section, key) == ("method", "name")]
+    if renamed and isinstance(raw.get("method"), dict):
+        raw["method"] = _keys_of_method(raw["method"], renamed[-1])
+    for section, key, value in parsed:
         if not isinstance(raw.get(section, {}), dict):
             raise UserError(f"{path}: section {section} must be a mapping")
         raw.setdefault(section, {})

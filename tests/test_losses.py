@@ -436,3 +436,4 @@ def test_shape_mismatches_are_clear_errors():
     ):
         with pytest.raises(ValueError, match=match):
             call()
+

@@ -23,8 +23,6 @@ import time
 import numpy as np
 import torch
 
-DEFAULT_METHODS = ("simclr", "mocov2", "mocov3", "byol", "swav", "dino", "mae", "barlowtwins", "vicreg")
-
 # Every bench run: tiny timm ResNet at 32 px, batch 64, AdamW, one worker, fp32, ZeRO-0.
 BASE = [
     "data.image_size=32",
@@ -44,85 +42,32 @@ BASE = [
     "train.log_every=50",
     "train.checkpoint_every=100000",
     "train.keep_checkpoints=1",
-    "method.proj_hidden_dim=256",
-    "method.proj_dim=64",
-    "method.pred_hidden_dim=256",
 ]
-# Short-run settings per method: crops gentle enough for 32 px digits (mocov2 preset: crop
-# 0.2-1, DINO/SwAV global crops only, since local crops are 96 px), faster EMA.
-PER_METHOD = {
-    "simclr": ["data.views=mocov2", "method.temperature=0.2"],
-    "mocov2": [
-        "data.views=mocov2",
-        "method.temperature=0.2",
-        "method.queue_size=2048",
-        "method.ema_momentum=0.99",
-        "method.ema_momentum_end=0.99",
-    ],
-    "mocov3": [
-        "data.views=mocov2",
-        "method.temperature=0.2",
-        "method.proj_layers=2",
-        "method.ema_momentum=0.99",
-        "method.ema_momentum_end=1.0",
-    ],
-    "byol": ["data.views=mocov2", "method.ema_momentum=0.99", "method.ema_momentum_end=1.0", "optim.lr=0.016"],
-    # Short runs sit at the uniform-code fixed point (loss = log K) with a queue of stale
-    # embeddings or with eps 0.05; sharper Sinkhorn codes (eps 0.02) over more prototypes
-    # than embedding dimensions, prototypes frozen for the first 50 steps, learn.
-    "swav": [
-        "data.views=swav",
-        "data.local_crops=0",
-        "method.temperature=0.1",
-        "method.num_prototypes=300",
-        "method.sinkhorn_eps=0.02",
-        "method.freeze_prototypes_steps=50",
-        "method.swav_queue_size=0",
-    ],
-    "dino": [
-        "data.views=dino",
-        "data.local_crops=0",
-        "method.num_prototypes=1024",
-        "method.proj_dim=64",
-        "method.teacher_temp=0.04",
-        "method.teacher_temp_warmup=0.04",
-        "method.student_temp=0.1",
-        "method.freeze_last_layer_steps=20",
-        "method.ema_momentum=0.99",
-        "method.ema_momentum_end=1.0",
-    ],
-    # ViT-only: test_vit at 64 px (16 patches of 16 px), features = mean of patch tokens;
-    # plain-pixel targets (per-patch normalisation blows up the near-constant background
-    # patches of digits); with 16 patches, 75% masking leaves 4 and stays below random init in 200
-    # steps, 50% does.
-    "mae": [
-        "model.backbone=test_vit",
-        "model.global_pool=avg",
-        "data.image_size=64",
-        "data.views=mae",
-        "method.mask_ratio=0.5",
-        "method.norm_pix_loss=false",
-        "method.decoder_dim=64",
-        "method.decoder_depth=2",
-        "method.decoder_heads=4",
-        "optim.lr=0.008",
-    ],
-    "barlowtwins": ["data.views=mocov2", "method.proj_layers=3", "method.barlow_lambda=0.005"],
-    "vicreg": ["data.views=mocov2", "method.proj_layers=3"],
-}
+# Short-run settings per method live in its module (`bench_overrides`): crops gentle
+# enough for 32 px digits (mocov2 preset: crop 0.2-1, DINO/SwAV global crops only, since
+# local crops are 96 px), faster EMA, small heads.
+
+
+def bench_methods() -> dict[str, list[str]]:
+    """Every registered method's short-run overrides (`Method.bench_overrides`)."""
+    from raysl.methods.base import discover
+
+    return {name: list(cls.bench_overrides) for name, cls in discover().items()}
+
+
 # Options of a method, benchmarked under their own names (not in the default list).
 VARIANTS = {
-    "simclr-ft": ("simclr", [*PER_METHOD["simclr"], "method.ft_extrapolate=2.0", "method.ft_interpolate=1.6"]),
-    "simclr-quality": ("simclr", [*PER_METHOD["simclr"], "method.quality_weighting=true"]),
-    "mocov2-ft": ("mocov2", [*PER_METHOD["mocov2"], "method.ft_extrapolate=2.0", "method.ft_interpolate=1.6"]),
+    "simclr-ft": ("simclr", ["method.ft_extrapolate=2.0", "method.ft_interpolate=1.6"]),
+    "simclr-quality": ("simclr", ["method.quality_weighting=true"]),
+    "mocov2-ft": ("mocov2", ["method.ft_extrapolate=2.0", "method.ft_interpolate=1.6"]),
 }
 
 
 def bench_overrides(name: str) -> tuple[str, list[str]]:
-    """(method, overrides) of a bench entry: a method name or a VARIANTS name."""
-    if name in VARIANTS:
-        return VARIANTS[name]
-    return name, PER_METHOD[name]
+    """(method, overrides) of a bench entry: a method name or a VARIANTS name (the method's
+    overrides plus the variant's)."""
+    method, extra = VARIANTS.get(name, (name, []))
+    return method, [*bench_methods()[method], *extra]
 
 
 # --- data ----------------------------------------------------------------------------
@@ -200,7 +145,7 @@ def knn_eval(backbone, train_imgs, train_labels, test_imgs, test_labels, k: int 
 
 
 def run_methods_bench(
-    methods=DEFAULT_METHODS,
+    methods: tuple[str, ...] | None = None,
     *,
     steps: int = 200,
     out_dir: str = "bench_methods",
@@ -215,10 +160,12 @@ def run_methods_bench(
     from raysl.train.metrics import read_metrics
     from raysl.train.run import pretrain
 
-    unknown = [m for m in methods if m not in PER_METHOD and m not in VARIANTS]
+    known = bench_methods()
+    methods = tuple(known) if methods is None else methods
+    unknown = [m for m in methods if m not in known and m not in VARIANTS]
     if unknown:
         raise UserError(
-            f"bench methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join([*PER_METHOD, *VARIANTS])}"
+            f"bench methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join([*known, *VARIANTS])}"
         )
     if steps < 1:
         raise UserError(f"bench methods: --steps must be >= 1, got {steps}")
@@ -278,7 +225,8 @@ def run_methods_bench(
         print(format_table(rows[-1:], header=not rows[:-1]), flush=True)
     result = {
         "bench": "methods",
-        "data": f"sklearn digits: {len(train_idx)} pretrain/kNN-train, {len(test_idx)} held-out test, 32x32, 10 classes",
+        "data": f"sklearn digits: {len(train_idx)} pretrain/kNN-train, {len(test_idx)} held-out test, "
+        "32x32, 10 classes",
         "knn": "weighted cosine kNN, k=20, T=0.07 (DINO)",
         "steps": steps,
         "batch_size": 64,
@@ -297,13 +245,15 @@ def format_table(rows: list[dict], header: bool = True) -> str:
     lines = []
     if header:
         lines += [
-            "| method | backbone | steps | wall (s) | kNN top-1 random init | kNN top-1 pretrained | delta | loss first -> last |",
+            "| method | backbone | steps | wall (s) | kNN top-1 random init | kNN top-1 pretrained | delta "
+            "| loss first -> last |",
             "|---|---|---:|---:|---:|---:|---:|---|",
         ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['backbone']} @{r['image_size']}px | {r['steps']} | {r['wall_s']} | "
-            f"{r['knn_top1_random']:.1f} | {r['knn_top1']:.1f} | {r['delta']:+.1f} | {r['first_loss']} -> {r['final_loss']} |"
+            f"{r['knn_top1_random']:.1f} | {r['knn_top1']:.1f} | {r['delta']:+.1f} | "
+            f"{r['first_loss']} -> {r['final_loss']} |"
         )
     return "\n".join(lines)
 
@@ -313,7 +263,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
+        default="",
         help=f"comma-separated methods (default: all); variants: {', '.join(VARIANTS)}",
     )
     p.add_argument("--steps", type=int, default=200, help="pretraining steps per method (batch 64)")
@@ -333,7 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args, address: str | None = None) -> dict:
     from raysl.errors import UserError
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) or None  # none named: all
     extra: dict[str, list[str]] = {}
     for item in args.set:
         if ":" not in item:

@@ -7,9 +7,6 @@ optimizer_state_bytes / number of trainable params. Memory only; nothing is time
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from raysl.optim.optimizers import build_optimizer, optimizer_state_bytes, param_groups
@@ -48,17 +45,3 @@ def run_optim_bench(
     if "adamw" in optimizers and "adamw8bit" in optimizers:
         out["ratio"] = round(out["adamw8bit_bytes_per_param"] / out["adamw_bytes_per_param"], 4)
     return out
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="raysl bench optim", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="vit_base_patch16_224", help="timm model name (built with pretrained=False)")
-    ap.add_argument("--optimizers", default="adamw,adamw8bit", help="comma-separated optimizer names")
-    a = ap.parse_args(argv)
-    res = run_optim_bench(a.model, tuple(s for s in a.optimizers.split(",") if s))
-    print(json.dumps(res))
-    return res
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import tempfile
@@ -305,15 +304,6 @@ def run_step_bench(
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="raysl bench step", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
-    res = run_from_args(a)
-    print(json.dumps(res), flush=True)
-    return res
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18", help="timm backbone (random init)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -339,7 +329,3 @@ def run_from_args(a, address: str | None = None) -> dict:
         seed=a.seed,
         address=address,
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -56,9 +56,11 @@ def method_state(run_dir: str) -> tuple[Config, int, dict[str, torch.Tensor]]:
     return cfg, step, load_file(os.path.join(directory, checkpoint.WEIGHTS))
 
 
-def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The student backbone's entries of a method state dict (prefix `backbone.` dropped)."""
-    return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+def backbone_state(state: dict[str, torch.Tensor], module: str = "backbone") -> dict[str, torch.Tensor]:
+    """The evaluated backbone's entries of a method state dict (`Method.backbone_module`,
+    whose prefix is dropped)."""
+    prefix = f"{module}."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def initial_backbone(cfg: Config) -> torch.nn.Module:
@@ -67,7 +69,7 @@ def initial_backbone(cfg: Config) -> torch.nn.Module:
     from raysl.methods.base import build_method
 
     torch.manual_seed(cfg.train.seed)
-    return build_method(cfg).backbone
+    return build_method(cfg).evaluated_backbone()
 
 
 def load_backbone(
@@ -84,9 +86,12 @@ def load_backbone(
     the same backbone with the weights the run started from (`initial_backbone`)."""
     from raysl.models.backbone import create_backbone
 
+    from raysl.methods.base import method_class
+
     cfg, step, state = method_state(run_dir)
+    module = method_class(cfg.method.name).backbone_module
     if random_init:
-        state = {f"backbone.{k}": v for k, v in initial_backbone(cfg).state_dict().items()}
+        state = {f"{module}.{k}": v for k, v in initial_backbone(cfg).state_dict().items()}
     name = cfg.model.backbone
     if expect_backbone and expect_backbone != name:
         raise UserError(
@@ -99,9 +104,9 @@ def load_backbone(
         img_size=img_size or cfg.data.image_size or None,
         global_pool=cfg.model.global_pool,
     )
-    weights = backbone_state(state)
+    weights = backbone_state(state, module)
     if not weights:
-        raise UserError(f"--ckpt {run_dir}: its checkpoint holds no backbone.* weights")
+        raise UserError(f"--ckpt {run_dir}: its checkpoint holds no {module}.* weights")
     if any(k.startswith("pos_embed") for k in weights) and hasattr(backbone, "pos_embed"):
         weights = _resize_pos_embed(weights, backbone)
     expected = backbone.state_dict()

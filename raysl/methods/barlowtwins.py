@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from raysl.checks import between
 from raysl.methods.base import Method, register
 from raysl.methods.common import embedding_std, make_backbone
+from raysl.methods.keys import MethodConfig, ProjectorKeys, key
 from raysl.methods.losses import barlow_twins_loss
 from raysl.models.heads import mlp
+
+
+@dataclass
+class BarlowTwinsConfig(ProjectorKeys, MethodConfig):
+    barlow_lambda: float = key(0.0051, "weight of the off-diagonal (redundancy) term", **between(0.0))
 
 
 @register("barlowtwins")
@@ -16,7 +25,15 @@ class BarlowTwins(Method):
     proj_hidden_dim = proj_dim = 8192), loss `barlow_twins_loss` with `barlow_lambda`
     (BN over the global batch inside the loss)."""
 
+    config_class = BarlowTwinsConfig
     default_views = "byol"
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "method.proj_dim=64",
+        "data.views=mocov2",
+        "method.proj_layers=3",
+        "method.barlow_lambda=0.005",
+    )
 
     def __init__(self, cfg):
         super().__init__()

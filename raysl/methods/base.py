@@ -1,17 +1,30 @@
-"""What the training engine knows about a method, and the registry of methods by name."""
+"""What the training engine knows about a method, and the registry of methods by name.
+
+A method is one module in `raysl/methods/` (or in another package, named by a
+`raysl.methods` entry point): a `Method` subclass decorated with `@register(name)` that
+declares its config keys, views, crop needs, schedules and short-run bench settings. The
+registry imports every module of this package, so no list of methods is kept by hand."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
+import numpy as np
 import torch
 from torch import nn
 
 from raysl.errors import UserError
+from raysl.methods.keys import EMAKeys, MethodConfig
 
 METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
     def wrap(cls):
+        if name in METHODS and METHODS[name] is not cls:
+            raise RuntimeError(f"two methods are registered as {name!r}: {METHODS[name].__module__}, {cls.__module__}")
         METHODS[name] = cls
         cls.name = name
         return cls
@@ -27,13 +40,17 @@ class Method(nn.Module):
     it travels in checkpoints."""
 
     name = "?"
-    default_views = "simclr"
+    config_class: type[MethodConfig] = MethodConfig  # its `method.*` keys (raysl.methods.keys)
+    backbone_module = "backbone"  # the attribute holding the network that eval and export use
+    default_views = "simclr"  # the views preset (raysl.data.views) when data.views is empty
     embedding_dim = 0  # size of the vector behind "embedding_std" (for collapse_warning)
     # The crops it can use (checked against the data.* crop keys before Ray starts):
-    global_crops = (2, 2)  # (least, most) global crops; most None: no limit
+    global_crops: tuple[int, int | None] = (2, 2)  # (least, most) global crops; most None: no limit
     uses_local_crops = False  # multi-crop: smaller local crops after the global ones
     min_crops = 1  # global + local crops, at least
     local_smaller = False  # local crops must differ in size from global ones (told apart by size)
+    # `raysl bench methods`: overrides for a short CPU run on 32 px digits that learns
+    bench_overrides: tuple[str, ...] = ()
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -41,23 +58,40 @@ class Method(nn.Module):
     def after_step(self, values: dict[str, float]) -> None:
         pass
 
+    def evaluated_backbone(self) -> nn.Module:
+        return getattr(self, self.backbone_module)
+
     @classmethod
     def check_config(cls, cfg) -> None:
         """Raise UserError for a config this method cannot run (called before Ray starts)."""
 
+    @classmethod
+    def schedules(cls, m: MethodConfig, total_steps: int) -> dict[str, np.ndarray]:
+        """Per-step values the method reads from `values` besides lr and weight_decay, one
+        per optimizer step. A method with an EMA teacher gets "ema_momentum" (cosine)."""
+        from raysl.optim.schedules import cosine
 
-METHOD_MODULES = ("simclr", "mocov2", "mocov3", "byol", "swav", "dino", "mae", "barlowtwins", "vicreg")
+        if isinstance(m, EMAKeys):
+            return {"ema_momentum": cosine(m.ema_momentum, m.ema_momentum_end, total_steps)}
+        return {}
+
+
+def discover() -> dict[str, type[Method]]:
+    """Every registered method: the modules of this package, then `raysl.methods` entry points."""
+    import raysl.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    for ep in entry_points(group="raysl.methods"):
+        ep.load()
+    return METHODS
 
 
 def method_class(name: str) -> type[Method]:
-    import importlib
-
-    for module in METHOD_MODULES:  # each registers its class
-        importlib.import_module(f"raysl.methods.{module}")
-
-    if name not in METHODS:
-        raise UserError(f"config key method.name: {name!r} is not a method; known: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    methods = discover()
+    if name not in methods:
+        raise UserError(f"config key method.name: {name!r} is not a method; known: {', '.join(sorted(methods))}")
+    return methods[name]
 
 
 def build_method(cfg) -> Method:

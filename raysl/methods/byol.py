@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from raysl.methods.base import Method, register
 from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher
+from raysl.methods.keys import EMAKeys, MethodConfig, PredictorKeys, ProjectorKeys
 from raysl.methods.losses import byol_loss
 from raysl.models.heads import mlp
+
+
+@dataclass
+class BYOLConfig(EMAKeys, PredictorKeys, ProjectorKeys, MethodConfig):
+    """Only the shared keys."""
 
 
 @register("byol")
@@ -17,7 +25,17 @@ class BYOL(Method):
     backbone + projector with momentum from the `ema_momentum` schedule (paper 0.996 -> 1,
     cosine). Loss: byol_loss(p1, z2') + byol_loss(p2, z1') (targets without gradient)."""
 
+    config_class = BYOLConfig
     default_views = "byol"
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "method.proj_dim=64",
+        "method.pred_hidden_dim=256",
+        "data.views=mocov2",
+        "method.ema_momentum=0.99",
+        "method.ema_momentum_end=1.0",
+        "optim.lr=0.016",
+    )
 
     def __init__(self, cfg):
         super().__init__()

@@ -4,13 +4,29 @@ sharpening, multi-crop."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from raysl.checks import between
 from raysl.methods.base import Method, register
 from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher, multicrop, step_of
+from raysl.methods.keys import EMAKeys, MethodConfig, ProjectorKeys, key
 from raysl.methods.losses import dino_center_update, dino_loss
 from raysl.models.heads import DINOHead
+
+
+@dataclass
+class DINOConfig(EMAKeys, ProjectorKeys, MethodConfig):
+    num_prototypes: int = key(3000, "output size K of the DINO head (paper: 65536)", **between(1))
+    student_temp: float = key(0.1, "student softmax temperature", **between(0.0, lo_open=True))
+    teacher_temp: float = key(0.04, "teacher softmax temperature after its warmup", **between(0.0, lo_open=True))
+    teacher_temp_warmup: float = key(0.04, "teacher temperature at step 0", **between(0.0, lo_open=True))
+    teacher_temp_warmup_steps: int = key(0, "steps of the linear teacher temperature warmup", **between(0))
+    center_momentum: float = key(0.9, "momentum of the teacher's running center", **between(0.0, 1.0))
+    norm_last_layer: bool = key(True, "weight-normed last layer with its norm fixed to 1")
+    freeze_last_layer_steps: int = key(0, "steps during which the last layer gets zero gradients", **between(0))
 
 
 @register("dino")
@@ -29,7 +45,21 @@ class DINO(Method):
     uniform collapse) and "teacher_mean_entropy" (entropy of the batch-mean teacher
     softmax / log K; -> 0 means one prototype for every image)."""
 
+    config_class = DINOConfig
     default_views = "dino"
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "data.views=dino",
+        "data.local_crops=0",
+        "method.num_prototypes=1024",
+        "method.proj_dim=64",
+        "method.teacher_temp=0.04",
+        "method.teacher_temp_warmup=0.04",
+        "method.student_temp=0.1",
+        "method.freeze_last_layer_steps=20",
+        "method.ema_momentum=0.99",
+        "method.ema_momentum_end=1.0",
+    )
     global_crops = (1, None)
     uses_local_crops = True
     min_crops = 2  # a teacher crop and another student crop
@@ -82,6 +112,14 @@ class DINO(Method):
             "teacher_mean_entropy": mean_entropy,
             "teacher_temp": torch.tensor(teacher_temp),
         }
+
+    @classmethod
+    def schedules(cls, m: DINOConfig, total_steps: int) -> dict[str, np.ndarray]:
+        from raysl.optim.schedules import linear_then_constant
+
+        warmup = min(m.teacher_temp_warmup_steps, total_steps - 1)
+        temps = linear_then_constant(m.teacher_temp_warmup, m.teacher_temp, warmup, total_steps)
+        return {**super().schedules(m, total_steps), "teacher_temp": temps}
 
     def after_step(self, values: dict[str, float]) -> None:
         m = values["ema_momentum"]

@@ -3,17 +3,27 @@ negatives, optionally with Feature Transformation (Zhu et al. 2021)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raysl.checks import between
 from raysl.methods.base import Method, register
 from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher, step_of
 from raysl.methods.distributed import gather_no_grad, world
+from raysl.methods.keys import EMAKeys, FeatureTransformKeys, MethodConfig, ProjectorKeys, TemperatureKeys, key
 from raysl.methods.losses import feature_transform, info_nce_queue, pos_neg_scores
 from raysl.models.heads import mlp
 
 HIST_NEGATIVES = 4096  # negatives per histogram (a fixed stride through the queue)
+
+
+@dataclass
+class MoCoV2Config(FeatureTransformKeys, TemperatureKeys, EMAKeys, ProjectorKeys, MethodConfig):
+    queue_size: int = key(65536, "negatives kept in the queue (keys of all workers)", **between(1))
+    shuffle_bn: bool = key(True, "shuffle the key batch across workers (MoCo's Shuffling BN)")
 
 
 @register("mocov2")
@@ -33,7 +43,17 @@ class MoCoV2(Method):
     "hist_pos_raw"/"hist_neg_raw" (before FT), negatives subsampled to 4096 per query.
     """
 
+    config_class = MoCoV2Config
     default_views = "mocov2"
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "method.proj_dim=64",
+        "data.views=mocov2",
+        "method.temperature=0.2",
+        "method.queue_size=2048",
+        "method.ema_momentum=0.99",
+        "method.ema_momentum_end=0.99",
+    )
 
     def __init__(self, cfg):
         super().__init__()

@@ -3,12 +3,20 @@ against the keys of the global batch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from raysl.methods.base import Method, register
 from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher
+from raysl.methods.keys import EMAKeys, MethodConfig, PredictorKeys, ProjectorKeys, TemperatureKeys
 from raysl.methods.losses import moco_v3_loss
 from raysl.models.heads import mlp
+
+
+@dataclass
+class MoCoV3Config(TemperatureKeys, EMAKeys, PredictorKeys, ProjectorKeys, MethodConfig):
+    """Only the shared keys."""
 
 
 @register("mocov3")
@@ -19,7 +27,18 @@ class MoCoV3(Method):
     `ema_momentum` -> `ema_momentum_end`, paper 0.99 -> 1). Loss: moco_v3_loss(q1, k2) +
     moco_v3_loss(q2, k1) with keys of all workers as negatives."""
 
+    config_class = MoCoV3Config
     default_views = "mocov3"
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "method.proj_dim=64",
+        "method.pred_hidden_dim=256",
+        "data.views=mocov2",
+        "method.temperature=0.2",
+        "method.proj_layers=2",
+        "method.ema_momentum=0.99",
+        "method.ema_momentum_end=1.0",
+    )
 
     def __init__(self, cfg):
         super().__init__()

@@ -5,14 +5,17 @@ quality-driven contrast (Li et al. 2024) with user-generated extra views."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from raysl.checks import between
 from raysl.errors import UserError
 from raysl.methods.base import Method, register
 from raysl.methods.common import embedding_std, is_vit, make_backbone, register_external_params, step_of
 from raysl.methods.distributed import all_reduce_sum, gather_no_grad, world
+from raysl.methods.keys import FeatureTransformKeys, MethodConfig, ProjectorKeys, TemperatureKeys, key
 from raysl.methods.losses import feature_transform, nt_xent, nt_xent_weighted, pos_neg_scores
 from raysl.models.heads import mlp
 
@@ -39,6 +42,13 @@ def _weighted_mean(terms: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     w = weights.detach().to(terms.dtype)
     mean = all_reduce_sum(w.sum()) / (w.numel() * world()[1])
     return (terms * (w / mean.clamp_min(torch.finfo(w.dtype).tiny)).repeat(2)).mean()
+
+
+@dataclass
+class SimCLRConfig(FeatureTransformKeys, TemperatureKeys, ProjectorKeys, MethodConfig):
+    quality_weighting: bool = key(False, "GenView-style quality-driven weighting of positive pairs")
+    quality_temp: float = key(0.5, "softmax temperature over the quality scores", **between(0.0, lo_open=True))
+    extra_views: str = key("", "`package.module:function` mapping a batch's views to extra (generated) views")
 
 
 @register("simclr")
@@ -76,7 +86,14 @@ class SimCLR(Method):
     quality-weighted when that is on, each with FT when that is on).
     """
 
+    config_class = SimCLRConfig
     default_views = "simclr"
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "method.proj_dim=64",
+        "data.views=mocov2",
+        "method.temperature=0.2",
+    )
 
     def __init__(self, cfg):
         super().__init__()

@@ -3,15 +3,29 @@ multi-crop, optional queue."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from raysl.checks import between
 from raysl.methods.base import Method, register
 from raysl.methods.common import embedding_std, make_backbone, multicrop, step_of
+from raysl.methods.keys import MethodConfig, ProjectorKeys, TemperatureKeys, key
 from raysl.methods.losses import swav_loss
 from raysl.models.heads import Prototypes, mlp
 
 CROPS_FOR_ASSIGN = (0, 1)
+
+
+@dataclass
+class SwAVConfig(TemperatureKeys, ProjectorKeys, MethodConfig):
+    num_prototypes: int = key(3000, "prototypes (clusters) the codes are assigned to", **between(1))
+    freeze_prototypes_steps: int = key(0, "steps during which the prototypes get zero gradients", **between(0))
+    sinkhorn_eps: float = key(0.05, "Sinkhorn-Knopp entropy regularisation", **between(0.0, lo_open=True))
+    sinkhorn_iters: int = key(3, "Sinkhorn-Knopp iterations", **between(1))
+    swav_queue_size: int = key(0, "embeddings queued for the codes; 0: no queue", **between(0))
+    swav_queue_start: int = key(0, "step from which a full queue is used", **between(0))
 
 
 @register("swav")
@@ -26,7 +40,22 @@ class SwAV(Method):
     queue of the last embeddings of each assign crop; once it is full and the step is at
     least `swav_queue_start`, its scores are prepended before Sinkhorn (small batches)."""
 
+    config_class = SwAVConfig
     default_views = "swav"
+    # Short runs sit at the uniform-code fixed point (loss = log K) with a queue of stale
+    # embeddings or with eps 0.05; sharper Sinkhorn codes (eps 0.02) over more prototypes
+    # than embedding dimensions, prototypes frozen for the first 50 steps, learn.
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "method.proj_dim=64",
+        "data.views=swav",
+        "data.local_crops=0",
+        "method.temperature=0.1",
+        "method.num_prototypes=300",
+        "method.sinkhorn_eps=0.02",
+        "method.freeze_prototypes_steps=50",
+        "method.swav_queue_size=0",
+    )
     global_crops = (2, None)  # codes come from the first two crops
     uses_local_crops = True
 

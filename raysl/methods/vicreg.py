@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from raysl.checks import between
 from raysl.methods.base import Method, register
 from raysl.methods.common import embedding_std, make_backbone
+from raysl.methods.keys import MethodConfig, ProjectorKeys, key
 from raysl.methods.losses import vicreg_loss
 from raysl.models.heads import mlp
+
+
+@dataclass
+class VICRegConfig(ProjectorKeys, MethodConfig):
+    vicreg_sim: float = key(25.0, "weight of the invariance term", **between(0.0))
+    vicreg_std: float = key(25.0, "weight of the variance term", **between(0.0))
+    vicreg_cov: float = key(1.0, "weight of the covariance term", **between(0.0))
 
 
 @register("vicreg")
@@ -16,7 +27,14 @@ class VICReg(Method):
     `vicreg_loss` with coefficients `vicreg_sim`, `vicreg_std`, `vicreg_cov` (25, 25, 1).
     Logs the unweighted "invariance", "variance" and "covariance" terms."""
 
+    config_class = VICRegConfig
     default_views = "byol"
+    bench_overrides = (
+        "method.proj_hidden_dim=256",
+        "method.proj_dim=64",
+        "data.views=mocov2",
+        "method.proj_layers=3",
+    )
 
     def __init__(self, cfg):
         super().__init__()

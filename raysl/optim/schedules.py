@@ -1,4 +1,4 @@
-"""Per-step schedules (lr, weight decay, EMA momentum, teacher temperature) as numpy arrays.
+"""Per-step schedules (lr, weight decay, and each method's own: EMA momentum, teacher temperature) as numpy arrays.
 
 Arrays are precomputed from the config with one value per optimizer step; a resumed run
 rebuilds them from the same config, so only the step needs checkpointing.
@@ -10,7 +10,7 @@ last step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,22 +52,20 @@ def linear_then_constant(start: float, end: float, ramp_steps: int, total_steps:
 
 @dataclass
 class Schedules:
+    """Named per-step arrays: lr and weight_decay for the optimizer, plus what the method
+    declares (`Method.schedules`: EMA momentum, DINO's teacher temperature, ...)."""
+
     lr: np.ndarray
     weight_decay: np.ndarray
-    ema_momentum: np.ndarray
-    teacher_temp: np.ndarray
+    method: dict[str, np.ndarray] = field(default_factory=dict)
 
     def at(self, step: int) -> dict[str, float]:
         """Values for optimizer step `step` (0-based); steps past the end keep the last values."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         i = min(int(step), len(self.lr) - 1)
-        return {
-            "lr": float(self.lr[i]),
-            "weight_decay": float(self.weight_decay[i]),
-            "ema_momentum": float(self.ema_momentum[i]),
-            "teacher_temp": float(self.teacher_temp[i]),
-        }
+        values = {"lr": float(self.lr[i]), "weight_decay": float(self.weight_decay[i])}
+        return {**values, **{k: float(v[min(int(step), len(v) - 1)]) for k, v in self.method.items()}}
 
     @classmethod
     def build(
@@ -79,32 +77,18 @@ class Schedules:
         min_lr: float,
         weight_decay: float,
         weight_decay_end: float,
-        ema_momentum: float = 0.996,
-        ema_momentum_end: float = 1.0,
-        teacher_temp: float = 0.04,
-        teacher_temp_warmup: float = 0.04,
-        teacher_temp_warmup_steps: int = 0,
+        method: dict[str, np.ndarray] | None = None,
     ) -> Schedules:
-        """DINO-style: lr warmup + cosine to min_lr, wd cosine, EMA momentum cosine to
-        ema_momentum_end, teacher temperature ramp teacher_temp_warmup -> teacher_temp."""
-        _check_nonneg(
-            lr=lr,
-            min_lr=min_lr,
-            weight_decay=weight_decay,
-            weight_decay_end=weight_decay_end,
-            teacher_temp=teacher_temp,
-            teacher_temp_warmup=teacher_temp_warmup,
-        )
-        for k, v in (("ema_momentum", ema_momentum), ("ema_momentum_end", ema_momentum_end)):
-            if not 0.0 <= v <= 1.0:
-                raise UserError(f"{k} must be in [0, 1], got {v}")
+        """lr: linear warmup, then cosine to min_lr; weight decay: cosine to weight_decay_end;
+        `method`: the method's own arrays, each of length total_steps."""
+        _check_nonneg(lr=lr, min_lr=min_lr, weight_decay=weight_decay, weight_decay_end=weight_decay_end)
+        for k, v in (method or {}).items():
+            if len(v) != total_steps:
+                raise ValueError(f"schedule {k} has {len(v)} steps, not {total_steps}")
         return cls(
             lr=cosine(lr, min_lr, total_steps, warmup_steps),
             weight_decay=cosine(weight_decay, weight_decay_end, total_steps),
-            ema_momentum=cosine(ema_momentum, ema_momentum_end, total_steps),
-            teacher_temp=linear_then_constant(
-                teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps, total_steps
-            ),
+            method=dict(method or {}),
         )
 
 

@@ -142,7 +142,9 @@ def total_steps(cfg: Config, world_size: int) -> int:
 
 def make_schedules(cfg: Config, total: int, world_size: int) -> Schedules:
     """The run's per-step schedules: lr (linearly scaled to the global batch) with warmup
-    and cosine, weight decay, EMA momentum, teacher temperature."""
+    and cosine, weight decay, and the method's own (`Method.schedules`)."""
+    from raysl.methods.base import method_class
+
     global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world_size
     wd_end = cfg.optim.weight_decay_end if cfg.optim.weight_decay_end >= 0 else cfg.optim.weight_decay
     return Schedules.build(
@@ -152,11 +154,7 @@ def make_schedules(cfg: Config, total: int, world_size: int) -> Schedules:
         min_lr=cfg.optim.min_lr,
         weight_decay=cfg.optim.weight_decay,
         weight_decay_end=wd_end,
-        ema_momentum=cfg.method.ema_momentum,
-        ema_momentum_end=cfg.method.ema_momentum_end,
-        teacher_temp=cfg.method.teacher_temp,
-        teacher_temp_warmup=cfg.method.teacher_temp_warmup,
-        teacher_temp_warmup_steps=min(cfg.method.teacher_temp_warmup_steps, total - 1),
+        method=method_class(cfg.method.name).schedules(cfg.method, total),
     )
 
 
@@ -190,7 +188,7 @@ def train_loop_per_worker(raw: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     method = build_method(cfg)
     if cfg.model.compile:
-        compile_backbone(method.backbone, backend=cfg.model.compile_backend)
+        compile_backbone(method.evaluated_backbone(), backend=cfg.model.compile_backend)
     spec = spec_for(cfg, type(method))
     steps = epoch_steps(cfg, world, cfg.train.epochs)
     total = min(sum(steps), cfg.train.max_steps) if cfg.train.max_steps else sum(steps)
@@ -309,7 +307,7 @@ def train_loop_per_worker(raw: dict) -> None:
                 )
                 preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint now, then stop
                 if monitor and monitor.due(state["step"], total):
-                    metrics.update(monitor.evaluate(method.backbone))
+                    metrics.update(monitor.evaluate(method.evaluated_backbone()))
                 if cfg.eval.val_shards and (state["step"] % cfg.eval.val_every == 0 or state["step"] == total):
                     metrics["val_loss"] = held_out_loss(engine, method, val_batches(), values)
                 if log:
