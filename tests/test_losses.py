@@ -437,3 +437,15 @@ def test_shape_mismatches_are_clear_errors():
         with pytest.raises(ValueError, match=match):
             call()
 
+
+def test_simsiam_loss_matches_the_papers_pseudocode_and_stops_the_gradient():
+    from raysl.methods.simsiam import simsiam_loss
+
+    g = torch.Generator().manual_seed(3)
+    p, z = torch.randn(6, 8, generator=g, requires_grad=True), torch.randn(6, 8, generator=g, requires_grad=True)
+    # Algorithm 1 of the paper: D(p, z) = -(normalize(p) * normalize(z.detach())).sum(dim=1).mean()
+    plain = -(p / p.norm(dim=1, keepdim=True) * (z / z.norm(dim=1, keepdim=True)).detach()).sum(dim=1).mean()
+    loss = simsiam_loss(p, z)
+    assert torch.allclose(loss, plain, atol=1e-6)
+    loss.backward()
+    assert p.grad is not None and z.grad is None  # no gradient through the projection side

@@ -46,6 +46,7 @@ CASES = [
     ("mae", "test_vit", 1, 0),
     ("barlowtwins", "test_resnet", 2, 0),
     ("vicreg", "test_vit", 2, 0),
+    ("simsiam", "test_resnet", 2, 0),
 ]
 
 
