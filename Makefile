@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test lint
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -17,3 +17,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15
+
+# Format, lint and type checks (ruff and mypy, configured in pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check raysl tests
+	$(VENV)/bin/ruff check raysl tests
+	$(VENV)/bin/mypy

@@ -96,7 +96,7 @@ def cmd_tune(args) -> None:
     cfg = load_config(args.recipe, args.overrides)
     result = tune_recipe(
         cfg,
-        load_space(args.space),
+        load_space(args.space, cfg.method.name),
         scheduler=args.scheduler,
         samples=args.samples,
         metric=args.metric,
@@ -117,7 +117,7 @@ def cmd_tune(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from raysl.config import load_config
-    from raysl.train.run import pretrain
+    from raysl.pretrain import pretrain
 
     cfg = load_config(args.recipe, args.overrides)
     print(json.dumps(pretrain(cfg, address=args.address, resume=args.resume)))

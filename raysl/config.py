@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -183,7 +184,7 @@ class Config:
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _check(key: str, f: dataclasses.Field, value):
+def check_value(key: str, f: dataclasses.Field, value):
     if typing.get_origin(f.type) is list:  # a list of scalars, each checked like a scalar key
         meta, example = f.metadata, f.metadata.get("example", "[20, 200]")
         if isinstance(value, list) and not value and meta.get("empty_ok"):
@@ -194,7 +195,7 @@ def _check(key: str, f: dataclasses.Field, value):
             raise UserError(f"config key {key}: expected {what}, e.g. {example}, got {value!r}")
         item = dataclasses.field(metadata=meta.get("each", {}))
         item.type = typing.get_args(f.type)[0]
-        checked = [_check(key, item, v) for v in value]
+        checked = [check_value(key, item, v) for v in value]
         if meta.get("ascending") and checked != sorted(checked):
             raise UserError(f"config key {key}: {value!r} must be [lo, hi] with lo <= hi, e.g. {example}")
         return checked
@@ -210,7 +211,7 @@ def _check(key: str, f: dataclasses.Field, value):
                 raise UserError(
                     f"config key {key}: {name!r} is not a custom resource name (CPU/GPU have their own keys)"
                 )
-        return {name: _check(f"{key}.{name}", item, v) for name, v in value.items()}
+        return {name: check_value(f"{key}.{name}", item, v) for name, v in value.items()}
     typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -231,7 +232,7 @@ def _check(key: str, f: dataclasses.Field, value):
     return value
 
 
-def _section_fields(cls) -> dict[str, dataclasses.Field]:
+def section_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -245,15 +246,15 @@ def method_config(name: str) -> MethodConfig:
 def _unknown_method_key(name: str, key: str, fields) -> UserError:
     from raysl.methods.base import discover
 
-    owners = sorted(m for m, cls in discover().items() if key in _section_fields(cls.config_class))
+    owners = sorted(m for m, cls in discover().items() if key in section_fields(cls.config_class))
     hint = f" (a key of {', '.join(owners)})" if owners else ""
     return UserError(f"config key method.{key}: method {name} has no such key{hint}; {name} has {', '.join(fields)}")
 
 
 def from_dict(raw: dict, origin: str = "config") -> Config:
     if not isinstance(raw, dict):
-        raise UserError(f"{origin}: expected a mapping of sections ({', '.join(_section_fields(Config))})")
-    sections = _section_fields(Config)
+        raise UserError(f"{origin}: expected a mapping of sections ({', '.join(section_fields(Config))})")
+    sections = section_fields(Config)
     kwargs = {}
     for name, values in raw.items():
         if name not in sections:
@@ -268,7 +269,7 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
             if not isinstance(method, str):
                 raise UserError(f"config key method.name: expected a method name, got {method!r}")
             cls = type(method_config(method))
-        fields = _section_fields(cls)
+        fields = section_fields(cls)
         checked = {}
         for key, value in values.items():
             if key not in fields:
@@ -276,15 +277,15 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
                     raise _unknown_method_key(values.get("name", "simclr"), key, fields)
                 raise UserError(f"config key {name}.{key} is unknown; {name} has {', '.join(fields)}")
             fields[key].type = typing.get_type_hints(cls)[key]
-            checked[key] = _check(f"{name}.{key}", fields[key], value)
+            checked[key] = check_value(f"{name}.{key}", fields[key], value)
         kwargs[name] = cls(**checked)
     cfg = Config(**kwargs)
     for name in sections:  # validate defaults too
         section = getattr(cfg, name)
-        fields, hints = _section_fields(type(section)), typing.get_type_hints(type(section))
+        fields, hints = section_fields(type(section)), typing.get_type_hints(type(section))
         for key, f in fields.items():
             f.type = hints[key]
-            _check(f"{name}.{key}", f, getattr(section, key))
+            check_value(f"{name}.{key}", f, getattr(section, key))
     if cfg.eval.knn_shards and cfg.deepspeed.zero_stage == 3:
         raise UserError(
             "config key eval.knn_shards: the online kNN monitor reads the backbone's whole weights, which "
@@ -326,10 +327,10 @@ def _keys_of_method(recipe_keys: dict, name) -> dict:
     cls = discover().get(name) if isinstance(name, str) else None
     if cls is None:
         return recipe_keys  # from_dict names the unknown method
-    return {k: v for k, v in recipe_keys.items() if k in _section_fields(cls.config_class)}
+    return {k: v for k, v in recipe_keys.items() if k in section_fields(cls.config_class)}
 
 
-def load_config(recipe: str, overrides: list[str] = ()) -> Config:
+def load_config(recipe: str, overrides: Sequence[str] = ()) -> Config:
     path = recipe_path(recipe)
     try:
         with open(path) as f:
@@ -355,9 +356,9 @@ def load_config(recipe: str, overrides: list[str] = ()) -> Config:
 def resolve_paths(cfg: Config) -> Config:
     """The config with every path key (data.shards, eval.*_shards, train.storage_path)
     absolute against the working directory (`resolve_path`)."""
-    for name in _section_fields(Config):
+    for name in section_fields(Config):
         section = getattr(cfg, name)
-        for key, f in _section_fields(type(section)).items():
+        for key, f in section_fields(type(section)).items():
             if f.metadata.get("path"):
                 setattr(section, key, resolve_path(getattr(section, key)))
     return cfg

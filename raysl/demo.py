@@ -67,7 +67,7 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
 
     _step("raysl pretrain quickstart: SimCLR, ResNet-18, DeepSpeed ZeRO-2 + AdamW8bit on a Ray Train worker")
     from raysl.config import load_config
-    from raysl.train.run import pretrain
+    from raysl.pretrain import pretrain
 
     cfg = load_config(
         "quickstart",

@@ -83,7 +83,7 @@ def test_address_is_accepted_before_and_after_every_ray_subcommand(argv):
 
 
 def test_readme_pretrain_line_reaches_pretrain_with_the_address(monkeypatch, capsys):
-    import raysl.train.run
+    import raysl.pretrain
     from raysl.cli import main
 
     seen = {}
@@ -92,7 +92,7 @@ def test_readme_pretrain_line_reaches_pretrain_with_the_address(monkeypatch, cap
         seen.update(cfg=cfg, address=address, resume=resume)
         return {"run_dir": "x"}
 
-    monkeypatch.setattr(raysl.train.run, "pretrain", fake_pretrain)
+    monkeypatch.setattr(raysl.pretrain, "pretrain", fake_pretrain)
     argv = [
         "pretrain",
         "quickstart",
@@ -128,14 +128,14 @@ def test_init_ray_uses_ray_address_when_no_address_is_given(monkeypatch):
 
 
 def test_a_run_that_gives_up_prints_its_summary_on_one_line_and_exits_1(monkeypatch, capsys):
-    import raysl.train.run
+    import raysl.pretrain
     from raysl.cli import main
     from raysl.errors import RunFailed
 
     def failing_pretrain(cfg, *, address=None, resume=False):
         raise RunFailed("run runs/r failed after 2 attempt(s) (train.max_failures=1); last step reached 7; ...")
 
-    monkeypatch.setattr(raysl.train.run, "pretrain", failing_pretrain)
+    monkeypatch.setattr(raysl.pretrain, "pretrain", failing_pretrain)
     assert main(["pretrain", "quickstart"]) == 1
     err = capsys.readouterr().err
     assert err == "raysl: run runs/r failed after 2 attempt(s) (train.max_failures=1); last step reached 7; ...\n"
@@ -154,8 +154,8 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
     import raysl.eval.export
     import raysl.eval.report
     import raysl.eval.run
+    import raysl.pretrain
     import raysl.runtime
-    import raysl.train.run
     import raysl.tune.search
     import raysl.tune.space
     from raysl.cli import main
@@ -175,7 +175,7 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
 
     monkeypatch.setattr(raysl.runtime, "init_ray", record("init_ray", "Ray: faked"))
     monkeypatch.setattr(raysl.demo, "run_demo", record("demo"))
-    monkeypatch.setattr(raysl.train.run, "pretrain", record("pretrain", {}))
+    monkeypatch.setattr(raysl.pretrain, "pretrain", record("pretrain", {}))
     monkeypatch.setattr(raysl.tune.space, "load_space", record("load_space", []))
     monkeypatch.setattr(
         raysl.tune.search,
@@ -228,7 +228,7 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
     ) == (here("shards"), str(tmp_path / "labeled"), here("q"), here("v"), here("runs"))
 
     assert main(["tune", "recipe.yaml", "--space", "space.yaml", "--storage", "tune_runs"]) == 0
-    assert seen["load_space"][0] == (here("space.yaml"),)
+    assert seen["load_space"][0] == (here("space.yaml"), "simclr")
     assert seen["tune"][0][0].data.shards == here("shards") and seen["tune"][1]["storage"] == here("tune_runs")
     assert main(["tune", "recipe.yaml", "--space", "space.yaml", "--storage", "s3://bucket/tune"]) == 0
     assert seen["tune"][1]["storage"] == "s3://bucket/tune"

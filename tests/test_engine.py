@@ -20,7 +20,7 @@ from raysl.errors import UserError
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
 from raysl.train.engine import DTYPES, initialize
-from raysl.train.loop import compile_backbone, make_optimizer, make_schedules, train_step
+from raysl.train.trainer import compile_backbone, make_optimizer, make_schedules, train_step
 
 BATCH, SIZE, TOTAL = 4, 32, 10
 
@@ -434,7 +434,7 @@ def test_resume_and_eval_take_the_last_complete_checkpoint(saved, tmp_path):
     from ray.train.v2._internal.execution.training_report import _TrainingReport
 
     from raysl.eval.weights import latest_checkpoint
-    from raysl.train.run import _has_checkpoints
+    from raysl.pretrain import has_checkpoints
 
     src, cfg = saved
     run = tmp_path / "runs" / "r"
@@ -457,9 +457,9 @@ def test_resume_and_eval_take_the_last_complete_checkpoint(saved, tmp_path):
     asyncio.run(first_attempt())
     assert asyncio.run(resumed()).checkpoint.path == str(done)
     assert latest_checkpoint(str(run)) == (1, str(done))
-    assert _has_checkpoints(str(run)) and _has_checkpoints(str(run), complete=True)  # pretrain: --resume allowed
+    assert has_checkpoints(str(run)) and has_checkpoints(str(run), complete=True)  # pretrain: --resume allowed
     assert checkpoint.load(str(done), _build(cfg)[0], rank=0, world_size=1)["step"] == 1
     with pytest.raises(UserError, match="incomplete"):
         checkpoint.load(str(half), _build(cfg)[0], rank=0, world_size=1)
     shutil.rmtree(done)
-    assert _has_checkpoints(str(run)) and not _has_checkpoints(str(run), complete=True)  # --resume refused
+    assert has_checkpoints(str(run)) and not has_checkpoints(str(run), complete=True)  # --resume refused

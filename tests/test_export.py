@@ -30,7 +30,7 @@ def vit_run(ray_local, tmp_path_factory):
     Transformation score histograms); (run dir, shard dir)."""
     if not _RUN:
         from raysl.config import load_config
-        from raysl.train.run import pretrain
+        from raysl.pretrain import pretrain
 
         root = tmp_path_factory.mktemp("export_run")
         shards = str(root / "shards")

@@ -208,9 +208,9 @@ def test_checkpoints_written_before_worker_listings_still_count_when_every_worke
 
 
 def test_pretrain_checks_a_uri_runs_checkpoints_before_ray(tmp_path, monkeypatch):
+    from raysl import pretrain as run
     from raysl.config import from_dict
     from raysl.errors import UserError
-    from raysl.train import run
 
     monkeypatch.setattr(run, "validate", lambda cfg: None)  # no shard set needed for these checks
     monkeypatch.setattr("raysl.runtime.init_ray", lambda *a, **k: pytest.fail("Ray must not start"))
@@ -261,7 +261,8 @@ def test_each_attempt_is_numbered_and_its_start_line_says_where_it_began(tmp_pat
         == "raysl: attempt 1: simclr on r, 2 worker(s), starting at step 0"
     )
     assert recovery.start_line(again, "simclr on r, 2 worker(s)") == (
-        "raysl: attempt 2: simclr on r, 2 worker(s), starting at step 8 from checkpoint_b (found in the run's storage); "
+        "raysl: attempt 2: simclr on r, 2 worker(s), starting at step 8 from checkpoint_b "
+        "(found in the run's storage); "
         "first step trained: 9"
     )
 

@@ -9,8 +9,8 @@ from raysl.errors import UserError
 from raysl.eval.labeled import load_labeled
 from raysl.eval.monitor import KnnMonitor, knn_metrics
 from raysl.eval.weights import load_backbone
+from raysl.pretrain import pretrain, validate
 from raysl.train.metrics import read_metrics
-from raysl.train.run import pretrain, validate
 
 
 @pytest.fixture(scope="module")

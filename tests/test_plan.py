@@ -56,7 +56,7 @@ def shards(tmp_path_factory):
 
 
 def test_epoch_steps_stop_at_max_steps(shards, monkeypatch):
-    from raysl.train import loop
+    from raysl.train import steps as loop
 
     cfg = load_config("quickstart", [f"data.shards={shards}", "data.batch_size=4", "train.epochs=100"])
     planned = []

@@ -14,7 +14,7 @@ from raysl.errors import UserError
 from raysl.methods import docs
 from raysl.methods.base import METHODS, discover
 
-NEW_METHOD = '''
+NEW_METHOD = """
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +41,7 @@ class Planted(Method):
 
     def forward(self, views, values):
         return {"loss": self.backbone(views[0]).pow(2).mean() * 0}
-'''
+"""
 
 
 @pytest.fixture
@@ -68,7 +68,9 @@ def test_a_new_method_module_is_found_configured_and_benched_without_lists(plant
 
 
 def test_a_key_of_another_method_names_the_methods_that_have_it():
-    with pytest.raises(UserError, match=r"config key method.queue_size: method dino has no such key \(a key of mocov2\)"):
+    with pytest.raises(
+        UserError, match=r"config key method.queue_size: method dino has no such key \(a key of mocov2\)"
+    ):
         from_dict({"method": {"name": "dino", "queue_size": 10}})
     with pytest.raises(UserError, match=r"method.nonsense: method simclr has no such key;"):
         from_dict({"method": {"nonsense": 1}})

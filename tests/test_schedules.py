@@ -75,8 +75,15 @@ def test_each_method_declares_its_own_schedules():
         assert ("teacher_temp" in arrays) == (name == "dino"), name
         assert all(len(a) == 50 for a in arrays.values())
     with pytest.raises(ValueError, match="teacher_temp has 3 steps"):
-        Schedules.build(total_steps=5, warmup_steps=0, lr=1.0, min_lr=0.0, weight_decay=0.0, weight_decay_end=0.0,
-                        method={"teacher_temp": np.ones(3)})
+        Schedules.build(
+            total_steps=5,
+            warmup_steps=0,
+            lr=1.0,
+            min_lr=0.0,
+            weight_decay=0.0,
+            weight_decay_end=0.0,
+            method={"teacher_temp": np.ones(3)},
+        )
 
 
 def test_apply_sets_lr_and_scaled_wd():

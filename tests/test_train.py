@@ -16,9 +16,9 @@ from shardfactory import digit_images, write_shards
 
 from raysl.config import load_config
 from raysl.errors import RunFailed, UserError
+from raysl.pretrain import pretrain, validate
 from raysl.train import checkpoint, recovery, storage
 from raysl.train.metrics import read_metrics
-from raysl.train.run import pretrain, validate
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,8 @@ def _ckpt_step(run_dir, name):
 @pytest.mark.ray
 def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_local, shards, tmp_path):
     storage_path = str(tmp_path / "runs")
-    # 1. uninterrupted: 14 steps over 2 epochs (64 images / 2 workers / batch 4 = 8 steps an epoch), checkpoints at 4, 8, 12, 14
+    # 1. uninterrupted: 14 steps over 2 epochs (64 images / 2 workers / batch 4 = 8 steps an epoch),
+    # checkpoints at 4, 8, 12, 14
     base = pretrain(_cfg(shards, storage_path, "base"))
     ref = _losses(base["run_dir"])
     assert sorted(ref) == list(range(1, 15))
@@ -243,25 +244,36 @@ def test_checkpoint_files_are_never_unpickled(tmp_path):
     assert not os.path.exists("/tmp/raysl_pwned")
 
 
-def test_loop_draws_score_histograms_and_warns_on_collapse(tmp_path, capsys):
-    from raysl.train.loop import _global_metrics, _report_pictures_and_collapse
+def test_a_feature_transformation_run_draws_score_histograms(tmp_path):
+    from raysl.config import load_config
+    from raysl.methods.base import build_method
+    from raysl.train.metrics import global_metrics
 
-    class Method:
-        embedding_dim = 128
-
+    cfg = load_config(
+        "quickstart",
+        [
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=32",
+            "method.proj_dim=16",
+            "method.ft_every=1",
+            "method.ft_extrapolate=2.0",
+            "method.ft_interpolate=1.6",
+        ],
+    )
+    method = build_method(cfg)
     gen = torch.Generator().manual_seed(0)
-    out = {
-        "loss": torch.tensor(1.5),
-        "embedding_std": torch.tensor(1e-4),  # collapsed: healthy is ~1/sqrt(128) = 0.088
-        "hist_pos": torch.rand(64, generator=gen),
-        "hist_neg": torch.rand(640, generator=gen) * 2 - 1,
-    }
-    state = {"step": 7, "epoch": 0, "skipped": 0}
-    metrics = _global_metrics(out, state, 0, {"lr": 0.1, "weight_decay": 0.0}, 10.0)
-    assert "hist_pos" not in metrics and metrics["loss"] == 1.5  # only scalars are metrics
-    _report_pictures_and_collapse(out, metrics, Method(), str(tmp_path))
+    views = [torch.randn(6, 3, 32, 32, generator=gen) for _ in range(2)]
+    out = method(views, {"lr": 0.1, "weight_decay": 0.0, "step": 7})
+    metrics = global_metrics(out, {"step": 7, "epoch": 0, "skipped": 0}, 0, {"lr": 0.1, "weight_decay": 0.0}, 10.0)
+    assert "hist_pos" in out and "hist_pos" not in metrics  # only scalars are metrics
+    method.draw(out, 7, str(tmp_path))
     assert os.path.getsize(tmp_path / "score_histograms" / "step_0000007.png") > 1000
-    assert "COLLAPSE WARNING at step 7" in capsys.readouterr().out
-    healthy = dict(metrics, embedding_std=0.09)
-    _report_pictures_and_collapse({"loss": out["loss"]}, healthy, Method(), str(tmp_path))
-    assert "COLLAPSE" not in capsys.readouterr().out
+    method.draw({"loss": out["loss"]}, 8, str(tmp_path))  # a step without scores draws nothing
+    assert sorted(os.listdir(tmp_path / "score_histograms")) == ["step_0000007.png"]
+
+
+def test_collapse_warning_fires_on_collapsed_embeddings_only():
+    from raysl.methods.base import collapse_warning
+
+    assert "COLLAPSE WARNING at step 7" in collapse_warning({"step": 7, "embedding_std": 1e-4}, 128)
+    assert collapse_warning({"step": 7, "embedding_std": 0.09}, 128) is None

@@ -52,6 +52,7 @@ def test_space_parses_the_four_distributions():
         ({"data.batch_size": {"loguniform": [4, 64]}}, "integer key: use randint or choice"),
         ({"data.batch_size": {"randint": [0, 8]}}, "data.batch_size: 0 is out of range"),
         ({}, "expected a mapping"),
+        ({"method.queue_size": {"randint": [8, 16]}}, "method.queue_size is unknown to method simclr"),
     ],
 )
 def test_space_errors_name_the_key(space, message):
@@ -72,15 +73,15 @@ def test_space_file_errors(tmp_path):
 def test_each_restart_of_a_trial_trains_in_a_new_attempt(tmp_path, uri):
     """A PBT exploit or --resume starts a new Train run beside the earlier ones, on local
     storage and on a bucket URI alike (file:// here), never over an earlier attempt."""
-    from raysl.tune.search import _next_attempt
+    from raysl.tune.search import next_attempt
 
     trial = tmp_path / "train" / "trial_0"
     base = f"file://{trial}" if uri else str(trial)
-    assert _next_attempt(base) == "attempt_0"  # the trial's folder is not there yet
+    assert next_attempt(base) == "attempt_0"  # the trial's folder is not there yet
     (trial / "attempt_0").mkdir(parents=True)
     (trial / "attempt_1").mkdir()
     (trial / "resume_from.txt").write_text("x")  # a file, not an attempt
-    assert _next_attempt(base) == "attempt_2"
+    assert next_attempt(base) == "attempt_2"
 
 
 def test_metric_and_search_checks(tmp_path):
@@ -97,10 +98,10 @@ def test_metric_and_search_checks(tmp_path):
     knn = load_config("quickstart", ["eval.knn_shards=/somewhere"])
     assert resolve_metric(knn, "knn_top1", None) == ("knn_top1", "max")
     if importlib.util.find_spec("optuna") is None:
-        from raysl.tune.search import _search_alg
+        from raysl.tune.search import search_alg
 
         with pytest.raises(UserError, match="needs the optuna package"):
-            _search_alg("optuna", "asha", 1)
+            search_alg("optuna", "asha", 1)
 
 
 @pytest.fixture(scope="module")

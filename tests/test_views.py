@@ -298,7 +298,7 @@ def test_views_from_imagefactory_formats():
 def _spec(method: str, *overrides: str):
     from raysl.config import load_config
     from raysl.methods.base import method_class
-    from raysl.train.loop import spec_for
+    from raysl.methods.crops import spec_for
 
     cfg = load_config("quickstart", [f"method.name={method}", "data.views=", "data.image_size=0", *overrides])
     return spec_for(cfg, method_class(method))
@@ -477,7 +477,7 @@ def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp
 
     from raysl.config import load_config
     from raysl.methods.base import build_method, method_class
-    from raysl.train.loop import spec_for
+    from raysl.methods.crops import spec_for
 
     backbone = "vit_tiny_patch16_224" if method == "mae" else "test_resnet"  # built for 224 px, the preset's
     recipe = tmp_path / "recipe.yaml"

@@ -6,7 +6,7 @@ Data: scikit-learn's 1,797 real handwritten digits (8x8, 10 classes, bundled in 
 wheel), upscaled to 32x32 PNGs. A seeded split keeps `test_fraction` of them out; the
 rest is the pretraining pool (labels never read by training) and the kNN memory bank
 (its labels are the kNN votes), the usual SSL protocol. Every run goes through the real
-engine (`raysl.train.run.pretrain`: Ray Train + DeepSpeed, one worker), its backbone is
+engine (`raysl.pretrain.pretrain`: Ray Train + DeepSpeed, one worker), its backbone is
 read back from the final checkpoint, and features are extracted with
 `raysl.eval.knn.extract_features` (eval-normalised, L2-normalised).
 Results: a markdown table and a JSON file in the output folder.
@@ -157,8 +157,8 @@ def run_methods_bench(
     from raysl.config import load_config
     from raysl.errors import UserError
     from raysl.eval.weights import initial_backbone
+    from raysl.pretrain import pretrain
     from raysl.train.metrics import read_metrics
-    from raysl.train.run import pretrain
 
     known = bench_methods()
     methods = tuple(known) if methods is None else methods

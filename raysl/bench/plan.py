@@ -67,7 +67,7 @@ def run_plan_bench(
         licenses=manifest.licenses,
     )
 
-    def plan(m: Manifest) -> list[int]:  # what raysl.train.loop.epoch_steps does, without a config
+    def plan(m: Manifest) -> list[int]:  # what raysl.train.steps.epoch_steps does, without a config
         return [
             reader.steps_per_epoch(m, batch_size=batch_size, seed=seed, epoch=e, world_size=workers)
             for e in range(epochs)

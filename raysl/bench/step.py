@@ -13,7 +13,7 @@ number of torch threads, in the same run:
   running the training loop's own pieces: `make_schedules`/`make_optimizer`, the DeepSpeed
   engine from `raysl.train.engine.initialize` (ZeRO `zero_stage`, fp32), `train_step`
   (schedules onto the optimizer, forward, `engine.backward`, `engine.step`, `after_step`)
-  and the per-step metrics every run logs (`_global_metrics` + `MetricsLog.log`).
+  and the per-step metrics every run logs (`global_metrics` + `MetricsLog.log`).
   Checkpoints are left out: how often they are written is the user's choice.
 
 Each side takes `warmup` untimed steps, then `steps` steps each timed with perf_counter
@@ -80,7 +80,7 @@ class _Baseline:
         import torch
 
         from raysl.methods.base import build_method
-        from raysl.train.loop import make_optimizer, make_schedules
+        from raysl.train.trainer import make_optimizer, make_schedules
 
         torch.manual_seed(cfg.train.seed)
         self.method = build_method(cfg)
@@ -121,13 +121,13 @@ def _raysl_worker(raw: dict) -> dict:
     from raysl.data.views import normalize
     from raysl.methods.base import build_method
     from raysl.train.engine import DTYPES, initialize
-    from raysl.train.loop import _global_metrics, make_optimizer, make_schedules, train_step
-    from raysl.train.metrics import MetricsLog
+    from raysl.train.metrics import MetricsLog, global_metrics
+    from raysl.train.trainer import make_optimizer, make_schedules, train_step
 
     cfg = from_dict(raw["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.train.cpus_per_worker)  # as train_loop_per_worker does
+    torch.set_num_threads(cfg.train.cpus_per_worker)  # as the trainer does
     dtype = DTYPES[cfg.deepspeed.precision]
     total = raw["total"]
     torch.manual_seed(cfg.train.seed)
@@ -148,7 +148,7 @@ def _raysl_worker(raw: dict) -> dict:
             micro = ([normalize(v).to(dtype) for v in views] for _ in range(cfg.deepspeed.grad_accum))
             out = train_step(engine, method, optimizer, micro, values)
             state["step"] = step + 1
-            metrics = _global_metrics(out, state, 0, values, global_batch / (time.perf_counter() - t0))
+            metrics = global_metrics(out, state, 0, values, global_batch / (time.perf_counter() - t0))
             if log:
                 log.log(metrics, show=False)
             times.append(time.perf_counter() - t0)

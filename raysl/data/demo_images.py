@@ -105,7 +105,7 @@ def write_digits(
         folder = os.path.join(out_dir, f"digits_{split}")
         os.makedirs(folder, exist_ok=True)
         splits[split] = (folder, os.path.join(out_dir, f"digits_{split}.csv"))
-    files = {split: open(csv_path, "w", newline="") for split, (_, csv_path) in splits.items()}
+    files = {split: open(csv_path, "w", newline="") for split, (_, csv_path) in splits.items()}  # noqa: SIM115 (closed below)
     try:
         writers = {split: csv.writer(f) for split, f in files.items()}
         for w in writers.values():

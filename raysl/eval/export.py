@@ -17,7 +17,7 @@ TIMM_CONFIG = "config.json"
 def eval_image_size(cfg: Config) -> int:
     """The global crop size the run trained on (data.image_size, else its views preset's)."""
     from raysl.methods.base import method_class
-    from raysl.train.loop import spec_for
+    from raysl.methods.crops import spec_for
 
     return cfg.data.image_size or max(c.size for c in spec_for(cfg, method_class(cfg.method.name)).crops)
 

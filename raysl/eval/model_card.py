@@ -111,11 +111,11 @@ def lineage(shards: str, out_dir: str) -> dict:
 
 def _table(header: tuple[str, str], items) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in items]
+    lines += [f"| {k} | {format_value(v)} |" for k, v in items]
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (dict, list)):

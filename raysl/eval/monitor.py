@@ -18,6 +18,7 @@ import torch.distributed as dist
 from raysl.config import Config
 from raysl.eval.knn import extract_features, knn_top1
 from raysl.eval.labeled import check_labeled, load_labeled
+from raysl.train.callback import Callback
 
 
 def gathered_features(
@@ -99,10 +100,6 @@ class KnnMonitor:
             self.bank, self.bank_labels = images[bank], labels[bank]
             self.query, self.query_labels = images[query], labels[query]
 
-    @classmethod
-    def from_config(cls, cfg: Config, image_size: int) -> KnnMonitor | None:
-        return cls(cfg, image_size) if cfg.eval.knn_shards else None
-
     def due(self, step: int, total: int) -> bool:
         return step % self.every == 0 or step == total
 
@@ -121,3 +118,14 @@ def knn_metrics(bank, bank_labels, query, query_labels, ks: list[int], temperatu
         out[f"knn_top1_k{k}"], out[f"knn_top5_k{k}"] = top1, top5
     out["knn_top1"] = out[f"knn_top1_k{ks[0]}"]
     return out
+
+
+class KnnCallback(Callback):
+    """The online kNN monitor plugged into the trainer: its metrics every eval.knn_every steps."""
+
+    def setup(self, trainer) -> None:
+        self.monitor = KnnMonitor(trainer.cfg, trainer.cfg.data.image_size or trainer.spec.crops[0].size)
+
+    def on_step(self, trainer, out: dict, metrics: dict) -> None:
+        if self.monitor.due(trainer.state["step"], trainer.total):
+            metrics.update(self.monitor.evaluate(trainer.method.evaluated_backbone()))

@@ -19,7 +19,8 @@ MAX_HISTOGRAMS = 8
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
-th { background: #f3f3f3; text-align: left; } figure { display: inline-block; margin: 0 1em 1.5em 0; vertical-align: top; }
+th { background: #f3f3f3; text-align: left; }
+figure { display: inline-block; margin: 0 1em 1.5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #ddd; } figcaption { max-width: 640px; font-size: 0.9em; color: #555; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; } .note { color: #8a5a00; }
 """
@@ -36,9 +37,9 @@ _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src
 
 
 def _table(rows, header=("key", "value")) -> str:
-    from raysl.eval.model_card import _fmt
+    from raysl.eval.model_card import format_value
 
-    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(format_value(v))}</td></tr>" for k, v in rows)
     return f"<table><tr><th>{html.escape(header[0])}</th><th>{html.escape(header[1])}</th></tr>{body}</table>"
 
 

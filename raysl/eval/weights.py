@@ -84,9 +84,8 @@ def load_backbone(
     `expect_backbone`, a run of another architecture is refused with a clear error; a
     state that does not fit the backbone the recipe names is refused too. `random_init`:
     the same backbone with the weights the run started from (`initial_backbone`)."""
-    from raysl.models.backbone import create_backbone
-
     from raysl.methods.base import method_class
+    from raysl.models.backbone import create_backbone
 
     cfg, step, state = method_state(run_dir)
     module = method_class(cfg.method.name).backbone_module

@@ -58,6 +58,9 @@ class Method(nn.Module):
     def after_step(self, values: dict[str, float]) -> None:
         pass
 
+    def draw(self, out: dict, step: int, folder: str) -> None:
+        """Rank 0, after each step: pictures of the step's outputs into the run's `folder`."""
+
     def evaluated_backbone(self) -> nn.Module:
         return getattr(self, self.backbone_module)
 

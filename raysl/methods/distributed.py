@@ -90,12 +90,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over workers, as a new detached tensor."""
-    return all_reduce_sum(x) / world()[1]
-
-
-@torch.no_grad()
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Element-wise max of `x` over workers, as a new detached tensor."""
     x = x.detach().clone()

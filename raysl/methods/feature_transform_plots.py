@@ -58,3 +58,15 @@ def plot_score_histograms(pos, neg, step: int, out_png: str, *, pos_raw=None, ne
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def draw_score_histograms(out: dict, step: int, folder: str) -> str | None:
+    """`Method.draw` of simclr and mocov2: the step's score histograms, when `out` carries
+    them, as `folder/score_histograms/step_NNNNNNN.png`."""
+    if "hist_pos" not in out or "hist_neg" not in out:
+        return None
+    path = os.path.join(folder, "score_histograms", f"step_{step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return plot_score_histograms(
+        out["hist_pos"], out["hist_neg"], step, path, pos_raw=out.get("hist_pos_raw"), neg_raw=out.get("hist_neg_raw")
+    )

@@ -208,13 +208,13 @@ def swav_loss(
         )
     b, n = scores[0].shape[0], len(scores)
     log_p = [F.log_softmax(_up(s) / temperature, dim=1) for s in scores]
-    loss = 0.0
+    loss = torch.zeros((), dtype=log_p[0].dtype, device=log_p[0].device)
     for crop, queued in zip(crops_for_assign, queue_scores):
         out = scores[crop].detach()
         if queued is not None:
             out = torch.cat([queued.detach().to(out.dtype), out])
         codes = sinkhorn(out, eps, iters)[-b:].to(log_p[0].dtype)
-        loss = loss + sum(-(codes * log_p[v]).sum(1).mean() for v in range(n) if v != crop) / (n - 1)
+        loss = loss + torch.stack([-(codes * log_p[v]).sum(1).mean() for v in range(n) if v != crop]).sum() / (n - 1)
     return loss / len(crops_for_assign)
 
 
@@ -245,7 +245,7 @@ def dino_loss(
     log_s = [F.log_softmax(_up(s) / student_temp, dim=-1) for s in student]
     t = [F.softmax((_up(x.detach()) - center.to(log_s[0].dtype)) / teacher_temp, dim=-1) for x in teacher]
     terms = [-(t[i] * log_s[v]).sum(-1).mean() for i in range(len(t)) for v in range(len(log_s)) if v != i]
-    return sum(terms) / len(terms)
+    return torch.stack(terms).mean()
 
 
 @torch.no_grad()

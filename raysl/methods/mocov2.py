@@ -13,6 +13,7 @@ from raysl.checks import between
 from raysl.methods.base import Method, register
 from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher, step_of
 from raysl.methods.distributed import gather_no_grad, world
+from raysl.methods.feature_transform_plots import draw_score_histograms
 from raysl.methods.keys import EMAKeys, FeatureTransformKeys, MethodConfig, ProjectorKeys, TemperatureKeys, key
 from raysl.methods.losses import feature_transform, info_nce_queue, pos_neg_scores
 from raysl.models.heads import mlp
@@ -115,6 +116,9 @@ class MoCoV2(Method):
         pos, neg = pos_neg_scores(q2, k2, n2[::stride])
         pos_raw, neg_raw = pos_neg_scores(q, k, negatives[::stride])
         return loss, {"hist_pos": pos, "hist_neg": neg, "hist_pos_raw": pos_raw, "hist_neg_raw": neg_raw}
+
+    def draw(self, out: dict, step: int, folder: str) -> None:
+        draw_score_histograms(out, step, folder)
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         x1, x2 = views[:2]

@@ -15,6 +15,7 @@ from raysl.errors import UserError
 from raysl.methods.base import Method, register
 from raysl.methods.common import embedding_std, is_vit, make_backbone, register_external_params, step_of
 from raysl.methods.distributed import all_reduce_sum, gather_no_grad, world
+from raysl.methods.feature_transform_plots import draw_score_histograms
 from raysl.methods.keys import FeatureTransformKeys, MethodConfig, ProjectorKeys, TemperatureKeys, key
 from raysl.methods.losses import feature_transform, nt_xent, nt_xent_weighted, pos_neg_scores
 from raysl.models.heads import mlp
@@ -219,6 +220,9 @@ class SimCLR(Method):
                 "hist_neg_raw": neg_raw.view(2 * b, -1)[keep],
             }
         return _weighted_mean(terms, weights), hist
+
+    def draw(self, out: dict, step: int, folder: str) -> None:
+        draw_score_histograms(out, step, folder)
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         views = list(views[:2])

@@ -176,16 +176,11 @@ def grid_of(vit: nn.Module, image_size: int) -> tuple[int, int]:
     return side, side
 
 
-def n_visible(length: int, mask_ratio: float) -> int:
-    return max(1, int(length * (1 - mask_ratio)))
-
-
 __all__ = [
     "MAEDecoder",
     "check_vit",
     "encode_visible",
     "grid_of",
-    "n_visible",
     "patch_size",
     "patchify",
     "random_masking",

@@ -7,6 +7,10 @@ import os
 import sys
 import time
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 
 def say(line: str) -> None:
     """One line on the worker's stdout. Not `print`: Ray Train 2.60 patches print in its
@@ -92,3 +96,33 @@ def plot_curves(run_dir: str) -> list[str]:
         plt.close(fig)
         written.append(out)
     return written
+
+
+def global_metrics(
+    out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float, preempted: bool = False
+) -> dict:
+    """Losses and counters averaged/summed over workers, so every rank logs the same numbers.
+    Only scalar outputs are metrics (methods may also return score tensors for histograms).
+    `preempted` rides on the same all-reduce: `preempted_workers` counts the workers that
+    received a preemption notice (present only when some did)."""
+    scalars = {k: float(v.detach().float()) for k, v in out.items() if v.numel() == 1}
+    names = sorted(scalars)
+    t = torch.tensor(
+        [scalars[k] for k in names] + [float(preempted), float(state["skipped"] + skipped_now)], dtype=torch.float64
+    )
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        world = dist.get_world_size()
+    else:
+        world = 1
+    averaged = {k: float(t[i]) / world for i, k in enumerate(names)}
+    return {
+        "step": state["step"],
+        "epoch": state["epoch"],
+        **averaged,
+        "lr": float(values["lr"]),
+        "weight_decay": float(values["weight_decay"]),
+        "images_per_s": float(np.round(images_per_s, 2)),
+        "skipped_corrupt": int(t[-1]),
+        **({"preempted_workers": int(t[-2])} if t[-2] else {}),
+    }

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from raysl.train.callback import Callback
+
 
 @torch.no_grad()
 def held_out_loss(engine, method: torch.nn.Module, batches, values: dict) -> float:
@@ -28,3 +30,12 @@ def held_out_loss(engine, method: torch.nn.Module, batches, values: dict) -> flo
     if dist.is_initialized():
         dist.all_reduce(t)
     return float(t[0] / t[1]) if t[1] else float("nan")
+
+
+class ValLoss(Callback):
+    """`val_loss` in the metrics every eval.val_every steps and at the last step."""
+
+    def on_step(self, trainer, out: dict, metrics: dict) -> None:
+        step, every = trainer.state["step"], trainer.cfg.eval.val_every
+        if step % every == 0 or step == trainer.total:
+            metrics["val_loss"] = held_out_loss(trainer.engine, trainer.method, trainer.val_batches(), trainer.values)

@@ -83,7 +83,7 @@ def _plain(values: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in values.items()}
 
 
-def _next_attempt(base: str) -> str:
+def next_attempt(base: str) -> str:
     """A new Train run's name under the trial's folder (local or URI): each restart of a
     trial (PBT exploit, --resume) trains in a fresh attempt_N, never over an earlier one."""
     return f"attempt_{len(store.subdirs(base, 'attempt_'))}"
@@ -114,12 +114,12 @@ class RecipeTrial(Trainable):
     def _start(self):
         from ray.util.queue import Queue
 
-        from raysl.train.run import make_trainer, run_dir
+        from raysl.pretrain import make_trainer, run_dir
 
         raw = space_mod.apply(self._base, _plain(self.config["params"]))
         storage = f"{self._train_root.rstrip('/')}/{self.trial_id}"
         raw["train"]["storage_path"] = storage
-        raw["train"]["name"] = _next_attempt(storage)
+        raw["train"]["name"] = next_attempt(storage)
         cfg = from_dict(raw, origin=f"trial {self.trial_id}")
         self._out = run_dir(cfg)
         store.write_text(f"{self._out}/config.yaml", cfg.to_yaml())
@@ -155,7 +155,7 @@ class RecipeTrial(Trainable):
                 if not self._thread.is_alive() and self._queue.empty():
                     self._thread.join()
                     if self._error:
-                        raise self._error[0]
+                        raise self._error[0] from None
                     return {**(self._last_out or {}), "done": True}
                 continue
             if checkpoint is not None:
@@ -218,7 +218,7 @@ def _scheduler(kind: str, params: list, *, total: int, checkpoint_every: int, gr
     )
 
 
-def _search_alg(search: str | None, scheduler: str, max_concurrent: int):
+def search_alg(search: str | None, scheduler: str, max_concurrent: int):
     if not search:
         return None
     if search != "optuna":
@@ -253,9 +253,9 @@ def tune_recipe(
 ) -> dict:
     import ray.tune
 
+    from raysl.pretrain import validate
     from raysl.runtime import init_ray
-    from raysl.train.loop import total_steps
-    from raysl.train.run import validate
+    from raysl.train.steps import total_steps
 
     if scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler {scheduler}: use asha or pbt")
@@ -309,7 +309,7 @@ def tune_recipe(
                 scheduler=_scheduler(
                     scheduler, params, total=total, checkpoint_every=cfg.train.checkpoint_every, grace_steps=grace_steps
                 ),
-                search_alg=_search_alg(search, scheduler, max_concurrent),
+                search_alg=search_alg(search, scheduler, max_concurrent),
             ),
             run_config=ray.tune.RunConfig(
                 name=name,

@@ -16,7 +16,7 @@ import typing
 
 import yaml
 
-from raysl.config import Config, _check, _section_fields, load_yaml
+from raysl.config import Config, check_value, load_yaml, method_config, section_fields
 from raysl.errors import UserError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
@@ -43,15 +43,17 @@ class Param:
         )
 
 
-def _field(key: str, origin: str) -> dataclasses.Field:
+def _field(key: str, origin: str, method: str) -> dataclasses.Field:
     if key.count(".") != 1:
         raise UserError(f"{origin}: key {key!r} must be section.key, e.g. optim.lr")
     section, name = key.split(".")
-    sections = _section_fields(Config)
+    sections = section_fields(Config)
     if section not in sections:
         raise UserError(f"{origin}: key {key}: unknown section {section!r}; sections are {', '.join(sections)}")
-    cls = typing.get_type_hints(Config)[section]
-    fields = _section_fields(cls)
+    cls = type(method_config(method)) if section == "method" else typing.get_type_hints(Config)[section]
+    fields = section_fields(cls)
+    if name not in fields and section == "method":
+        raise UserError(f"{origin}: config key {key} is unknown to method {method}; it has {', '.join(fields)}")
     if name not in fields:
         raise UserError(f"{origin}: config key {key} is unknown; {section} has {', '.join(fields)}")
     f = dataclasses.field(metadata=fields[name].metadata)
@@ -59,15 +61,17 @@ def _field(key: str, origin: str) -> dataclasses.Field:
     return f
 
 
-def parse_space(raw, origin: str = "space") -> list[Param]:
+def parse_space(raw, origin: str = "space", method: str = "simclr") -> list[Param]:
+    """The search space; `method.*` keys are checked against `method`'s keys (the recipe's method)."""
     if not isinstance(raw, dict) or not raw:
         raise UserError(
-            f"{origin}: expected a mapping of section.key to a distribution, e.g. optim.lr: {{loguniform: [1.0e-4, 1.0e-2]}}"
+            f"{origin}: expected a mapping of section.key to a distribution, "
+            "e.g. optim.lr: {loguniform: [1.0e-4, 1.0e-2]}"
         )
     params = []
     for key, dist in raw.items():
         key = str(key)
-        f = _field(key, origin)
+        f = _field(key, origin, method)
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise UserError(
                 f"{origin}: {key}: expected one of {', '.join('{' + d + ': ...}' for d in DISTRIBUTIONS)}, got {dist!r}"
@@ -95,14 +99,14 @@ def parse_space(raw, origin: str = "space") -> list[Param]:
         param = Param(key, kind, tuple(args))
         for value in param.values_to_check():
             try:
-                _check(key, f, value)
+                check_value(key, f, value)
             except UserError as exc:
                 raise UserError(f"{origin}: {exc} (from {kind} {list(args)})") from None
         params.append(param)
     return params
 
 
-def load_space(path: str) -> list[Param]:
+def load_space(path: str, method: str = "simclr") -> list[Param]:
     try:
         with open(path) as f:
             raw = load_yaml(f)
@@ -110,7 +114,7 @@ def load_space(path: str) -> list[Param]:
         raise UserError(f"--space {path}: no such file") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({exc})") from exc
-    return parse_space(raw, origin=path)
+    return parse_space(raw, origin=path, method=method)
 
 
 def apply(raw: dict, values: dict) -> dict:

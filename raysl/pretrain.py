@@ -1,4 +1,6 @@
-"""`raysl pretrain`: validate the recipe, then run the loop on Ray Train workers."""
+"""`raysl pretrain`: validate the recipe, then run the trainer on Ray Train workers, with
+the evaluations that watch a run (online kNN, held-out loss) plugged in as callbacks.
+This module sits above train/ and eval/ and is the one place that joins them."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ def validate(cfg: Config) -> None:
     """Everything that can be checked before Ray starts."""
     from raysl.data.schema import read_manifest
     from raysl.methods.base import method_class
+    from raysl.methods.crops import spec_for
     from raysl.models.backbone import check_backbone_name
-    from raysl.train.loop import spec_for, total_steps, val_steps
+    from raysl.train.steps import total_steps, val_steps
 
     if not cfg.data.shards:
         raise UserError("config key data.shards is empty: point it at a shard set (raysl shards build ... --out DIR)")
@@ -48,7 +51,7 @@ def validate(cfg: Config) -> None:
         raise UserError("config key deepspeed.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
 
 
-def _has_checkpoints(directory: str, *, complete: bool = False) -> bool:
+def has_checkpoints(directory: str, *, complete: bool = False) -> bool:
     """Whether the run (a local dir or a URI) has a checkpoint_* directory; with `complete`,
     one that an attempt can resume from (the newest such is what the workers will load)."""
     from raysl.train.recovery import newest_complete
@@ -56,6 +59,25 @@ def _has_checkpoints(directory: str, *, complete: bool = False) -> bool:
     if complete:
         return newest_complete(directory)[0] is not None
     return bool(storage.subdirs(directory, "checkpoint_"))
+
+
+def train_loop_per_worker(raw: dict) -> None:
+    """What each Ray Train worker runs: the trainer with this run's callbacks."""
+    from raysl.config import from_dict
+    from raysl.eval.monitor import KnnCallback
+    from raysl.train.trainer import Trainer
+    from raysl.train.val_loss import ValLoss
+
+    cfg = from_dict(raw["config"])
+    callbacks = [*([KnnCallback()] if cfg.eval.knn_shards else []), *([ValLoss()] if cfg.eval.val_shards else [])]
+    trainer = Trainer(
+        cfg,
+        raw["run_dir"],
+        callbacks=callbacks,
+        resume_from=raw.get("resume_from"),
+        report_every=raw.get("report_every", 0),
+    )
+    trainer.fit()
 
 
 def make_trainer(
@@ -69,7 +91,6 @@ def make_trainer(
     from ray.train.torch import TorchTrainer
 
     from raysl.runtime import train_logging
-    from raysl.train.loop import train_loop_per_worker
 
     gpus = cfg.train.gpus_per_worker
     return TorchTrainer(
@@ -96,7 +117,7 @@ def make_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or None,
-            logging_config=train_logging(),
+            logging_config=train_logging(),  # type: ignore[call-arg]  # Ray 2.60 has it; its stubs lag
         ),
     )
 
@@ -107,9 +128,9 @@ def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -
 
     validate(cfg)
     out = run_dir(cfg)
-    if _has_checkpoints(out) and not resume:
+    if has_checkpoints(out) and not resume:
         raise UserError(f"run {out} already has checkpoints: pass --resume to continue it, or set train.name=NEW")
-    if resume and not _has_checkpoints(out, complete=True):
+    if resume and not has_checkpoints(out, complete=True):
         raise UserError(f"--resume: run {out} has no complete checkpoint to resume from")
     storage.write_text(f"{out}/config.yaml", cfg.to_yaml())
     print(init_ray(address, quiet=False), flush=True)

@@ -1,0 +1,301 @@
+"""The trainer each Ray Train worker runs: setup, restore, step, checkpoint, report. It
+knows methods only through `Method` (forward -> loss, after_step) and everything else a
+run measures along the way (online kNN, held-out loss, pictures) through `Callback`s, so
+every method runs through the same engine and train/ depends on neither eval/ nor a method."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+import ray.data
+import ray.train
+import ray.train.collective
+import torch
+
+from raysl.config import Config
+from raysl.data import reader
+from raysl.data.views import normalize
+from raysl.methods.base import Method, build_method, collapse_warning, method_class
+from raysl.methods.crops import spec_for
+from raysl.optim.optimizers import build_optimizer, param_groups
+from raysl.optim.schedules import Schedules, apply, scaled_lr
+from raysl.train import checkpoint, preemption, recovery, storage
+from raysl.train.callback import Callback
+from raysl.train.engine import DTYPES, initialize
+from raysl.train.metrics import MetricsLog, global_metrics, say
+from raysl.train.steps import epoch_steps, val_steps
+
+
+def make_schedules(cfg: Config, total: int, world_size: int) -> Schedules:
+    """The run's per-step schedules: lr (linearly scaled to the global batch) with warmup
+    and cosine, weight decay, and the method's own (`Method.schedules`)."""
+    global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world_size
+    wd_end = cfg.optim.weight_decay_end if cfg.optim.weight_decay_end >= 0 else cfg.optim.weight_decay
+    return Schedules.build(
+        total_steps=total,
+        warmup_steps=min(cfg.optim.warmup_steps, total - 1),
+        lr=scaled_lr(cfg.optim.lr, global_batch),
+        min_lr=cfg.optim.min_lr,
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=wd_end,
+        method=method_class(cfg.method.name).schedules(cfg.method, total),
+    )
+
+
+def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -> torch.optim.Optimizer:
+    """The plain torch/bitsandbytes optimizer over the method's param groups, before DeepSpeed wraps it."""
+    return build_optimizer(
+        cfg.optim.name,
+        param_groups(method, cfg.optim.weight_decay),
+        lr=schedules.lr[0],
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        momentum=cfg.optim.momentum,
+    )
+
+
+def compile_backbone(backbone: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """`model.compile=true`: compile the backbone in place (`nn.Module.compile`), so its
+    state-dict keys stay those of the eager model (no `_orig_mod.` prefix) and
+    checkpoints, weights.safetensors and exports are the same either way."""
+    backbone.compile(backend=backend)
+    return backbone
+
+
+def train_step(engine, method: Method, optimizer, micro_batches, values: dict) -> dict:
+    """One optimizer step, the same in every run and in `raysl bench step`: this step's
+    schedule values onto the optimizer's groups, then forward / backward / `engine.step()`
+    for each micro-batch (a list of views; DeepSpeed steps the optimizer on the last of
+    its grad_accum), then the method's `after_step` (EMA teachers, queues). Returns the
+    last micro-batch's outputs."""
+    apply(optimizer, values)
+    out: dict = {}
+    for views in micro_batches:
+        out = engine(views, values)
+        engine.backward(out["loss"])
+        engine.step()
+    method.after_step(values)
+    return out
+
+
+class Trainer:
+    """One attempt of a run on this worker. `fit()` = `setup()`, `restore()`, then
+    `step()` until the run's last step, with `checkpoint()` and `report()` on the way."""
+
+    stream: reader.ViewBatches  # this epoch's batches, from the position trained to
+    _it: Iterator[dict]
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str,
+        *,
+        callbacks: Sequence[Callback] = (),
+        resume_from: str | None = None,
+        report_every: int = 0,
+    ):
+        self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
+        self.resume_from, self.report_every = resume_from, report_every
+        self.state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
+        self.log: MetricsLog | None = None  # rank 0's
+        self.files: storage.RunFiles | None = None  # rank 0's
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(cfg.train.cpus_per_worker)
+        data_context = ray.data.DataContext.get_current()
+        data_context.enable_progress_bars = False  # raysl prints its own progress
+        data_context.print_on_execution_start = False  # not one plan per epoch and worker
+        on_gpu = torch.cuda.is_available() and cfg.train.gpus_per_worker
+        self.device = torch.device("cuda", ctx.get_local_rank()) if on_gpu else torch.device("cpu")
+        self.dtype = DTYPES[cfg.deepspeed.precision]
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
+        self.method = build_method(cfg)
+        if cfg.model.compile:
+            compile_backbone(self.method.evaluated_backbone(), backend=cfg.model.compile_backend)
+        self.spec = spec_for(cfg, type(self.method))
+        self.steps = epoch_steps(cfg, self.world, cfg.train.epochs)
+        self.total = min(sum(self.steps), cfg.train.max_steps) if cfg.train.max_steps else sum(self.steps)
+        self.rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
+        self.global_batch = self.rows_per_step * self.world
+        self.schedules = make_schedules(cfg, self.total, self.world)
+        self.optimizer = make_optimizer(cfg, self.method, self.schedules)
+        self.engine = initialize(self.method, self.optimizer, cfg)
+        for callback in self.callbacks:
+            callback.setup(self)
+
+    def restore(self) -> None:
+        """Start from the newest complete checkpoint (Ray Train's, or one only the run's
+        storage holds: rank 0 decides, every worker loads its own partition of it)."""
+        cfg, rank = self.cfg, self.rank
+        start = None
+        if rank == 0:
+            registered = ray.train.get_checkpoint()
+            start = recovery.choose_start(self.run_dir, registered.path if registered else None, self.resume_from)
+        start = ray.train.collective.broadcast_from_rank_zero(start)
+        if start["checkpoint"]:
+            with ray.train.Checkpoint(start["checkpoint"]).as_directory() as d:
+                self.state = checkpoint.load(d, self.engine, rank=rank, world_size=self.world)
+        else:
+            torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
+        if rank != 0:
+            return
+        # rank 0's files: written in the run dir, or staged locally and synced to a bucket URI
+        self.files = files = storage.RunFiles(self.run_dir, fetch=("metrics.jsonl", recovery.ATTEMPTS))
+        for name, problem in start["skipped"]:
+            say(recovery.skipped_line(name, problem))
+        attempt = recovery.record_attempt(
+            files.local,
+            {
+                "start_step": self.state["step"],
+                "first_step": self.state["step"] + 1,
+                "checkpoint": start["checkpoint"] and os.path.basename(start["checkpoint"]),
+                "source": start["source"],
+                "skipped": [name for name, _ in start["skipped"]],
+                "world_size": self.world,
+                "rank0_pid": os.getpid(),
+                "rank0_actor_id": ray.get_runtime_context().get_actor_id(),
+            },
+        )
+        self.log = MetricsLog(files.local, total_steps=self.total, resume_step=self.state["step"])
+        what = (
+            f"{cfg.method.name} on {cfg.model.backbone}, {self.world} worker(s), {self.total} steps, "
+            f"global batch {self.global_batch}"
+        )
+        say(recovery.start_line(attempt, what))
+        files.sync()  # attempts.jsonl reaches a URI run before the first step
+
+    # --- data ----------------------------------------------------------------------------
+
+    def view_batches(self, shards: str, epoch: int, position: int) -> reader.ViewBatches:
+        cfg = self.cfg
+        ds = reader.read_views(
+            shards,
+            self.spec,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world,
+            start=position,
+            window=cfg.data.shuffle_window,
+            concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
+            num_cpus=cfg.data.task_cpus,
+            resources=cfg.data.task_resources,
+        )
+        return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
+
+    def to_views(self, batch: dict) -> list[torch.Tensor]:
+        return [
+            normalize(torch.from_numpy(batch[f"view_{v}"]).to(self.device)).to(self.dtype)
+            for v in range(self.spec.n_views)
+        ]
+
+    def val_batches(self) -> Iterator[list[torch.Tensor]]:
+        """The first batches of the held-out set's views: the same images at every evaluation,
+        and the same number of batches on every worker (its forward passes are collective)."""
+        n = val_steps(self.cfg, self.world)
+        for done, batch in enumerate(self.view_batches(self.cfg.eval.val_shards, 0, 0)):
+            if done == n:
+                return
+            yield self.to_views(batch)
+
+    def _micro_batches(self) -> Iterator[list[torch.Tensor]]:
+        """The views of this step's grad_accum micro-batches, read as they are trained on."""
+        for _ in range(self.cfg.deepspeed.grad_accum):
+            try:
+                batch = next(self._it)
+            except StopIteration:  # corrupt images thinned this worker's share: start it over
+                self.state["skipped"] += self.stream.skipped
+                self.stream = self.view_batches(self.cfg.data.shards, self.state["epoch"], 0)
+                self._it = iter(self.stream)
+                batch = next(self._it)
+            yield self.to_views(batch)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def step(self) -> tuple[dict, dict]:
+        """One optimizer step on the stream: (the method's outputs, the step's global metrics)."""
+        self.values = values = {**self.schedules.at(self.state["step"]), "step": self.state["step"]}
+        t0 = time.perf_counter()
+        out = train_step(self.engine, self.method, self.optimizer, self._micro_batches(), values)
+        self.state["step"] += 1
+        self.state["position"] = self.stream.position
+        metrics = global_metrics(
+            out,
+            self.state,
+            self.stream.skipped,
+            values,
+            self.global_batch / (time.perf_counter() - t0),
+            preempted=preemption.requested(),
+        )
+        return out, metrics
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Every worker saves its part and reports it with the step's metrics."""
+        state = dict(self.state, skipped=self.state["skipped"] + self.stream.skipped)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save(d, self.engine, rank=self.rank, world_size=self.world, state=state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if self.files:
+            self.files.sync()  # URI runs: metrics.jsonl, TensorBoard, pictures up to this checkpoint
+
+    def report(self, out: dict, metrics: dict) -> None:
+        """Rank 0: the metrics into metrics.jsonl / TensorBoard / the progress line, the
+        method's pictures of the step, and a loud warning when the embeddings collapse."""
+        if not (self.log and self.files):
+            return
+        step = self.state["step"]
+        self.log.log(metrics, show=step % self.cfg.train.log_every == 0 or step == self.total)
+        self.method.draw(out, step, self.files.local)
+        warning = collapse_warning(metrics, getattr(self.method, "embedding_dim", 0))
+        if warning:
+            say(warning)
+
+    def fit(self) -> None:
+        self.setup()
+        self.restore()
+        cfg, state = self.cfg, self.state
+        with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
+            while state["step"] < self.total:
+                step_in_epoch = state["position"] // self.rows_per_step
+                if step_in_epoch >= self.steps[state["epoch"]]:  # resumed at an epoch's last step
+                    state.update(epoch=state["epoch"] + 1, position=0)
+                    continue
+                self.stream = self.view_batches(cfg.data.shards, state["epoch"], state["position"])
+                self._it = iter(self.stream)
+                while step_in_epoch < self.steps[state["epoch"]] and state["step"] < self.total:
+                    out, metrics = self.step()
+                    step_in_epoch += 1
+                    preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint, stop
+                    for callback in self.callbacks:
+                        callback.on_step(self, out, metrics)
+                    self.report(out, metrics)
+                    last = state["step"] == self.total
+                    if state["step"] % cfg.train.checkpoint_every == 0 or last or preempted:
+                        self.checkpoint(metrics)
+                    elif self.report_every and state["step"] % self.report_every == 0:
+                        ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
+                    if preempted:
+                        self._stop_for_preemption(preempted)
+                if step_in_epoch >= self.steps[state["epoch"]]:
+                    state["skipped"] += self.stream.skipped
+                    state.update(epoch=state["epoch"] + 1, position=0)
+        if self.log and self.files:
+            self.log.close()
+            self.files.close()
+
+    def _stop_for_preemption(self, workers: int) -> None:
+        step = self.state["step"]
+        if self.log:
+            say(
+                f"raysl: preemption notice (SIGTERM) on {workers} worker(s): checkpoint written at step "
+                f"{step}, stopping; the run continues from it"
+            )
+        raise preemption.Preempted(f"SIGTERM on {workers} worker(s); checkpoint written at step {step}")
