@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from raysl.config import Config, from_dict
-from raysl.data import reader
+from raysl.data import mixture, reader
 from raysl.data.schema import read_manifest
 from raysl.data.views import normalize, view_spec
 from raysl.eval.monitor import KnnMonitor
@@ -108,20 +108,19 @@ def spec_for(cfg: Config, method_cls):
     return spec
 
 
-def epoch_steps(cfg: Config, world_size: int, epochs: int) -> list[int]:
+def epoch_steps(cfg: Config, world_size: int, epochs: int, pins: dict | None = None) -> list[int]:
     """Steps of each epoch, planned only as far as the run goes: with train.max_steps, up to
     the epoch where the steps reach it. One permutation of the shards per epoch planned
-    (about 25 ms at 1 M shards: 2.5 s for 100 epochs without max_steps, `raysl bench plan`)."""
-    manifest = read_manifest(cfg.data.shards)
+    (about 25 ms at 1 M shards: 2.5 s for 100 epochs without max_steps, `raysl bench plan`);
+    a mixture permutes each of its sets. `pins`: the index file of each set (mixture.pin)."""
+    sets = mixture.from_config(cfg.data, pins)
     rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
     steps: list[int] = []
     for e in range(epochs):
         if cfg.train.max_steps and sum(steps) >= cfg.train.max_steps:
             break
         steps.append(
-            reader.steps_per_epoch(
-                manifest, batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size
-            )
+            sets.steps_per_epoch(batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size)
         )
     return steps
 
@@ -192,7 +191,9 @@ def train_loop_per_worker(raw: dict) -> None:
     if cfg.model.compile:
         compile_backbone(method.backbone, backend=cfg.model.compile_backend)
     spec = spec_for(cfg, type(method))
-    steps = epoch_steps(cfg, world, cfg.train.epochs)
+    pins = raw.get("shard_pins")  # the index files this run reads (mixture.pin): appends do not change them
+    sets = mixture.from_config(cfg.data, pins)
+    steps = epoch_steps(cfg, world, cfg.train.epochs, pins)
     total = min(sum(steps), cfg.train.max_steps) if cfg.train.max_steps else sum(steps)
     global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
     schedules = make_schedules(cfg, total, world)
@@ -200,7 +201,7 @@ def train_loop_per_worker(raw: dict) -> None:
     engine = initialize(method, optimizer, cfg)
     monitor = KnnMonitor.from_config(cfg, cfg.data.image_size or spec.crops[0].size)  # online kNN, or None
 
-    state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
+    state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0, "drawn": {}}
     start = None
     if rank == 0:  # the newest complete checkpoint, Ray Train's or one only the run's storage holds
         registered = ray.train.get_checkpoint()
@@ -209,6 +210,7 @@ def train_loop_per_worker(raw: dict) -> None:
     if start["checkpoint"]:
         with ray.train.Checkpoint(start["checkpoint"]).as_directory() as d:
             state = checkpoint.load(d, engine, rank=rank, world_size=world)
+        state.setdefault("drawn", {})  # images per set of a mixture (checkpoints before mixtures: none)
     else:
         torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
     log = files = None
@@ -240,8 +242,8 @@ def train_loop_per_worker(raw: dict) -> None:
         )
         files.sync()  # attempts.jsonl reaches a URI run before the first step
 
-    def view_batches(shards: str, epoch: int, position: int):
-        ds = reader.read_views(
+    def view_data(shards: str, epoch: int, position: int, index: str | None = None):
+        return reader.read_views(
             shards,
             spec,
             seed=cfg.train.seed,
@@ -253,11 +255,23 @@ def train_loop_per_worker(raw: dict) -> None:
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
             num_cpus=cfg.data.task_cpus,
             resources=cfg.data.task_resources,
+            index=index,
         )
-        return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
 
-    def batches_from(position: int):
-        return view_batches(cfg.data.shards, state["epoch"], position)
+    def view_batches(shards: str, epoch: int, position: int):
+        return reader.ViewBatches(view_data(shards, epoch, position), batch_size=cfg.data.batch_size, start=position)
+
+    def batches_from(position: int):  # one set: reader.ViewBatches; a mixture: mixture.MixedBatches
+        return sets.batches(
+            lambda s, start: view_data(s.path, state["epoch"], start, s.index),
+            seed=cfg.train.seed,
+            epoch=state["epoch"],
+            rank=rank,
+            world_size=world,
+            batch_size=cfg.data.batch_size,
+            start=position,
+            drawn=state["drawn"],
+        )
 
     def to_views(batch) -> list[torch.Tensor]:
         return [normalize(torch.from_numpy(batch[f"view_{v}"]).to(device)).to(dtype) for v in range(spec.n_views)]
@@ -306,6 +320,7 @@ def train_loop_per_worker(raw: dict) -> None:
                     values,
                     global_batch / (time.perf_counter() - t0),
                     preempted=preemption.requested(),
+                    drawn=state["drawn"],
                 )
                 preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint now, then stop
                 if monitor and monitor.due(state["step"], total):
@@ -395,16 +410,27 @@ def _report_pictures_and_collapse(out: dict, metrics: dict, method, run_dir: str
 
 
 def _global_metrics(
-    out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float, preempted: bool = False
+    out: dict,
+    state: dict,
+    skipped_now: int,
+    values: dict,
+    images_per_s: float,
+    preempted: bool = False,
+    drawn: dict | None = None,
 ) -> dict:
     """Losses and counters averaged/summed over workers, so every rank logs the same numbers.
     Only scalar outputs are metrics (methods may also return score tensors for histograms).
     `preempted` rides on the same all-reduce: `preempted_workers` counts the workers that
-    received a preemption notice (present only when some did)."""
+    received a preemption notice (present only when some did). `drawn` (a mixture's images
+    put in batches per set, since the run began) is summed into `drawn/<set name>`."""
     scalars = {k: float(v.detach().float()) for k, v in out.items() if v.numel() == 1}
     names = sorted(scalars)
+    sets = sorted(drawn or {})  # the same names on every worker (mixture.MixedBatches adds them all)
     t = torch.tensor(
-        [scalars[k] for k in names] + [float(preempted), float(state["skipped"] + skipped_now)], dtype=torch.float64
+        [scalars[k] for k in names]
+        + [float(drawn[k]) for k in sets]
+        + [float(preempted), float(state["skipped"] + skipped_now)],
+        dtype=torch.float64,
     )
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -420,5 +446,6 @@ def _global_metrics(
         "weight_decay": float(values["weight_decay"]),
         "images_per_s": float(np.round(images_per_s, 2)),
         "skipped_corrupt": int(t[-1]),
+        **{f"drawn/{k}": int(t[len(names) + i]) for i, k in enumerate(sets)},
         **({"preempted_workers": int(t[-2])} if t[-2] else {}),
     }
