@@ -178,9 +178,11 @@ def test_a_run_keeps_reading_the_set_it_started_with(tmp_path, ray_local, monkey
     # a new run reads the set as it is now
     fresh = mixture.pin(cfg.data, str(tmp_path / "runs" / "new"))
     assert fresh == {shards: "index-1.parquet"} and loop.epoch_steps(cfg, 2, 3, fresh) != steps
-    # a pinned index that is gone (the set was rebuilt with --overwrite) is one clear error
-    with pytest.raises(UserError, match="the shard index this run started with is gone"):
-        read_manifest(shards, "index-7.parquet")
+    # a set rebuilt with --overwrite: the pinned run stops with one clear line, never reads other shards
+    build.build_shards([new], shards, shard_size=4, overwrite=True)
+    assert read_manifest(shards).index_file == "index-2.parquet" and not os.path.exists(os.path.join(shards, INDEX))
+    with pytest.raises(UserError, match="index.parquet: the shard index this run started with is gone"):
+        mixture.from_config(cfg.data, again)
     with pytest.raises(UserError, match="not an index file name"):
         read_manifest(shards, "../x.parquet")
 
@@ -197,3 +199,19 @@ def test_mixture_pins_every_set(tmp_path):
         json.dump({"sets": [{"path": a, "index": "index-3.parquet"}]}, f)
     assert mixture.pin(data, run_dir) == {a: "index-3.parquet", b: INDEX}  # recorded pins win; new sets are added
     assert [s["path"] for s in json.loads(_read(os.path.join(run_dir, mixture.PINS)))["sets"]] == [a, b]
+
+
+def test_existing_and_new_hash_rows_share_one_schema(monkeypatch):
+    """The dedup shuffle concatenates both kinds of rows in its reduce: one schema, whatever
+    nullability the shards' parquet or the read's own table carried (a mismatch failed there)."""
+    import pyarrow as pa
+
+    from raysl.data.schema import SCHEMA
+
+    shard = pa.table({"sha256": ["ab"]}, schema=pa.schema([SCHEMA.field("sha256")]))  # not null, as in the shards
+    assert build._as_existing(shard).schema == build.HASH_SCHEMA
+    png = encode(photo(40), "PNG")
+    monkeypatch.setattr(build, "read_ref", lambda ref: iter([build.Item(ref["key"], png, "/x")]))
+    refs = pa.table({"key": ["a.png"], "_ref": [0]})
+    new = list(build._hashes(refs, meta={}, licenses=None, min_side=0, max_pixels=10**8))
+    assert [t.schema for t in new] == [build.HASH_SCHEMA] * len(new) and sum(t.num_rows for t in new) == 1

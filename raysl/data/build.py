@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ from raysl.data.schema import (
     shard_paths,
     write_manifest,
 )
-from raysl.data.shard_index import ShardIndex
+from raysl.data.shard_index import INDEX, ShardIndex
 from raysl.data.sources import Inputs, Item, list_inputs, read_ref
 from raysl.errors import UserError
 from raysl.progress import bar
@@ -68,6 +69,8 @@ from raysl.progress import bar
 STAGING = ".staging"
 JOINED = "metadata_joined"  # a stat row counter that is not a skip reason
 FAIL_AFTER_ENV = "RAYSL_FAIL_AFTER_SHARDS"  # tests: writers crash once more than this many shards are staged
+# what the dedup shuffle groups: the same types from new images and from an appended-to set
+HASH_SCHEMA = pa.schema([("sha256", pa.string()), ("key", pa.string()), ("_ref", pa.int64())])
 ROW_SCHEMA = SCHEMA.append(pa.field("_stat", pa.string())).append(pa.field("_n", pa.int64()))
 _READ_BATCH_ROWS = 256
 _READ_BATCH_BYTES = 64 << 20
@@ -146,7 +149,7 @@ def _hashes(refs: pa.Table, **options):
     for i in range(refs.num_rows):
         for block in _read_batch(refs.slice(i, 1), **options):
             block = block.filter(pc.equal(block["_stat"], "")).select(["sha256", "key"])
-            yield block.append_column("_ref", pa.repeat(refs["_ref"][i], block.num_rows))
+            yield block.append_column("_ref", pa.repeat(refs["_ref"][i], block.num_rows)).cast(HASH_SCHEMA)
 
 
 def _duplicates(group: pa.Table) -> pa.Table:
@@ -159,7 +162,8 @@ def _as_existing(block: pa.Table) -> pa.Table:
     row already in the set is the one kept) and no input reference (-1)."""
     n = block.num_rows
     return pa.table(
-        {"sha256": block["sha256"], "key": pa.repeat("", n), "_ref": pa.repeat(pa.scalar(-1, pa.int64()), n)}
+        {"sha256": block["sha256"], "key": pa.repeat("", n), "_ref": pa.repeat(pa.scalar(-1, pa.int64()), n)},
+        schema=HASH_SCHEMA,
     )
 
 
@@ -281,10 +285,20 @@ def _prepare_out(out: str, overwrite: bool, append: bool = False) -> tuple[pafs.
     return fs, root
 
 
+def _index_versions(fs: pafs.FileSystem, root: str) -> list[int]:
+    """Versions of the index files in `root` (index.parquet: 0, index-<n>.parquet: n)."""
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+    return [0 if n == INDEX else int(n[6:-8]) for n in names if n == INDEX or re.fullmatch(r"index-\d+\.parquet", n)]
+
+
 def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manifest) -> None:
-    """Move staged files to shard-NNNNN.parquet, ordered by first key (staged names are random)."""
+    """Move staged files to shard-NNNNN.parquet, ordered by first key (staged names are random).
+    A set this build replaces goes first, shards and index files: a run that pinned one of
+    its index files then stops with one clear line (schema.read_manifest), and its name is
+    never reused (the new index's version is above every one that was here)."""
     for old in fs.get_file_info(pafs.FileSelector(root)):
-        if old.base_name.startswith("shard-") and old.base_name.endswith(".parquet"):
+        name = old.base_name
+        if name.endswith(".parquet") and (name.startswith("shard-") or name.startswith("index")):
             fs.delete_file(old.path)
     staged = sorted((r for r in results if r["rows"]), key=lambda r: r["first_key"])
     names = [f"shard-{n:05d}.parquet" for n in range(len(staged))]
@@ -297,12 +311,14 @@ def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manif
     fs.delete_dir(posixpath.join(root, STAGING))
 
 
-def _finish_append(fs: pafs.FileSystem, root: str, results: list[dict], added: Manifest, old: Manifest) -> Manifest:
+def _finish_append(
+    fs: pafs.FileSystem, root: str, results: list[dict], added: Manifest, old: Manifest, version: int
+) -> Manifest:
     """Move the staged files to names no earlier version uses (shard-v<n>-NNNNN.parquet) and
     return the set's next version: the old index plus the new shards, the counts summed.
     Nothing of the old version is touched; write_manifest then adds index-<n>.parquet and,
     last, replaces manifest.json."""
-    version = old.index_version + 1
+    version = max(old.index_version + 1, version)
     staged = sorted((r for r in results if r["rows"]), key=lambda r: r["first_key"])
     names = [f"shard-v{version}-{n:05d}.parquet" for n in range(len(staged))]
     for name, r in zip(names, staged):
@@ -349,6 +365,7 @@ class BuildPlan:
     dedup: bool
     shuffled_bytes: int = 0  # set by run_build: what the dedup shuffle moved (Ray Data's stats)
     existing: Manifest | None = None  # --append: the set as it was
+    index_version: int = 0  # of the index this build writes
     added: Manifest | None = None  # --append, set by run_build: this build's own shards and counts
 
 
@@ -382,10 +399,15 @@ def plan_build(
             raise UserError(f"--append: {exc}") from exc
     inputs = list_inputs(sources, exclude=out)
     meta, meta_rows = load_metadata(metadata, inputs.roots, inputs.file_keys) if metadata else ({}, 0)
+    fs, root = filesystem_and_path(out)
+    try:
+        version = max(_index_versions(fs, root), default=-1) + 1  # never a name an earlier version had
+    except OSError as exc:
+        raise UserError(f"{out}: cannot list this folder ({exc})") from exc
     fs, root = _prepare_out(out, overwrite, append)
     allow = {lic.strip().lower() for lic in licenses} if licenses else None
     plan = BuildPlan(out, inputs, meta, meta_rows, fs, root, shard_size, metadata, allow, min_side, max_pixels, dedup)
-    plan.existing = existing
+    plan.existing, plan.index_version = existing, version
     return plan
 
 
@@ -444,10 +466,11 @@ def run_build(plan: BuildPlan) -> Manifest:
     manifest.metadata_unmatched = meta_rows - skipped.get(JOINED, 0) if metadata else 0
     if plan.existing is not None:
         plan.added = manifest
-        manifest = _finish_append(fs, root, results, manifest, plan.existing)
+        manifest = _finish_append(fs, root, results, manifest, plan.existing, plan.index_version)
     else:
         _finish(fs, root, results, manifest)
         manifest.written = manifest.rows
+        manifest.index_version = plan.index_version
     write_manifest(out, manifest)  # last: only now is the shard set (or its new version) complete
     return manifest
 
