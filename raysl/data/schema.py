@@ -5,7 +5,9 @@ atomically (write to a temporary name, then rename), after the shard index
 (`index.parquet`, see shard_index) it names, and readers read only the shard files the
 index lists. A build that crashes midway therefore never leaves anything a reader
 would take as complete. manifest.json holds only summary counts, so it stays small
-however many shards the set has.
+however many shards the set has. `raysl shards build --append` writes each new version of
+the list as a new file (index-<n>.parquet, see build) and never rewrites an old one, so a
+run that pinned one (read_manifest's `index`) keeps reading exactly its shards.
 """
 
 from __future__ import annotations
