@@ -101,6 +101,10 @@ class ModelConfig:
     # CPU it needs a C++ compiler and minutes of compiling); aot_eager traces forward and
     # backward graphs without generating code; eager only captures graphs (debugging).
     compile_backend: str = field(default="inductor", metadata=_choices("inductor", "aot_eager", "eager"))
+    # Activation (gradient) checkpointing: timm's set_grad_checkpointing, so the backbone's
+    # blocks keep only their inputs and recompute the rest in backward (less activation
+    # memory for about one more forward). A timm model without it is a config error.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -181,6 +185,14 @@ class DeepSpeedConfig:
     zero_stage: int = field(default=0, metadata=_choices(0, 1, 2, 3))
     precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
     grad_accum: int = field(default=1, metadata=_range(1))
+    # ZeRO-Offload / ZeRO-Infinity: where the optimizer state (ZeRO stage >= 1) and the
+    # parameters (ZeRO-3 only) live: "none" (on the device), "cpu" (pinned host memory), or
+    # "nvme" (files under deepspeed.nvme_path). Offloading the optimizer needs DeepSpeed's
+    # own CPU Adam (optim.name=adamw runs as DeepSpeedCPUAdam, a C++ op built on first use);
+    # bitsandbytes' 8-bit optimizers cannot be offloaded.
+    offload_optimizer: str = field(default="none", metadata=_choices("none", "cpu", "nvme"))
+    offload_param: str = field(default="none", metadata=_choices("none", "cpu", "nvme"))
+    nvme_path: str = field(default="", metadata={"path": True})  # a local NVMe directory, for "nvme" offload
 
 
 @dataclass
@@ -324,12 +336,6 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
         for key, f in fields.items():
             f.type = hints[key]
             _check(f"{name}.{key}", f, getattr(getattr(cfg, name), key))
-    if cfg.eval.knn_shards and cfg.deepspeed.zero_stage == 3:
-        raise UserError(
-            "config key eval.knn_shards: the online kNN monitor reads the backbone's whole weights, which "
-            "ZeRO-3 partitions across workers; use deepspeed.zero_stage<=2 with it, or leave eval.knn_shards "
-            "empty and run `raysl eval knn` on the checkpoints"
-        )
     return cfg
 
 

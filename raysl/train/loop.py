@@ -19,13 +19,13 @@ from raysl.data import reader
 from raysl.data.schema import read_manifest
 from raysl.data.views import normalize, view_spec
 from raysl.eval.monitor import KnnMonitor
-from raysl.methods.base import build_method
 from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
 from raysl.train import checkpoint, preemption, recovery, storage
 from raysl.train.engine import DTYPES, initialize
 from raysl.train.metrics import MetricsLog, say
 from raysl.train.val_loss import held_out_loss
+from raysl.train.zero import build_method  # partitioned (zero.Init) under ZeRO-3
 
 
 def spec_for(cfg: Config, method_cls):
@@ -168,6 +168,7 @@ def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -
         lr=schedules.lr[0],
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         momentum=cfg.optim.momentum,
+        cpu_offload=cfg.deepspeed.offload_optimizer != "none",  # ZeRO-Offload: DeepSpeedCPUAdam
     )
 
 
