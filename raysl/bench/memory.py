@@ -37,14 +37,18 @@ DEFAULT_CONFIGS = (
 
 
 def parse_config(text: str) -> dict:
-    """ "ZERO:OPTIMIZER[:OFFLOAD]", offload none/cpu (optimizer state; under ZeRO-3 the
-    parameters too)."""
+    """`ZERO:OPTIMIZER[:OFFLOAD[:PRECISION]]`: offload none/cpu (optimizer state; under
+    ZeRO-3 the parameters too), precision fp32/bf16 ("": --precision)."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in ("0", "1", "2", "3"):
+    if len(parts) not in (2, 3, 4) or parts[0] not in ("0", "1", "2", "3"):
         from raysl.errors import UserError
 
-        raise UserError(f"--configs {text!r}: expected ZERO:OPTIMIZER[:OFFLOAD], e.g. 3:adamw8bit or 2:adamw:cpu")
-    return {"zero": int(parts[0]), "optimizer": parts[1], "offload": parts[2] if len(parts) == 3 else "none"}
+        raise UserError(
+            f"--configs {text!r}: expected ZERO:OPTIMIZER[:OFFLOAD[:PRECISION]], e.g. 3:adamw8bit, 2:adamw:cpu "
+            "or 3:adamw8bit:none:bf16"
+        )
+    parts += [""] * (4 - len(parts))
+    return {"zero": int(parts[0]), "optimizer": parts[1], "offload": parts[2] or "none", "precision": parts[3]}
 
 
 def _config(backbone: str, image_size: int, batch_size: int, c: dict, precision: str, grad_checkpointing: bool):
@@ -177,6 +181,7 @@ def run_memory_bench(
     rows = []
     for text in configs:
         c = parse_config(text)
+        c["precision"] = c["precision"] or precision
         job = dict(
             backbone=backbone,
             image_size=image_size,
@@ -184,7 +189,7 @@ def run_memory_bench(
             config=c,
             steps=steps,
             threads=threads,
-            precision=precision,
+            precision=c["precision"],
             ckpt=grad_checkpointing,
         )
         got = measure(job)
@@ -195,7 +200,7 @@ def run_memory_bench(
             "backbone": backbone,
             "image_size": image_size,
             "batch_size": batch_size,
-            "precision": precision,
+            "precision": c["precision"],
             "workers": 2,
             "zero_stage": c["zero"],
             "optimizer": c["optimizer"],
@@ -225,8 +230,8 @@ def run_memory_bench(
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| ZeRO | optimizer | offload | peak per worker (MiB) | vs ZeRO-0 + AdamW | params per worker |",
-        "|---|---|---|---|---|---|",
+        "| ZeRO | optimizer | offload | precision | peak per worker (MiB) | vs ZeRO-0 + AdamW | params per worker |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"
@@ -236,7 +241,10 @@ def table(rows: list[dict]) -> str:
             else ("failed" if "error" in r else "-")
         )
         params = f"{r['params_per_worker'] / 1e6:.1f} M" if r.get("params_per_worker") else "-"
-        lines.append(f"| {r['zero_stage']} | {r['optimizer']} | {r['offload']} | {peak} | {ratio} | {params} |")
+        lines.append(
+            f"| {r['zero_stage']} | {r['optimizer']} | {r['offload']} | {r['precision']} "
+            f"| {peak} | {ratio} | {params} |"
+        )
     return "\n".join(lines)
 
 

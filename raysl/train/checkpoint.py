@@ -11,7 +11,7 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from raysl.errors import UserError
 from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
-from raysl.train.zero import full_state_dict
+from raysl.train.zero import save_full_state
 
 FORMAT = 2  # 2: every worker lists its files (worker_<rank>.json); 1 (no "format" key): no listings
 
@@ -47,13 +47,9 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
     """Every worker calls this (DeepSpeed's save is collective); each writes its own files.
     Rank 0 also writes the whole model as safetensors, which eval and export read
     without unpickling anything or knowing about ZeRO partitions."""
-    from safetensors.torch import save_file
-
     engine.save_checkpoint(directory, tag=ENGINE_TAG)
-    # gathered one parameter at a time under ZeRO-3; only rank 0 keeps the copy
-    weights = full_state_dict(engine.module, keep=rank == 0)
-    if rank == 0:
-        save_file(weights, os.path.join(directory, WEIGHTS))
+    # streamed by rank 0, gathered one parameter at a time under ZeRO-3 (every rank takes part)
+    save_full_state(engine.module, os.path.join(directory, WEIGHTS), keep=rank == 0)
     torch.save({**state, **rng_state()}, os.path.join(directory, worker_file(rank)))
     if rank == 0:
         with open(os.path.join(directory, RUN_STATE), "w") as f:
