@@ -193,6 +193,12 @@ class DeepSpeedConfig:
     offload_optimizer: str = field(default="none", metadata=_choices("none", "cpu", "nvme"))
     offload_param: str = field(default="none", metadata=_choices("none", "cpu", "nvme"))
     nvme_path: str = field(default="", metadata={"path": True})  # a local NVMe directory, for "nvme" offload
+    # Gradient buckets (elements) ZeRO reduces at once; 0: DeepSpeed's default (5e8). On a
+    # memory-tight host a bucket of 5e8 bf16 elements is 1 GB per worker; 5e7 is 100 MB.
+    reduce_bucket_size: int = field(default=0, metadata=_range(0))
+    # dtype of ZeRO's gradient partitions (DeepSpeed's data_types.grad_accum_dtype); "": its
+    # default (fp32 for bf16 training). bf16 halves them (less exact accumulation).
+    grad_accum_dtype: str = field(default="", metadata=_choices("", "fp32", "bf16"))
 
 
 @dataclass

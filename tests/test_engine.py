@@ -534,6 +534,12 @@ def test_offload_keys_map_to_zero_offload_and_infinity():
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
     assert zero["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme/x"}
     check_config(cfg)
+    small = deepspeed_config(
+        from_dict({"deepspeed": {"zero_stage": 3, "reduce_bucket_size": 50_000_000, "grad_accum_dtype": "bf16"}})
+    )
+    assert small["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert small["data_types"] == {"grad_accum_dtype": "bf16"}
+    assert "data_types" not in deepspeed_config(_cfg(zero=3))  # DeepSpeed's own defaults
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,15 @@ def parse_config(text: str) -> dict:
     return {"zero": int(parts[0]), "optimizer": parts[1], "offload": parts[2] or "none", "precision": parts[3]}
 
 
-def _config(backbone: str, image_size: int, batch_size: int, c: dict, precision: str, grad_checkpointing: bool):
+def _config(
+    backbone: str,
+    image_size: int,
+    batch_size: int,
+    c: dict,
+    precision: str,
+    grad_checkpointing: bool,
+    reduce_bucket_size: int = 0,
+):
     from raysl.config import from_dict
 
     offload = c["offload"]
@@ -66,6 +74,7 @@ def _config(backbone: str, image_size: int, batch_size: int, c: dict, precision:
                 "precision": precision,
                 "offload_optimizer": offload,
                 "offload_param": offload if c["zero"] == 3 else "none",
+                "reduce_bucket_size": reduce_bucket_size,
             },
             "train": {"num_workers": 2},
         },
@@ -107,7 +116,13 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
     result: dict = {"rank": rank, "base_rss_mib": round(_rss_mib(), 1)}
     try:
         cfg = _config(
-            job["backbone"], job["image_size"], job["batch_size"], job["config"], job["precision"], job["ckpt"]
+            job["backbone"],
+            job["image_size"],
+            job["batch_size"],
+            job["config"],
+            job["precision"],
+            job["ckpt"],
+            job["bucket"],
         )
         torch.manual_seed(0)
         method = build_method(cfg)
@@ -176,6 +191,7 @@ def run_memory_bench(
     threads: int = 1,
     precision: str = "fp32",
     grad_checkpointing: bool = False,
+    reduce_bucket_size: int = 0,
     emit=print,
 ) -> list[dict]:
     rows = []
@@ -191,6 +207,7 @@ def run_memory_bench(
             threads=threads,
             precision=c["precision"],
             ckpt=grad_checkpointing,
+            bucket=reduce_bucket_size,
         )
         got = measure(job)
         workers = got["workers"]
@@ -201,6 +218,7 @@ def run_memory_bench(
             "image_size": image_size,
             "batch_size": batch_size,
             "precision": c["precision"],
+            "reduce_bucket_size": reduce_bucket_size,
             "workers": 2,
             "zero_stage": c["zero"],
             "optimizer": c["optimizer"],
@@ -257,6 +275,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(
+        "--reduce-bucket-size",
+        type=int,
+        default=50_000_000,
+        help="deepspeed.reduce_bucket_size (elements; 0: DeepSpeed's 5e8, up to 2 GB of fp32 bucket per worker)",
+    )
+    p.add_argument(
         "--configs",
         nargs="+",
         default=list(DEFAULT_CONFIGS),
@@ -281,6 +305,7 @@ def run_from_args(a) -> list[dict]:
         threads=a.threads,
         precision=a.precision,
         grad_checkpointing=a.grad_checkpointing,
+        reduce_bucket_size=a.reduce_bucket_size,
         emit=emit,
     )
     if a.out:

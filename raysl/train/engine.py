@@ -17,7 +17,16 @@ def deepspeed_config(cfg: Config) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
         "gradient_clipping": cfg.optim.clip_grad,
-        "zero_optimization": {"stage": ds.zero_stage, **_offload(cfg)},
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            **_offload(cfg),
+            **(
+                {"reduce_bucket_size": ds.reduce_bucket_size, "allgather_bucket_size": ds.reduce_bucket_size}
+                if ds.reduce_bucket_size
+                else {}
+            ),
+        },
+        **({"data_types": {"grad_accum_dtype": ds.grad_accum_dtype}} if ds.grad_accum_dtype else {}),
         # bitsandbytes optimizers are not on DeepSpeed's list of tested ZeRO optimizers
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": ds.precision == "bf16"},
