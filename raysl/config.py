@@ -199,6 +199,15 @@ class DeepSpeedConfig:
     # dtype of ZeRO's gradient partitions (DeepSpeed's data_types.grad_accum_dtype); "": its
     # default (fp32 for bf16 training). bf16 halves them (less exact accumulation).
     grad_accum_dtype: str = field(default="", metadata=_choices("", "fp32", "bf16"))
+    # ZeRO-3 steps the optimizer on sub-groups of this many elements of each worker's
+    # partition; 0: DeepSpeed's default (1e9, one group). bitsandbytes' 8-bit optimizers
+    # on the CPU dequantise a whole group's state to fp32 while they step, so a smaller
+    # group (5e7) bounds that transient (ViT-g proof in the README).
+    sub_group_size: int = field(default=0, metadata=_range(0))
+    # ZeRO-3 keeps gathered parameters alive up to this many elements (its
+    # stage3_max_live_parameters and stage3_max_reuse_distance); 0: DeepSpeed's 1e9, which
+    # for a 1 B-parameter model can mean the whole model gathered on every worker.
+    max_live_parameters: int = field(default=0, metadata=_range(0))
 
 
 @dataclass

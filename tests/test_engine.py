@@ -535,9 +535,22 @@ def test_offload_keys_map_to_zero_offload_and_infinity():
     assert zero["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme/x"}
     check_config(cfg)
     small = deepspeed_config(
-        from_dict({"deepspeed": {"zero_stage": 3, "reduce_bucket_size": 50_000_000, "grad_accum_dtype": "bf16"}})
+        from_dict(
+            {
+                "deepspeed": {
+                    "zero_stage": 3,
+                    "reduce_bucket_size": 50_000_000,
+                    "grad_accum_dtype": "bf16",
+                    "sub_group_size": 50_000_000,
+                    "max_live_parameters": 10_000_000,
+                }
+            }
+        )
     )
     assert small["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert small["zero_optimization"]["sub_group_size"] == 50_000_000
+    assert small["zero_optimization"]["stage3_max_live_parameters"] == 10_000_000
+    assert small["zero_optimization"]["stage3_max_reuse_distance"] == 10_000_000
     assert small["data_types"] == {"grad_accum_dtype": "bf16"}
     assert "data_types" not in deepspeed_config(_cfg(zero=3))  # DeepSpeed's own defaults
 

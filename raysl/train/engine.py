@@ -25,6 +25,15 @@ def deepspeed_config(cfg: Config) -> dict:
                 if ds.reduce_bucket_size
                 else {}
             ),
+            **({"sub_group_size": ds.sub_group_size} if ds.sub_group_size else {}),
+            **(
+                {
+                    "stage3_max_live_parameters": ds.max_live_parameters,
+                    "stage3_max_reuse_distance": ds.max_live_parameters,
+                }
+                if ds.max_live_parameters
+                else {}
+            ),
         },
         **({"data_types": {"grad_accum_dtype": ds.grad_accum_dtype}} if ds.grad_accum_dtype else {}),
         # bitsandbytes optimizers are not on DeepSpeed's list of tested ZeRO optimizers
