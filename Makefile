@@ -20,6 +20,6 @@ test: $(VENV)/.installed
 
 # Format, lint and type checks (ruff and mypy, configured in pyproject.toml).
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff format --check raysl tests
-	$(VENV)/bin/ruff check raysl tests
+	$(VENV)/bin/ruff format --check raysl tests scripts
+	$(VENV)/bin/ruff check raysl tests scripts
 	$(VENV)/bin/mypy

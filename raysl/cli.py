@@ -77,6 +77,13 @@ def cmd_bench_optim(args) -> None:
     print(json.dumps(run_optim_bench(args.model)))
 
 
+def cmd_bench_memory(args) -> None:
+    from raysl.bench.memory import run_from_args
+
+    rows = run_from_args(args)
+    return 1 if any("error" in r for r in rows) else 0
+
+
 def cmd_bench_plan(args) -> None:
     from raysl.bench.plan import run_from_args
 
@@ -407,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bs)
     bs.set_defaults(func=cmd_bench_step)
+    bmem = bsub.add_parser(
+        "memory", help="peak memory per worker (2 workers): ZeRO 0/2/3 x adamw/adamw8bit (x offload)"
+    )
+    from raysl.bench.memory import add_arguments as add_memory_arguments
+
+    add_memory_arguments(bmem)
+    bmem.set_defaults(func=cmd_bench_memory)
     bp = bsub.add_parser(
         "plan", help="manifest bytes, write, read and planning seconds at N shards: index vs the old JSON list"
     )

@@ -105,6 +105,10 @@ class ModelConfig:
     # CPU it needs a C++ compiler and minutes of compiling); aot_eager traces forward and
     # backward graphs without generating code; eager only captures graphs (debugging).
     compile_backend: str = field(default="inductor", metadata=one_of("inductor", "aot_eager", "eager"))
+    # Activation (gradient) checkpointing: timm's set_grad_checkpointing, so the backbone's
+    # blocks keep only their inputs and recompute the rest in backward (less activation
+    # memory for about one more forward). A timm model without it is a config error.
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -129,6 +133,29 @@ class DeepSpeedConfig:
     zero_stage: int = field(default=0, metadata=one_of(0, 1, 2, 3))
     precision: str = field(default="fp32", metadata=one_of("fp32", "bf16", "fp16"))
     grad_accum: int = field(default=1, metadata=between(1))
+    # ZeRO-Offload / ZeRO-Infinity: where the optimizer state (ZeRO stage >= 1) and the
+    # parameters (ZeRO-3 only) live: "none" (on the device), "cpu" (pinned host memory), or
+    # "nvme" (files under deepspeed.nvme_path). Offloading the optimizer needs DeepSpeed's
+    # own CPU Adam (optim.name=adamw runs as DeepSpeedCPUAdam, a C++ op built on first use);
+    # bitsandbytes' 8-bit optimizers cannot be offloaded.
+    offload_optimizer: str = field(default="none", metadata=one_of("none", "cpu", "nvme"))
+    offload_param: str = field(default="none", metadata=one_of("none", "cpu", "nvme"))
+    nvme_path: str = field(default="", metadata={"path": True})  # a local NVMe directory, for "nvme" offload
+    # Gradient buckets (elements) ZeRO reduces at once; 0: DeepSpeed's default (5e8). On a
+    # memory-tight host a bucket of 5e8 bf16 elements is 1 GB per worker; 5e7 is 100 MB.
+    reduce_bucket_size: int = field(default=0, metadata=between(0))
+    # dtype of ZeRO's gradient partitions (DeepSpeed's data_types.grad_accum_dtype); "": its
+    # default (fp32 for bf16 training). bf16 halves them (less exact accumulation).
+    grad_accum_dtype: str = field(default="", metadata=one_of("", "fp32", "bf16"))
+    # ZeRO-3 steps the optimizer on sub-groups of this many elements of each worker's
+    # partition; 0: DeepSpeed's default (1e9, one group). bitsandbytes' 8-bit optimizers
+    # on the CPU dequantise a whole group's state to fp32 while they step, so a smaller
+    # group (5e7) bounds that transient (ViT-g proof in the README).
+    sub_group_size: int = field(default=0, metadata=between(0))
+    # ZeRO-3 keeps gathered parameters alive up to this many elements (its
+    # stage3_max_live_parameters and stage3_max_reuse_distance); 0: DeepSpeed's 1e9, which
+    # for a 1 B-parameter model can mean the whole model gathered on every worker.
+    max_live_parameters: int = field(default=0, metadata=between(0))
 
 
 @dataclass
@@ -300,12 +327,6 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
         for key, f in fields.items():
             f.type = hints[key]
             check_value(f"{name}.{key}", f, getattr(section, key))
-    if cfg.eval.knn_shards and cfg.deepspeed.zero_stage == 3:
-        raise UserError(
-            "config key eval.knn_shards: the online kNN monitor reads the backbone's whole weights, which "
-            "ZeRO-3 partitions across workers; use deepspeed.zero_stage<=2 with it, or leave eval.knn_shards "
-            "empty and run `raysl eval knn` on the checkpoints"
-        )
     return cfg
 
 

@@ -113,3 +113,34 @@ def test_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch)
     assert cfg.train.storage_path == "s3://bucket/runs" and cfg.eval.knn_val_shards == ""  # URIs and "off" stay
     assert load_config("quickstart").train.storage_path == str(tmp_path / "runs")
     assert recipe_path("recipes/r.yaml") == str(tmp_path / "recipes" / "r.yaml")
+
+
+@pytest.mark.parametrize(
+    "name, backbone, zero, checkpointing",
+    [
+        ("dino_vitl16", "vit_large_patch16_224", 2, True),
+        ("mae_vitl16", "vit_large_patch16_224", 2, False),
+        ("mae_vith14", "vit_huge_patch14_224", 2, True),
+        ("dino_vitg14", "vit_giant_patch14_224", 3, True),
+    ],
+)
+def test_large_backbone_recipes_state_their_memory_arithmetic(name, backbone, zero, checkpointing):
+    """Issue 11: bf16, AdamW8bit, the ZeRO stage and checkpointing each recipe argues for in
+    its header, which gives the bytes per parameter of weights, grads, master and state."""
+    cfg = load_config(name)
+    assert (cfg.model.backbone, cfg.deepspeed.zero_stage, cfg.model.grad_checkpointing) == (
+        backbone,
+        zero,
+        checkpointing,
+    )
+    assert cfg.deepspeed.precision == "bf16" and cfg.optim.name == "adamw8bit"
+    with open(recipe_path(name)) as f:
+        header = "".join(line for line in f if line.startswith("#"))
+    for words in (
+        "Memory per parameter",
+        "bf16 weights 2 B",
+        "fp32 master 4 B",
+        "8-bit Adam state 2 B",
+        f"ZeRO-{zero}",
+    ):
+        assert words in header, (name, words)

@@ -55,11 +55,12 @@ def gloo_world_of_one():
 def _cfg(
     *, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None, method=None
 ):
+    heads = {} if (method or {}).get("name") == "mae" else {"proj_hidden_dim": 32, "proj_dim": 16}  # MAE has none
     return from_dict(
         {
             "data": {"batch_size": BATCH, "image_size": SIZE},
             "model": {"backbone": "test_resnet", **(model or {})},
-            "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16, **(method or {})},
+            "method": {"name": "simclr", **heads, **(method or {})},
             # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
             "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
             "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
@@ -260,12 +261,12 @@ def test_ema_teacher_round_trip_continues_exactly(tmp_path):
         _step(original, cfg, s)
     _save(original, str(tmp_path), 2)
     module = original[0].module.state_dict()
-    teacher = {k: v.clone() for k, v in module.items() if k.startswith("target_backbone.")}  # as saved
+    teacher = {k: v.clone() for k, v in module.items() if k.startswith("teacher_backbone.")}  # as saved
     assert teacher, "the EMA target must be in the method's state"
     moved = [
         k
         for k, v in teacher.items()
-        if v.is_floating_point() and not torch.equal(v, module[k.replace("target_", "", 1)])
+        if v.is_floating_point() and not torch.equal(v, module[k.replace("teacher_", "", 1)])
     ]
     assert moved  # the target is its own state, not a copy of the online network
     expected = [_step(original, cfg, s) for s in (2, 3)]
@@ -463,3 +464,143 @@ def test_resume_and_eval_take_the_last_complete_checkpoint(saved, tmp_path):
         checkpoint.load(str(half), _build(cfg)[0], rank=0, world_size=1)
     shutil.rmtree(done)
     assert has_checkpoints(str(run)) and not has_checkpoints(str(run), complete=True)  # --resume refused
+
+
+def _saved_activation_bytes(method, views, values) -> tuple[float, int]:
+    """(loss, bytes autograd keeps for backward during the forward): the activation memory
+    that checkpointing trades for recomputation, counted exactly (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = method(views, values)["loss"]
+    loss.backward()
+    return float(loss), sum(seen.values())
+
+
+@pytest.mark.parametrize("method,backbone", [("simclr", "test_vit"), ("mae", "test_vit"), ("simclr", "test_resnet")])
+def test_grad_checkpointing_same_losses_less_activation_memory(method, backbone):
+    """model.grad_checkpointing=true (timm's set_grad_checkpointing; MAE's encoder too):
+    the same loss and gradients as without it, and fewer bytes kept for backward; then the
+    same losses through the engine for 2 steps."""
+    extra = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2} if method == "mae" else {}
+    cfgs = [
+        _cfg(model={"backbone": backbone, "grad_checkpointing": on}, method={"name": method, **extra})
+        for on in (False, True)
+    ]
+    views = _views(cfgs[0], 0)[: 1 if method == "mae" else 2]
+    values = {**make_schedules(cfgs[0], TOTAL, 1).at(0), "step": 0}
+    results, grads = [], []
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        m = build_method(cfg)
+        assert getattr(m.backbone, "grad_checkpointing", False) == cfg.model.grad_checkpointing
+        torch.manual_seed(5)  # the same masks / drop-path draws
+        results.append(_saved_activation_bytes(m, views, values))
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    (loss, plain_bytes), (ckpt_loss, ckpt_bytes) = results
+    assert ckpt_loss == pytest.approx(loss, rel=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert ckpt_bytes < 0.8 * plain_bytes, (ckpt_bytes, plain_bytes)
+    if method == "simclr" and backbone == "test_vit":
+        steps = [[_step(_build(c), c, s) for s in range(2)] for c in cfgs]
+        assert steps[1] == pytest.approx(steps[0], rel=1e-4)
+
+
+def test_grad_checkpointing_where_timm_has_none_is_a_config_error():
+    from raysl.train.engine import check_config
+
+    with pytest.raises(UserError, match="model.grad_checkpointing: timm model 'cspresnet50' has no activation"):
+        check_config(_cfg(model={"backbone": "cspresnet50", "grad_checkpointing": True}))
+    check_config(_cfg(model={"backbone": "test_vit", "grad_checkpointing": True}))
+
+
+def test_offload_keys_map_to_zero_offload_and_infinity():
+    from raysl.train.engine import check_config, deepspeed_config
+
+    zero = deepspeed_config(_cfg(zero=3))["zero_optimization"]
+    assert zero == {"stage": 3}
+    cfg = from_dict(
+        {
+            "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "nvme", "nvme_path": "/nvme/x"},
+        }
+    )
+    zero = deepspeed_config(cfg)["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme/x"}
+    check_config(cfg)
+    small = deepspeed_config(
+        from_dict(
+            {
+                "deepspeed": {
+                    "zero_stage": 3,
+                    "reduce_bucket_size": 50_000_000,
+                    "grad_accum_dtype": "bf16",
+                    "sub_group_size": 50_000_000,
+                    "max_live_parameters": 10_000_000,
+                }
+            }
+        )
+    )
+    assert small["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert small["zero_optimization"]["sub_group_size"] == 50_000_000
+    assert small["zero_optimization"]["stage3_max_live_parameters"] == 10_000_000
+    assert small["zero_optimization"]["stage3_max_reuse_distance"] == 10_000_000
+    assert small["data_types"] == {"grad_accum_dtype": "bf16"}
+    assert "data_types" not in deepspeed_config(_cfg(zero=3))  # DeepSpeed's own defaults
+
+
+@pytest.mark.parametrize(
+    "deepspeed,optimizer,match",
+    [
+        (
+            {"zero_stage": 2, "offload_optimizer": "cpu"},
+            "adamw8bit",
+            "offload_optimizer: optim.name=adamw8bit .* use optim.name=adamw",
+        ),
+        (
+            {"zero_stage": 2, "offload_optimizer": "cpu"},
+            "lion8bit",
+            "offload_optimizer: optim.name=lion8bit .* use optim.name=adamw",
+        ),
+        ({"zero_stage": 2, "offload_optimizer": "cpu"}, "sgd", "offload_optimizer: optim.name=sgd cannot be offloaded"),
+        ({"zero_stage": 0, "offload_optimizer": "cpu"}, "adamw", "offload_optimizer: .*zero_stage to 1, 2 or 3"),
+        ({"zero_stage": 2, "offload_param": "cpu"}, "adamw", "offload_param: only ZeRO-3"),
+        ({"zero_stage": 3, "offload_param": "nvme"}, "adamw", "deepspeed.nvme_path"),
+    ],
+)
+def test_offload_configs_deepspeed_cannot_run_are_config_errors(deepspeed, optimizer, match):
+    from raysl.train.engine import check_config
+
+    cfg = from_dict({"optim": {"name": optimizer}, "deepspeed": deepspeed})
+    with pytest.raises(UserError, match=match):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("zero,offload_param", [(2, "none"), (3, "cpu")])
+def test_cpu_offload_trains_like_the_device_optimizer(zero, offload_param):
+    """ZeRO-Offload on this CPU machine: optim adamw runs as DeepSpeedCPUAdam (its C++ op is
+    built on first use, about 50 s here), stepping the host copy; the losses follow plain AdamW."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    base = _cfg(zero=zero)
+    offloaded = from_dict(
+        {
+            **base.to_dict(),
+            "deepspeed": {**base.to_dict()["deepspeed"], "offload_optimizer": "cpu", "offload_param": offload_param},
+        }
+    )
+    plain, off = _build(base), _build(offloaded)
+    assert isinstance(off[2], DeepSpeedCPUAdam)
+    assert off[0].zero_offload_optimizer().device == "cpu"
+    if offload_param != "none":
+        assert off[0].zero_offload_param().device == "cpu"
+    expected = [_step(plain, base, s) for s in range(3)]
+    got = [_step(off, offloaded, s) for s in range(3)]
+    assert got == pytest.approx(expected, rel=1e-3)

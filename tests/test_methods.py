@@ -96,7 +96,8 @@ def test_forward_backward_reaches_the_backbone(name, backbone, n_global, n_local
     out["loss"].backward()
     grads = [p.grad for p in m.backbone.parameters() if p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
-    teachers = [mod for n, mod in m.named_children() if n.startswith(("target_", "key_", "momentum_", "teacher_"))]
+    teachers = [mod for n, mod in m.named_children() if n.startswith("teacher_")]
+    assert len(teachers) == len(getattr(m, "teacher_pairs", []))  # one naming scheme: teacher_<student>
     for t in teachers:  # teachers never get gradients and are not trainable
         assert all(not p.requires_grad and p.grad is None for p in t.parameters())
 
@@ -104,9 +105,9 @@ def test_forward_backward_reaches_the_backbone(name, backbone, n_global, n_local
 @pytest.mark.parametrize(
     "name, pairs",
     [
-        ("byol", [("target_backbone", "backbone"), ("target_projector", "projector")]),
-        ("mocov2", [("key_backbone", "backbone"), ("key_projector", "projector")]),
-        ("mocov3", [("momentum_backbone", "backbone"), ("momentum_projector", "projector")]),
+        ("byol", [("teacher_backbone", "backbone"), ("teacher_projector", "projector")]),
+        ("mocov2", [("teacher_backbone", "backbone"), ("teacher_projector", "projector")]),
+        ("mocov3", [("teacher_backbone", "backbone"), ("teacher_projector", "projector")]),
         ("dino", [("teacher_backbone", "backbone"), ("teacher_head", "head")]),
     ],
 )
@@ -149,9 +150,41 @@ def test_teacher_state_is_in_the_state_dict():
     keys = m.state_dict().keys()
     assert any(k.startswith("teacher_backbone.") for k in keys) and "center" in keys
     assert (
-        any(k.startswith("key_backbone.") for k in make("mocov2").state_dict())
+        any(k.startswith("teacher_backbone.") for k in make("mocov2").state_dict())
         and "queue" in make("mocov2").state_dict()
     )
+
+
+@pytest.mark.parametrize(
+    "name, old, students",
+    [
+        ("byol", "target_", ["backbone", "projector"]),
+        ("mocov2", "key_", ["backbone", "projector"]),
+        ("mocov3", "momentum_", ["backbone", "projector"]),
+        ("dino", "teacher_", ["backbone", "head"]),
+    ],
+)
+def test_every_ema_teacher_is_named_teacher_and_old_checkpoint_keys_load(name, old, students):
+    """One teacher abstraction (raysl.methods.teacher): the teachers of BYOL, MoCo v2/v3 and
+    DINO are `teacher_<student>`; a state dict written before it (teachers under
+    `target_`, `key_`, `momentum_`) loads strictly, its teacher weights landing in teacher_*."""
+    m = make(name)
+    assert m.teacher_pairs == students
+    assert {n for n, _ in m.named_children() if n.startswith("teacher_")} == {f"teacher_{s}" for s in students}
+    state = m.state_dict()
+    old_state = {}
+    for k, v in state.items():
+        t = v.clone()
+        if k.startswith("teacher_") and t.is_floating_point():
+            t += 1.0  # a teacher that has moved away from the student
+        old_state[old + k[len("teacher_") :] if k.startswith("teacher_") else k] = t
+    if old != "teacher_":
+        assert not any(k.startswith("teacher_") for k in old_state)
+    fresh = make(name)
+    fresh.load_state_dict(old_state, strict=True)
+    for k, v in fresh.state_dict().items():
+        want = state[k] + 1.0 if k.startswith("teacher_") and v.is_floating_point() else state[k]
+        assert torch.equal(v, want), k
 
 
 def test_mocov2_queue_enqueues_both_keys_at_the_pointer():

@@ -50,8 +50,7 @@ def _cfg(root, *extra):
 
 
 def test_monitor_config_is_checked_before_ray(sets):
-    with pytest.raises(UserError, match="eval.knn_shards: the online kNN monitor .* deepspeed.zero_stage<=2"):
-        _cfg(sets, "deepspeed.zero_stage=3")
+    assert _cfg(sets, "deepspeed.zero_stage=3").eval.knn_shards  # ZeRO-3: the monitor runs on partitioned weights
     with pytest.raises(
         UserError, match=r"eval.knn_shards .*unlabeled: 8 of 8 rows have no value in the 'label' column"
     ):
@@ -61,8 +60,12 @@ def test_monitor_config_is_checked_before_ray(sets):
 
 
 @pytest.mark.ray
-def test_two_worker_monitor_matches_single_process_knn(ray_local, sets):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_worker_monitor_matches_single_process_knn(ray_local, sets, zero):
+    """Also under ZeRO-3 (issue 11): the method built partitioned, the monitor and val_loss
+    on partitioned weights, weights.safetensors gathered for the single-process check."""
     held_out = [f"eval.val_shards={sets / 'knn'}", "eval.val_every=3", "eval.val_batches=2"]
+    held_out += [f"deepspeed.zero_stage={zero}", f"train.name=monitored{zero}"]
     run = pretrain(_cfg(sets, *held_out))["run_dir"]
     rows = {r["step"]: r for r in read_metrics(run)}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]

@@ -4,8 +4,9 @@ the process group Ray Train set up, and a weighted cosine kNN (k = eval.knn_k, D
 protocol) scores the query half against the memory bank. The numbers go into the step's
 metrics as knn_top1_k20, knn_top5_k20, knn_top1_k200, ... and knn_top1 (the first k).
 
-The labeled set is loaded once per worker (decoded, eval-resized uint8). The monitor
-needs the backbone's whole weights on every worker, so it refuses ZeRO-3 (config.py)."""
+The labeled set is loaded once per worker (decoded, eval-resized uint8). Under ZeRO-3 the
+backbone's partitioned parameters are gathered layer by layer by DeepSpeed's forward hooks
+as the features are extracted, as in training (tests/test_zero3.py)."""
 
 from __future__ import annotations
 

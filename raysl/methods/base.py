@@ -36,8 +36,10 @@ class Method(nn.Module):
     """A backbone plus heads plus a loss. The engine calls `forward(views, values)` with
     the normalised views of one batch and the schedule values of this step, and expects
     a dict with a scalar "loss" (other scalars are logged). `after_step` runs after each
-    optimizer step (EMA teachers, queues). All state lives in parameters and buffers, so
-    it travels in checkpoints."""
+    optimizer step: here it moves the EMA teachers the method declared with
+    `raysl.methods.teacher.add_teacher` (momentum: the `ema_momentum` schedule value);
+    a method that overrides it calls `super().after_step(values)`. All state lives in
+    parameters and buffers, so it travels in checkpoints."""
 
     name = "?"
     config_class: type[MethodConfig] = MethodConfig  # its `method.*` keys (raysl.methods.keys)
@@ -51,12 +53,27 @@ class Method(nn.Module):
     local_smaller = False  # local crops must differ in size from global ones (told apart by size)
     # `raysl bench methods`: overrides for a short CPU run on 32 px digits that learns
     bench_overrides: tuple[str, ...] = ()
+    # Teacher attribute prefixes of checkpoints written before raysl.methods.teacher (e.g.
+    # BYOL's "target_"): their keys load as teacher_* (see `_load_legacy_teachers`).
+    legacy_teacher_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, cfg=None):  # subclasses build their modules from the run's Config
+        super().__init__()
+        self._register_load_state_dict_pre_hook(self._load_legacy_teachers)
+
+    def _load_legacy_teachers(self, state_dict, prefix, *args) -> None:
+        from raysl.methods.teacher import rename_legacy_keys
+
+        rename_legacy_keys(state_dict, prefix, self.legacy_teacher_prefixes)
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def after_step(self, values: dict[str, float]) -> None:
-        pass
+        from raysl.methods.teacher import ema_update_all
+
+        if getattr(self, "teacher_pairs", None):
+            ema_update_all(self, values["ema_momentum"])
 
     def draw(self, out: dict, step: int, folder: str) -> None:
         """Rank 0, after each step: pictures of the step's outputs into the run's `folder`."""

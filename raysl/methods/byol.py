@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from raysl.methods.base import Method, register
-from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher
+from raysl.methods.common import embedding_std, make_backbone
 from raysl.methods.keys import EMAKeys, MethodConfig, PredictorKeys, ProjectorKeys
 from raysl.methods.losses import byol_loss
+from raysl.methods.teacher import add_teacher
 from raysl.models.heads import mlp
 
 
@@ -36,15 +37,20 @@ class BYOL(Method):
         "method.ema_momentum_end=1.0",
         "optim.lr=0.016",
     )
+    legacy_teacher_prefixes = ("target_",)  # before raysl.methods.teacher
 
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method
         self.backbone = make_backbone(cfg)
-        self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2)
+
+        def projector():
+            return mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2)
+
+        self.projector = projector()
         self.predictor = mlp(m.proj_dim, m.pred_hidden_dim, m.proj_dim, layers=2)
-        self.target_backbone = make_teacher(self.backbone)
-        self.target_projector = make_teacher(self.projector)
+        add_teacher(self, "backbone", lambda: make_backbone(cfg))
+        add_teacher(self, "projector", projector)
         self.embedding_dim = m.proj_dim
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -52,12 +58,7 @@ class BYOL(Method):
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
-            t1 = self.target_projector(self.target_backbone(x1))
-            t2 = self.target_projector(self.target_backbone(x2))
+            t1 = self.teacher_projector(self.teacher_backbone(x1))
+            t2 = self.teacher_projector(self.teacher_backbone(x2))
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
         return {"loss": loss, "embedding_std": embedding_std(z1)}
-
-    def after_step(self, values: dict[str, float]) -> None:
-        m = values["ema_momentum"]
-        ema_update(self.target_backbone, self.backbone, m)
-        ema_update(self.target_projector, self.projector, m)

@@ -1,9 +1,8 @@
-"""Pieces the method classes share: backbones for multi-crop, EMA teachers, multi-crop
-forward passes by resolution, and the collapse metric."""
+"""Pieces the method classes share: backbones for multi-crop, multi-crop forward passes by
+resolution, and the collapse metric (EMA teachers: raysl.methods.teacher)."""
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import torch
@@ -27,12 +26,35 @@ def make_backbone(cfg, *, multi_crop: bool = False) -> nn.Module:
     position embedding; convnets take any size anyway."""
     name, size = cfg.model.backbone, cfg.data.image_size or None
     common = dict(drop_path_rate=cfg.model.drop_path_rate, global_pool=cfg.model.global_pool)
+    backbone = None
     if multi_crop:
         try:
-            return create_backbone(name, **common, dynamic_img_size=True, **({"img_size": size} if size else {}))
+            backbone = create_backbone(name, **common, dynamic_img_size=True, **({"img_size": size} if size else {}))
         except TypeError:  # not a ViT: no dynamic_img_size / img_size arguments
             pass
-    return create_backbone(name, **common, img_size=size)
+    if backbone is None:
+        backbone = create_backbone(name, **common, img_size=size)
+    if getattr(cfg.model, "grad_checkpointing", False):
+        grad_checkpointing(backbone, name)
+    return backbone
+
+
+def grad_checkpointing(backbone: nn.Module, name: str) -> None:
+    """`model.grad_checkpointing=true`: timm's activation checkpointing of the backbone's
+    blocks (each block's activations are recomputed in backward instead of kept)."""
+    from raysl.errors import UserError
+
+    try:
+        backbone.set_grad_checkpointing(True)
+        ok = getattr(backbone, "grad_checkpointing", True) is not False
+    except (AssertionError, NotImplementedError, AttributeError):
+        ok = False
+    if not ok:
+        raise UserError(
+            f"config key model.grad_checkpointing: timm model {name!r} has no activation checkpointing "
+            "(set_grad_checkpointing); set model.grad_checkpointing=false or pick a backbone that has it "
+            "(timm's ViTs, ResNets, ConvNeXts, ...)"
+        )
 
 
 def register_external_params(owner: nn.Module, module: nn.Module) -> None:
@@ -46,34 +68,6 @@ def register_external_params(owner: nn.Module, module: nn.Module) -> None:
 
     for _, p in module.named_parameters(recurse=False):
         register_external_parameter(owner, p)
-
-
-def make_teacher(module: nn.Module) -> nn.Module:
-    """A frozen copy (requires_grad False): an EMA teacher / momentum encoder. Its
-    parameters and buffers are part of the method's state dict, so checkpoints carry it."""
-    teacher = copy.deepcopy(module)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def _data(p: torch.Tensor) -> torch.Tensor:
-    # DeepSpeed ZeRO-3 keeps each worker's shard of a parameter in `ds_tensor` (p.data is
-    # empty outside forward); teacher and student shapes match, so their shards line up.
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter
-    (buffers, e.g. BN statistics, stay the teacher's own, as in MoCo/BYOL/DINO)."""
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise RuntimeError("EMA teacher and student have different parameter lists")
-    m = float(momentum)
-    for t, s in zip(t_params, s_params):
-        td, sd = _data(t), _data(s)
-        td.mul_(m).add_(sd.to(td.dtype), alpha=1.0 - m)
 
 
 def multicrop(fn, views: list[torch.Tensor]) -> list:

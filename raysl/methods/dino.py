@@ -11,9 +11,10 @@ import torch
 
 from raysl.checks import between
 from raysl.methods.base import Method, register
-from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher, multicrop, step_of
+from raysl.methods.common import embedding_std, make_backbone, multicrop, step_of
 from raysl.methods.keys import EMAKeys, MethodConfig, ProjectorKeys, key
 from raysl.methods.losses import dino_center_update, dino_loss
+from raysl.methods.teacher import add_teacher
 from raysl.models.heads import DINOHead
 
 
@@ -72,16 +73,20 @@ class DINO(Method):
         self.center_momentum = m.center_momentum
         self.freeze_last_layer_steps = m.freeze_last_layer_steps
         self.backbone = make_backbone(cfg, multi_crop=True)
-        self.head = DINOHead(
-            self.backbone.num_features,
-            m.num_prototypes,
-            hidden_dim=m.proj_hidden_dim,
-            bottleneck_dim=m.proj_dim,
-            layers=m.proj_layers or 3,
-            norm_last_layer=m.norm_last_layer,
-        )
-        self.teacher_backbone = make_teacher(self.backbone)
-        self.teacher_head = make_teacher(self.head)
+
+        def head():
+            return DINOHead(
+                self.backbone.num_features,
+                m.num_prototypes,
+                hidden_dim=m.proj_hidden_dim,
+                bottleneck_dim=m.proj_dim,
+                layers=m.proj_layers or 3,
+                norm_last_layer=m.norm_last_layer,
+            )
+
+        self.head = head()
+        add_teacher(self, "backbone", lambda: make_backbone(cfg, multi_crop=True))
+        add_teacher(self, "head", head)
         self.embedding_dim = m.proj_dim
         self.register_buffer("center", torch.zeros(1, m.num_prototypes))
 
@@ -120,8 +125,3 @@ class DINO(Method):
         warmup = min(m.teacher_temp_warmup_steps, total_steps - 1)
         temps = linear_then_constant(m.teacher_temp_warmup, m.teacher_temp, warmup, total_steps)
         return {**super().schedules(m, total_steps), "teacher_temp": temps}
-
-    def after_step(self, values: dict[str, float]) -> None:
-        m = values["ema_momentum"]
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)

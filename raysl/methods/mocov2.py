@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 from raysl.checks import between
 from raysl.methods.base import Method, register
-from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher, step_of
+from raysl.methods.common import embedding_std, make_backbone, step_of
 from raysl.methods.distributed import gather_no_grad, world
 from raysl.methods.feature_transform_plots import draw_score_histograms
 from raysl.methods.keys import EMAKeys, FeatureTransformKeys, MethodConfig, ProjectorKeys, TemperatureKeys, key
 from raysl.methods.losses import feature_transform, info_nce_queue, pos_neg_scores
+from raysl.methods.teacher import add_teacher
 from raysl.models.heads import mlp
 
 HIST_NEGATIVES = 4096  # negatives per histogram (a fixed stride through the queue)
@@ -55,17 +56,20 @@ class MoCoV2(Method):
         "method.ema_momentum=0.99",
         "method.ema_momentum_end=0.99",
     )
+    legacy_teacher_prefixes = ("key_",)  # before raysl.methods.teacher
 
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method
         self.temperature = m.temperature
         self.backbone = make_backbone(cfg)
-        self.projector = mlp(
-            self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2, bn=False
-        )
-        self.key_backbone = make_teacher(self.backbone)
-        self.key_projector = make_teacher(self.projector)
+
+        def projector():
+            return mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2, bn=False)
+
+        self.projector = projector()
+        add_teacher(self, "backbone", lambda: make_backbone(cfg))
+        add_teacher(self, "projector", projector)
         self.embedding_dim = m.proj_dim
         self.shuffle_bn = m.shuffle_bn
         self.ft_extrapolate = m.ft_extrapolate or None
@@ -75,7 +79,7 @@ class MoCoV2(Method):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def _key_encoder(self, x: torch.Tensor) -> torch.Tensor:
-        return self.key_projector(self.key_backbone(x))
+        return self.teacher_projector(self.teacher_backbone(x))
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +134,3 @@ class MoCoV2(Method):
         loss2, _ = self._contrast(q2, k1, negatives, False)
         self.enqueue(torch.cat([k1, k2]))
         return {"loss": (loss1 + loss2) / 2, "embedding_std": embedding_std(q1), **hist}
-
-    def after_step(self, values: dict[str, float]) -> None:
-        m = values["ema_momentum"]
-        ema_update(self.key_backbone, self.backbone, m)
-        ema_update(self.key_projector, self.projector, m)

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from raysl.methods.base import Method, register
-from raysl.methods.common import ema_update, embedding_std, make_backbone, make_teacher
+from raysl.methods.common import embedding_std, make_backbone
 from raysl.methods.keys import EMAKeys, MethodConfig, PredictorKeys, ProjectorKeys, TemperatureKeys
 from raysl.methods.losses import moco_v3_loss
+from raysl.methods.teacher import add_teacher
 from raysl.models.heads import mlp
 
 
@@ -39,18 +40,23 @@ class MoCoV3(Method):
         "method.ema_momentum=0.99",
         "method.ema_momentum_end=1.0",
     )
+    legacy_teacher_prefixes = ("momentum_",)  # before raysl.methods.teacher
 
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method
         self.temperature = m.temperature
         self.backbone = make_backbone(cfg)
-        self.projector = mlp(
-            self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3, last_bn=True
-        )
+
+        def projector():
+            return mlp(
+                self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3, last_bn=True
+            )
+
+        self.projector = projector()
         self.predictor = mlp(m.proj_dim, m.pred_hidden_dim, m.proj_dim, layers=2)
-        self.momentum_backbone = make_teacher(self.backbone)
-        self.momentum_projector = make_teacher(self.projector)
+        add_teacher(self, "backbone", lambda: make_backbone(cfg))
+        add_teacher(self, "projector", projector)
         self.embedding_dim = m.proj_dim
 
     def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -58,12 +64,7 @@ class MoCoV3(Method):
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         q1, q2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
-            k1 = self.momentum_projector(self.momentum_backbone(x1))
-            k2 = self.momentum_projector(self.momentum_backbone(x2))
+            k1 = self.teacher_projector(self.teacher_backbone(x1))
+            k2 = self.teacher_projector(self.teacher_backbone(x2))
         loss = moco_v3_loss(q1, k2, self.temperature) + moco_v3_loss(q2, k1, self.temperature)
         return {"loss": loss, "embedding_std": embedding_std(z1)}
-
-    def after_step(self, values: dict[str, float]) -> None:
-        m = values["ema_momentum"]
-        ema_update(self.momentum_backbone, self.backbone, m)
-        ema_update(self.momentum_projector, self.projector, m)

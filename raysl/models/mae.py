@@ -110,7 +110,12 @@ def encode_visible(vit: nn.Module, imgs: torch.Tensor, mask_ratio: float):
         x = torch.cat([prefix, x], dim=1)
     if hasattr(vit, "norm_pre"):
         x = vit.norm_pre(x)
-    x = vit.blocks(x)
+    if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from timm.models import checkpoint_seq  # model.grad_checkpointing: as the ViT's own forward does
+
+        x = checkpoint_seq(vit.blocks, x)
+    else:
+        x = vit.blocks(x)
     return vit.norm(x), mask, ids_restore
 
 

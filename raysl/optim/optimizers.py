@@ -58,8 +58,13 @@ def build_optimizer(
     betas: tuple[float, float] | None = None,
     momentum: float = 0.9,
     eps: float = 1e-8,
+    cpu_offload: bool = False,
 ) -> torch.optim.Optimizer:
     """Build optimizer `name` over `groups` (from `param_groups`).
+
+    `cpu_offload` (deepspeed.offload_optimizer cpu/nvme): AdamW as DeepSpeed's
+    DeepSpeedCPUAdam (adamw_mode), the optimizer ZeRO-Offload steps on the host; the only
+    one raysl offloads (engine.check_config refuses the others).
 
     betas=None takes the optimizer's usual default: (0.9, 0.999) for the Adam family and LAMB,
     (0.9, 0.99) for Lion. `momentum` is for sgd/lars; `eps` for adam-family/lamb/lars.
@@ -81,6 +86,12 @@ def build_optimizer(
         {**g, "always_adapt": not g.get("lars_exclude", False)} if name in ("lars", "lamb") else dict(g) for g in groups
     ]
 
+    if cpu_offload and name != "adamw":
+        raise UserError(f"optimizer {name!r} cannot be offloaded; deepspeed.offload_optimizer takes optim.name=adamw")
+    if name == "adamw" and cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=adam_betas, eps=eps, adamw_mode=True)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=adam_betas, eps=eps)
     if name == "sgd":

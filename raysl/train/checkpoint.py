@@ -11,6 +11,7 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from raysl.errors import UserError
 from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
+from raysl.train.zero import save_full_state
 
 FORMAT = 2  # 2: every worker lists its files (worker_<rank>.json); 1 (no "format" key): no listings
 
@@ -42,35 +43,13 @@ def worker_file(rank: int) -> str:
     return f"worker_{rank}.pt"
 
 
-def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state, whole even under ZeRO-3 (parameters gathered collectively:
-    every rank must call this), floating tensors as fp32 on the CPU."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]  # ZeRO-3 partitioned
-    if params:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return _cpu_copy(module.state_dict())
-    return _cpu_copy(module.state_dict())
-
-
-def _cpu_copy(state: dict) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
-        for k, v in state.items()
-    }
-
-
 def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> None:
     """Every worker calls this (DeepSpeed's save is collective); each writes its own files.
     Rank 0 also writes the whole model as safetensors, which eval and export read
     without unpickling anything or knowing about ZeRO partitions."""
-    from safetensors.torch import save_file
-
     engine.save_checkpoint(directory, tag=ENGINE_TAG)
-    weights = _full_state_dict(engine.module)
-    if rank == 0:
-        save_file(weights, os.path.join(directory, WEIGHTS))
+    # streamed by rank 0, gathered one parameter at a time under ZeRO-3 (every rank takes part)
+    save_full_state(engine.module, os.path.join(directory, WEIGHTS), keep=rank == 0)
     torch.save({**state, **rng_state()}, os.path.join(directory, worker_file(rank)))
     if rank == 0:
         with open(os.path.join(directory, RUN_STATE), "w") as f:

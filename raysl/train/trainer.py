@@ -19,7 +19,7 @@ import torch
 from raysl.config import Config
 from raysl.data import mixture, reader
 from raysl.data.views import normalize
-from raysl.methods.base import Method, build_method, collapse_warning, method_class
+from raysl.methods.base import Method, collapse_warning, method_class
 from raysl.methods.crops import spec_for
 from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
@@ -28,6 +28,7 @@ from raysl.train.callback import Callback
 from raysl.train.engine import DTYPES, initialize
 from raysl.train.metrics import MetricsLog, global_metrics, say
 from raysl.train.steps import epoch_steps, val_steps
+from raysl.train.zero import build_method  # partitioned (zero.Init) under ZeRO-3
 
 
 def make_schedules(cfg: Config, total: int, world_size: int) -> Schedules:
@@ -54,6 +55,7 @@ def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -
         lr=schedules.lr[0],
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         momentum=cfg.optim.momentum,
+        cpu_offload=cfg.deepspeed.offload_optimizer != "none",  # ZeRO-Offload: DeepSpeedCPUAdam
     )
 
 
