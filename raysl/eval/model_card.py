@@ -66,15 +66,16 @@ def write_attributions(shards: str, out_csv: str) -> tuple[int, Counter]:
     import pyarrow.parquet as pq
 
     from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+    from raysl.data.shard_index import select_rows
     from raysl.progress import bar
 
     manifest = read_manifest(shards)
     licenses: Counter = Counter()
     rows = 0
     with pacsv.CSVWriter(out_csv, _schema()) as writer, bar(manifest.rows, "export: attributions") as progress:
-        for path in shard_paths(shards, manifest):
+        for path, mask in zip(shard_paths(shards, manifest), manifest.shards.masks()):
             fs, local = filesystem_and_path(path)
-            table = pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs)
+            table = select_rows(pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs), mask)
             writer.write_table(table)
             rows += table.num_rows
             licenses.update(table.column("license").to_pylist())
@@ -106,7 +107,26 @@ def lineage(shards: str, out_dir: str) -> dict:
         "skipped": dict(manifest.skipped),
         "sources": list(manifest.sources),
         "licenses": dict(sorted(licenses.items(), key=lambda kv: -kv[1])),
+        "curation": dict(manifest.curation),
     }
+
+
+def _curation_section(curation: dict) -> list[str]:
+    """The card's account of a selection made by `raysl curate` (nothing for other sets)."""
+    if not curation:
+        return []
+    lines = [
+        "## Curation",
+        "",
+        f"The training set is a selection (`raysl curate`) of `{curation.get('source')}`, embedded with "
+        f"`{curation.get('model')}`; every image's decision is in `{curation.get('lineage')}`.",
+        "",
+        _table(("step", "settings and counts"), [(s.get("step"), s) for s in curation.get("steps", [])]),
+        "",
+        _table(("images", "count"), curation.get("counts", {}).items()),
+        "",
+    ]
+    return lines
 
 
 def _table(header: tuple[str, str], items) -> str:
@@ -199,6 +219,7 @@ def write_card(
         "",
         f"`{ATTRIBUTIONS}` lists every training image: {', '.join(ATTRIBUTION_COLUMNS)}.",
         "",
+        *_curation_section(data["curation"]),
         "## Recipe",
         "",
         "```yaml",
