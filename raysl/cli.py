@@ -492,7 +492,7 @@ def _add_curate(sub) -> None:
 
     d = step("dedup", "SemDeDup: k-means, then drop all but one of each group above a cosine threshold")
     d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"cosine (default {DEFAULT_THRESHOLD})")
-    d.add_argument("--clusters", type=int, default=0, help="k-means clusters (default sqrt(N))")
+    d.add_argument("--clusters", type=int, default=0, help="k-means clusters (default N / 1000)")
     d.add_argument("--keep", choices=KEEP, default="closest", help="which image of a group stays")
     dc = step("decontaminate", "drop images whose nearest eval image is above a cosine threshold")
     dc.add_argument("--eval", nargs="+", type=resolve_path, required=True, help="embedding sets of eval shard sets")

@@ -12,6 +12,8 @@ from raysl.curate import balance, decontaminate, dedup, embeddings
 from raysl.curate.selection import State, candidates_count, plan_out
 from raysl.errors import UserError
 
+CLUSTER_SIZE = 1000  # dedup's default: images per k-means cluster
+
 
 def _check_common(emb: str, model: str | None, sel: str | None, out: str, overwrite: bool) -> int:
     if not os.path.isdir(emb):
@@ -38,7 +40,9 @@ def run_dedup(
     if keep not in dedup.KEEP:
         raise UserError(f"--keep {keep}: one of {', '.join(dedup.KEEP)}")
     n = _check_common(emb, model, sel, out, overwrite)
-    clusters = clusters or max(1, int(round(np.sqrt(n))))  # ~sqrt(N) clusters of ~sqrt(N) images
+    # ~1,000 images per cluster (SemDeDup: 50k clusters for 440 M): a group of copies split over two
+    # clusters is missed, and small sets stay in one cluster, where the search is exact
+    clusters = clusters or max(1, n // CLUSTER_SIZE)
     state = State(emb, model, sel)
     rows = state.candidates
     found = dedup.semdedup(state.x[rows], clusters=clusters, threshold=threshold, keep=keep, seed=seed)
