@@ -221,3 +221,33 @@ def test_embed_refuses_an_embedding_folder_of_another_model(photos, emb, capsys,
     err = capsys.readouterr().err
     assert "use another --out" in err and len(err.strip().splitlines()) == 1
     assert json.load(open(os.path.join(emb, embeddings.META)))["model"].startswith("timm:resnet18@")
+
+
+@pytest.mark.ray
+def test_pretrain_reads_a_selection_and_its_model_card_lists_the_curation(ray_local, tmp_path):
+    """A real 2-step run on a balanced selection of digits; its exported card shows the steps,
+    and the run's own backbone can embed (--model RUN_DIR)."""
+    from shardfactory import digit_images, write_shards
+
+    from raysl.config import load_config
+    from raysl.eval.export import export
+    from raysl.pretrain import pretrain
+
+    shards = str(tmp_path / "digits")
+    write_shards(shards, digit_images(48), shard_size=16)
+    emb = str(tmp_path / "emb")
+    run_embed(plan_embed(shards, "test_vit", emb, image_size=32), actors=1)
+    sel = str(tmp_path / "sel")
+    run_balance(emb, sel, target=32, levels=[6, 2])
+    overrides = ["data.image_size=32", "data.batch_size=8", "model.backbone=test_vit", "method.proj_hidden_dim=32"]
+    overrides += ["method.proj_dim=16", "optim.name=adamw", "deepspeed.zero_stage=0", "train.num_workers=1"]
+    overrides += ["train.max_steps=2", "train.checkpoint_every=2", f"train.storage_path={tmp_path / 'runs'}"]
+    cfg = load_config("quickstart", [f"data.shards={sel}", "train.name=curated", *overrides])
+    run = pretrain(cfg)["run_dir"]
+    export(run, str(tmp_path / "export"))
+    card = open(tmp_path / "export" / "README.md").read()
+    assert "## Curation" in card and "| kept | 32 |" in card and '"step": "balance"' in card
+    with open(tmp_path / "export" / "ATTRIBUTIONS.csv") as f:
+        assert len(f.read().splitlines()) == 1 + 32  # header + the selected images only
+    result = run_embed(plan_embed(shards, run, str(tmp_path / "emb_run")), actors=1)
+    assert result["model"].startswith(f"run:{run}@step=2") and result["images_embedded"] == 48
