@@ -84,7 +84,10 @@ def _breakdown(counts: dict) -> str:
 def _curation_lines(curation: dict) -> list[str]:
     if not curation:
         return []
-    return [f"selection (raysl curate) of {curation.get('source')}: {_breakdown(curation.get('counts', {}))}"]
+    return [
+        f"selection (raysl curate) of {curation.get('source')}: {_breakdown(curation.get('counts', {}))}; "
+        "bytes above are of the source shard files it points into"
+    ]
 
 
 def format_inspect(stats: dict) -> str:
