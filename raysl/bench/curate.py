@@ -29,7 +29,9 @@ from raysl.curate.dedup import DEFAULT_THRESHOLD
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="", help="working folder (default: a temporary one)")
-    p.add_argument("--parts", default="dedup,balance,scale", help="comma list of dedup, balance, scale")
+    p.add_argument(
+        "--parts", default="dedup,balance,scale", help="comma list of dedup, balance, scale, pretrain (not default)"
+    )
     p.add_argument("--model", default="resnet18", help="timm name (random init) or a raysl run directory")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--stage", type=int, default=0, help="feature stage for dedup (-1: pooled output)")
@@ -39,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digits-size", type=int, default=64, help="eval crop size for the digits (pooled features)")
     p.add_argument("--target", type=int, default=100, help="balanced sample size")
     p.add_argument("--levels", default="30,10")
+    p.add_argument("--pretrain-target", type=int, default=96, help="pretrain part: sample size")
+    p.add_argument("--pretrain-steps", type=int, default=150, help="pretrain part: SimCLR steps per run")
     p.add_argument("--scale-n", type=int, default=100_000)
     p.add_argument("--scale-iters", type=int, default=10)
     p.add_argument("--scale-clusters", type=int, default=0, help="default N / 1000, as curate dedup")
@@ -137,6 +141,51 @@ def bench_balance(work: str, args) -> dict:
     }
 
 
+def bench_pretrain(work: str, args) -> dict:
+    """SimCLR (raysl bench methods' short-run settings) on a balanced sample against a random
+    sample of the same size from a long-tailed digit pool (class 0: half), same steps;
+    kNN top-1 of both on the held-out digits (memory bank: the whole training split)."""
+    import pyarrow.parquet as pq
+
+    from raysl.bench.methods import BASE, bench_overrides, digits, knn_eval, resize_uint8, split, trained_backbone
+    from raysl.bench.methods import write_shards as write_digits
+    from raysl.config import load_config
+    from raysl.curate.planted import entropy_fraction
+    from raysl.curate.selection import LINEAGE
+    from raysl.curate.steps import parse_levels, run_balance
+    from raysl.pretrain import pretrain
+
+    images, labels, pngs = digits(32)
+    train_idx, test_idx = split(len(labels), 1 / 3, 0)
+    rng = np.random.default_rng(0)
+    head = train_idx[labels[train_idx] == 0]
+    tail = [rng.choice(train_idx[labels[train_idx] == c], len(head) // 9, replace=False) for c in range(1, 10)]
+    pool = np.sort(np.concatenate([head, *tail]))
+    shards = write_digits(os.path.join(work, "pool"), pngs, labels, pool, shard_size=40)
+    emb = _embed(shards, os.path.join(work, "pool_emb"), args, args.digits_size)
+    balanced = os.path.join(work, "pool_balanced")
+    run_balance(emb, balanced, target=args.pretrain_target, levels=parse_levels(args.levels), overwrite=True)
+    lineage = pq.read_table(os.path.join(balanced, LINEAGE))
+    kept = [
+        int(k.split("/")[1][:4])
+        for k, d in zip(lineage["key"].to_pylist(), lineage["decision"].to_pylist())
+        if d == "keep"
+    ]
+    rand_idx = np.sort(rng.choice(pool, args.pretrain_target, replace=False))
+    random_dir = write_digits(os.path.join(work, "pool_random"), pngs, labels, rand_idx, shard_size=40)
+    method, per_method = bench_overrides("simclr")
+    tr, te = resize_uint8(images[train_idx], 32), resize_uint8(images[test_idx], 32)
+    out = {"pool": len(pool), "sample": args.pretrain_target, "steps": args.pretrain_steps, "method": method}
+    for name, data, idx in (("balanced", balanced, kept), ("random", random_dir, rand_idx)):
+        overrides = [*BASE, *per_method, f"method.name={method}", f"data.shards={data}", "data.batch_size=32"]
+        overrides += [f"train.max_steps={args.pretrain_steps}", f"train.storage_path={os.path.join(work, 'runs')}"]
+        cfg = load_config("quickstart", [*overrides, f"train.name=curate-{name}-{time.strftime('%H%M%S')}"])
+        run = pretrain(cfg)["run_dir"]
+        knn = knn_eval(trained_backbone(run), tr, labels[train_idx], te, labels[test_idx])
+        out[name] = {"entropy_fraction": round(entropy_fraction(labels[np.asarray(idx)]), 4), "knn_top1": knn["top1"]}
+    return out
+
+
 def _scale_child(n: int, dim: int, iters: int, clusters: int, queue) -> None:
     from raysl.curate.dedup import semdedup
 
@@ -181,10 +230,12 @@ def run_from_args(args) -> dict:
     if "scale" in parts:  # first: its child's peak memory is then not mixed up with Ray's workers
         result["scale"] = bench_scale(args)
     work = args.out or tempfile.mkdtemp(prefix="raysl_bench_curate_")
-    if {"dedup", "balance"} & set(parts):
+    if {"dedup", "balance", "pretrain"} & set(parts):
         init_ray(getattr(args, "address", None))
     if "dedup" in parts:
         result["dedup"] = bench_dedup(work, args)
     if "balance" in parts:
         result["balance"] = bench_balance(work, args)
+    if "pretrain" in parts:
+        result["pretrain"] = bench_pretrain(work, args)
     return result
