@@ -29,6 +29,7 @@ def cmd_shards_build(args) -> None:
         max_pixels=args.max_pixels,
         dedup=not args.no_dedup,
         overwrite=args.overwrite,
+        append=args.append,
     )
     print(init_ray(args.address), file=sys.stderr)
     manifest = run_build(plan)
@@ -393,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-pixels", type=int, default=89_478_485, help="skip images with more pixels (bomb guard)")
     b.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (sha256)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
+    b.add_argument(
+        "--append",
+        action="store_true",
+        help="add shards to the set in --out (dedup against it by hash); runs reading it keep their version",
+    )
     b.set_defaults(func=cmd_shards_build)
     i = shards.add_parser("inspect", help="counts, bytes, resolutions, licenses; optional contact sheet")
     i.add_argument("dir", type=resolve_path)

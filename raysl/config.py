@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,15 @@ def _scale_pair():
 
 @dataclass
 class DataConfig:
-    shards: str = field(default="", metadata={"help": "shard directory or URI (raysl shards build)", "path": True})
+    # a shard directory or URI (raysl shards build), or a list of them read as a mixture in
+    # the proportions `weights` (one per set, >= 0, not all 0; raysl.data.mixture)
+    shards: str | list[str] = field(
+        default="",
+        metadata={"help": "shard directory or URI (raysl shards build)", "path": True, "example": "[a/, b/]"},
+    )
+    weights: list[float] = field(
+        default_factory=list, metadata={"each": between(0.0), "empty_ok": True, "example": "[0.3, 0.7]"}
+    )
     views: str = ""  # a views preset; empty: the method's own (its default_views)
     image_size: int = field(default=0, metadata=between(0))  # 0: the preset's size
     # Crop overrides of the views preset; the defaults (-1, 0, []) keep the preset's own.
@@ -185,6 +194,11 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def check_value(key: str, f: dataclasses.Field, value):
+    if isinstance(f.type, types.UnionType):  # data.shards: one value or a list of them
+        arms = typing.get_args(f.type)
+        item = dataclasses.field(metadata=f.metadata)
+        item.type = next(a for a in arms if (typing.get_origin(a) is list) == isinstance(value, list))
+        return check_value(key, item, value)
     if typing.get_origin(f.type) is list:  # a list of scalars, each checked like a scalar key
         meta, example = f.metadata, f.metadata.get("example", "[20, 200]")
         if isinstance(value, list) and not value and meta.get("empty_ok"):
@@ -360,5 +374,8 @@ def resolve_paths(cfg: Config) -> Config:
         section = getattr(cfg, name)
         for key, f in section_fields(type(section)).items():
             if f.metadata.get("path"):
-                setattr(section, key, resolve_path(getattr(section, key)))
+                value = getattr(section, key)
+                setattr(
+                    section, key, [resolve_path(v) for v in value] if isinstance(value, list) else resolve_path(value)
+                )
     return cfg

@@ -18,15 +18,13 @@ def run_dir(cfg: Config) -> str:
 
 def validate(cfg: Config) -> None:
     """Everything that can be checked before Ray starts."""
-    from raysl.data.schema import read_manifest
+    from raysl.data import mixture
     from raysl.methods.base import method_class
     from raysl.methods.crops import spec_for
     from raysl.models.backbone import check_backbone_name
     from raysl.train.steps import total_steps, val_steps
 
-    if not cfg.data.shards:
-        raise UserError("config key data.shards is empty: point it at a shard set (raysl shards build ... --out DIR)")
-    read_manifest(cfg.data.shards)
+    mixture.from_config(cfg.data)  # data.shards (one set or a list) and data.weights, each set read
     from raysl.train.engine import check_config
 
     check_config(cfg)
@@ -76,6 +74,7 @@ def train_loop_per_worker(raw: dict) -> None:
         callbacks=callbacks,
         resume_from=raw.get("resume_from"),
         report_every=raw.get("report_every", 0),
+        pins=raw.get("shard_pins"),
     )
     trainer.fit()
 
@@ -90,6 +89,7 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raysl.data import mixture
     from raysl.runtime import train_logging
 
     gpus = cfg.train.gpus_per_worker
@@ -100,6 +100,8 @@ def make_trainer(
             "run_dir": out,
             "resume_from": resume_from,
             "report_every": report_every,
+            # the index file of each shard set, fixed at the run's first start (out/shard_sets.json)
+            "shard_pins": mixture.pin(cfg.data, out),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,

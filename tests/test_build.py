@@ -318,7 +318,9 @@ def test_crash_midway_leaves_no_manifest(tmp_path, ray_local, monkeypatch):
     monkeypatch.delenv(build.FAIL_AFTER_ENV)
     again = build.build_shards([str(src)], out, shard_size=2)
     assert again.written == 6 and again.skipped["duplicate"] == 1
-    assert sorted(os.listdir(out)) == sorted([MANIFEST, INDEX] + [s["file"] for s in again.shards])
+    # the crashed build's index name is not reused: a run that pinned it gets a clear error, not other shards
+    assert again.index_file == "index-1.parquet" != INDEX
+    assert sorted(os.listdir(out)) == sorted([MANIFEST, again.index_file] + [s["file"] for s in again.shards])
     assert set(_rows(out)) == {f"few/{i}.png" for i in range(6)}  # "again.png" sorts after "0.png"
 
 

@@ -144,6 +144,7 @@ def test_selection_is_read_by_the_reader_inspect_and_the_model_card(emb, photos,
     with open(tmp_path / "ATTRIBUTIONS.csv") as f:
         assert {line.split(",")[0].strip('"') for line in f.read().splitlines()[1:]} == kept
     assert facts["rows"] == len(kept)
+    assert len(facts["curation"]) == 1
     card = "\n".join(_curation_section(facts["curation"]))
     assert "## Curation" in card and "dedup" in card and f'"kept": {len(kept)}' not in card
     assert f"| kept | {len(kept)} |" in card

@@ -7,6 +7,11 @@ Only the manifest is simulated (no shard files): N shards of about --rows rows e
 of every epoch. The baseline plans `--baseline-epochs` epochs (one takes about 15 s at
 1 M shards and 1,024 workers) and its plan s is that time scaled to all epochs, marked
 as such in the output.
+
+`--sets K` (K > 1) also plans the same shards as a mixture of K sets of N/K shards with
+weights 1..K (data.shards as a list, raysl.data.mixture): its "mixture" entry times what a
+process does at a run's start for it (read K manifests, then the steps of every epoch:
+one permutation per set per epoch, so about the cost of one set of N shards).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from raysl.data import legacy, reader
+from raysl.data import legacy, mixture, reader
 from raysl.data.schema import MANIFEST, Manifest, read_manifest, write_manifest
 from raysl.data.shard_index import INDEX, ShardIndex
 from raysl.errors import UserError
@@ -52,9 +58,12 @@ def run_plan_bench(
     batch_size: int = 256,
     seed: int = 0,
     baseline_epochs: int = 1,
+    sets: int = 1,
 ) -> dict:
     if shards < workers:
         raise UserError(f"--shards {shards} is fewer than --workers {workers}: every worker needs a shard")
+    if sets < 1 or shards // sets < workers:
+        raise UserError(f"--sets {sets}: each set needs at least --workers {workers} shards of the --shards {shards}")
     if min(workers, epochs, rows, batch_size) < 1 or not 0 <= baseline_epochs <= epochs:
         raise UserError(
             "--workers, --epochs, --rows and --batch-size must be >= 1, and --baseline-epochs in [0, --epochs]"
@@ -105,6 +114,7 @@ def run_plan_bench(
         }
         if old_steps != steps[:baseline_epochs]:
             raise RuntimeError(f"the baseline planned {old_steps} steps, the index {steps[:baseline_epochs]}")
+        mixed = _mixture_plan(manifest, sets, new_dir, workers, epochs, batch_size, seed) if sets > 1 else None
     return {
         "shards": shards,
         "workers": workers,
@@ -116,7 +126,28 @@ def run_plan_bench(
         "steps_per_epoch": steps,
         "plan_speedup": baseline["plan_s"] / plan_s,
         "bytes_ratio": baseline["manifest_bytes"] / current["manifest_bytes"],
-    }
+    } | ({"mixture": mixed} if mixed else {})
+
+
+def _mixture_plan(manifest: Manifest, sets: int, root: str, workers: int, epochs: int, batch_size: int, seed: int):
+    """The same shards as `sets` sets (contiguous slices) with weights 1..sets, planned as a
+    mixture: read every set's manifest, then the steps of every epoch."""
+    table, bounds = manifest.shards.table, [len(manifest.shards) * k // sets for k in range(sets + 1)]
+    dirs = [os.path.join(root, f"set{k}") for k in range(sets)]
+    for k, d in enumerate(dirs):
+        os.makedirs(d)
+        part = ShardIndex(table.slice(bounds[k], bounds[k + 1] - bounds[k]))
+        write_manifest(d, Manifest(shards=part, written=int(part.rows.sum())))
+    data = SimpleNamespace(shards=dirs, weights=[float(k + 1) for k in range(sets)])
+
+    def plan() -> list[int]:
+        mix = mixture.from_config(data)
+        return [
+            mix.steps_per_epoch(batch_size=batch_size, seed=seed, epoch=e, world_size=workers) for e in range(epochs)
+        ]
+
+    steps, plan_s = _timed(plan)
+    return {"sets": sets, "weights": data.weights, "plan_s": plan_s, "steps_per_epoch": steps}
 
 
 def add_arguments(p) -> None:
@@ -132,6 +163,7 @@ def add_arguments(p) -> None:
         default=1,
         help="epochs the version 1 baseline plans for real (its plan_s scales them to --epochs)",
     )
+    p.add_argument("--sets", type=int, default=1, help="also plan the shards as a mixture of this many sets")
 
 
 def run_from_args(a) -> dict:
@@ -143,4 +175,5 @@ def run_from_args(a) -> dict:
         batch_size=a.batch_size,
         seed=a.seed,
         baseline_epochs=a.baseline_epochs,
+        sets=a.sets,
     )

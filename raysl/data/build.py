@@ -11,6 +11,16 @@ Skipped inputs do not travel as rows: each read task folds them into a few "stat
 writers, so every count comes out of the same pass that writes the shards. The driver
 then renames the staged files to shard-NNNNN.parquet and writes manifest.json last.
 
+`--append` adds shards to an existing set. Its dedup pass also groups the sha256 of every
+row already in the set, read from that one parquet column (column projection: the old
+image bytes are never read), under an empty key that sorts first, so a new image with a
+hash the set holds is the duplicate. The new shards get names of their own
+(shard-v<n>-NNNNN.parquet) and the set's index a new file, index-<n>.parquet: the old
+shards and the old index are never rewritten, and manifest.json, replaced last and
+atomically, is what switches readers to version n. A crash before that leaves the set as
+it was (at most some unlisted files, which the next append overwrites or ignores), and a
+run that pinned version n-1 (raysl.data.mixture.pin) keeps reading exactly it.
+
 Exact dedup is a first pass over the same inputs that keeps only (sha256, key) of each
 image the filters keep, never its bytes: it groups them by sha256 and returns every key
 but the smallest of each group. Only those small columns cross the network in the
@@ -27,6 +37,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -40,8 +51,17 @@ import ray
 
 from raysl.data import decode
 from raysl.data.metadata import load_metadata
-from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, Manifest, filesystem_and_path, write_manifest
-from raysl.data.shard_index import ShardIndex
+from raysl.data.schema import (
+    MANIFEST,
+    SCHEMA,
+    SKIP_REASONS,
+    Manifest,
+    filesystem_and_path,
+    read_manifest,
+    shard_paths,
+    write_manifest,
+)
+from raysl.data.shard_index import INDEX, ShardIndex
 from raysl.data.sources import Inputs, Item, list_inputs, read_ref
 from raysl.errors import UserError
 from raysl.progress import bar
@@ -49,6 +69,8 @@ from raysl.progress import bar
 STAGING = ".staging"
 JOINED = "metadata_joined"  # a stat row counter that is not a skip reason
 FAIL_AFTER_ENV = "RAYSL_FAIL_AFTER_SHARDS"  # tests: writers crash once more than this many shards are staged
+# what the dedup shuffle groups: the same types from new images and from an appended-to set
+HASH_SCHEMA = pa.schema([("sha256", pa.string()), ("key", pa.string()), ("_ref", pa.int64())])
 ROW_SCHEMA = SCHEMA.append(pa.field("_stat", pa.string())).append(pa.field("_n", pa.int64()))
 _READ_BATCH_ROWS = 256
 _READ_BATCH_BYTES = 64 << 20
@@ -127,7 +149,7 @@ def _hashes(refs: pa.Table, **options):
     for i in range(refs.num_rows):
         for block in _read_batch(refs.slice(i, 1), **options):
             block = block.filter(pc.equal(block["_stat"], "")).select(["sha256", "key"])
-            yield block.append_column("_ref", pa.repeat(refs["_ref"][i], block.num_rows))
+            yield block.append_column("_ref", pa.repeat(refs["_ref"][i], block.num_rows)).cast(HASH_SCHEMA)
 
 
 def _duplicates(group: pa.Table) -> pa.Table:
@@ -135,17 +157,41 @@ def _duplicates(group: pa.Table) -> pa.Table:
     return group.filter(pc.not_equal(group["key"], pc.min(group["key"]))).select(["key", "_ref"])
 
 
-def with_duplicates(refs: pa.Table, options: dict, partitions: int) -> tuple[pa.Table, int]:
+def _as_existing(block: pa.Table) -> pa.Table:
+    """An existing set's hashes as dedup rows: key "" (sorts before every real key, so the
+    row already in the set is the one kept) and no input reference (-1)."""
+    n = block.num_rows
+    return pa.table(
+        {"sha256": block["sha256"], "key": pa.repeat("", n), "_ref": pa.repeat(pa.scalar(-1, pa.int64()), n)},
+        schema=HASH_SCHEMA,
+    )
+
+
+def existing_hashes(paths: list[str]) -> ray.data.Dataset:
+    """The sha256 of every row of an existing set's shards, read from that column alone."""
+    return ray.data.read_parquet(paths, columns=["sha256"]).map_batches(
+        _as_existing, batch_size=None, batch_format="pyarrow"
+    )
+
+
+def with_duplicates(
+    refs: pa.Table, options: dict, partitions: int, existing: list[str] | None = None
+) -> tuple[pa.Table, int]:
     """(`refs` with a `_drop` column: per reference, the keys of its exact duplicates; bytes
-    the shuffle moved, from Ray Data's stats). `refs` has a `_ref` column of row ids."""
+    the shuffle moved, from Ray Data's stats). `refs` has a `_ref` column of row ids.
+    `existing`: shard files of the set being appended to; an image whose hash one of
+    them holds is a duplicate too."""
     hashes = ray.data.from_arrow(_blocks(refs)).map_batches(
         _hashes, batch_size=None, batch_format="pyarrow", fn_kwargs=options
     )
+    if existing:
+        hashes = hashes.union(existing_hashes(existing))
     dups = hashes.groupby("sha256", num_partitions=partitions).map_groups(_duplicates, batch_format="pyarrow")
     drop = [[] for _ in range(refs.num_rows)]
     for t in dups.iter_batches(batch_size=None, batch_format="pyarrow"):
         for key, ref in zip(t["key"].to_pylist(), t["_ref"].to_pylist()):
-            drop[ref].append(key)
+            if ref >= 0:  # an existing row is never a duplicate (its key "" is the smallest)
+                drop[ref].append(key)
     return refs.append_column("_drop", pa.array(drop, pa.list_(pa.string()))), shuffled_bytes(dups)
 
 
@@ -211,7 +257,7 @@ def _write_batch(batch: pa.Table, *, staging: str, fail_after: int) -> pa.Table:
     return pa.table({"file": [name], "rows": [images.num_rows], "first_key": [first], "stats": [json.dumps(stats)]})
 
 
-def _prepare_out(out: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
+def _prepare_out(out: str, overwrite: bool, append: bool = False) -> tuple[pafs.FileSystem, str]:
     fs, root = filesystem_and_path(out)
     try:
         info = fs.get_file_info(root)
@@ -219,9 +265,13 @@ def _prepare_out(out: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
             raise UserError(f"{out}: is a file; --out must be a folder")
         manifest = posixpath.join(root, MANIFEST)
         if fs.get_file_info(manifest).type != pafs.FileType.NotFound:
-            if not overwrite:
-                raise UserError(f"{out}: already holds a shard set ({MANIFEST}); pass --overwrite to replace it")
-            fs.delete_file(manifest)  # from here on a crash leaves no complete-looking set
+            if not overwrite and not append:
+                raise UserError(
+                    f"{out}: already holds a shard set ({MANIFEST}); pass --append to add to it "
+                    "or --overwrite to replace it"
+                )
+            if overwrite:
+                fs.delete_file(manifest)  # from here on a crash leaves no complete-looking set
         fs.create_dir(root, recursive=True)
         staging = posixpath.join(root, STAGING)
         if fs.get_file_info(staging).type != pafs.FileType.NotFound:
@@ -235,10 +285,20 @@ def _prepare_out(out: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
     return fs, root
 
 
+def _index_versions(fs: pafs.FileSystem, root: str) -> list[int]:
+    """Versions of the index files in `root` (index.parquet: 0, index-<n>.parquet: n)."""
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+    return [0 if n == INDEX else int(n[6:-8]) for n in names if n == INDEX or re.fullmatch(r"index-\d+\.parquet", n)]
+
+
 def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manifest) -> None:
-    """Move staged files to shard-NNNNN.parquet, ordered by first key (staged names are random)."""
+    """Move staged files to shard-NNNNN.parquet, ordered by first key (staged names are random).
+    A set this build replaces goes first, shards and index files: a run that pinned one of
+    its index files then stops with one clear line (schema.read_manifest), and its name is
+    never reused (the new index's version is above every one that was here)."""
     for old in fs.get_file_info(pafs.FileSelector(root)):
-        if old.base_name.startswith("shard-") and old.base_name.endswith(".parquet"):
+        name = old.base_name
+        if name.endswith(".parquet") and (name.startswith("shard-") or name.startswith("index")):
             fs.delete_file(old.path)
     staged = sorted((r for r in results if r["rows"]), key=lambda r: r["first_key"])
     names = [f"shard-{n:05d}.parquet" for n in range(len(staged))]
@@ -249,6 +309,42 @@ def _finish(fs: pafs.FileSystem, root: str, results: list[dict], manifest: Manif
         names, [r["rows"] for r in staged], [s["bytes"] for s in stats], [sorted(s["sources"]) for s in stats]
     )
     fs.delete_dir(posixpath.join(root, STAGING))
+
+
+def _finish_append(
+    fs: pafs.FileSystem, root: str, results: list[dict], added: Manifest, old: Manifest, version: int
+) -> Manifest:
+    """Move the staged files to names no earlier version uses (shard-v<n>-NNNNN.parquet) and
+    return the set's next version: the old index plus the new shards, the counts summed.
+    Nothing of the old version is touched; write_manifest then adds index-<n>.parquet and,
+    last, replaces manifest.json."""
+    version = max(old.index_version + 1, version)
+    staged = sorted((r for r in results if r["rows"]), key=lambda r: r["first_key"])
+    names = [f"shard-v{version}-{n:05d}.parquet" for n in range(len(staged))]
+    for name, r in zip(names, staged):
+        fs.move(posixpath.join(root, STAGING, r["file"]), posixpath.join(root, name))
+    stats = [json.loads(r["stats"]) for r in staged]
+    new = ShardIndex.from_columns(
+        names, [r["rows"] for r in staged], [s["bytes"] for s in stats], [sorted(s["sources"]) for s in stats]
+    )
+    added.shards = new
+    added.written = int(new.rows.sum())
+    fs.delete_dir(posixpath.join(root, STAGING))
+
+    def total(a: dict, b: dict) -> dict:
+        return dict(sorted((Counter(a) + Counter(b)).items()))
+
+    return Manifest(
+        shards=ShardIndex(pa.concat_tables([old.shards.table, new.table])),
+        written=int(old.written + added.written),
+        skipped={reason: old.skipped.get(reason, 0) + added.skipped.get(reason, 0) for reason in SKIP_REASONS},
+        licenses=total(old.licenses, added.licenses),
+        sources=old.sources + [s for s in added.sources if s not in old.sources],
+        source_images=total(old.source_images, added.source_images),
+        ignored_files=old.ignored_files + added.ignored_files,
+        metadata_unmatched=old.metadata_unmatched + added.metadata_unmatched,
+        index_version=version,
+    )
 
 
 @dataclass
@@ -268,6 +364,9 @@ class BuildPlan:
     max_pixels: int
     dedup: bool
     shuffled_bytes: int = 0  # set by run_build: what the dedup shuffle moved (Ray Data's stats)
+    existing: Manifest | None = None  # --append: the set as it was
+    index_version: int = 0  # of the index this build writes
+    added: Manifest | None = None  # --append, set by run_build: this build's own shards and counts
 
 
 def plan_build(
@@ -281,6 +380,7 @@ def plan_build(
     max_pixels: int = PIL.Image.MAX_IMAGE_PIXELS,
     dedup: bool = True,
     overwrite: bool = False,
+    append: bool = False,
 ) -> BuildPlan:
     """Check the arguments, list the inputs, read the metadata and make `out` ready, all on
     the driver and without Ray: a missing SRC, a bad metadata row or an unwritable --out is
@@ -289,11 +389,26 @@ def plan_build(
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if not sources:
         raise UserError("give at least one SRC (a folder of images, a .tar or a .parquet)")
+    existing = None
+    if append:
+        if overwrite:
+            raise UserError("--append adds to the shard set in --out and --overwrite replaces it: pass one of them")
+        try:
+            existing = read_manifest(out)
+        except UserError as exc:
+            raise UserError(f"--append: {exc}") from exc
     inputs = list_inputs(sources, exclude=out)
     meta, meta_rows = load_metadata(metadata, inputs.roots, inputs.file_keys) if metadata else ({}, 0)
-    fs, root = _prepare_out(out, overwrite)
+    fs, root = filesystem_and_path(out)
+    try:
+        version = max(_index_versions(fs, root), default=-1) + 1  # never a name an earlier version had
+    except OSError as exc:
+        raise UserError(f"{out}: cannot list this folder ({exc})") from exc
+    fs, root = _prepare_out(out, overwrite, append)
     allow = {lic.strip().lower() for lic in licenses} if licenses else None
-    return BuildPlan(out, inputs, meta, meta_rows, fs, root, shard_size, metadata, allow, min_side, max_pixels, dedup)
+    plan = BuildPlan(out, inputs, meta, meta_rows, fs, root, shard_size, metadata, allow, min_side, max_pixels, dedup)
+    plan.existing, plan.index_version = existing, version
+    return plan
 
 
 def build_shards(sources: list[str], out: str, **options) -> Manifest:
@@ -319,7 +434,8 @@ def run_build(plan: BuildPlan) -> Manifest:
             1,
             min(ray.data.DataContext.get_current().default_hash_shuffle_parallelism, inputs.estimated_images // 20_000),
         )
-        refs, plan.shuffled_bytes = with_duplicates(refs, options, partitions)
+        old = shard_paths(out, plan.existing) if plan.existing else None
+        refs, plan.shuffled_bytes = with_duplicates(refs, options, partitions, old)
     ds = ray.data.from_arrow(_blocks(refs))
     # Rows reach the shard writers in input order, not in the order tasks finish: the same
     # inputs give the same shards, row for row, on every rebuild.
@@ -348,13 +464,25 @@ def run_build(plan: BuildPlan) -> Manifest:
     manifest.licenses = dict(sorted(lics.items()))
     manifest.source_images = dict(sorted(by_source.items()))
     manifest.metadata_unmatched = meta_rows - skipped.get(JOINED, 0) if metadata else 0
-    _finish(fs, root, results, manifest)
-    manifest.written = manifest.rows
-    write_manifest(out, manifest)  # last: only now is the shard set complete
+    if plan.existing is not None:
+        plan.added = manifest
+        manifest = _finish_append(fs, root, results, manifest, plan.existing, plan.index_version)
+    else:
+        _finish(fs, root, results, manifest)
+        manifest.written = manifest.rows
+        manifest.index_version = plan.index_version
+    write_manifest(out, manifest)  # last: only now is the shard set (or its new version) complete
     return manifest
 
 
 def format_summary(manifest: Manifest, plan: BuildPlan | None = None) -> str:
+    if plan is not None and plan.added is not None:  # --append: this build's counts, then the set's
+        added = plan.added
+        lines = [
+            f"appended {added.written:,} images in {len(added.shards)} new shard(s); the set now has "
+            f"{manifest.rows:,} images in {len(manifest.shards)} shard(s) (index version {manifest.index_version})"
+        ]
+        return "\n".join(lines + format_summary(added, None).splitlines()[1:] + _dedup_line(plan))
     skipped = sum(manifest.skipped.values())
     lines = [f"wrote {manifest.written:,} images in {len(manifest.shards)} shard(s)"]
     reasons = ", ".join(f"{r} {n:,}" for r, n in manifest.skipped.items() if n)
@@ -366,6 +494,10 @@ def format_summary(manifest: Manifest, plan: BuildPlan | None = None) -> str:
     if manifest.licenses:
         lines.append("licenses: " + ", ".join(f"{lic or '(none)'} {n:,}" for lic, n in manifest.licenses.items()))
     lines.append("sources: " + ", ".join(manifest.sources))
-    if plan is not None and plan.dedup:
-        lines.append(f"dedup shuffled {plan.shuffled_bytes:,} bytes (sha256 and key of each image, no image bytes)")
-    return "\n".join(lines)
+    return "\n".join(lines + _dedup_line(plan))
+
+
+def _dedup_line(plan: BuildPlan | None) -> list[str]:
+    if plan is None or not plan.dedup:
+        return []
+    return [f"dedup shuffled {plan.shuffled_bytes:,} bytes (sha256 and key of each image, no image bytes)"]

@@ -106,12 +106,14 @@ def read_rows(
     window: int = 2,
     num_cpus: float = 1.0,
     resources: dict | None = None,
+    index: str | None = None,
 ) -> ray.data.Dataset:
     """Rows (key, image bytes, label, pos, aug_seed) of worker `rank`'s stream for `epoch`,
-    starting at position `start` (rows of this stream already consumed)."""
+    starting at position `start` (rows of this stream already consumed). `index`: the
+    set's index file to read (one a run pinned, see mixture); None: the current one."""
     if window < 1:
         raise UserError(f"shuffle window must be >= 1 shard, got {window}")
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards, index)
     mine = worker_shards(manifest, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     paths = shard_paths(shards, manifest, mine)  # in reading order
     counts = manifest.shards.rows[mine].tolist()
@@ -167,6 +169,7 @@ def read_views(
     batch_size: int = 16,
     num_cpus: float = 1.0,
     resources: dict | None = None,
+    index: str | None = None,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
     Rows whose image does not decode are dropped there; `pos` shows the gap.
@@ -185,6 +188,7 @@ def read_views(
         window=window,
         num_cpus=num_cpus,
         resources=resources,
+        index=index,
     )
     return ds.map_batches(
         _augment,

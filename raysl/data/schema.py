@@ -5,7 +5,9 @@ atomically (write to a temporary name, then rename), after the shard index
 (`index.parquet`, see shard_index) it names, and readers read only the shard files the
 index lists. A build that crashes midway therefore never leaves anything a reader
 would take as complete. manifest.json holds only summary counts, so it stays small
-however many shards the set has.
+however many shards the set has. `raysl shards build --append` writes each new version of
+the list as a new file (index-<n>.parquet, see build) and never rewrites an old one, so a
+run that pinned one (read_manifest's `index`) keeps reading exactly its shards.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ class Manifest:
     metadata_unmatched: int = 0  # --metadata rows that named no input
     curation: dict = field(default_factory=dict)  # a selection made by raysl curate: its steps and counts
     schema_version: int = SCHEMA_VERSION
+    # 0: the index is INDEX; each `shards build --append` writes a new, never rewritten
+    # index-<n>.parquet, so a run that pinned an older one keeps reading exactly its shards
+    index_version: int = 0
+
+    @property
+    def index_file(self) -> str:
+        return index_name(self.index_version)
 
     @property
     def rows(self) -> int:
@@ -73,7 +82,12 @@ class Manifest:
     def summary(self) -> dict:
         """What manifest.json holds: everything but the shard list, plus its size and where it is."""
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "shards"}
-        return fields | {"index": INDEX, "shards": len(self.shards), "rows": self.rows}
+        return fields | {"index": self.index_file, "shards": len(self.shards), "rows": self.rows}
+
+
+def index_name(version: int) -> str:
+    """The index file of index version `version` (0: the one a fresh build writes)."""
+    return INDEX if version == 0 else f"index-{version}.parquet"
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -90,7 +104,7 @@ def write_manifest(directory: str, manifest: Manifest) -> None:
     """The index first, then manifest.json, each atomically: the set is complete only once
     manifest.json is there, and then its index is too."""
     fs, root = filesystem_and_path(directory)
-    write_index(fs, root, manifest.shards)
+    write_index(fs, root, manifest.shards, manifest.index_file)
     write_json_atomically(fs, root, manifest.summary())
 
 
@@ -145,7 +159,9 @@ def read_manifest_json(directory: str) -> tuple[pafs.FileSystem, str, str, dict]
     return fs, root, path, raw
 
 
-def read_manifest(directory: str) -> Manifest:
+def read_manifest(directory: str, index: str | None = None) -> Manifest:
+    """The set's summary and its shard index: the index manifest.json names, or the one
+    named `index` (an index file of this set that a run pinned when it started)."""
     fs, root, path, raw = read_manifest_json(directory)
     version = raw.get("schema_version")
     if version == 1:
@@ -158,19 +174,40 @@ def read_manifest(directory: str) -> Manifest:
             f"{path}: shard schema version {version!r}, this raysl reads {SCHEMA_VERSION}; "
             "rebuild the shards with this version"
         )
-    index_path = posixpath.join(root, raw.get("index", INDEX))
+    pinned = index is not None and index != raw.get("index", INDEX)
+    if index is not None and (posixpath.basename(index) != index or not index.endswith(".parquet")):
+        raise UserError(f"{directory}: {index!r} is not an index file name of a shard set")
+    name: str = index if index is not None and pinned else raw.get("index", INDEX)
+    index_path = posixpath.join(root, name)
     try:
-        index = read_index(fs, index_path)
+        shards = read_index(fs, index_path)
     except FileNotFoundError as exc:
+        if pinned:
+            raise UserError(
+                f"{index_path}: the shard index this run started with is gone (the set was rebuilt, not "
+                "appended to); start a new run (train.name=NEW) to read the set as it is now"
+            ) from exc
         raise UserError(f"{index_path}: the shard index {MANIFEST} names is missing; rebuild the shard set") from exc
     except (OSError, pa.ArrowInvalid) as exc:
         raise UserError(f"{index_path}: cannot read the shard index ({exc}); rebuild the shard set") from exc
-    if len(index) != raw.get("shards"):
+    if not pinned and len(shards) != raw.get("shards"):
         raise UserError(
-            f"{index_path}: lists {len(index)} shard(s), {MANIFEST} says {raw.get('shards')}; rebuild the shard set"
+            f"{index_path}: lists {len(shards)} shard(s), {MANIFEST} says {raw.get('shards')}; rebuild the shard set"
         )
     known = {f for f in Manifest.__dataclass_fields__} - {"shards"}
-    return Manifest(shards=index, **{k: v for k, v in raw.items() if k in known})
+    manifest = Manifest(shards=shards, **{k: v for k, v in raw.items() if k in known})
+    manifest.index_version = index_version(name)  # pinned: the summary counts are the set's now
+    return manifest
+
+
+def index_version(name: str) -> int:
+    """The version of an index file name (`index_name`'s inverse)."""
+    if name == INDEX:
+        return 0
+    number = name.removeprefix("index-").removesuffix(".parquet")
+    if not number.isdigit():
+        raise UserError(f"{name!r} is not an index file name of a shard set (index.parquet or index-<n>.parquet)")
+    return int(number)
 
 
 def source_name(key: str) -> str:

@@ -100,11 +100,11 @@ def select_rows(table: pa.Table, mask: bytes | None) -> pa.Table:
     return table if rows is None else table.take(pa.array(rows, pa.int64()))
 
 
-def write_index(fs: pafs.FileSystem, root: str, index: ShardIndex) -> None:
-    """Write the index atomically (temporary name, then move)."""
-    tmp = posixpath.join(root, f".{INDEX}.tmp")
+def write_index(fs: pafs.FileSystem, root: str, index: ShardIndex, name: str = INDEX) -> None:
+    """Write the index atomically (temporary name, then move) as `name`."""
+    tmp = posixpath.join(root, f".{name}.tmp")
     pq.write_table(index.table, tmp, filesystem=fs, compression="zstd")
-    fs.move(tmp, posixpath.join(root, INDEX))
+    fs.move(tmp, posixpath.join(root, name))
 
 
 def read_index(fs: pafs.FileSystem, path: str) -> ShardIndex:

@@ -59,21 +59,24 @@ def training_facts(run_dir: str, cfg: Config, step: int) -> dict:
     }
 
 
-def write_attributions(shards: str, out_csv: str) -> tuple[int, Counter]:
-    """ATTRIBUTIONS.csv of a shard set, shard by shard, reading only the text columns (never
-    the image bytes). Returns (rows, images per license)."""
+def write_attributions(shards: str | list[str], out_csv: str) -> tuple[int, Counter]:
+    """ATTRIBUTIONS.csv of a shard set (or of every set of a mixture), shard by shard, reading
+    only the text columns (never the image bytes). Returns (rows, images per license)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    from raysl.data.mixture import set_paths
     from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
     from raysl.data.shard_index import select_rows
     from raysl.progress import bar
 
-    manifest = read_manifest(shards)
+    sets = [(s, read_manifest(s)) for s in set_paths(shards)]
+    paths = [pm for s, m in sets for pm in zip(shard_paths(s, m), m.shards.masks())]  # masks: a selection's rows
     licenses: Counter = Counter()
     rows = 0
-    with pacsv.CSVWriter(out_csv, _schema()) as writer, bar(manifest.rows, "export: attributions") as progress:
-        for path, mask in zip(shard_paths(shards, manifest), manifest.shards.masks()):
+    total = sum(m.rows for _, m in sets)
+    with pacsv.CSVWriter(out_csv, _schema()) as writer, bar(total, "export: attributions") as progress:
+        for path, mask in paths:
             fs, local = filesystem_and_path(path)
             table = select_rows(pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs), mask)
             writer.write_table(table)
@@ -89,32 +92,41 @@ def _schema():
     return pa.schema([(c, pa.string()) for c in ATTRIBUTION_COLUMNS])
 
 
-def lineage(shards: str, out_dir: str) -> dict:
+def lineage(shards: str | list[str], out_dir: str) -> dict:
+    from raysl.data.mixture import set_paths
     from raysl.data.schema import read_manifest
 
     try:
-        manifest = read_manifest(shards)
+        manifests = [read_manifest(s) for s in set_paths(shards)]
     except UserError as exc:
         raise UserError(
             f"data.shards in the run's config.yaml: {exc}; pass --shards DIR where that shard set "
             "lives now, so the card can list where the training images came from"
         ) from exc
     rows, licenses = write_attributions(shards, os.path.join(out_dir, ATTRIBUTIONS))
+    skipped: Counter = Counter()
+    for m in manifests:
+        skipped.update(m.skipped)
     return {
-        "shards": shards,
-        "written": manifest.written,
+        "shards": ", ".join(set_paths(shards)),  # a mixture: every set it read from
+        "written": sum(m.written for m in manifests),
         "rows": rows,
-        "skipped": dict(manifest.skipped),
-        "sources": list(manifest.sources),
+        "skipped": dict(skipped),
+        "sources": [s for m in manifests for s in m.sources],
         "licenses": dict(sorted(licenses.items(), key=lambda kv: -kv[1])),
-        "curation": dict(manifest.curation),
+        "curation": [m.curation for m in manifests if m.curation],  # sets made by raysl curate
     }
 
 
-def _curation_section(curation: dict) -> list[str]:
-    """The card's account of a selection made by `raysl curate` (nothing for other sets)."""
-    if not curation:
-        return []
+def _curation_section(curations: list[dict]) -> list[str]:
+    """The card's account of the selections made by `raysl curate` (nothing for other sets)."""
+    lines: list[str] = []
+    for curation in curations:
+        lines += _one_curation(curation)
+    return lines
+
+
+def _one_curation(curation: dict) -> list[str]:
     lines = [
         "## Curation",
         "",

@@ -84,7 +84,9 @@ def _backbone_pictures(
         images = images[:samples]
     else:
         try:
-            images = sample_images(cfg.data.shards, samples, size)
+            from raysl.data.mixture import set_paths
+
+            images = sample_images(set_paths(cfg.data.shards)[0], samples, size)  # a mixture: its first set
         except UserError as exc:
             notes.append(f"No attention maps: {exc}")
             return

@@ -99,16 +99,27 @@ def plot_curves(run_dir: str) -> list[str]:
 
 
 def global_metrics(
-    out: dict, state: dict, skipped_now: int, values: dict, images_per_s: float, preempted: bool = False
+    out: dict,
+    state: dict,
+    skipped_now: int,
+    values: dict,
+    images_per_s: float,
+    preempted: bool = False,
+    drawn: dict | None = None,
 ) -> dict:
     """Losses and counters averaged/summed over workers, so every rank logs the same numbers.
     Only scalar outputs are metrics (methods may also return score tensors for histograms).
     `preempted` rides on the same all-reduce: `preempted_workers` counts the workers that
-    received a preemption notice (present only when some did)."""
+    received a preemption notice (present only when some did). `drawn` (a mixture's images
+    put in batches per set, since the run began) is summed into `drawn/<set name>`."""
     scalars = {k: float(v.detach().float()) for k, v in out.items() if v.numel() == 1}
     names = sorted(scalars)
+    sets = sorted(drawn or {})  # the same names on every worker (mixture.MixedBatches adds them all)
     t = torch.tensor(
-        [scalars[k] for k in names] + [float(preempted), float(state["skipped"] + skipped_now)], dtype=torch.float64
+        [scalars[k] for k in names]
+        + [float((drawn or {})[k]) for k in sets]
+        + [float(preempted), float(state["skipped"] + skipped_now)],
+        dtype=torch.float64,
     )
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -124,5 +135,6 @@ def global_metrics(
         "weight_decay": float(values["weight_decay"]),
         "images_per_s": float(np.round(images_per_s, 2)),
         "skipped_corrupt": int(t[-1]),
+        **{f"drawn/{k}": int(t[len(names) + i]) for i, k in enumerate(sets)},
         **({"preempted_workers": int(t[-2])} if t[-2] else {}),
     }

@@ -4,24 +4,23 @@ the shard set's index in one pass per epoch (`raysl bench plan` measures it at 1
 from __future__ import annotations
 
 from raysl.config import Config
-from raysl.data import reader
+from raysl.data import mixture, reader
 from raysl.data.schema import read_manifest
 
 
-def epoch_steps(cfg: Config, world_size: int, epochs: int) -> list[int]:
+def epoch_steps(cfg: Config, world_size: int, epochs: int, pins: dict | None = None) -> list[int]:
     """Steps of each epoch, planned only as far as the run goes: with train.max_steps, up to
     the epoch where the steps reach it. One permutation of the shards per epoch planned
-    (about 25 ms at 1 M shards: 2.5 s for 100 epochs without max_steps, `raysl bench plan`)."""
-    manifest = read_manifest(cfg.data.shards)
+    (about 25 ms at 1 M shards: 2.5 s for 100 epochs without max_steps, `raysl bench plan`);
+    a mixture permutes each of its sets. `pins`: the index file of each set (mixture.pin)."""
+    sets = mixture.from_config(cfg.data, pins)
     rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
     steps: list[int] = []
     for e in range(epochs):
         if cfg.train.max_steps and sum(steps) >= cfg.train.max_steps:
             break
         steps.append(
-            reader.steps_per_epoch(
-                manifest, batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size
-            )
+            sets.steps_per_epoch(batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size)
         )
     return steps
 

@@ -9,6 +9,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import ray.data
 import ray.train
@@ -16,7 +17,7 @@ import ray.train.collective
 import torch
 
 from raysl.config import Config
-from raysl.data import reader
+from raysl.data import mixture, reader
 from raysl.data.views import normalize
 from raysl.methods.base import Method, build_method, collapse_warning, method_class
 from raysl.methods.crops import spec_for
@@ -84,7 +85,7 @@ class Trainer:
     """One attempt of a run on this worker. `fit()` = `setup()`, `restore()`, then
     `step()` until the run's last step, with `checkpoint()` and `report()` on the way."""
 
-    stream: reader.ViewBatches  # this epoch's batches, from the position trained to
+    stream: reader.ViewBatches | mixture.MixedBatches  # this epoch's batches, from the position trained to
     _it: Iterator[dict]
 
     def __init__(
@@ -95,10 +96,12 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         resume_from: str | None = None,
         report_every: int = 0,
+        pins: dict | None = None,
     ):
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
         self.resume_from, self.report_every = resume_from, report_every
-        self.state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
+        self.pins = pins  # the index file of each shard set (mixture.pin): appends do not change them
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "skipped": 0, "drawn": {}}
         self.log: MetricsLog | None = None  # rank 0's
         self.files: storage.RunFiles | None = None  # rank 0's
 
@@ -121,7 +124,8 @@ class Trainer:
         if cfg.model.compile:
             compile_backbone(self.method.evaluated_backbone(), backend=cfg.model.compile_backend)
         self.spec = spec_for(cfg, type(self.method))
-        self.steps = epoch_steps(cfg, self.world, cfg.train.epochs)
+        self.sets = mixture.from_config(cfg.data, self.pins)
+        self.steps = epoch_steps(cfg, self.world, cfg.train.epochs, self.pins)
         self.total = min(sum(self.steps), cfg.train.max_steps) if cfg.train.max_steps else sum(self.steps)
         self.rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
         self.global_batch = self.rows_per_step * self.world
@@ -143,6 +147,7 @@ class Trainer:
         if start["checkpoint"]:
             with ray.train.Checkpoint(start["checkpoint"]).as_directory() as d:
                 self.state = checkpoint.load(d, self.engine, rank=rank, world_size=self.world)
+            self.state.setdefault("drawn", {})  # images per set of a mixture (checkpoints before mixtures: none)
         else:
             torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
         if rank != 0:
@@ -174,9 +179,9 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------
 
-    def view_batches(self, shards: str, epoch: int, position: int) -> reader.ViewBatches:
+    def view_data(self, shards: str, epoch: int, position: int, index: str | None = None) -> ray.data.Dataset:
         cfg = self.cfg
-        ds = reader.read_views(
+        return reader.read_views(
             shards,
             self.spec,
             seed=cfg.train.seed,
@@ -188,8 +193,27 @@ class Trainer:
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
             num_cpus=cfg.data.task_cpus,
             resources=cfg.data.task_resources,
+            index=index,
         )
-        return reader.ViewBatches(ds, batch_size=cfg.data.batch_size, start=position)
+
+    def view_batches(self, shards: str, epoch: int, position: int) -> reader.ViewBatches:
+        data = self.view_data(shards, epoch, position)
+        return reader.ViewBatches(data, batch_size=self.cfg.data.batch_size, start=position)
+
+    def batches_from(self, position: int):
+        """This epoch's training batches from `position`: reader.ViewBatches for one shard
+        set, mixture.MixedBatches for a mixture."""
+        epoch = self.state["epoch"]
+        return self.sets.batches(
+            lambda s, start: self.view_data(s.path, epoch, start, s.index),
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world,
+            batch_size=self.cfg.data.batch_size,
+            start=position,
+            drawn=self.state["drawn"],
+        )
 
     def to_views(self, batch: dict) -> list[torch.Tensor]:
         return [
@@ -213,7 +237,7 @@ class Trainer:
                 batch = next(self._it)
             except StopIteration:  # corrupt images thinned this worker's share: start it over
                 self.state["skipped"] += self.stream.skipped
-                self.stream = self.view_batches(self.cfg.data.shards, self.state["epoch"], 0)
+                self.stream = self.batches_from(0)
                 self._it = iter(self.stream)
                 batch = next(self._it)
             yield self.to_views(batch)
@@ -234,6 +258,7 @@ class Trainer:
             values,
             self.global_batch / (time.perf_counter() - t0),
             preempted=preemption.requested(),
+            drawn=self.state["drawn"],
         )
         return out, metrics
 
@@ -268,7 +293,7 @@ class Trainer:
                 if step_in_epoch >= self.steps[state["epoch"]]:  # resumed at an epoch's last step
                     state.update(epoch=state["epoch"] + 1, position=0)
                     continue
-                self.stream = self.view_batches(cfg.data.shards, state["epoch"], state["position"])
+                self.stream = self.batches_from(state["position"])
                 self._it = iter(self.stream)
                 while step_in_epoch < self.steps[state["epoch"]] and state["step"] < self.total:
                     out, metrics = self.step()

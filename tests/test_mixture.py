@@ -1,0 +1,289 @@
+"""Mixtures of shard sets (data.shards as a list, data.weights): the weights' proportions in
+every batch, streams deterministic per (seed, epoch, rank) and resumable at a position,
+images drawn per set in the metrics, and bad input as one error line naming the key."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from shardfactory import digit_images, write_shards
+
+from raysl.config import load_config
+from raysl.data import mixture, reader
+from raysl.data.schema import read_manifest
+from raysl.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    images = digit_images(60)
+    curated, web = str(root / "curated"), str(root / "web")
+    write_shards(curated, [(f"curated/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[:20])], 5)
+    write_shards(web, [(f"web/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[20:])], 5)
+    return curated, web  # 4 shards of 5 rows, 8 shards of 5 rows
+
+
+def _data(shards, weights=()):
+    return SimpleNamespace(shards=shards, weights=list(weights))
+
+
+def _rows(mix, **kw):
+    """open_set for MixedBatches without decoding: the sets' raw row streams."""
+    return lambda s, start: reader.read_rows(s.path, start=start, index=s.index, **kw)
+
+
+def _batches(mix, *, seed=0, epoch=0, rank=0, world_size=1, batch_size=4, start=0, drawn=None):
+    kw = dict(seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    stream = mix.batches(_rows(mix, **kw), **kw, batch_size=batch_size, start=start, drawn=drawn)
+    return stream, [[str(k) for k in b["key"]] for b in stream]
+
+
+@pytest.mark.parametrize(
+    "weights, want",
+    [([0.3, 0.7], [3, 7]), ([1, 1, 1], [1, 1, 1]), ([0.25, 0.75], [1, 3]), ([2, 0], [1, 0]), ([1, 2000], [1, 999])],
+)
+def test_weights_become_rows_per_round(weights, want):
+    assert mixture.shares(weights) == want
+
+
+def test_a_round_interleaves_evenly_and_consumed_is_exact():
+    mix = mixture.Mixture([mixture.ShardSet(f"/s{i}", f"s{i}", n) for i, n in enumerate([3, 7, 2])])
+    assert mix.round == 12 and np.bincount(mix.order).tolist() == [3, 7, 2]
+    # no set bunches up: in any 4 consecutive positions of the repeated round, the 7-share set has 2 or 3
+    order = np.tile(mix.order, 3)
+    assert all(2 <= (order[p : p + 4] == 1).sum() <= 3 for p in range(len(order) - 4))
+    stream = mix.sources(0, 100)
+    for p in range(101):  # the closed formula is the count of each set among the first p positions
+        assert mix.consumed(p).tolist() == np.bincount(stream[:p], minlength=3).tolist()
+    assert mix.sources(37, 10).tolist() == stream[37:47].tolist()
+
+
+def test_a_single_string_is_one_set_planned_as_before(sets):
+    curated, _ = sets
+    mix = mixture.from_config(_data(curated))
+    assert mix.single and mix.sets[0].path == curated
+    m = read_manifest(curated)
+    for epoch in range(3):
+        assert mix.steps_per_epoch(batch_size=3, seed=1, epoch=epoch, world_size=2) == reader.steps_per_epoch(
+            m, batch_size=3, seed=1, epoch=epoch, world_size=2
+        )
+    assert mixture.from_config(_data([curated], [0.4])).single
+
+
+def test_an_epoch_ends_when_the_first_set_runs_out(sets):
+    curated, web = sets
+    mix = mixture.from_config(_data([curated, web], [1, 3]))
+    assert [s.name for s in mix.sets] == ["curated", "web"] and mix.shares.tolist() == [1, 3]
+    for world, epoch in [(1, 0), (2, 0), (2, 1), (4, 2)]:
+        kw = dict(seed=5, epoch=epoch, world_size=world)
+        c = np.array(reader.rows_per_worker(read_manifest(curated), **kw))
+        w = np.array(reader.rows_per_worker(read_manifest(web), **kw))
+        want = np.minimum(c // 1, w // 3) * 4  # whole rounds of 1 + 3 rows
+        assert mix.rows_per_worker(**kw).tolist() == want.tolist()
+        assert mix.steps_per_epoch(batch_size=4, **kw) == want.min() // 4
+    # one set 2x the other's rows at weight 3x: the web set (40 rows) runs out first, 13 rounds
+    assert mix.rows_per_worker(seed=0, epoch=0, world_size=1).tolist() == [52]
+
+
+def test_mixed_stream_is_weighted_deterministic_and_resumable(ray_local, sets):
+    curated, web = sets
+    mix = mixture.from_config(_data([curated, web], [0.25, 0.75]))
+    drawn = {}
+    stream, keys = _batches(mix, seed=3, drawn=drawn)
+    assert len(keys) == 13 and all(len(b) == 4 for b in keys)  # 52 rows: 13 batches of 4
+    # every batch holds the weights' proportions: 1 curated + 3 web, in the round's order
+    assert all(sum(k.startswith("curated/") for k in b) == 1 for b in keys)
+    flat = [k for b in keys for k in b]
+    assert len(set(flat)) == 52  # no image twice in an epoch
+    assert drawn == {"curated": 13, "web": 39} and stream.position == 52 and stream.skipped == 0
+    # the same (seed, epoch, rank) gives the same batches; another epoch or seed others
+    assert _batches(mix, seed=3)[1] == keys
+    assert _batches(mix, seed=3, epoch=1)[1] != keys and _batches(mix, seed=4)[1] != keys
+    # each set's rows come in the order of its own stream (the single-set plan, untouched)
+    web_alone = [r["key"] for r in reader.read_rows(web, seed=3).take_all()]
+    assert [k for k in flat if k.startswith("web/")] == web_alone[:39]
+    # resuming at a saved position (rows of the mixed stream consumed) replays the rest exactly
+    for step in (1, 5, 12):
+        resumed, rest = _batches(mix, seed=3, start=4 * step)
+        assert rest == keys[step:] and resumed.position == 52
+    # the `pos` of a batch is its position in the mixed stream, `set` its index in data.shards
+    first = next(iter(mix.batches(_rows(mix, seed=3), seed=3, epoch=0, rank=0, world_size=1, batch_size=4)))
+    assert first["pos"].tolist() == [0, 1, 2, 3] and sorted(first["set"].tolist()) == [0, 1, 1, 1]
+
+
+def test_ranks_read_disjoint_parts_of_each_set(ray_local, sets):
+    curated, web = sets
+    mix = mixture.from_config(_data([curated, web], [1, 1]))
+    parts = [{k for b in _batches(mix, seed=1, rank=r, world_size=2, batch_size=2)[1] for k in b} for r in range(2)]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    steps = mix.steps_per_epoch(batch_size=2, seed=1, epoch=0, world_size=2)
+    assert min(len(p) for p in parts) >= 2 * steps
+
+
+def test_undecodable_images_are_skipped_and_the_batch_shape_kept(ray_local, tmp_path):
+    images = digit_images(24)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    broken = [(f"a/{i}.png", png[:40] if i == 2 else png, lab) for i, (_, png, lab) in enumerate(images[:12])]
+    write_shards(a, broken, 6)
+    write_shards(b, [(f"b/{i}.png", png, lab) for i, (_, png, lab) in enumerate(images[12:])], 6)
+    from raysl.data.views import view_spec
+
+    spec = view_spec("eval", size=32)
+    mix = mixture.from_config(_data([a, b], [1, 1]))
+
+    def views(s, start):
+        return reader.read_views(s.path, spec, seed=0, start=start, index=s.index)
+
+    drawn = {}
+    stream = mix.batches(views, seed=0, epoch=0, rank=0, world_size=1, batch_size=4, drawn=drawn)
+    got = list(stream)
+    assert len(got) == 5 and all(g["view_0"].shape == (4, 3, 32, 32) for g in got)  # 23 good of 24: 5 x 4
+    assert stream.skipped == 1 and "a/2.png" not in {k for g in got for k in g["key"]}
+    # 21 positions (a, b, a, ... a) for 20 images: the broken one's position is spent, not refilled from b
+    assert stream.position == 21 and drawn == {"a": 10, "b": 10}
+
+
+def test_drawn_per_set_in_the_metrics():
+    from raysl.train.metrics import global_metrics
+
+    state = {"step": 3, "epoch": 0, "skipped": 1}
+    values = {"lr": 0.1, "weight_decay": 0.0}
+    one = global_metrics({"loss": torch.tensor(2.0)}, state, 0, values, 1.0, drawn={})
+    assert not any(k.startswith("drawn/") for k in one)  # one set: the metrics of before
+    two = global_metrics({"loss": torch.tensor(2.0)}, state, 1, values, 1.0, drawn={"web": 9, "curated": 3})
+    assert (two["drawn/curated"], two["drawn/web"], two["skipped_corrupt"], two["loss"]) == (3, 9, 2, 2.0)
+
+
+@pytest.mark.parametrize(
+    "shards, weights, match",
+    [
+        ("LIST", [0.3], r"config key data.weights: 1 weight\(s\) for 2 shard set\(s\)"),
+        ("LIST", [], r"config key data.weights: data.shards lists 2 sets; give one weight per set"),
+        ("LIST", [0.0, 0.0], r"config key data.weights: all weights are 0"),
+        ("LIST", [-1.0, 2.0], r"config key data.weights: -1.0 is not a weight"),
+        ("LIST", [float("nan"), 1.0], r"config key data.weights: nan is not a weight"),
+        ("ONE", [0.5, 0.5], r"config key data.weights: 2 weight\(s\) for 1 shard set\(s\)"),
+        ("MISSING", [1, 1], r"config key data.shards\[1\]: .*nope: no manifest.json here"),
+        ("TWICE", [1, 1], r"config key data.shards: .*curated is listed twice"),
+        ("EMPTY", [], r"config key data.shards is empty"),
+    ],
+)
+def test_bad_mixtures_are_one_error_naming_the_key(sets, tmp_path, shards, weights, match):
+    curated, web = sets
+    value = {
+        "LIST": [curated, web],
+        "ONE": curated,
+        "MISSING": [curated, str(tmp_path / "nope")],
+        "TWICE": [curated, curated],
+        "EMPTY": "",
+    }[shards]
+    with pytest.raises(UserError, match=match) as err:
+        mixture.from_config(_data(value, weights))
+    assert "\n" not in str(err.value)
+
+
+def test_config_keys_and_validation_before_ray(sets, tmp_path):
+    from raysl.pretrain import validate
+
+    curated, web = sets
+    cfg = load_config("quickstart", [f"data.shards=[{curated}, {web}]", "data.weights=[0.3, 0.7]"])
+    assert cfg.data.shards == [curated, web] and cfg.data.weights == [0.3, 0.7]
+    assert load_config("quickstart", [f"data.shards={curated}"]).data.shards == curated  # a string stays one
+    with pytest.raises(UserError, match=r"config key data.weights: -1.0 is out of range"):
+        load_config("quickstart", [f"data.shards=[{curated}, {web}]", "data.weights=[-1, 2]"])
+    with pytest.raises(UserError, match=r"config key data.shards: expected a string, got 3"):
+        load_config("quickstart", [f"data.shards=[{curated}, 3]"])
+    bad = load_config("quickstart", [f"data.shards=[{curated}, {web}]", "data.weights=[1]"])
+    with pytest.raises(UserError, match="config key data.weights"):
+        validate(bad)
+    os.chdir(tmp_path)  # a relative set in a list is made absolute like a single one
+    os.makedirs("rel", exist_ok=True)
+    assert load_config("quickstart", ["data.shards=[rel, s3://b/web]"]).data.shards == [
+        str(tmp_path / "rel"),
+        "s3://b/web",
+    ]
+
+
+def test_cli_reports_a_bad_weight_before_starting_ray(sets):
+    curated, web = sets
+    done = subprocess.run(
+        [sys.executable, "-m", "raysl.cli", "pretrain", "quickstart", f"data.shards=[{curated}, {web}]"]
+        + ["data.weights=[0, 0]"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=300,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "config key data.weights: all weights are 0" in lines[0]
+    assert "Ray" not in done.stdout + done.stderr
+
+
+def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_path):
+    """A real run (Ray Train, 1 worker): drawn/<set> in metrics.jsonl follows the weights exactly,
+    the run records the index file of each set it reads, and a run resumed from its step-2
+    checkpoint draws the same images (same losses, same counts) as the run that went on."""
+    from raysl.pretrain import pretrain
+    from raysl.train import storage
+    from raysl.train.metrics import read_metrics
+
+    curated, web = sets
+
+    def cfg(name):
+        return load_config(
+            "quickstart",
+            [
+                f"data.shards=[{curated}, {web}]",
+                "data.weights=[0.25, 0.75]",
+                "data.image_size=32",
+                "data.batch_size=4",
+                "model.backbone=test_resnet",
+                "method.proj_hidden_dim=32",
+                "method.proj_dim=16",
+                "train.num_workers=1",
+                "train.max_steps=4",
+                "train.checkpoint_every=2",
+                "train.keep_checkpoints=3",
+                f"train.storage_path={tmp_path}",
+                f"train.name={name}",
+            ],
+        )
+
+    out = pretrain(cfg("mix"))
+    rows = read_metrics(out["run_dir"])
+    assert [(r["step"], r["drawn/curated"], r["drawn/web"]) for r in rows] == [(s, s, 3 * s) for s in (1, 2, 3, 4)]
+    with open(os.path.join(out["run_dir"], mixture.PINS)) as f:
+        pinned = json.load(f)["sets"]
+    assert [(s["name"], s["index"], s["share"]) for s in pinned] == [
+        ("curated", "index.parquet", 1),
+        ("web", "index.parquet", 3),
+    ]
+    # resume from the step-2 checkpoint (the step-4 one damaged, so skipped): the same batches
+    from raysl.train import checkpoint
+
+    run = out["run_dir"]
+    newest = os.path.join(run, storage.subdirs(run, "checkpoint_")[-1])
+    assert storage.checkpoint_step(newest) == 4
+    with open(os.path.join(newest, checkpoint.worker_file(0)), "r+b") as f:
+        f.truncate(100)
+    pretrain(cfg("mix"), resume=True)
+    again = read_metrics(run)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [(r["loss"], r["drawn/curated"], r["drawn/web"]) for r in again] == [
+        (r["loss"], r["drawn/curated"], r["drawn/web"]) for r in rows
+    ]
+
+
+def test_model_card_lineage_lists_every_set_of_a_mixture(sets, tmp_path):
+    from raysl.eval.model_card import lineage
+
+    curated, web = sets
+    data = lineage([curated, web], str(tmp_path))
+    assert data["rows"] == data["written"] == 60 and data["shards"] == f"{curated}, {web}"
+    assert len((tmp_path / "ATTRIBUTIONS.csv").read_text().strip().splitlines()) == 61  # header + 60 rows
