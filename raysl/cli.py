@@ -52,6 +52,38 @@ def cmd_shards_inspect(args) -> None:
         print(f"contact sheet: {n} images -> {args.grid}")
 
 
+def cmd_curate_embed(args) -> None:
+    from raysl.curate.embed import plan_embed, run_embed
+    from raysl.runtime import init_ray
+
+    features = dict(stage=args.stage, input_norm=args.input_norm)
+    plan = plan_embed(args.shards, args.model, args.out, image_size=args.image_size, seed=args.seed, **features)
+    print(init_ray(args.address), file=sys.stderr)
+    print(json.dumps(run_embed(plan, actors=args.actors, batch_size=args.batch_size)))
+
+
+def cmd_curate_step(args) -> None:
+    from raysl.curate import steps
+
+    common = dict(model=args.model, sel=args.sel, overwrite=args.overwrite)
+    if args.curate_cmd == "dedup":
+        kw = dict(clusters=args.clusters, keep=args.keep, seed=args.seed)
+        curation = steps.run_dedup(args.emb, args.out, threshold=args.threshold, **kw, **common)
+    elif args.curate_cmd == "decontaminate":
+        curation = steps.run_decontaminate(args.emb, args.eval, args.out, threshold=args.threshold, **common)
+    else:
+        levels = steps.parse_levels(args.levels)
+        kw = dict(target=args.target, levels=levels, resample=args.resample, seed=args.seed)
+        curation = steps.run_balance(args.emb, args.out, **kw, **common)
+    print(json.dumps({"out": args.out, **curation["counts"], "step": curation["steps"][-1]}))
+
+
+def cmd_bench_curate(args) -> None:
+    from raysl.bench.curate import run_from_args
+
+    print(json.dumps(run_from_args(args)))
+
+
 def cmd_bench_data(args) -> None:
     from raysl.bench.data import run_data_bench
     from raysl.runtime import init_ray
@@ -386,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("dir", type=resolve_path)
     mg.set_defaults(func=cmd_shards_migrate)
 
+    _add_curate(sub)
+
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     bd = _ray_command(bsub.add_parser("data", help="raysl view pipeline vs a plain DataLoader + torchvision"))
@@ -428,7 +462,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(bp)
     bp.set_defaults(func=cmd_bench_plan)
+    bc = _ray_command(
+        bsub.add_parser(
+            "curate",
+            help="dedup recall/precision on planted near-duplicates, balance entropy, k-means + dedup at scale",
+        )
+    )
+    from raysl.bench.curate import add_arguments as add_curate_arguments
+
+    add_curate_arguments(bc)
+    bc.set_defaults(func=cmd_bench_curate)
     return p
+
+
+def _add_curate(sub) -> None:
+    from raysl.curate.dedup import DEFAULT_THRESHOLD, KEEP
+
+    cur = sub.add_parser("curate", help="embed, dedup, decontaminate and balance a shard set into a selection")
+    csub = cur.add_subparsers(dest="curate_cmd", required=True)
+    em = _ray_command(csub.add_parser("embed", help="embed every image (eval views) as a Ray Data job; resumable"))
+    em.add_argument("--shards", type=resolve_path, required=True, help="the shard set to embed")
+    em.add_argument("--model", required=True, help="a raysl run directory, or a timm model name (random init)")
+    em.add_argument("--out", type=resolve_path, required=True, help="embedding folder (EMB); rerun to resume")
+    em.add_argument("--image-size", type=int, default=0, help="eval crop size (default: the run's, else 224)")
+    em.add_argument("--seed", type=int, default=0, help="timm random init seed")
+    em.add_argument(
+        "--stage", type=int, default=-1, help="-1: the pooled output; k: stage k's feature map on a 2x2 grid"
+    )
+    em.add_argument(
+        "--input-norm",
+        choices=("imagenet", "per-image"),
+        default="imagenet",
+        help="per-image: standardise each image's channels (random-init features then see structure, not colour)",
+    )
+    em.add_argument("--actors", type=int, default=0, help="actor pool size (default: GPUs, else CPUs / 2)")
+    em.add_argument("--batch-size", type=int, default=32)
+    em.set_defaults(func=cmd_curate_embed)
+
+    def step(name: str, help_: str):
+        c = csub.add_parser(name, help=help_)
+        c.add_argument("--emb", type=resolve_path, required=True, help="embeddings of the set (raysl curate embed)")
+        c.add_argument("--out", type=resolve_path, required=True, help="folder for the selection (a shard set)")
+        c.add_argument("--from", dest="sel", type=resolve_path, help="start from an earlier selection of the same EMB")
+        c.add_argument("--model", help="refuse EMB unless it was embedded with this model (run dir or timm name)")
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
+        c.set_defaults(func=cmd_curate_step)
+        return c
+
+    d = step("dedup", "SemDeDup: k-means, then drop all but one of each group above a cosine threshold")
+    d.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"cosine (default {DEFAULT_THRESHOLD})")
+    d.add_argument("--clusters", type=int, default=0, help="k-means clusters (default N / 1000)")
+    d.add_argument("--keep", choices=KEEP, default="closest", help="which image of a group stays")
+    dc = step("decontaminate", "drop images whose nearest eval image is above a cosine threshold")
+    dc.add_argument("--eval", nargs="+", type=resolve_path, required=True, help="embedding sets of eval shard sets")
+    dc.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    ba = step("balance", "hierarchical k-means, then a balanced top-down sample of --target images")
+    ba.add_argument("--target", type=int, required=True, help="images to keep")
+    ba.add_argument("--levels", default="100,10", help="clusters per level, bottom first (default 100,10)")
+    ba.add_argument("--resample", type=int, default=0, help="resampling steps per level (Vo et al. 2024)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from raysl.data.decode import DecodeError, decode_rgb
 from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+from raysl.data.shard_index import mask_rows, select_rows
 from raysl.errors import UserError
 
 STAT_COLUMNS = ["key", "width", "height", "format", "license", "label"]
@@ -33,7 +34,7 @@ def inspect_shards(directory: str) -> dict:
     widths, heights = [], []
     formats, licenses, sources = Counter(), Counter(), Counter()
     labeled = total_bytes = image_bytes = 0
-    for path in shard_paths(directory, manifest):
+    for path, mask in zip(shard_paths(directory, manifest), manifest.shards.masks()):
         fs, local = filesystem_and_path(path)
         total_bytes += fs.get_file_info(local).size
         with fs.open_input_file(local) as f:
@@ -42,7 +43,7 @@ def inspect_shards(directory: str) -> dict:
             col = pf.schema_arrow.get_field_index("image")
             groups = range(meta.num_row_groups)
             image_bytes += sum(meta.row_group(g).column(col).total_uncompressed_size for g in groups)
-            t = pf.read(columns=STAT_COLUMNS)
+            t = select_rows(pf.read(columns=STAT_COLUMNS), mask)  # a selection: only its rows
         widths.append(t["width"].to_numpy())
         heights.append(t["height"].to_numpy())
         formats.update(t["format"].to_pylist())
@@ -64,6 +65,7 @@ def inspect_shards(directory: str) -> dict:
         "sources": dict(sources.most_common()),
         "labeled": labeled,
         "skipped": dict(manifest.skipped),
+        "curation": dict(manifest.curation),
     }
 
 
@@ -77,6 +79,15 @@ def _size(n: float) -> str:
 
 def _breakdown(counts: dict) -> str:
     return ", ".join(f"{name or '(none)'} {n:,}" for name, n in counts.items()) or "-"
+
+
+def _curation_lines(curation: dict) -> list[str]:
+    if not curation:
+        return []
+    return [
+        f"selection (raysl curate) of {curation.get('source')}: {_breakdown(curation.get('counts', {}))}; "
+        "bytes above are of the source shard files it points into"
+    ]
 
 
 def format_inspect(stats: dict) -> str:
@@ -94,6 +105,7 @@ def format_inspect(stats: dict) -> str:
             f"labeled: {stats['labeled']:,}",
             f"skipped when built: {_breakdown(skipped)}",
         ]
+        + _curation_lines(stats.get("curation") or {})
     )
 
 
@@ -111,8 +123,10 @@ def contact_sheet(directory: str, out_png: str, *, samples: int = 64, thumb: int
     cols = math.ceil(math.sqrt(n))
     sheet = Image.new("RGB", (cols * thumb, math.ceil(n / cols) * thumb), (32, 32, 32))
     drawn = cell = 0
-    for s, path in enumerate(shard_paths(directory, manifest)):
+    for s, (path, mask) in enumerate(zip(shard_paths(directory, manifest), manifest.shards.masks())):
         rows = picks[(picks >= starts[s]) & (picks < starts[s + 1])] - starts[s]
+        if mask is not None:
+            rows = mask_rows(mask)[rows]  # the n-th selected row -> its row number in the file
         if not len(rows):
             continue
         fs, local = filesystem_and_path(path)

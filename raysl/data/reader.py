@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raysl.data.schema import Manifest, filesystem_and_path, read_manifest, shard_paths
+from raysl.data.shard_index import select_rows
 from raysl.errors import UserError
 
 READ_COLUMNS = ["key", "image", "label"]
@@ -69,9 +70,9 @@ def aug_seeds(keys: list[str], seed: int, epoch: int) -> np.ndarray:
 def _read_window(item: dict) -> pa.Table:
     """Read the shards of one shuffle window, shuffle their rows, drop what was consumed."""
     tables = []
-    for path in item["paths"]:
+    for path, mask in zip(item["paths"], item["masks"]):
         fs, local = filesystem_and_path(path)
-        tables.append(pq.read_table(local, columns=READ_COLUMNS, filesystem=fs))
+        tables.append(select_rows(pq.read_table(local, columns=READ_COLUMNS, filesystem=fs), mask))
     table = pa.concat_tables(tables)
     order = np.random.default_rng([item["seed"], item["epoch"], item["window"]]).permutation(table.num_rows)
     order = order[item["skip"] :]
@@ -116,6 +117,7 @@ def read_rows(
     mine = worker_shards(manifest, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     paths = shard_paths(shards, manifest, mine)  # in reading order
     counts = manifest.shards.rows[mine].tolist()
+    masks = manifest.shards.masks(mine)  # a selection keeps only some rows of each file
     items, first_pos = [], 0
     for w in range(0, len(mine), window):
         rows = sum(counts[w : w + window])
@@ -124,6 +126,7 @@ def read_rows(
             items.append(
                 {
                     "paths": paths[w : w + window],
+                    "masks": masks[w : w + window],
                     "window": w,
                     "skip": skip,
                     "first_pos": first_pos,

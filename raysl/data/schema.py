@@ -65,6 +65,7 @@ class Manifest:
     source_images: dict[str, int] = field(default_factory=dict)  # images per SRC name (first part of the key)
     ignored_files: int = 0  # files in SRC folders that are not images (the builder lists them)
     metadata_unmatched: int = 0  # --metadata rows that named no input
+    curation: dict = field(default_factory=dict)  # a selection made by raysl curate: its steps and counts
     schema_version: int = SCHEMA_VERSION
     # 0: the index is INDEX; each `shards build --append` writes a new, never rewritten
     # index-<n>.parquet, so a run that pinned an older one keeps reading exactly its shards
@@ -216,6 +217,11 @@ def source_name(key: str) -> str:
 
 def shard_paths(directory: str, manifest: Manifest, indices=None) -> list[str]:
     """Full paths (or URIs) of the shard files a manifest lists, in manifest order, or of
-    the shards at `indices` (in that order)."""
+    the shards at `indices` (in that order). A selection (raysl curate) names files of
+    other sets by absolute path or URI; those are returned as they are."""
     base = directory.rstrip("/")
-    return [f"{base}/{name}" for name in manifest.shards.files(indices)]
+    return [name if _absolute(name) else f"{base}/{name}" for name in manifest.shards.files(indices)]
+
+
+def _absolute(name: str) -> bool:
+    return name.startswith("/") or "://" in name

@@ -24,6 +24,9 @@ INDEX_SCHEMA = pa.schema(
         pa.field("rows", pa.int64(), nullable=False),
         pa.field("bytes", pa.int64(), nullable=False),  # size of the file on storage
         pa.field("sources", pa.list_(pa.string()), nullable=False),  # SRC names its rows came from
+        # A selection (raysl curate): bit i set (np.packbits order) = row i of `file` is in the set,
+        # and `rows` counts the set bits; null = every row. Older indexes read back as all null.
+        pa.field("mask", pa.binary(), nullable=True),
     ]
 )
 
@@ -38,7 +41,7 @@ class ShardIndex:
         self.rows = self.table.column("rows").to_numpy()  # int64, one per shard
 
     @classmethod
-    def from_columns(cls, file, rows, bytes=None, sources=None) -> ShardIndex:
+    def from_columns(cls, file, rows, bytes=None, sources=None, masks=None) -> ShardIndex:
         n = len(file)
         return cls(
             pa.table(
@@ -47,6 +50,7 @@ class ShardIndex:
                     "rows": pa.array(rows, pa.int64()),
                     "bytes": pa.array(np.zeros(n, np.int64) if bytes is None else bytes, pa.int64()),
                     "sources": pa.array([[]] * n if sources is None else sources, pa.list_(pa.string())),
+                    "mask": pa.array([None] * n if masks is None else masks, pa.binary()),
                 },
                 schema=INDEX_SCHEMA,
             )
@@ -71,6 +75,29 @@ class ShardIndex:
         """File names of all shards, or of `indices` (in that order)."""
         column = self.table.column("file")
         return (column if indices is None else column.take(pa.array(indices, pa.int64()))).to_pylist()
+
+    def masks(self, indices=None) -> list[bytes | None]:
+        """Row masks of all shards, or of `indices` (None: the shard's every row is in the set)."""
+        column = self.table.column("mask")
+        return (column if indices is None else column.take(pa.array(indices, pa.int64()))).to_pylist()
+
+
+def pack_rows(rows, n: int) -> bytes:
+    """The mask of row numbers `rows` of a file with `n` rows."""
+    bits = np.zeros(n, np.uint8)
+    bits[np.asarray(rows, np.int64)] = 1
+    return np.packbits(bits).tobytes()
+
+
+def mask_rows(mask: bytes | None) -> np.ndarray | None:
+    """Row numbers a mask selects, ascending (None: all rows)."""
+    return None if mask is None else np.flatnonzero(np.unpackbits(np.frombuffer(mask, np.uint8)))
+
+
+def select_rows(table: pa.Table, mask: bytes | None) -> pa.Table:
+    """The rows of a whole shard file's table that its index entry keeps."""
+    rows = mask_rows(mask)
+    return table if rows is None else table.take(pa.array(rows, pa.int64()))
 
 
 def write_index(fs: pafs.FileSystem, root: str, index: ShardIndex, name: str = INDEX) -> None:

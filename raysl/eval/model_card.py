@@ -67,17 +67,18 @@ def write_attributions(shards: str | list[str], out_csv: str) -> tuple[int, Coun
 
     from raysl.data.mixture import set_paths
     from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+    from raysl.data.shard_index import select_rows
     from raysl.progress import bar
 
     sets = [(s, read_manifest(s)) for s in set_paths(shards)]
-    paths = [p for s, m in sets for p in shard_paths(s, m)]
+    paths = [pm for s, m in sets for pm in zip(shard_paths(s, m), m.shards.masks())]  # masks: a selection's rows
     licenses: Counter = Counter()
     rows = 0
     total = sum(m.rows for _, m in sets)
     with pacsv.CSVWriter(out_csv, _schema()) as writer, bar(total, "export: attributions") as progress:
-        for path in paths:
+        for path, mask in paths:
             fs, local = filesystem_and_path(path)
-            table = pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs)
+            table = select_rows(pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs), mask)
             writer.write_table(table)
             rows += table.num_rows
             licenses.update(table.column("license").to_pylist())
@@ -113,7 +114,31 @@ def lineage(shards: str | list[str], out_dir: str) -> dict:
         "skipped": dict(skipped),
         "sources": [s for m in manifests for s in m.sources],
         "licenses": dict(sorted(licenses.items(), key=lambda kv: -kv[1])),
+        "curation": [m.curation for m in manifests if m.curation],  # sets made by raysl curate
     }
+
+
+def _curation_section(curations: list[dict]) -> list[str]:
+    """The card's account of the selections made by `raysl curate` (nothing for other sets)."""
+    lines: list[str] = []
+    for curation in curations:
+        lines += _one_curation(curation)
+    return lines
+
+
+def _one_curation(curation: dict) -> list[str]:
+    lines = [
+        "## Curation",
+        "",
+        f"The training set is a selection (`raysl curate`) of `{curation.get('source')}`, embedded with "
+        f"`{curation.get('model')}`; every image's decision is in `{curation.get('lineage')}`.",
+        "",
+        _table(("step", "settings and counts"), [(s.get("step"), s) for s in curation.get("steps", [])]),
+        "",
+        _table(("images", "count"), curation.get("counts", {}).items()),
+        "",
+    ]
+    return lines
 
 
 def _table(header: tuple[str, str], items) -> str:
@@ -206,6 +231,7 @@ def write_card(
         "",
         f"`{ATTRIBUTIONS}` lists every training image: {', '.join(ATTRIBUTION_COLUMNS)}.",
         "",
+        *_curation_section(data["curation"]),
         "## Recipe",
         "",
         "```yaml",
