@@ -183,6 +183,10 @@ def read_views(
         num_cpus=num_cpus,
         resources=resources,
     )
+    # A window's rows leave the read task as one block, and Ray Data gives a whole block
+    # to one task: split it into blocks of one augment batch (fused into the read task,
+    # order kept) so up to `concurrency` tasks augment a window's rows side by side.
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(
         _augment,
         fn_kwargs={"spec": spec},
