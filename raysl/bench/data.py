@@ -149,13 +149,15 @@ def _timed(make_stream, images: int) -> dict:
 
 
 def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int, seed: int):
-    from raysl.data.reader import read_views
+    """What a training worker gets, with the training defaults (data.task_cpus 0: the
+    tasks share the cores; data.augment_tasks = workers): ViewBatches, then normalize."""
+    from raysl.data.reader import ViewBatches, read_views
 
     keys = [f"view_{i}" for i in range(spec.n_views)]
     epoch = 0
     while True:  # cycle over the rows: one dataset per epoch, as training does
-        ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers)
-        for batch in ds.iter_batches(batch_size=batch_size, drop_last=False, batch_format="numpy"):
+        ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers, num_cpus=0.0)
+        for batch in ViewBatches(ds, batch_size=batch_size):
             yield [normalize(torch.from_numpy(batch[k])) for k in keys]
         epoch += 1
 
