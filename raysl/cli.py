@@ -93,6 +93,12 @@ def cmd_bench_step(args) -> None:
     print(json.dumps(run_from_args(args, address=args.address)))
 
 
+def cmd_bench_e2e(args) -> None:
+    from raysl.bench.e2e import run_from_args
+
+    print(json.dumps(run_from_args(args)))
+
+
 def cmd_tune(args) -> None:
     from raysl.config import load_config
     from raysl.tune.search import tune_recipe
@@ -414,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(bp)
     bp.set_defaults(func=cmd_bench_plan)
+    be = bsub.add_parser(
+        "e2e", help="wall time of a SimCLR run: raysl pretrain (Ray start included) vs a plain DataLoader loop"
+    )
+    from raysl.bench.e2e import add_arguments as add_e2e_arguments
+
+    add_e2e_arguments(be)
+    be.set_defaults(func=cmd_bench_e2e)
     return p
 
 

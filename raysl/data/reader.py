@@ -161,7 +161,7 @@ def read_views(
     start: int = 0,
     window: int = 2,
     concurrency: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     num_cpus: float = 1.0,
     resources: dict | None = None,
 ) -> ray.data.Dataset:

@@ -273,8 +273,9 @@ def train_loop_per_worker(raw: dict) -> None:
 
     def micro_batches():
         """The views of this step's grad_accum micro-batches, read as they are trained on."""
-        nonlocal stream, it
+        nonlocal stream, it, data_wait
         for _ in range(cfg.deepspeed.grad_accum):
+            t0 = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:  # corrupt images thinned this worker's share: start it over
@@ -282,6 +283,7 @@ def train_loop_per_worker(raw: dict) -> None:
                 stream = batches_from(0)
                 it = iter(stream)
                 batch = next(it)
+            data_wait += time.perf_counter() - t0
             yield to_views(batch)
 
     with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
@@ -294,6 +296,7 @@ def train_loop_per_worker(raw: dict) -> None:
             it = iter(stream)
             while step_in_epoch < steps[state["epoch"]] and state["step"] < total:
                 values = {**schedules.at(state["step"]), "step": state["step"]}
+                data_wait = 0.0  # seconds this step waited for its batches (this worker)
                 t0 = time.perf_counter()
                 out = train_step(engine, method, optimizer, micro_batches(), values)
                 state["step"] += 1
@@ -307,6 +310,7 @@ def train_loop_per_worker(raw: dict) -> None:
                     global_batch / (time.perf_counter() - t0),
                     preempted=preemption.requested(),
                 )
+                metrics["data_wait_s"] = round(data_wait, 4)
                 preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint now, then stop
                 if monitor and monitor.due(state["step"], total):
                     metrics.update(monitor.evaluate(method.backbone))
