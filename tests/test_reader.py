@@ -97,3 +97,17 @@ def test_reads_through_a_pyarrow_filesystem_uri(ray_local, shards):
     # file:// goes through pyarrow.fs.FileSystem.from_uri, the same path as s3:// and gs://
     uri = "file://" + shards
     assert [r["key"] for r in _stream(uri, seed=2)] == [r["key"] for r in _stream(shards, seed=2)]
+
+
+def test_a_window_reaches_the_augment_step_in_batch_sized_blocks(ray_local, shards):
+    """One shuffle window (here all 40 rows) must not reach the augment step as one block,
+    which one task would augment alone: it is split into blocks of one augment batch, in
+    stream order, so `concurrency` tasks can work on it side by side."""
+    from raysl.data.views import view_spec
+
+    spec = view_spec("mae", size=16)
+    ds = reader.read_views(shards, spec, seed=3, window=6, batch_size=8, concurrency=2).materialize()
+    assert ds.num_blocks() == 5
+    rows = ds.take_all()
+    assert [r["pos"] for r in rows] == list(range(40))
+    assert [r["key"] for r in rows] == [r["key"] for r in _stream(shards, seed=3, window=6)]

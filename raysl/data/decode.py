@@ -71,8 +71,8 @@ def _orientation(img: Image.Image) -> int:
 
 
 def _draft_size(img: Image.Image, min_side: int) -> tuple[int, int] | None:
-    """The smallest size a 1/2, 1/4 or 1/8 scale JPEG decode may give that keeps the
-    shorter side >= min_side; None where no reduced decode pays."""
+    """The size a reduced JPEG decode asks for that keeps the shorter side >= min_side;
+    None where only a full-size decode does."""
     if img.format not in ("JPEG", "MPO"):
         return None
     w, h = img.size
@@ -80,6 +80,12 @@ def _draft_size(img: Image.Image, min_side: int) -> tuple[int, int] | None:
     if short < 2 * min_side:
         return None
     return max(1, w * min_side // short), max(1, h * min_side // short)
+
+
+def _draft_scale(img: Image.Image, size: tuple[int, int]) -> int:
+    """The 1/1, 1/2, 1/4 or 1/8 scale PIL's draft picks for `size` (libjpeg also has M/8)."""
+    scale = min(img.size[0] // size[0], img.size[1] // size[1])
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
 
 
 def _draft(img: Image.Image, min_side: int) -> None:
@@ -162,7 +168,9 @@ def decode_pixels(data: bytes, *, min_side: int | None = None) -> np.ndarray:
         try:
             if size is None:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB")
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=size[0], min_height=size[1])
+            scale = _draft_scale(img, size)  # the same scale as PIL's draft, so the same pixels
+            w, h = (-(-side // scale) for side in img.size)
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=w, min_height=h)
         except ValueError as exc:  # libjpeg errors and, strict, its warnings (truncated data)
             raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
     return np.array(decode_rgb(data, min_side=min_side), dtype=np.uint8)
