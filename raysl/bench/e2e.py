@@ -33,6 +33,7 @@ import io
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -251,7 +252,9 @@ def run_e2e_bench(
         for r in range(repeats):
             kw = dict(model=model, batch_size=batch_size, steps=steps, seed=seed)
             runs["plain"].append(run_plain(_config(shards, runs_dir, name=f"plain{r}", **kw), steps, nice=nice))
+            print(json.dumps({"plain": runs["plain"][-1]}), file=sys.stderr, flush=True)  # kept if raysl fails
             runs["raysl"].append(run_raysl(_config(shards, runs_dir, name=f"raysl{r}", **kw)))
+            print(json.dumps({"raysl": runs["raysl"][-1]}), file=sys.stderr, flush=True)
     ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["raysl"], runs["plain"])]
     result = {
         "bench": "e2e",
