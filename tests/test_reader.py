@@ -111,3 +111,22 @@ def test_a_window_reaches_the_augment_step_in_batch_sized_blocks(ray_local, shar
     rows = ds.take_all()
     assert [r["pos"] for r in rows] == list(range(40))
     assert [r["key"] for r in rows] == [r["key"] for r in _stream(shards, seed=3, window=6)]
+
+
+def test_views_flow_while_training_workers_hold_every_cpu(ray_local, shards):
+    """Training on one machine: the workers hold every CPU and the data tasks reserve none
+    (data.task_cpus 0). Splitting a window into blocks must not add a task that needs one."""
+    from raysl.data.views import view_spec
+
+    @ray_local.remote(num_cpus=2)
+    class Holder:
+        def ping(self):
+            return 1
+
+    holder = Holder.remote()
+    ray_local.get(holder.ping.remote())
+    try:
+        ds = reader.read_views(shards, view_spec("mae", size=16), window=6, batch_size=8, num_cpus=0.0, concurrency=2)
+        assert [r["pos"] for r in ds.take_all()] == list(range(40))
+    finally:
+        ray_local.kill(holder)
