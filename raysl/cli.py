@@ -90,7 +90,12 @@ def cmd_bench_data(args) -> None:
 
     print(init_ray(args.address), file=sys.stderr)
     result = run_data_bench(
-        args.shards, args.views, workers=args.workers, images=args.images, batch_size=args.batch_size
+        args.shards,
+        args.views,
+        workers=args.workers,
+        images=args.images,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
     )
     print(json.dumps(result))
 
@@ -126,6 +131,12 @@ def cmd_bench_step(args) -> None:
     from raysl.bench.step import run_from_args
 
     print(json.dumps(run_from_args(args, address=args.address)))
+
+
+def cmd_bench_e2e(args) -> None:
+    from raysl.bench.e2e import run_from_args
+
+    print(json.dumps(run_from_args(args)))
 
 
 def cmd_tune(args) -> None:
@@ -422,12 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
-    bd = _ray_command(bsub.add_parser("data", help="raysl view pipeline vs a plain DataLoader + torchvision"))
+    bd = _ray_command(bsub.add_parser("data", help="raysl view pipeline vs plain DataLoaders (torchvision, lightly)"))
     bd.add_argument("--shards", type=resolve_path, required=True)
     bd.add_argument("--views", default="dino")
     bd.add_argument("--workers", type=int, default=2)
     bd.add_argument("--images", type=int, default=256)
     bd.add_argument("--batch-size", type=int, default=32)
+    bd.add_argument("--repeats", type=int, default=1, help="timed passes per side, the sides taking turns")
     bd.set_defaults(func=cmd_bench_data)
     bo = bsub.add_parser("optim", help="optimizer state bytes/param: fp32 AdamW vs AdamW8bit")
     bo.add_argument("--model", default="vit_base_patch16_224")
@@ -472,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_curate_arguments(bc)
     bc.set_defaults(func=cmd_bench_curate)
+    be = bsub.add_parser(
+        "e2e", help="wall time of a SimCLR run: raysl pretrain (Ray start included) vs a plain DataLoader loop"
+    )
+    from raysl.bench.e2e import add_arguments as add_e2e_arguments
+
+    add_e2e_arguments(be)
+    be.set_defaults(func=cmd_bench_e2e)
     return p
 
 

@@ -36,7 +36,18 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
     assert result["workers"] == 2 and result["images"] == 8 and result["rows"] == rows
     assert result["raysl_img_s"] > 0 and result["baseline_img_s"] > 0
     assert result["ratio"] == pytest.approx(result["raysl_img_s"] / result["baseline_img_s"], rel=0.01)
-    for side in ("raysl_timed", "baseline_timed"):
+    sides = ["raysl_timed", "baseline_timed"]
+    try:
+        import lightly  # noqa: F401  (the `bench` extra)
+    except ImportError:
+        assert result["lightly"] is None and "lightly_img_s" not in result
+    else:  # lightly's DINOTransform(n_local_views=8) in the same DataLoader
+        assert result["lightly"] == "DINOTransform" and result["lightly_img_s"] > 0
+        assert result["ratio_lightly"] == pytest.approx(result["raysl_img_s"] / result["lightly_img_s"], rel=0.01)
+        spread = result["ratio_lightly_spread"]
+        assert spread["min"] <= result["ratio_lightly"] <= spread["max"]
+        sides.append("lightly_timed")
+    for side in sides:
         timed = result[side]
         assert timed["images"] >= 8 and 0 < timed["first_batch_s"] <= timed["seconds"]
     assert result["raysl_img_s"] == pytest.approx(

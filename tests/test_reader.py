@@ -97,3 +97,36 @@ def test_reads_through_a_pyarrow_filesystem_uri(ray_local, shards):
     # file:// goes through pyarrow.fs.FileSystem.from_uri, the same path as s3:// and gs://
     uri = "file://" + shards
     assert [r["key"] for r in _stream(uri, seed=2)] == [r["key"] for r in _stream(shards, seed=2)]
+
+
+def test_a_window_reaches_the_augment_step_in_batch_sized_blocks(ray_local, shards):
+    """One shuffle window (here all 40 rows) must not reach the augment step as one block,
+    which one task would augment alone: it is split into blocks of one augment batch, in
+    stream order, so `concurrency` tasks can work on it side by side."""
+    from raysl.data.views import view_spec
+
+    spec = view_spec("mae", size=16)
+    ds = reader.read_views(shards, spec, seed=3, window=6, batch_size=8, concurrency=2).materialize()
+    assert ds.num_blocks() == 5
+    rows = ds.take_all()
+    assert [r["pos"] for r in rows] == list(range(40))
+    assert [r["key"] for r in rows] == [r["key"] for r in _stream(shards, seed=3, window=6)]
+
+
+def test_views_flow_while_training_workers_hold_every_cpu(ray_local, shards):
+    """Training on one machine: the workers hold every CPU and the data tasks reserve none
+    (data.task_cpus 0). Splitting a window into blocks must not add a task that needs one."""
+    from raysl.data.views import view_spec
+
+    @ray_local.remote(num_cpus=2)
+    class Holder:
+        def ping(self):
+            return 1
+
+    holder = Holder.remote()
+    ray_local.get(holder.ping.remote())
+    try:
+        ds = reader.read_views(shards, view_spec("mae", size=16), window=6, batch_size=8, num_cpus=0.0, concurrency=2)
+        assert [r["pos"] for r in ds.take_all()] == list(range(40))
+    finally:
+        ray_local.kill(holder)

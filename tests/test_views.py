@@ -121,7 +121,7 @@ def test_min_decode_side_covers_the_smallest_crop():
     rng = np.random.default_rng(0)
     local = dino.crops[2]
     smallest = min(
-        min(r - l, b - t) for l, t, r, b in (V.crop_box(rng, side, side, local.scale, local.ratio) for _ in range(3000))
+        min(r - x, b - t) for x, t, r, b in (V.crop_box(rng, side, side, local.scale, local.ratio) for _ in range(3000))
     )
     assert smallest >= local.size - 1
 
@@ -226,10 +226,10 @@ def test_dino_per_view_probabilities():
     assert min(sigmas) >= 0.1 and max(sigmas) <= 2.0
     # local boxes cover 5-40% of the image, global ones 40-100% (outside the fallback)
     for p in plans[:200]:
-        l, t, r, b = p[0].box
-        assert 0.4 - 0.01 <= (r - l) * (b - t) / (451 * 300) <= 1.0
-        l, t, r, b = p[2].box
-        assert 0.05 - 0.01 <= (r - l) * (b - t) / (451 * 300) <= 0.4 + 0.01
+        x, t, r, b = p[0].box
+        assert 0.4 - 0.01 <= (r - x) * (b - t) / (451 * 300) <= 1.0
+        x, t, r, b = p[2].box
+        assert 0.05 - 0.01 <= (r - x) * (b - t) / (451 * 300) <= 0.4 + 0.01
 
 
 def test_plans_are_what_gets_applied():
@@ -272,8 +272,8 @@ def test_crop_box_fallback_is_torchvisions_centre_crop():
     # a 1000x10 strip cannot hold 90-100% of its area at aspect <= 4/3: centre crop at 4/3
     assert V.crop_box(rng, 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (493, 0, 506, 10)
     for _ in range(200):
-        l, t, r, b = V.crop_box(rng, 300, 200, (0.08, 1.0), (3 / 4, 4 / 3))
-        assert 0 <= l < r <= 300 and 0 <= t < b <= 200
+        x, t, r, b = V.crop_box(rng, 300, 200, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= x < r <= 300 and 0 <= t < b <= 200
 
 
 def test_eval_view_is_resize_then_centre_crop():
@@ -497,3 +497,76 @@ def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert any(p.grad is not None for p in model.evaluated_backbone().parameters())
+
+
+# ---------------------------------------------------------------- fast path vs the PIL reference
+
+
+def _reference_views(data: bytes, seed, spec) -> list[np.ndarray]:
+    """The views as raysl made them before the fast path: PIL decode, PIL resize with the
+    box, the same colour ops. Kept here as the reference for the per-op statistics."""
+    from PIL import ImageFilter, ImageOps
+
+    img = decode_rgb(data, min_side=spec.min_decode_side())
+    out = []
+    for plan, crop in zip(V.plan_views(spec, seed, *img.size), spec.per_view()):
+        v = img.resize((crop.size, crop.size), V._RESAMPLE[crop.interpolation], box=plan.box)
+        if plan.flip:
+            v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for op, factor in plan.jitter:
+            v = V._hue(v, factor) if op == "hue" else V._ENHANCE[op](v).enhance(factor)
+        if plan.gray:
+            v = v.convert("L").convert("RGB")
+        if plan.blur_sigma is not None:
+            v = v.filter(ImageFilter.GaussianBlur(radius=plan.blur_sigma))
+        if plan.solarize:
+            v = ImageOps.solarize(v, threshold=128)
+        out.append(np.asarray(v).transpose(2, 0, 1))
+    return out
+
+
+def _jpeg(name: str, size=(500, 375)) -> bytes:
+    img = Image.open(os.path.join(DATA, name)).convert("RGB").resize(size)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_fast_decode_is_pils_decode():
+    from raysl.data.decode import decode_pixels
+
+    for data in (_jpeg("chelsea.png"), real("rocket.jpg"), real("retina.jpg"), real("chelsea.png")):
+        for min_side in (None, 100, 496):
+            assert np.array_equal(
+                decode_pixels(data, min_side=min_side), np.asarray(decode_rgb(data, min_side=min_side))
+            )
+
+
+@pytest.mark.parametrize("name", ["dino", "simclr"])
+def test_per_op_statistics_did_not_change(name):
+    """The fast path (torchvision uint8 resize, simplejpeg) against the PIL reference on
+    real photographs, per op: the random draws are the same plans, so each op's rate and
+    strength is unchanged by construction; the pixels they make must agree too, view by
+    view (mean level and contrast) and pixel by pixel (mean absolute difference)."""
+    spec = V.view_spec(name)
+    photos = [_jpeg("chelsea.png"), _jpeg("coffee.png"), real("rocket.jpg")]
+    stats = {"mean": [], "std": [], "mad": []}
+    by_op: dict[str, list[float]] = {}
+    for seed in range(12):
+        for data in photos:
+            fast, ref = V.make_views(data, seed, spec), _reference_views(data, seed, spec)
+            plans = V.plan_views(spec, seed, *decode_rgb(data, min_side=spec.min_decode_side()).size)
+            for f, r, plan in zip(fast, ref, plans):
+                f, r = f.astype(np.float64), r.astype(np.float64)
+                stats["mean"].append(f.mean() - r.mean())
+                stats["std"].append(f.std() - r.std())
+                stats["mad"].append(np.abs(f - r).mean())
+                ops = [op for op, _ in plan.jitter] + ["blur"] * (plan.blur_sigma is not None)
+                ops += ["solarize"] * plan.solarize + ["gray"] * plan.gray + ["plain"] * (not ops)
+                for op in ops:
+                    by_op.setdefault(op, []).append(np.abs(f - r).mean())
+    assert abs(np.mean(stats["mean"])) < 0.1 and np.abs(stats["mean"]).max() < 1.5
+    assert abs(np.mean(stats["std"])) < 0.1 and np.abs(stats["std"]).max() < 1.5
+    assert np.mean(stats["mad"]) < 0.5
+    for op, mads in by_op.items():
+        assert np.mean(mads) < 1.0, op  # grey levels, out of 255

@@ -1,6 +1,6 @@
-"""`raysl bench data`: images/s of the raysl view pipeline vs a plain torch DataLoader.
+"""`raysl bench data`: images/s of the raysl view pipeline vs plain torch DataLoaders.
 
-Both sides read the same shard rows, cycle over them until `images` images are made,
+All sides read the same shard rows, cycle over them until `images` images are made,
 use the same number of parallel workers, produce the same views (per the ViewSpec)
 and end with float32 ImageNet-normalised tensors, in the same process and run:
 
@@ -10,18 +10,29 @@ and end with float32 ImageNet-normalised tensors, in the same process and run:
   of the rows, with the usual torchvision.transforms.v2 recipe per crop
   (RandomResizedCrop, flip, RandomApply(ColorJitter), RandomGrayscale, GaussianBlur,
   RandomSolarize, ToImage/ToDtype/Normalize).
+- lightly: the same DataLoader with lightly's own transform for the preset
+  (`DINOTransform(n_local_views=8)`, `SimCLRTransform()`, ...; the `bench` extra), when
+  lightly is installed and has one.
 
 Each side first runs an untimed warm-up pass of `warmup` images (process start-up,
-imports, Ray workers); then a fresh pass of `images` images is timed from its start,
+imports, Ray workers); then fresh passes of `images` images are timed from their start,
 so pipeline fill counts (it is paid every epoch) and read-ahead cannot inflate a rate.
+The DataLoader workers run at the niceness Ray gives its workers (15 by default), as
+`raysl bench step` does: on a busy shared machine other processes then take CPU from
+both sides' workers alike (at niceness 0 the baselines would win every contended core).
+With `repeats` > 1 the sides take turns (torchvision, lightly, raysl, torchvision, ...),
+so load from other jobs on a shared machine hits them alike; rates are medians over
+the repeats and each ratio comes with the min and max of its per-repeat values.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
+import statistics
 import time
 
 import pyarrow.parquet as pq
@@ -57,18 +68,57 @@ def _crop_transform(crop: Crop, eval_resize: bool):
     return T.Compose(ops + tail)
 
 
+class _PerView:
+    """One torchvision transform per view -> the tuple of views."""
+
+    def __init__(self, spec: ViewSpec):
+        self.transforms = [_crop_transform(c, spec.eval_resize) for c in spec.per_view()]
+
+    def __call__(self, img):
+        return tuple(t(img) for t in self.transforms)
+
+
+# preset -> lightly 1.6 transform (class name, kwargs) with the same views
+LIGHTLY = {
+    "dino": ("DINOTransform", {"n_local_views": 8}),
+    "simclr": ("SimCLRTransform", {}),
+    "mocov2": ("MoCoV2Transform", {}),
+    "byol": ("BYOLTransform", {}),
+    "mocov3": ("BYOLTransform", {}),  # MoCo v3 uses BYOL's two asymmetric views
+    "swav": ("SwaVTransform", {}),
+    "mae": ("MAETransform", {}),
+}
+
+
+def lightly_transform(views: str):
+    """lightly's transform for the preset, or None (lightly not installed, or no match)."""
+    if views not in LIGHTLY:
+        return None
+    try:
+        import lightly.transforms as LT
+    except ImportError:
+        return None
+    name, kwargs = LIGHTLY[views]
+    return getattr(LT, name)(**kwargs)
+
+
+def read_images(shards: str) -> list[bytes]:
+    manifest = read_manifest(shards)
+    images: list[bytes] = []
+    for path in shard_paths(shards, manifest):
+        fs, local = filesystem_and_path(path)
+        images += pq.read_table(local, columns=["image"], filesystem=fs).column("image").to_pylist()
+    if not images:
+        raise UserError(f"{shards}: the shard set has no rows to benchmark")
+    return images
+
+
 class ShardRows(torch.utils.data.Dataset):
     """Map-style dataset over the image bytes of a shard set; index i is row i % rows."""
 
-    def __init__(self, shards: str, spec: ViewSpec, length: int):
-        manifest = read_manifest(shards)
-        self.images: list[bytes] = []
-        for path in shard_paths(shards, manifest):
-            fs, local = filesystem_and_path(path)
-            self.images += pq.read_table(local, columns=["image"], filesystem=fs).column("image").to_pylist()
-        if not self.images:
-            raise UserError(f"{shards}: the shard set has no rows to benchmark")
-        self.transforms = [_crop_transform(c, spec.eval_resize) for c in spec.per_view()]
+    def __init__(self, images: list[bytes], transform, length: int):
+        self.images = images
+        self.transform = transform
         self.length = length
 
     def __len__(self) -> int:
@@ -76,7 +126,8 @@ class ShardRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         img = Image.open(io.BytesIO(self.images[i % len(self.images)])).convert("RGB")
-        return tuple(t(img) for t in self.transforms)
+        out = self.transform(img)
+        return tuple(out) if isinstance(out, list) else out
 
 
 def _timed(make_stream, images: int) -> dict:
@@ -102,15 +153,29 @@ def _timed(make_stream, images: int) -> dict:
 
 
 def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int, seed: int):
-    from raysl.data.reader import read_views
+    """What a training worker gets, with the training defaults (data.task_cpus 0: the
+    tasks share the cores; data.augment_tasks = workers): ViewBatches, then normalize."""
+    from raysl.data.reader import ViewBatches, read_views
 
     keys = [f"view_{i}" for i in range(spec.n_views)]
     epoch = 0
     while True:  # cycle over the rows: one dataset per epoch, as training does
-        ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers)
-        for batch in ds.iter_batches(batch_size=batch_size, drop_last=False, batch_format="numpy"):
+        ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers, num_cpus=0.0)
+        for batch in ViewBatches(ds, batch_size=batch_size):
             yield [normalize(torch.from_numpy(batch[k])) for k in keys]
         epoch += 1
+
+
+def _nice_worker(nice: int, worker_id: int) -> None:
+    """DataLoader worker_init_fn: run at niceness `nice` (raising it needs no privileges)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except (PermissionError, OSError):
+        pass
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
 def run_data_bench(
@@ -122,34 +187,50 @@ def run_data_bench(
     batch_size: int = 32,
     seed: int = 0,
     warmup: int | None = None,
+    repeats: int = 1,
 ) -> dict:
     """Warm each side up with a short pass (process start, imports, Ray workers), then
-    time a fresh pass of `images` images on each, one after the other."""
+    time `repeats` fresh passes of `images` images on each, the sides taking turns."""
     import ray
 
     spec = view_spec(views)
     warmup = batch_size * workers if warmup is None else warmup
     torch.manual_seed(seed)
-
-    # Baseline first, so its workers usually fork before this process starts Ray.
-    dataset = ShardRows(shards, spec, 10**9)  # cycles over the rows; a pass stops early
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    _timed(lambda: iter(loader), warmup)
-    base = _timed(lambda: iter(loader), images)
-
+    rows = read_images(shards)
+    loaders = {"baseline": _PerView(spec)}
+    lightly = lightly_transform(views)
+    if lightly is not None:
+        loaders["lightly"] = lightly
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, log_to_driver=False)
+    from raysl.bench.step import _worker_niceness
+
+    nice = _worker_niceness()
+    loaders = {
+        side: torch.utils.data.DataLoader(
+            ShardRows(rows, t, 10**9),
+            batch_size=batch_size,
+            num_workers=workers,
+            worker_init_fn=functools.partial(_nice_worker, nice),
+        )
+        for side, t in loaders.items()
+    }  # each cycles over the rows; a pass stops early
+    timed: dict[str, list[dict]] = {side: [] for side in [*loaders, "raysl"]}
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        make = lambda: _raysl_batches(shards, spec, workers=workers, batch_size=batch_size, seed=seed)  # noqa: E731
-        _timed(make, warmup)
-        raysl = _timed(make, images)
+        make = {side: (lambda loader=loader: iter(loader)) for side, loader in loaders.items()}
+        make["raysl"] = lambda: _raysl_batches(shards, spec, workers=workers, batch_size=batch_size, seed=seed)
+        for side in timed:
+            _timed(make[side], warmup)
+        for _ in range(repeats):
+            for side in timed:
+                timed[side].append(_timed(make[side], images))
     finally:
         if started_ray:
             ray.shutdown()
-    raysl_rate, base_rate = raysl.pop("img_s"), base.pop("img_s")
-    return {
+    rates = {side: [t.pop("img_s") for t in runs] for side, runs in timed.items()}
+    out = {
         "bench": "data",
         "views": views,
         "n_views": spec.n_views,
@@ -157,14 +238,23 @@ def run_data_bench(
         "images": images,
         "batch_size": batch_size,
         "warmup": warmup,
-        "rows": len(dataset.images),
+        "repeats": repeats,
+        "rows": len(rows),
         "cpus": os.cpu_count(),
-        "raysl_img_s": round(raysl_rate, 2),
-        "baseline_img_s": round(base_rate, 2),
-        "ratio": round(raysl_rate / base_rate, 3),
-        "raysl_timed": raysl,
-        "baseline_timed": base,
+        "worker_nice": nice,
+        "lightly": LIGHTLY[views][0] if "lightly" in rates else None,
     }
+    for side, r in rates.items():
+        out[f"{side}_img_s"] = round(statistics.median(r), 2)
+    for side in rates:
+        if side != "raysl":
+            ratios = [a / b for a, b in zip(rates["raysl"], rates[side])]
+            key = "ratio" if side == "baseline" else f"ratio_{side}"
+            out[key] = round(statistics.median(ratios), 3)
+            out[f"{key}_spread"] = _spread(ratios)
+    for side, runs in timed.items():
+        out[f"{side}_timed"] = runs[0] if repeats == 1 else runs
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,8 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1)
     a = p.parse_args(argv)
-    result = run_data_bench(a.shards, a.views, workers=a.workers, images=a.images, batch_size=a.batch_size, seed=a.seed)
+    result = run_data_bench(
+        a.shards, a.views, workers=a.workers, images=a.images, batch_size=a.batch_size, seed=a.seed, repeats=a.repeats
+    )
     print(json.dumps(result), flush=True)
 
 

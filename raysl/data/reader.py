@@ -166,7 +166,7 @@ def read_views(
     start: int = 0,
     window: int = 2,
     concurrency: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     num_cpus: float = 1.0,
     resources: dict | None = None,
     index: str | None = None,
@@ -190,6 +190,14 @@ def read_views(
         resources=resources,
         index=index,
     )
+    # A window's rows leave the read task as one block, and Ray Data gives a whole block
+    # to one task: split it into blocks of one augment batch (fused into the read task,
+    # order kept) so up to `concurrency` tasks augment a window's rows side by side.
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    # Ray Data fuses the split into the read task only when both reserve the same resources;
+    # unfused, the split would be a task of 1 CPU, which never runs while training workers
+    # hold every CPU (num_cpus=0). Give it the read task's own.
+    ds._logical_plan.dag.ray_remote_args.update(num_cpus=num_cpus, **({"resources": resources} if resources else {}))
     return ds.map_batches(
         _augment,
         fn_kwargs={"spec": spec},

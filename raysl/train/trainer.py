@@ -235,6 +235,7 @@ class Trainer:
     def _micro_batches(self) -> Iterator[list[torch.Tensor]]:
         """The views of this step's grad_accum micro-batches, read as they are trained on."""
         for _ in range(self.cfg.deepspeed.grad_accum):
+            t0 = time.perf_counter()
             try:
                 batch = next(self._it)
             except StopIteration:  # corrupt images thinned this worker's share: start it over
@@ -242,6 +243,7 @@ class Trainer:
                 self.stream = self.batches_from(0)
                 self._it = iter(self.stream)
                 batch = next(self._it)
+            self.data_wait += time.perf_counter() - t0
             yield self.to_views(batch)
 
     # --- the loop ------------------------------------------------------------------------
@@ -249,7 +251,7 @@ class Trainer:
     def step(self) -> tuple[dict, dict]:
         """One optimizer step on the stream: (the method's outputs, the step's global metrics)."""
         self.values = values = {**self.schedules.at(self.state["step"]), "step": self.state["step"]}
-        t0 = time.perf_counter()
+        t0, self.data_wait = time.perf_counter(), 0.0
         out = train_step(self.engine, self.method, self.optimizer, self._micro_batches(), values)
         self.state["step"] += 1
         self.state["position"] = self.stream.position
@@ -262,6 +264,7 @@ class Trainer:
             preempted=preemption.requested(),
             drawn=self.state["drawn"],
         )
+        metrics["data_wait_s"] = round(self.data_wait, 4)  # of this step's time, waiting for batches
         return out, metrics
 
     def checkpoint(self, metrics: dict) -> None:

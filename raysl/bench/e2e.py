@@ -1,0 +1,308 @@
+"""`raysl bench e2e`: wall time of a whole pretraining run, `raysl pretrain` vs a plain loop.
+
+Data: `images` small grey pictures, 28 x 28 as in MNIST, made from scikit-learn's real
+8 x 8 handwritten digits (bundled in the wheel, nothing downloaded), each upscaled to
+28 x 28 with a seeded random shift and scale so no two are alike, padded to 32 x 32
+and stored as RGB PNGs in a shard set of the default shard size.
+
+Both sides train SimCLR (`build_method` on one Config, same seed, same weights) on timm
+`model` at 32 px with batch `batch_size` for `steps` steps, with the same optimizer and
+lr schedule (`make_optimizer`/`make_schedules`), on 2 CPUs in all:
+
+- raysl: `raysl.pretrain.pretrain` (what `raysl pretrain` runs), one worker of 2 CPUs,
+  Ray started inside the timed span; the views come from the raysl pipeline
+  (`data.views=simclr`, the data tasks sharing the worker's cores), the final
+  checkpoint is written as in every run.
+- plain: a PyTorch loop in this process (2 torch threads) over a 2-worker
+  `torch.utils.data.DataLoader` (shuffled, persistent workers) of the same PNGs with
+  lightly's `SimCLRTransform(input_size=32)`, when lightly is installed (the `bench`
+  extra); otherwise the torchvision v2 recipe of `raysl bench data`.
+
+The plain loop runs at the niceness Ray gives its workers (15 by default; its DataLoader
+workers inherit it), as `raysl bench step` does, so on a busy shared machine other
+processes take CPU from both sides alike. Shares of each side's wall time: startup
+(everything before the first step starts, and for raysl also the teardown and the
+final checkpoint), data wait (a step waiting for its batch) and compute (the rest of
+the steps). Sides take turns with `repeats` > 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
+    """`n` 28 x 28 grey digits as 32 x 32 RGB PNGs in a shard set (skipped if it exists)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from raysl.data.demo_images import DIGITS_LICENSE
+    from raysl.data.schema import write_shard_set
+
+    if os.path.exists(os.path.join(directory, "manifest.json")):
+        return directory
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    license_, attribution = DIGITS_LICENSE
+    rows = []
+    for i in range(n):
+        k = i % len(digits.images)
+        small = Image.fromarray((digits.images[k] * 16).clip(0, 255).astype(np.uint8))
+        side = int(rng.integers(20, 29))  # the digit's size inside its 28 x 28 frame
+        digit = small.resize((side, side), Image.Resampling.BICUBIC)
+        frame = Image.new("L", (28, 28))
+        frame.paste(digit, tuple(int(v) for v in rng.integers(0, 28 - side + 1, size=2)))
+        img = Image.new("L", (32, 32))
+        img.paste(frame, (2, 2))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="PNG")
+        rows.append(
+            {
+                "key": f"digits28/{i:05d}.png",
+                "image": buf.getvalue(),
+                "width": 32,
+                "height": 32,
+                "format": "png",
+                "source": "sklearn:digits",
+                "license": license_,
+                "attribution": attribution,
+                "label": int(digits.target[k]),
+            }
+        )
+    write_shard_set(directory, rows, shard_size=1000, sources=["sklearn:digits"])
+    return directory
+
+
+def _config(shards: str, out: str, *, model: str, batch_size: int, steps: int, seed: int, name: str):
+    from raysl.config import from_dict
+
+    return from_dict(
+        {
+            "data": {"shards": shards, "views": "simclr", "image_size": 32, "batch_size": batch_size},
+            "model": {"backbone": model},
+            "method": {"name": "simclr", "temperature": 0.2, "proj_hidden_dim": 512, "proj_dim": 128},
+            "optim": {"name": "adamw", "lr": 0.002, "warmup_steps": 10, "weight_decay": 0.05},
+            "deepspeed": {"zero_stage": 0, "precision": "fp32", "grad_accum": 1},
+            "train": {
+                "name": name,
+                "storage_path": out,
+                "epochs": 1000,
+                "max_steps": steps,
+                "num_workers": 1,
+                "cpus_per_worker": 2,
+                "seed": seed,
+                "log_every": max(steps // 5, 1),
+                "checkpoint_every": 10**9,
+                "keep_checkpoints": 1,
+            },
+        },
+        origin="bench e2e",
+    )
+
+
+def _shares(wall: float, step_times: list[float], waits: list[float]) -> dict:
+    steps_s = sum(step_times)
+    wait_s = min(sum(waits), steps_s)
+    startup = max(wall - steps_s, 0.0)
+    return {
+        "wall_s": round(wall, 2),
+        "startup_s": round(startup, 2),
+        "data_wait_s": round(wait_s, 2),
+        "compute_s": round(steps_s - wait_s, 2),
+        "shares": {
+            "startup": round(startup / wall, 3),
+            "data_wait": round(wait_s / wall, 3),
+            "compute": round((steps_s - wait_s) / wall, 3),
+        },
+    }
+
+
+def run_raysl(cfg) -> dict:
+    import ray
+
+    from raysl.train.metrics import read_metrics
+    from raysl.pretrain import pretrain, run_dir
+
+    if ray.is_initialized():
+        ray.shutdown()
+    t0 = time.perf_counter()
+    summary = pretrain(cfg)
+    ray.shutdown()
+    wall = time.perf_counter() - t0
+    rows = read_metrics(run_dir(cfg))
+    step_times = [cfg.data.batch_size / r["images_per_s"] for r in rows]
+    out = _shares(wall, step_times, [r.get("data_wait_s", 0.0) for r in rows])
+    return {**out, "steps": len(rows), "final_loss": round(summary["final_loss"], 4)}
+
+
+class _Rows:
+    def __init__(self, images: list[bytes], transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return tuple(self.transform(Image.open(io.BytesIO(self.images[i])).convert("RGB")))
+
+
+def _plain_transform():
+    try:
+        from lightly.transforms import SimCLRTransform
+    except ImportError:
+        from raysl.bench.data import _PerView
+        from raysl.data.views import view_spec
+
+        return "torchvision v2", _PerView(view_spec("simclr", size=32))
+    return "lightly SimCLRTransform(input_size=32)", SimCLRTransform(input_size=32)
+
+
+def run_plain(cfg, steps: int, workers: int = 2, nice: int = 0) -> dict:
+    """The plain loop: DataLoader + lightly views, the same method, optimizer and schedule."""
+    from raysl.bench.step import _niceness
+
+    with _niceness(nice):
+        return _run_plain(cfg, steps, workers)
+
+
+def _run_plain(cfg, steps: int, workers: int) -> dict:
+    import torch
+
+    from raysl.bench.data import read_images
+    from raysl.methods.base import build_method
+    from raysl.optim.schedules import apply
+    from raysl.train.trainer import make_optimizer, make_schedules
+
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        method = build_method(cfg)
+        schedules = make_schedules(cfg, steps, 1)
+        optimizer = make_optimizer(cfg, method, schedules)
+        name, transform = _plain_transform()
+        loader = torch.utils.data.DataLoader(
+            _Rows(read_images(cfg.data.shards), transform),
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=True,
+        )
+        step, step_times, waits, loss = 0, [], [], None
+        while step < steps:
+            it = iter(loader)
+            while step < steps:
+                t_step = time.perf_counter()
+                try:
+                    views = next(it)
+                except StopIteration:
+                    break
+                waits.append(time.perf_counter() - t_step)
+                values = {**schedules.at(step), "step": step}
+                apply(optimizer, values)
+                out = method(list(views), values)
+                out["loss"].backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                method.after_step(values)
+                loss = float(out["loss"].detach())
+                step_times.append(time.perf_counter() - t_step)
+                step += 1
+        del it, loader
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - t0
+    return {**_shares(wall, step_times, waits), "steps": step, "final_loss": round(loss, 4), "views": name}
+
+
+def run_e2e_bench(
+    out: str,
+    *,
+    images: int = 10000,
+    steps: int = 300,
+    batch_size: int = 128,
+    model: str = "resnet18",
+    seed: int = 0,
+    repeats: int = 1,
+) -> dict:
+    import ray
+
+    from raysl.bench.step import _worker_niceness
+
+    shards = write_digit_shards(os.path.join(out, f"digits28_{images}"), images, seed)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    nice = _worker_niceness()  # then shut down: the raysl side starts Ray inside its timed span
+    ray.shutdown()
+    runs: dict[str, list[dict]] = {"plain": [], "raysl": []}
+    with tempfile.TemporaryDirectory(dir=out) as runs_dir:
+        for r in range(repeats):
+            kw = dict(model=model, batch_size=batch_size, steps=steps, seed=seed)
+            runs["plain"].append(run_plain(_config(shards, runs_dir, name=f"plain{r}", **kw), steps, nice=nice))
+            print(json.dumps({"plain": runs["plain"][-1]}), file=sys.stderr, flush=True)  # kept if raysl fails
+            runs["raysl"].append(run_raysl(_config(shards, runs_dir, name=f"raysl{r}", **kw)))
+            print(json.dumps({"raysl": runs["raysl"][-1]}), file=sys.stderr, flush=True)
+    ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["raysl"], runs["plain"])]
+    result = {
+        "bench": "e2e",
+        "images": images,
+        "steps": steps,
+        "batch_size": batch_size,
+        "model": model,
+        "cpus": os.cpu_count(),
+        "repeats": repeats,
+        "plain_nice": nice,
+        "raysl_wall_s": round(statistics.median(r["wall_s"] for r in runs["raysl"]), 2),
+        "plain_wall_s": round(statistics.median(r["wall_s"] for r in runs["plain"]), 2),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratio_spread": {"min": round(min(ratios), 3), "max": round(max(ratios), 3)},
+    }
+    for side, rs in runs.items():
+        result[side] = rs[0] if repeats == 1 else rs
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bench_e2e", help="folder for the shard set and the runs (default bench_e2e)")
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1)
+
+
+def run_from_args(args) -> dict:
+    os.makedirs(args.out, exist_ok=True)
+    return run_e2e_bench(
+        os.path.abspath(args.out),
+        images=args.images,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        model=args.model,
+        seed=args.seed,
+        repeats=args.repeats,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="raysl bench e2e", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    print(json.dumps(run_from_args(p.parse_args(argv))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
