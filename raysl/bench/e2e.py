@@ -129,8 +129,8 @@ def _shares(wall: float, step_times: list[float], waits: list[float]) -> dict:
 def run_raysl(cfg) -> dict:
     import ray
 
-    from raysl.train.metrics import read_metrics
     from raysl.pretrain import pretrain, run_dir
+    from raysl.train.metrics import read_metrics
 
     if ray.is_initialized():
         ray.shutdown()
