@@ -120,7 +120,7 @@ def test_dedup_drops_the_planted_copies_and_keeps_one_per_photo(emb, planted, tm
 
 def test_selection_is_read_by_the_reader_inspect_and_the_model_card(emb, photos, planted, tmp_path):
     from raysl.data.inspect import contact_sheet, format_inspect, inspect_shards
-    from raysl.eval.model_card import _curation_section, lineage
+    from raysl.eval.model_card import curation_section, lineage
 
     sel = str(tmp_path / "sel")
     run_dedup(emb, sel)
@@ -145,7 +145,7 @@ def test_selection_is_read_by_the_reader_inspect_and_the_model_card(emb, photos,
         assert {line.split(",")[0].strip('"') for line in f.read().splitlines()[1:]} == kept
     assert facts["rows"] == len(kept)
     assert len(facts["curation"]) == 1
-    card = "\n".join(_curation_section(facts["curation"]))
+    card = "\n".join(curation_section(facts["curation"]))
     assert "## Curation" in card and "dedup" in card and f'"kept": {len(kept)}' not in card
     assert f"| kept | {len(kept)} |" in card
 

@@ -27,7 +27,7 @@ def _shard_keys(out):
 def test_copy_pool_copies_the_bundled_photographs_byte_for_byte(tmp_path):
     images = demo_images.copy_pool(str(tmp_path / "pool"))
     names = sorted(os.listdir(images))
-    dirs = demo_images._dirs()
+    dirs = demo_images.data_dirs()
     expected = [
         f"{pkg}_{n}"
         for pkg, table in (("skimage", demo_images.SKIMAGE), ("sklearn", demo_images.SKLEARN))

@@ -204,9 +204,9 @@ def run_data_bench(
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, log_to_driver=False)
-    from raysl.bench.step import _worker_niceness
+    from raysl.bench.step import worker_niceness
 
-    nice = _worker_niceness()
+    nice = worker_niceness()
     loaders = {
         side: torch.utils.data.DataLoader(
             ShardRows(rows, t, 10**9),

@@ -170,9 +170,9 @@ def _plain_transform():
 
 def run_plain(cfg, steps: int, workers: int = 2, nice: int = 0) -> dict:
     """The plain loop: DataLoader + lightly views, the same method, optimizer and schedule."""
-    from raysl.bench.step import _niceness
+    from raysl.bench.step import niceness
 
-    with _niceness(nice):
+    with niceness(nice):
         return _run_plain(cfg, steps, workers)
 
 
@@ -240,12 +240,12 @@ def run_e2e_bench(
 ) -> dict:
     import ray
 
-    from raysl.bench.step import _worker_niceness
+    from raysl.bench.step import worker_niceness
 
     shards = write_digit_shards(os.path.join(out, f"digits28_{images}"), images, seed)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    nice = _worker_niceness()  # then shut down: the raysl side starts Ray inside its timed span
+    nice = worker_niceness()  # then shut down: the raysl side starts Ray inside its timed span
     ray.shutdown()
     runs: dict[str, list[dict]] = {"plain": [], "raysl": []}
     with tempfile.TemporaryDirectory(dir=out) as runs_dir:

@@ -166,7 +166,7 @@ def _raysl_worker(raw: dict) -> dict:
     }
 
 
-def _worker_niceness() -> int:
+def worker_niceness() -> int:
     """The niceness Ray gives its worker processes (15 unless RAY_worker_niceness says otherwise)."""
     import ray
 
@@ -174,7 +174,7 @@ def _worker_niceness() -> int:
 
 
 @contextlib.contextmanager
-def _niceness(nice: int):
+def niceness(nice: int):
     """Run this process at niceness `nice` (every thread: on Linux it is per thread), so the
     baseline competes for CPU on a busy machine on the same terms as the Ray worker; yields
     the niceness it got. Lowering it again needs privileges: without them it stays raised."""
@@ -252,14 +252,14 @@ def run_step_bench(
             raise UserError(
                 f"bench step: --threads {threads} needs that many CPUs for the Ray worker; Ray has {cpus:g}"
             )
-        nice = _worker_niceness()
+        nice = worker_niceness()
         torch.set_num_threads(threads)
         base = _Baseline(cfg, views, total)
-        with _niceness(nice) as baseline_nice:
+        with niceness(nice) as baseline_nice:
             base.run(warmup, timed=False)
             base.run(first_half, timed=True)
         raysl = _run_raysl(cfg, views, total=total, warmup=warmup)
-        with _niceness(nice):
+        with niceness(nice):
             base.run(steps - first_half, timed=True)
     finally:
         torch.set_num_threads(saved_threads)

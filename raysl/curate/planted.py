@@ -42,9 +42,9 @@ def variant(img: Image.Image, kind: str) -> bytes:
 
 def photographs(size: int = 256, limit: int | None = None) -> list[tuple[str, Image.Image]]:
     """(name, RGB image with shorter side `size`) of the bundled photographs, no people."""
-    from raysl.data.demo_images import SKIMAGE, SKLEARN, _dirs
+    from raysl.data.demo_images import SKIMAGE, SKLEARN, data_dirs
 
-    dirs = _dirs()
+    dirs = data_dirs()
     out = []
     for pkg, table in (("skimage", SKIMAGE), ("sklearn", SKLEARN)):
         for name in table:

@@ -42,7 +42,7 @@ SKLEARN = {
 OPEN_LICENSES = ["cc0-1.0", "public-domain", "cc-by-2.0", "no-known-restrictions"]
 
 
-def _dirs() -> dict[str, str]:
+def data_dirs() -> dict[str, str]:
     import skimage.data
     import sklearn.datasets
 
@@ -55,7 +55,7 @@ def _dirs() -> dict[str, str]:
 def copy_pool(out_dir: str) -> str:
     """Copy the pool's files byte for byte into out_dir/images and write out_dir/metadata.csv
     (path, license, attribution, source). Returns the images folder."""
-    dirs = _dirs()
+    dirs = data_dirs()
     images = os.path.join(out_dir, "images")
     os.makedirs(images, exist_ok=True)
     with open(os.path.join(out_dir, "metadata.csv"), "w", newline="") as f:

@@ -118,7 +118,7 @@ def lineage(shards: str | list[str], out_dir: str) -> dict:
     }
 
 
-def _curation_section(curations: list[dict]) -> list[str]:
+def curation_section(curations: list[dict]) -> list[str]:
     """The card's account of the selections made by `raysl curate` (nothing for other sets)."""
     lines: list[str] = []
     for curation in curations:
@@ -231,7 +231,7 @@ def write_card(
         "",
         f"`{ATTRIBUTIONS}` lists every training image: {', '.join(ATTRIBUTION_COLUMNS)}.",
         "",
-        *_curation_section(data["curation"]),
+        *curation_section(data["curation"]),
         "## Recipe",
         "",
         "```yaml",

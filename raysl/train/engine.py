@@ -129,7 +129,7 @@ def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 module._buffers[key] = buf.to(dtype)
 
 
-def _no_cpu_inference_kernel() -> None:
+def no_cpu_inference_kernel() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel when its
     comm backend starts: about 50 s of C++ on 2 cores, and on a machine without g++ the
     start fails. Only its `inference_all_reduce` uses the kernel, never training, which
@@ -148,7 +148,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Co
     import deepspeed
 
     check_config(cfg)
-    _no_cpu_inference_kernel()
+    no_cpu_inference_kernel()
     if cfg.deepspeed.precision != "fp32":
         _cast_buffers(model, DTYPES[cfg.deepspeed.precision])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))

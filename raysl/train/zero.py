@@ -36,9 +36,9 @@ def build_method(cfg: Config):
         return cls(cfg)
     import deepspeed
 
-    from raysl.train.engine import _no_cpu_inference_kernel, deepspeed_config
+    from raysl.train.engine import deepspeed_config, no_cpu_inference_kernel
 
-    _no_cpu_inference_kernel()
+    no_cpu_inference_kernel()
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg)), _inits_gather():
         return cls(cfg)
 
