@@ -24,7 +24,7 @@ def validate(cfg: Config) -> None:
     from raysl.models.backbone import check_backbone_name
     from raysl.train.steps import total_steps, val_steps
 
-    mixture.from_config(cfg.data)  # data.shards (one set or a list) and data.weights, each set read
+    sets = mixture.from_config(cfg.data)  # data.shards (one set or a list) and data.weights, each set read
     from raysl.train.engine import check_config
 
     check_config(cfg)
@@ -39,7 +39,7 @@ def validate(cfg: Config) -> None:
             f"config key eval.val_shards: {cfg.eval.val_shards} gives each of {cfg.train.num_workers} worker(s) fewer "
             f"than data.batch_size = {cfg.data.batch_size} images; use a larger held-out set or a smaller batch"
         )
-    if total_steps(cfg, cfg.train.num_workers) < 1:
+    if total_steps(cfg, cfg.train.num_workers, sets=sets) < 1:
         raise UserError(
             f"data.shards gives each of {cfg.train.num_workers} worker(s) fewer than data.batch_size x "
             f"deepspeed.grad_accum = {cfg.data.batch_size * cfg.deepspeed.grad_accum} images per epoch; "

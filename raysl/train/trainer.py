@@ -127,7 +127,7 @@ class Trainer:
             compile_backbone(self.method.evaluated_backbone(), backend=cfg.model.compile_backend)
         self.spec = spec_for(cfg, type(self.method))
         self.sets = mixture.from_config(cfg.data, self.pins)
-        self.steps = epoch_steps(cfg, self.world, cfg.train.epochs, self.pins)
+        self.steps = epoch_steps(cfg, self.world, cfg.train.epochs, sets=self.sets)
         self.total = min(sum(self.steps), cfg.train.max_steps) if cfg.train.max_steps else sum(self.steps)
         self.rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
         self.global_batch = self.rows_per_step * self.world
