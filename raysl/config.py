@@ -309,7 +309,9 @@ def from_dict(raw: dict, origin: str = "config") -> Config:
             method = values.get("name", "simclr")
             if not isinstance(method, str):
                 raise UserError(f"config key method.name: expected a method name, got {method!r}")
-            cls = type(method_config(method))
+            from raysl.methods.base import method_class
+
+            cls = method_class(method).config_class
         fields = section_fields(cls)
         checked = {}
         for key, value in values.items():

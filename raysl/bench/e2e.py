@@ -45,15 +45,13 @@ def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from raysl.data.demo_images import DIGITS_LICENSE
-    from raysl.data.schema import write_shard_set
+    from raysl.bench.methods import write_shards
 
     if os.path.exists(os.path.join(directory, "manifest.json")):
         return directory
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    license_, attribution = DIGITS_LICENSE
-    rows = []
+    pngs, labels = [], []
     for i in range(n):
         k = i % len(digits.images)
         small = Image.fromarray((digits.images[k] * 16).clip(0, 255).astype(np.uint8))
@@ -65,21 +63,9 @@ def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
         img.paste(frame, (2, 2))
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="PNG")
-        rows.append(
-            {
-                "key": f"digits28/{i:05d}.png",
-                "image": buf.getvalue(),
-                "width": 32,
-                "height": 32,
-                "format": "png",
-                "source": "sklearn:digits",
-                "license": license_,
-                "attribution": attribution,
-                "label": int(digits.target[k]),
-            }
-        )
-    write_shard_set(directory, rows, shard_size=1000, sources=["sklearn:digits"])
-    return directory
+        pngs.append(buf.getvalue())
+        labels.append(int(digits.target[k]))
+    return write_shards(directory, pngs, np.array(labels), np.arange(n), shard_size=1000, key="digits28/{i:05d}.png")
 
 
 def _config(shards: str, out: str, *, model: str, batch_size: int, steps: int, seed: int, name: str):

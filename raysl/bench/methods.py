@@ -15,6 +15,7 @@ Results: a markdown table and a JSON file in the output folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -43,16 +44,23 @@ BASE = [
     "train.checkpoint_every=100000",
     "train.keep_checkpoints=1",
 ]
-# Short-run settings per method live in its module (`bench_overrides`): crops gentle
-# enough for 32 px digits (mocov2 preset: crop 0.2-1, DINO/SwAV global crops only, since
-# local crops are 96 px), faster EMA, small heads.
+# Small heads for every method that has these keys (a method's own overrides come after
+# and win). Short-run settings per method live in its module (`bench_overrides`): crops
+# gentle enough for 32 px digits (mocov2 preset: crop 0.2-1, DINO/SwAV global crops only,
+# since local crops are 96 px), faster EMA.
+SMALL_HEADS = ["method.proj_hidden_dim=256", "method.proj_dim=64", "method.pred_hidden_dim=256"]
 
 
 def bench_methods() -> dict[str, list[str]]:
-    """Every registered method's short-run overrides (`Method.bench_overrides`)."""
+    """Every registered method's short-run overrides: SMALL_HEADS where it has the key,
+    then its `Method.bench_overrides`."""
     from raysl.methods.base import discover
 
-    return {name: list(cls.bench_overrides) for name, cls in discover().items()}
+    out = {}
+    for name, cls in discover().items():
+        keys = {f"method.{f.name}" for f in dataclasses.fields(cls.config_class)}
+        out[name] = [o for o in SMALL_HEADS if o.split("=")[0] in keys] + list(cls.bench_overrides)
+    return out
 
 
 # Options of a method, benchmarked under their own names (not in the default list).
@@ -90,15 +98,23 @@ def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def write_shards(directory: str, pngs: list[bytes], labels: np.ndarray, idx: np.ndarray, shard_size: int = 100) -> str:
-    """The selected images as a shard set (schema + manifest of raysl.data.schema)."""
+def write_shards(
+    directory: str,
+    pngs: list[bytes],
+    labels: np.ndarray,
+    idx: np.ndarray,
+    shard_size: int = 100,
+    key: str = "digits/{i:04d}.png",
+) -> str:
+    """The selected 32 x 32 digit PNGs as a shard set (schema + manifest of raysl.data.schema);
+    `key` names row i."""
     from raysl.data.demo_images import DIGITS_LICENSE
     from raysl.data.schema import write_shard_set
 
     license_, attribution = DIGITS_LICENSE
     rows = [
         {
-            "key": f"digits/{i:04d}.png",
+            "key": key.format(i=i),
             "image": pngs[i],
             "width": 32,
             "height": 32,

@@ -28,8 +28,6 @@ class BarlowTwins(Method):
     config_class = BarlowTwinsConfig
     default_views = "byol"
     bench_overrides = (
-        "method.proj_hidden_dim=256",
-        "method.proj_dim=64",
         "data.views=mocov2",
         "method.proj_layers=3",
         "method.barlow_lambda=0.005",

@@ -29,9 +29,6 @@ class BYOL(Method):
     config_class = BYOLConfig
     default_views = "byol"
     bench_overrides = (
-        "method.proj_hidden_dim=256",
-        "method.proj_dim=64",
-        "method.pred_hidden_dim=256",
         "data.views=mocov2",
         "method.ema_momentum=0.99",
         "method.ema_momentum_end=1.0",

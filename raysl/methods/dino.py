@@ -49,11 +49,9 @@ class DINO(Method):
     config_class = DINOConfig
     default_views = "dino"
     bench_overrides = (
-        "method.proj_hidden_dim=256",
         "data.views=dino",
         "data.local_crops=0",
         "method.num_prototypes=1024",
-        "method.proj_dim=64",
         "method.teacher_temp=0.04",
         "method.teacher_temp_warmup=0.04",
         "method.student_temp=0.1",

@@ -48,8 +48,6 @@ class MoCoV2(Method):
     config_class = MoCoV2Config
     default_views = "mocov2"
     bench_overrides = (
-        "method.proj_hidden_dim=256",
-        "method.proj_dim=64",
         "data.views=mocov2",
         "method.temperature=0.2",
         "method.queue_size=2048",

@@ -31,9 +31,6 @@ class MoCoV3(Method):
     config_class = MoCoV3Config
     default_views = "mocov3"
     bench_overrides = (
-        "method.proj_hidden_dim=256",
-        "method.proj_dim=64",
-        "method.pred_hidden_dim=256",
         "data.views=mocov2",
         "method.temperature=0.2",
         "method.proj_layers=2",

@@ -90,8 +90,6 @@ class SimCLR(Method):
     config_class = SimCLRConfig
     default_views = "simclr"
     bench_overrides = (
-        "method.proj_hidden_dim=256",
-        "method.proj_dim=64",
         "data.views=mocov2",
         "method.temperature=0.2",
     )

@@ -46,8 +46,6 @@ class SwAV(Method):
     # embeddings or with eps 0.05; sharper Sinkhorn codes (eps 0.02) over more prototypes
     # than embedding dimensions, prototypes frozen for the first 50 steps, learn.
     bench_overrides = (
-        "method.proj_hidden_dim=256",
-        "method.proj_dim=64",
         "data.views=swav",
         "data.local_crops=0",
         "method.temperature=0.1",

@@ -30,8 +30,6 @@ class VICReg(Method):
     config_class = VICRegConfig
     default_views = "byol"
     bench_overrides = (
-        "method.proj_hidden_dim=256",
-        "method.proj_dim=64",
         "data.views=mocov2",
         "method.proj_layers=3",
     )
