@@ -273,6 +273,10 @@ def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_pa
     with open(os.path.join(newest, checkpoint.worker_file(0)), "r+b") as f:
         f.truncate(100)
     pretrain(cfg("mix"), resume=True)
+    from raysl.train import recovery
+
+    resumed = recovery.read_attempts(run)[-1]  # the resumed attempt started after step 2, not from 0
+    assert (resumed["start_step"], resumed["first_step"]) == (2, 3), resumed
     again = read_metrics(run)
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     assert [(r["loss"], r["drawn/curated"], r["drawn/web"]) for r in again] == [
