@@ -294,6 +294,7 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
         "data.task_cpus=0.5",
         'data.task_resources={"data_node": 1}',
     ]
+    log = open(tmp_path / "submit.log", "w")
     job = subprocess.Popen(
         [
             sys.executable,
@@ -314,7 +315,9 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
         ],
         cwd=REPO,
         env=cluster["env"],
-        stdout=subprocess.PIPE,
+        # a file, not a pipe: nobody reads a pipe while the job runs, and once its 64 KiB
+        # buffer is full, submit.py's log tail blocks on print and stalls until the deadline
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -332,10 +335,12 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
                 killed_after = read_metrics(run)[-1]["step"]
                 newest, _ = recovery.newest_complete(run)
             time.sleep(0.05)
-        out = job.communicate(timeout=60)[0]
+        job.wait(timeout=60)
     finally:
         if job.poll() is None:
             job.kill()
+        log.close()
+    out = (tmp_path / "submit.log").read_text()
     assert job.returncode == 0 and "SUCCEEDED" in out, out
     assert killed_after is not None, out
     attempts = recovery.read_attempts(run)
