@@ -25,6 +25,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from raysl.data.decode import DecodeError, decode_pixels
+from raysl.data.masks import BlockMasks, MultiBlockMasks, draw_masks
 from raysl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,15 @@ class ViewSpec:
     # The first n_global views are global crops, the rest local (multi-crop) ones.
     # -1: the crops of the largest size are the global ones (how the presets are written).
     n_global: int = -1
+    # Patch masks drawn per row with the views (raysl.data.masks), for the methods that mask.
+    masks: BlockMasks | MultiBlockMasks | None = None
 
     def __post_init__(self):
         if self.n_global < 0:
             big = max(c.size for c in self.crops)
             object.__setattr__(self, "n_global", sum(c.count for c in self.crops if c.size == big))
+        if isinstance(self.masks, BlockMasks) and self.masks.views > self.n_views:
+            raise ValueError(f"masks.views={self.masks.views}: the views spec {self.name!r} has {self.n_views} views")
 
     def min_decode_side(self) -> int:
         """Smallest source short side that still needs no upsampling for any crop; passed to
@@ -387,7 +392,8 @@ class ViewTransform:
     batch_format="numpy")`, or to call directly on a dict of numpy columns.
 
     In: "image" (encoded bytes), "aug_seed" (int64), anything else passes through.
-    Out: "view_0".."view_{n-1}" uint8 (N, 3, size, size) plus the passthrough columns.
+    Out: "view_0".."view_{n-1}" uint8 (N, 3, size, size) plus the passthrough columns, and
+    with `spec.masks` set "masks" uint8 (N, planes, rows, cols) from `draw_masks`.
     Rows whose image does not decode are dropped with a warning.
     """
 
@@ -412,6 +418,12 @@ class ViewTransform:
                 for v, arr in zip(views, row):
                     v[i] = arr
         out = {f"view_{j}": (v if keep.all() else v[keep]) for j, v in enumerate(views)}
+        if self.spec.masks is not None:
+            m = self.spec.masks
+            kept = np.asarray(seeds)[keep]
+            out["masks"] = np.empty((len(kept), m.planes, *m.grid), np.uint8)
+            for i, seed in enumerate(kept):
+                out["masks"][i] = draw_masks(m, seed)
         for name, col in batch.items():
             if name not in ("image", "aug_seed"):
                 out[name] = np.asarray(col)[keep]
