@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysl.data.masks import BlockMasks, MultiBlockMasks
 from raysl.errors import UserError
 from raysl.methods.keys import EMAKeys, MethodConfig
 
@@ -84,6 +85,11 @@ class Method(nn.Module):
     @classmethod
     def check_config(cls, cfg) -> None:
         """Raise UserError for a config this method cannot run (called before Ray starts)."""
+
+    @classmethod
+    def mask_spec(cls, cfg, spec) -> BlockMasks | MultiBlockMasks | None:
+        """The patch masks the method needs with its views (drawn per row in the data pipeline), or None."""
+        return None
 
     @classmethod
     def schedules(cls, m: MethodConfig, total_steps: int) -> dict[str, np.ndarray]:

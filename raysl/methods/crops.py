@@ -3,6 +3,7 @@ overrides (data.*), checked against the crops the method declares it can use."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from raysl.config import Config
@@ -12,8 +13,17 @@ from raysl.errors import UserError
 
 def spec_for(cfg: Config, method_cls) -> ViewSpec:
     """The views a run streams: the preset (data.views, else the method's default) with the
-    data.* crop overrides, checked against what the method can use. Every problem is a
-    UserError naming the config key."""
+    data.* crop overrides, checked against what the method can use, with the patch masks
+    the method asks for (`Method.mask_spec`). Every problem is a UserError naming the
+    config key."""
+    spec = _checked_views(cfg, method_cls)
+    masks = method_cls.mask_spec(cfg, spec)
+    if masks is not None:
+        spec = dataclasses.replace(spec, masks=masks)
+    return spec
+
+
+def _checked_views(cfg: Config, method_cls) -> ViewSpec:
     d = cfg.data
     name = d.views or method_cls.default_views
     if name not in PRESETS:
