@@ -83,6 +83,7 @@ def test_report_is_self_contained_and_renders_in_chromium(vit_run, tmp_path, cap
         *(f"Score histograms, step {int(h[5:-4])}" for h in hists),
         "Embedding (PCA)",
         "Attention maps",
+        "Patch features (PCA)",
     ]
     assert re.findall(r'src="([a-z]+):', page) == ["data"] * len(titles)
     assert not re.search(r"https?://|href=|@import|url\(", page)  # nothing external
