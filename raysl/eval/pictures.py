@@ -1,6 +1,7 @@
 """Pictures of a trained backbone (PNG, matplotlib Agg): kNN accuracy over steps, where it
-looks (ViT: the last block's CLS attention; convnets: feature-norm saliency), and a 2-D PCA
-of its features coloured by label. Each function writes one PNG and returns a caption."""
+looks (ViT: the last block's CLS attention; convnets: feature-norm saliency), a PCA of a
+ViT's patch features drawn as colours (DINOv2, Fig. 1), and a 2-D PCA of its features
+coloured by label. Each *_figure function writes one PNG and returns a caption."""
 
 from __future__ import annotations
 
@@ -130,6 +131,87 @@ def saliency_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, out_p
     return (
         "Feature-norm saliency (this backbone is a convnet, it has no attention to show): the L2 norm "
         "over channels of the last feature map, upsampled and overlaid on each image."
+    )
+
+
+def has_patch_tokens(backbone: torch.nn.Module) -> bool:
+    """A timm ViT: `forward_features` gives prefix tokens, then one token per patch."""
+    return hasattr(backbone, "num_prefix_tokens") and hasattr(
+        getattr(backbone, "patch_embed", None), "dynamic_feat_size"
+    )
+
+
+@torch.no_grad()
+def patch_tokens(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> torch.Tensor:
+    """A ViT's last-layer patch tokens (after its final norm, prefix tokens dropped) as
+    float32 (N, h, w, C) on the patch grid."""
+    from raysl.data.views import normalize
+
+    if not has_patch_tokens(backbone):
+        raise ValueError(f"{type(backbone).__name__} is not a ViT: it has no patch tokens")
+    backbone.eval()
+    tokens = backbone.forward_features(normalize(images_uint8))
+    h, w = backbone.patch_embed.dynamic_feat_size(tuple(images_uint8.shape[-2:]))
+    return tokens[:, backbone.num_prefix_tokens :].float().reshape(len(images_uint8), h, w, -1)
+
+
+def _principal_scores(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of `x` (M, C) projected on their first `k` principal components (M, k); exact
+    SVD, zero columns where x has fewer than k components."""
+    centred = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    scores = centred @ vh[:k].T
+    return F.pad(scores, (0, k - scores.shape[1]))
+
+
+def patch_pca(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINOv2's patch PCA over all images together: (colours (N, h, w, 3) in [0, 1],
+    foreground (N, h, w) bool) from tokens (N, h, w, C). Foreground: PC1 > 0, PC1's sign
+    chosen so that the foreground is the smaller side (an SVD's sign is arbitrary; objects
+    usually cover less of an image than their background). The colours are the first three
+    components of a second PCA of the foreground patches only, each min-max scaled over all
+    images; background is 0 (black)."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).float()
+    first = _principal_scores(flat, 1)[:, 0]
+    if 2 * int((first > 0).sum()) > len(first):
+        first = -first
+    foreground = first > 0
+    colours = torch.zeros(len(flat), 3)
+    if foreground.any():
+        scores = _principal_scores(flat[foreground], 3)
+        lo, hi = scores.min(0).values, scores.max(0).values
+        colours[foreground] = (scores - lo) / (hi - lo).clamp_min(1e-12)
+    return colours.reshape(*tokens.shape[:-1], 3), foreground.reshape(tokens.shape[:-1])
+
+
+def patch_pca_images(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`patch_pca` of the backbone's patch tokens, each patch grid upsampled (nearest) to
+    the images' size: (pictures (N, H, W, 3) in [0, 1], foreground (N, h, w))."""
+    colours, foreground = patch_pca(patch_tokens(backbone, images_uint8))
+    pictures = F.interpolate(colours.permute(0, 3, 1, 2), size=images_uint8.shape[-2:], mode="nearest")
+    return pictures.permute(0, 2, 3, 1), foreground
+
+
+def patch_pca_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, out_path: str) -> str:
+    """Images (top row) and their patch-feature PCA (bottom row)."""
+    pictures, foreground = patch_pca_images(backbone, images_uint8)
+    plt = _pyplot()
+    n = images_uint8.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(images_uint8[i].permute(1, 2, 0).numpy())
+        axes[1, i].imshow(pictures[i].numpy(), interpolation="nearest")
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return (
+        f"PCA of the ViT's last-layer patch features (after the final norm, without prefix tokens) over "
+        f"the patches of all {n} images together, as in DINOv2: patches with first component > 0 are "
+        f"foreground ({int(foreground.sum())} of {foreground.numel()}; the component's sign is chosen so that "
+        "the foreground is the smaller side), the rest is black. The foreground's colours are the first three "
+        "components of a second PCA of the foreground patches only, as RGB, each scaled to [0, 1] over all images."
     )
 
 

@@ -1,7 +1,8 @@
 """`raysl report RUN`: one self-contained HTML page (`RUN/report.html`) with a run's numbers
 and pictures: training facts, last metrics, `eval_*.json` results, training curves, kNN over
-steps, score histograms, attention (or saliency) maps and a PCA of labeled features. Images
-are inlined as data: URIs and a Content-Security-Policy forbids anything external."""
+steps, score histograms, attention (or saliency) maps, a ViT's patch-feature PCA and a PCA
+of labeled features. Images are inlined as data: URIs and a Content-Security-Policy forbids
+anything external."""
 
 from __future__ import annotations
 
@@ -55,10 +56,16 @@ def _figure(title: str, path: str, caption: str) -> str:
 def _backbone_pictures(
     run_dir: str, cfg, eval_dir: str | None, samples: int, out_dir: str, figures: list, notes: list
 ) -> None:
-    """Attention/saliency maps and the feature PCA (needs a checkpoint)."""
+    """Attention/saliency maps, a ViT's patch-feature PCA and the feature PCA (needs a checkpoint)."""
     from raysl.eval.export import eval_image_size
     from raysl.eval.labeled import load_labeled
-    from raysl.eval.pictures import embedding_figure, saliency_figure, sample_images
+    from raysl.eval.pictures import (
+        embedding_figure,
+        has_patch_tokens,
+        patch_pca_figure,
+        saliency_figure,
+        sample_images,
+    )
     from raysl.eval.weights import load_backbone
 
     try:
@@ -95,6 +102,12 @@ def _backbone_pictures(
         caption = saliency_figure(backbone, images, path)
         title = "Attention maps" if caption.startswith("ViT") else "Saliency maps (feature norm)"
         figures.append((title, path, f"{caption} Checkpoint of step {step}."))
+        if has_patch_tokens(backbone):
+            path = os.path.join(out_dir, "patch_pca.png")
+            caption = patch_pca_figure(backbone, images, path)
+            figures.append(("Patch features (PCA)", path, f"{caption} Checkpoint of step {step}."))
+        else:
+            notes.append("No patch-feature PCA: the backbone is not a ViT, it has no patch tokens.")
 
 
 def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8) -> str:
