@@ -161,6 +161,11 @@ def test_bad_fields_are_named(make, field):
         make()
 
 
+def test_a_grid_given_as_a_list_is_kept_as_a_tuple():
+    assert BlockMasks([np.int64(14), 14], 2) == BlockMasks((14, 14), 2)
+    assert hash(MultiBlockMasks([8, 8])) == hash(MultiBlockMasks((8, 8)))
+
+
 def test_patch_grid():
     assert patch_grid(224, 16, "vit_small_patch16_224") == (14, 14)
     with pytest.raises(UserError, match="data.image_size.*100.*16"):
