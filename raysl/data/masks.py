@@ -28,14 +28,16 @@ _MASK_STREAM = 0x6D61736B  # "mask": second seed word, so mask_rng never shares 
 _PLACEMENT_TRIES = 20  # I-JEPA's timeout: placements tried before the targets are relaxed
 
 
-def _check_grid(grid) -> None:
+def _check_grid(spec) -> None:
+    grid = spec.grid
     if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1 for g in grid):
         raise ValueError(f"grid={grid!r}: expected (rows, cols), integers >= 1")
+    object.__setattr__(spec, "grid", (int(grid[0]), int(grid[1])))  # a list or numpy ints compare equal, hash
 
 
-def _check_range(field: str, value, lo_ok, hi_ok) -> None:
+def _check_range(field: str, value, lo_ok, hi_ok, rule: str) -> None:
     if len(value) != 2 or not (lo_ok(value[0]) and hi_ok(value[1]) and value[0] <= value[1]):
-        raise ValueError(f"{field}={value!r}: out of range or lo > hi")
+        raise ValueError(f"{field}={value!r}: expected (lo, hi) with {rule}")
 
 
 def _check_int(field: str, value, least: int) -> None:
@@ -61,13 +63,13 @@ class BlockMasks:
     aspect: tuple[float, float] = (0.3, 1 / 0.3)
 
     def __post_init__(self):
-        _check_grid(self.grid)
+        _check_grid(self)
         _check_int("views", self.views, 1)
         if not 0 <= self.probability <= 1:
             raise ValueError(f"probability={self.probability!r}: must lie in [0, 1]")
-        _check_range("ratio", self.ratio, lambda lo: lo >= 0, lambda hi: hi < 1)
+        _check_range("ratio", self.ratio, lambda lo: lo >= 0, lambda hi: hi < 1, "0 <= lo <= hi < 1")
         _check_int("min_block", self.min_block, 1)
-        _check_range("aspect", self.aspect, lambda lo: lo > 0, lambda hi: True)
+        _check_range("aspect", self.aspect, lambda lo: lo > 0, lambda hi: True, "0 < lo <= hi")
 
     @property
     def planes(self) -> int:
@@ -95,12 +97,12 @@ class MultiBlockMasks:
     min_keep: int = 10  # fewest context patches; target blocks are grown to it where the grid allows
 
     def __post_init__(self):
-        _check_grid(self.grid)
+        _check_grid(self)
         _check_int("targets", self.targets, 1)
         for field in ("target_scale", "context_scale"):
-            _check_range(field, getattr(self, field), lambda lo: lo > 0, lambda hi: hi <= 1)
+            _check_range(field, getattr(self, field), lambda lo: lo > 0, lambda hi: hi <= 1, "0 < lo <= hi <= 1")
         for field in ("target_aspect", "context_aspect"):
-            _check_range(field, getattr(self, field), lambda lo: lo > 0, lambda hi: True)
+            _check_range(field, getattr(self, field), lambda lo: lo > 0, lambda hi: True, "0 < lo <= hi")
         _check_int("min_keep", self.min_keep, 1)
         if self.min_keep > self.grid[0] * self.grid[1]:
             raise ValueError(f"min_keep={self.min_keep}: more than the {self.grid[0]}x{self.grid[1]} grid's patches")
