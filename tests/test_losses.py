@@ -449,3 +449,103 @@ def test_simsiam_loss_matches_the_papers_pseudocode_and_stops_the_gradient():
     assert torch.allclose(loss, plain, atol=1e-6)
     loss.backward()
     assert p.grad is not None and z.grad is None  # no gradient through the projection side
+
+
+# ------------------------------------------------------------------ iBOT, DINOv2, I-JEPA
+
+
+def ref_sinkhorn_knopp_teacher(logits, temp, iters):
+    """DINOv2's SinkhornKnoppTeacher.sinkhorn_knopp_teacher, one process, plain torch."""
+    Q = torch.exp(logits / temp).t()
+    K, B = Q.shape
+    Q = Q / Q.sum()
+    for _ in range(iters):
+        Q = Q / Q.sum(dim=1, keepdim=True) / K
+        Q = Q / Q.sum(dim=0, keepdim=True) / B
+    return (Q * B).t()
+
+
+def test_dinov2_teacher_is_sinkhorn_knopp_at_the_teacher_temperature():
+    logits = rand(10, 7, seed=5, grad=False)
+    want = ref_sinkhorn_knopp_teacher(logits, 0.07, 3)
+    got = L.sinkhorn(logits, 0.07, 3)
+    assert torch.allclose(got, want, **TIGHT)
+    assert torch.allclose(L.sinkhorn(logits, 0.07, 3, equal_rows=False), want, **TIGHT)
+    assert torch.allclose(got.sum(1), torch.ones(10, dtype=torch.float64), **TIGHT)  # a distribution per row
+    assert L.sinkhorn(logits[:0], 0.07, 3, equal_rows=False).shape == (0, 7)  # a worker with no masked patch
+
+
+def test_self_distillation_loss_with_sinkhorn_teacher_matches_plain_loops():
+    student = [rand(4, 6, seed=s) for s in range(4)]
+    teacher = rand(8, 6, seed=30, grad=False)
+    probs = list(L.sinkhorn(teacher, 0.05, 3).chunk(2))
+
+    def ref(*s):  # ref_dino with the teacher's softmax replaced by the Sinkhorn-Knopp rows
+        total, pairs = 0.0, 0
+        for i, p in enumerate(probs):
+            for v, scrop in enumerate(s):
+                if v != i:
+                    log_s = torch.log_softmax(scrop / 0.1, dim=1)
+                    total, pairs = total - sum((p[r] * log_s[r]).sum() for r in range(4)) / 4, pairs + 1
+        return total / pairs
+
+    check(lambda *s: L.self_distillation_loss(list(s), probs, 0.1), ref, *student)
+    center = rand(1, 6, seed=20, grad=False) * 0.1  # DINO = the same loss with its centred softmax teacher
+    soft = [torch.softmax((t - center) / 0.04, dim=1) for t in teacher.chunk(2)]
+    assert torch.allclose(
+        L.dino_loss(student, list(teacher.chunk(2)), center, 0.1, 0.04),
+        L.self_distillation_loss(student, soft, 0.1),
+        **TIGHT,
+    )
+
+
+def test_masked_patch_loss_matches_ibot_per_image_means():
+    masks = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)  # image 1: none
+    m = int(masks.sum())
+    teacher = torch.softmax(rand(m, 6, seed=9, grad=False) / 0.07, dim=1)
+
+    def ref(student):
+        total, row = 0.0, 0
+        for image in masks:
+            terms = []
+            for masked in image:
+                if masked:
+                    terms.append(-(teacher[row] * torch.log_softmax(student[row] / 0.1, dim=0)).sum())
+                    row += 1
+            total = total + (sum(terms) / len(terms) if terms else 0.0)
+        return total / masks.shape[0]  # images without a masked patch count 0, as iBOT/DINOv2
+
+    check(lambda s: L.masked_patch_loss(s, teacher, masks, 0.1), ref, rand(m, 6, seed=3))
+    with pytest.raises(ValueError, match="one True per student row"):
+        L.masked_patch_loss(rand(m + 1, 6), torch.cat([teacher, teacher[:1]]), masks, 0.1)
+
+
+def test_koleo_matches_dinov2_koleo_loss():
+    def ref(x):  # DINOv2 KoLeoLoss: normalise, nearest neighbour by dot product, -mean log distance
+        xn = [x[i] / torch.sqrt((x[i] * x[i]).sum()).clamp_min(1e-8) for i in range(x.shape[0])]
+        total = 0.0
+        for i, a in enumerate(xn):
+            j = max((k for k in range(len(xn)) if k != i), key=lambda k: float((a * xn[k]).sum().detach()))
+            total = total - torch.log(torch.sqrt(((a - xn[j] + 1e-8) ** 2).sum()) + 1e-8)
+        return total / len(xn)
+
+    check(L.koleo_loss, ref, rand(9, 5, seed=4))
+    spread, bunched = rand(16, 8, seed=1, grad=False), rand(16, 8, seed=1, grad=False) * 0.05 + 1.0
+    assert float(L.koleo_loss(spread)) < float(L.koleo_loss(bunched))  # KoLeo rewards spread-out features
+
+
+def test_masked_regression_loss_is_smooth_l1_over_valid_tokens():
+    valid = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    target = rand(2, 3, 4, seed=8, grad=False) * 2  # some |differences| above 1: both branches of smooth L1
+
+    def ref(pred):
+        terms = []
+        for b in range(2):
+            for t in range(3):
+                if valid[b, t]:
+                    for d in range(4):
+                        diff = (pred[b, t, d] - target[b, t, d]).abs()
+                        terms.append(0.5 * diff**2 if diff < 1 else diff - 0.5)
+        return sum(terms) / len(terms)
+
+    check(lambda p: L.masked_regression_loss(p, target, valid), ref, rand(2, 3, 4, seed=2))

@@ -59,6 +59,34 @@ def _dino(zs, part, g):
     return {"loss": L.dino_loss(zs, local, center, 0.1, 0.04), "center": L.dino_center_update(center, local, 0.9)}
 
 
+def _dinov2(zs, part, g):  # DINO loss on a Sinkhorn-Knopp teacher, plus KoLeo on the global batch
+    teacher = torch.randn(2 * N, D_OUT, generator=g, dtype=torch.float64)
+    local = torch.cat([part(t) for t in teacher.chunk(2)])  # each worker: its rows of both crops
+    probs = list(L.sinkhorn(local, 0.07, 3).chunk(2))
+    loss = L.self_distillation_loss(zs, probs, 0.1) + 0.1 * (L.koleo_loss(zs[0]) + L.koleo_loss(zs[1]))
+    return {"loss": loss, "rows:probs": torch.cat(probs, dim=1)}
+
+
+def _ibot_patches(zs, part, g):  # masked patches: a different number on each worker
+    patch = torch.randn(3, D_OUT, generator=g, dtype=torch.float64)  # 3 patches per image
+    masks = torch.rand(N, 3, generator=g) < 0.5
+    masks[0], masks[N - 1] = True, False  # worker 0 and worker 1 hold different counts
+    teacher = torch.randn(N, 3, D_OUT, generator=g, dtype=torch.float64)
+    m = part(masks)
+    student = (zs[0].unsqueeze(1) * patch)[m]
+    probs = L.sinkhorn(part(teacher)[m], 0.07, 3, equal_rows=False)
+    return {"loss": L.masked_patch_loss(student, probs, m, 0.1)}
+
+
+def _ijepa(zs, part, g):  # smooth L1 over padded target tokens, different counts per worker
+    target = torch.randn(N, 3, D_OUT, generator=g, dtype=torch.float64)
+    valid = torch.rand(N, 3, generator=g) < 0.6
+    valid[:, 0] = True
+    valid[: N // 2] = True
+    pred = torch.stack([zs[0], zs[1] * 2, zs[0] - zs[1]], dim=1)
+    return {"loss": L.masked_regression_loss(pred, part(target), part(valid))}
+
+
 def _barlow(zs, part, g):
     return {"loss": L.barlow_twins_loss(zs[0], zs[1], 0.0051)}
 
@@ -80,6 +108,9 @@ CASES = {
     "moco_v3": (2, _moco_v3),
     "swav": (4, _swav),
     "dino": (4, _dino),
+    "dinov2": (4, _dinov2),
+    "ibot_patches": (1, _ibot_patches),
+    "ijepa": (2, _ijepa),
     "barlow_twins": (2, _barlow),
     "vicreg": (2, _vicreg),
 }
@@ -129,6 +160,7 @@ BROKEN = {
     "nt_xent/local_grad_only": ("nt_xent", "gather_with_grad", _gather_local_grad_only),
     "vicreg/plain_all_gather": ("vicreg", "gather_with_grad", _plain_all_gather),
     "barlow_twins/all_reduce_no_grad": ("barlow_twins", "all_reduce_sum_with_grad", _all_reduce_no_grad),
+    "koleo/plain_all_gather": ("dinov2", "gather_with_grad", _plain_all_gather),
 }
 
 

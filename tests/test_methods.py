@@ -385,10 +385,22 @@ def test_every_recipe_loads():
     from raysl.data.views import view_spec
 
     assert view_spec(medical.data.views).crops[0].scale == (0.5, 1.0)
-    for name in METHODS:  # a ResNet and a ViT recipe for every method (MAE: ViTs only)
+    for name in METHODS:  # a ResNet and a ViT recipe for every method (ViT-only methods: a ViT)
         backbones = {load_config(p).model.backbone for p in paths if load_config(p).method.name == name}
         assert any("vit" in b for b in backbones), name
-        assert name == "mae" or any("resnet" in b for b in backbones), name
+        assert vit_only(name) or any("resnet" in b for b in backbones), name
+
+
+def vit_only(name):
+    """The method refuses a convnet backbone (MAE, iBOT, DINOv2, I-JEPA)."""
+    try:
+        method_class(name).check_config(
+            load_config("quickstart", [f"method.name={name}", "model.backbone=test_resnet"])
+        )
+    except UserError as exc:
+        assert "Vision Transformer" in str(exc), exc
+        return True
+    return False
 
 
 def test_config_keys_are_range_checked():

@@ -1,5 +1,6 @@
 """Views: real images in, uint8 crops out; deterministic per aug_seed; no Ray needed."""
 
+import dataclasses
 import io
 import logging
 import math
@@ -15,6 +16,7 @@ from PIL import Image
 from raysl.data import views as V
 from raysl.data.decode import decode_rgb
 from raysl.errors import UserError
+from raysl.methods.base import Method
 
 DATA = os.path.dirname(skimage.data.__file__)
 
@@ -308,7 +310,24 @@ def _spec(method: str, *overrides: str):
 def test_recipe_defaults_keep_the_presets(method):
     from raysl.methods.base import method_class
 
-    assert _spec(method) == V.PRESETS[method_class(method).default_views]
+    spec = _spec(method, f"model.backbone={_backbone_for(method)}")
+    assert dataclasses.replace(spec, masks=None) == V.PRESETS[method_class(method).default_views]
+    assert (spec.masks is not None) == (method_class(method).mask_spec.__func__ is not Method.mask_spec.__func__)
+
+
+def _backbone_for(method):
+    """A ViT built for the presets' 224 px for a ViT-only method (MAE, iBOT, DINOv2, I-JEPA; DINOv2's
+    98 px local crops need 14 px patches), else a ResNet."""
+    from raysl.config import load_config
+    from raysl.errors import UserError
+    from raysl.methods.base import method_class
+
+    try:
+        method_class(method).check_config(load_config("quickstart", [f"method.name={method}"]))
+    except UserError as exc:
+        assert "Vision Transformer" in str(exc), exc
+        return "vit_small_patch14_dinov2" if method == "dinov2" else "vit_tiny_patch16_224"
+    return "test_resnet"
 
 
 def test_recipe_crop_keys_change_the_views():
@@ -478,22 +497,25 @@ def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp
     from raysl.config import load_config
     from raysl.methods.base import build_method, method_class
     from raysl.methods.crops import spec_for
+    from raysl.train.batch import Batch, forward
 
-    backbone = "vit_tiny_patch16_224" if method == "mae" else "test_resnet"  # built for 224 px, the preset's
+    backbone = _backbone_for(method)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"method:\n  name: {method}\nmodel:\n  backbone: {backbone}\n")
+    size = "data:\n  image_size: 224\n" if method == "dinov2" else ""  # *_dinov2 ViTs default to 518 px
+    recipe.write_text(f"method:\n  name: {method}\nmodel:\n  backbone: {backbone}\n{size}")
     cfg = load_config(str(recipe))
     cls = method_class(method)
     spec = spec_for(cfg, cls)
-    assert spec == V.PRESETS[cls.default_views]
-    expected = {"dino": 10, "swav": 8, "mae": 1}.get(method, 2)
+    assert dataclasses.replace(spec, masks=None) == V.PRESETS[cls.default_views]
+    expected = {"dino": 10, "swav": 8, "mae": 1, "ibot": 12, "dinov2": 10, "ijepa": 1}.get(method, 2)
     batch = V.ViewTransform(spec)(batch_of(PHOTOS[:2] * 2))
     views = [V.normalize(torch.from_numpy(batch[f"view_{i}"])) for i in range(spec.n_views)]
     assert len(views) == spec.n_views == expected
     torch.manual_seed(0)
     model = build_method(cfg)
     values = {"lr": 0.1, "weight_decay": 0.0, "ema_momentum": 0.99, "teacher_temp": 0.04, "step": 0}
-    out = model(views, values)
+    masks = torch.from_numpy(batch["masks"]).bool() if spec.masks is not None else None
+    out = forward(model, Batch(views, masks), values)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert any(p.grad is not None for p in model.evaluated_backbone().parameters())

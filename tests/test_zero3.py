@@ -39,7 +39,7 @@ def _plain(name: str, seed: int = 0):
     return build_method(w.cfg_for(name))
 
 
-@pytest.mark.parametrize("name", ["byol", "dino", "mae"])
+@pytest.mark.parametrize("name", ["byol", "dino", "mae", *w.MASKED])
 def test_each_worker_holds_half_of_every_parameter_never_the_whole(drills, name):
     out, _ = drills
     whole = sum(p.numel() for p in _plain(name).parameters())
@@ -50,7 +50,7 @@ def test_each_worker_holds_half_of_every_parameter_never_the_whole(drills, name)
         assert o[f"{name}/data_numel"] == 0  # no parameter is held whole outside forward
 
 
-@pytest.mark.parametrize("name", ["byol", "dino", "mae"])
+@pytest.mark.parametrize("name", ["byol", "dino", "mae", *w.MASKED])
 def test_partitioned_build_starts_from_the_weights_of_a_plain_build(drills, name):
     """timm's and the heads' initialisers run on gathered parameters (raysl.train.zero), the
     teacher starts as the student: the same initial method, bit for bit."""
@@ -122,9 +122,33 @@ def test_resume_continues_exactly(drills):
         assert o["resumed"] == o["expected"]
 
 
-@pytest.mark.parametrize("name", ["dino", "mae"])
+@pytest.mark.parametrize("name", ["dino", "mae", *w.MASKED])
 def test_dino_and_mae_train_partitioned(drills, name):
     out, _ = drills
     for o in out:
         losses = o[f"{name}/losses"]
         assert len(losses) == 2 and all(0 < x < 50 for x in losses)
+
+
+@pytest.mark.parametrize("name", w.MASKED)
+def test_masked_methods_step_0_loss_is_one_process_on_the_global_batch(drills, name):
+    """iBOT, DINOv2 and I-JEPA partitioned on 2 workers, each with its half of the batch and
+    the masks drawn from its rows' seeds: the mean of the workers' first losses is the loss
+    one plain process computes on the concatenated batch (DINOv2's Sinkhorn-Knopp and
+    KoLeo, I-JEPA's token mean are over the global batch; ZeRO-3 gathers the cls/pos
+    parameters the methods read outside the ViT's forward)."""
+    from raysl.train.batch import Batch, forward
+
+    out, _ = drills
+    parts = [o[f"{name}/inputs"] for o in out]
+    views = [torch.cat(v) for v in zip(*(p.views for p in parts))]
+    masks = torch.cat([p.masks for p in parts])
+    assert masks.any()
+    from raysl.train.trainer import make_schedules
+
+    plain = _plain(name)
+    values = {**make_schedules(w.cfg_for(name), 10, 2).at(0), "step": 0}  # as the drill's first step
+    with torch.no_grad():
+        want = float(forward(plain, Batch(views, masks), values)["loss"])
+    got = sum(o[f"{name}/losses"][0] for o in out) / len(out)
+    assert got == pytest.approx(want, rel=1e-5)

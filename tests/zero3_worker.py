@@ -23,16 +23,23 @@ def cfg_for(method: str, zero: int = 3, optimizer: str = "adamw", precision: str
         "dino": {"num_prototypes": 64, "ema_momentum": 0.9, "ema_momentum_end": 0.9},
         "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "mask_ratio": 0.5},
         "simclr": {},
+        "ibot": {"num_prototypes": 64, "ema_momentum": 0.9, "ema_momentum_end": 0.9},
+        "dinov2": {"num_prototypes": 64, "ema_momentum": 0.9, "ema_momentum_end": 0.9, "separate_head": True},
+        "ijepa": {"predictor_dim": 32, "predictor_depth": 1, "predictor_heads": 2, "min_keep": 1},
     }[method]
+    heads = {} if method in ("mae", "ijepa") else {"proj_hidden_dim": 32, "proj_dim": 16}
     return from_dict(
         {
-            "data": {"batch_size": BATCH, "image_size": SIZE},
+            "data": {"batch_size": BATCH, "image_size": SIZE, **({"local_crops": 0} if method in MASKED else {})},
             "model": {"backbone": "test_vit", **model},
-            "method": {"name": method, **({} if method == "mae" else {"proj_hidden_dim": 32, "proj_dim": 16}), **extra},
+            "method": {"name": method, **heads, **extra},
             "optim": {"name": optimizer, "lr": 1.0},
             "deepspeed": {"zero_stage": zero, "precision": precision},
         }
     )
+
+
+MASKED = ("ibot", "dinov2", "ijepa")  # methods whose views come with patch masks
 
 
 def views(key: int, rank: int, n: int = 2) -> list[torch.Tensor]:
@@ -41,7 +48,25 @@ def views(key: int, rank: int, n: int = 2) -> list[torch.Tensor]:
 
 
 def n_views(method: str) -> int:
-    return 1 if method == "mae" else 2
+    return 1 if method in ("mae", "ijepa") else 2
+
+
+def inputs(cfg, key: int, rank: int):
+    """Micro-batch `key` of worker `rank`: its views, and for a masked method a Batch with
+    the masks the data pipeline would draw for rows seeded 1000 * (rank + 1) + key + i."""
+    import numpy as np
+
+    from raysl.data.masks import draw_masks
+    from raysl.methods.base import method_class
+    from raysl.methods.crops import spec_for
+    from raysl.train.batch import Batch
+
+    vs = views(key, rank, n_views(cfg.method.name))
+    if cfg.method.name not in MASKED:
+        return vs
+    spec = spec_for(cfg, method_class(cfg.method.name)).masks
+    seeds = [1000 * (rank + 1) + key * BATCH + i for i in range(BATCH)]
+    return Batch(vs, torch.from_numpy(np.stack([draw_masks(spec, s) for s in seeds])).bool())
 
 
 def build(cfg, seed=0):
@@ -61,7 +86,7 @@ def step(built, cfg, s: int, rank: int) -> float:
 
     engine, method, schedules = built
     values = {**schedules.at(s), "step": s}
-    out = train_step(engine, method, engine.optimizer, [views(s, rank, n_views(cfg.method.name))], values)
+    out = train_step(engine, method, engine.optimizer, [inputs(cfg, s, rank)], values)
     return float(out["loss"].detach().float())
 
 
@@ -69,7 +94,7 @@ def drill_build(rank: int, out: dict) -> None:
     """Each method built partitioned: numel per worker, no whole tensor, initial weights."""
     from raysl.train.zero import full_state_dict, local_numel
 
-    for name in ("byol", "dino", "mae"):
+    for name in ("byol", "dino", "mae", *MASKED):
         torch.manual_seed(0)
         from raysl.train.zero import build_method
 
@@ -118,11 +143,13 @@ def drill_train(rank: int, out: dict, directory: str) -> None:
 
 
 def drill_methods(rank: int, out: dict) -> None:
-    """DINO and MAE (decoder, external cls/pos params) train 2 steps partitioned."""
-    for name in ("dino", "mae"):
+    """DINO, MAE, iBOT, DINOv2 and I-JEPA (heads, decoders, predictors, external cls/pos
+    params read outside the ViT's forward) train 2 steps partitioned."""
+    for name in ("dino", "mae", *MASKED):
         cfg = cfg_for(name)
         built = build(cfg)
         out[f"{name}/losses"] = [step(built, cfg, s, rank) for s in range(2)]
+        out[f"{name}/inputs"] = inputs(cfg, 0, rank)
 
 
 DRILLS = {"build": drill_build, "train": drill_train, "methods": drill_methods}

@@ -125,6 +125,26 @@ PRESETS: dict[str, ViewSpec] = {
             Crop(96, (0.05, 0.14), count=6, jitter=_SIMCLR_JITTER),
         ),
     ),
+    # iBOT ViT-S/16 (Zhou et al. 2022): DINO's crops, global scale 0.25-1, 10 local crops 0.05-0.25
+    "ibot": ViewSpec(
+        "ibot",
+        (
+            Crop(224, (0.25, 1.0), blur_p=1.0, interpolation="bicubic"),
+            Crop(224, (0.25, 1.0), blur_p=0.1, solarize_p=0.2, interpolation="bicubic"),
+            Crop(96, (0.05, 0.25), count=10, blur_p=0.5, interpolation="bicubic"),
+        ),
+    ),
+    # DINOv2 (Oquab et al. 2023): global scale 0.32-1, 8 local crops of 98 px (7 patches of 14) 0.05-0.32
+    "dinov2": ViewSpec(
+        "dinov2",
+        (
+            Crop(224, (0.32, 1.0), blur_p=1.0, interpolation="bicubic"),
+            Crop(224, (0.32, 1.0), blur_p=0.1, solarize_p=0.2, interpolation="bicubic"),
+            Crop(98, (0.05, 0.32), count=8, blur_p=0.5, interpolation="bicubic"),
+        ),
+    ),
+    # I-JEPA (Assran et al. 2023): a random resized crop, scale 0.3-1, and nothing else
+    "ijepa": ViewSpec("ijepa", (Crop(224, (0.3, 1.0), flip_p=0.0, interpolation="bicubic", **_FLIP_ONLY),)),
     "mae": ViewSpec("mae", (Crop(224, (0.2, 1.0), interpolation="bicubic", **_FLIP_ONLY),)),
     "mae_medical": ViewSpec("mae_medical", (Crop(224, (0.5, 1.0), interpolation="bicubic", **_FLIP_ONLY),)),
     "eval": ViewSpec(

@@ -67,7 +67,10 @@ class Method(nn.Module):
 
         rename_legacy_keys(state_dict, prefix, self.legacy_teacher_prefixes)
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`masks`: with a `mask_spec`, the batch's patch masks (N, planes, rows, cols) bool."""
         raise NotImplementedError
 
     def after_step(self, values: dict[str, float]) -> None:

@@ -39,6 +39,17 @@ def make_backbone(cfg, *, multi_crop: bool = False) -> nn.Module:
     return backbone
 
 
+def meta_vit(cfg, method: str) -> nn.Module:
+    """`cfg.model.backbone` built on the meta device (no memory, no weights), for its patch
+    size and grid; a UserError naming model.backbone unless it is a timm ViT."""
+    from raysl.models.mae import check_vit
+
+    with torch.device("meta"):
+        backbone = make_backbone(cfg)
+    check_vit(backbone, cfg.model.backbone, method)
+    return backbone
+
+
 def grad_checkpointing(backbone: nn.Module, name: str) -> None:
     """`model.grad_checkpointing=true`: timm's activation checkpointing of the backbone's
     blocks (each block's activations are recomputed in backward instead of kept)."""

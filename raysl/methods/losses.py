@@ -152,7 +152,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, *, equal_rows: bool = True) -> torch.Tensor:
     """Sinkhorn-Knopp equipartition of SwAV (Caron et al. 2020, "Unsupervised Learning of
     Visual Features by Contrasting Cluster Assignments"), `distributed_sinkhorn` of the
     SwAV repo: Q = exp(scores/eps)^T (K,B); normalise Q to total 1; `iters` times: each
@@ -161,14 +161,22 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
 
     Scores are shifted by their global max first (a constant factor that the first
     normalisation removes) so exp cannot overflow. No gradient.
+
+    `equal_rows=False`: workers may hold different numbers of rows (DINOv2's masked patch
+    tokens), so B is all-reduced instead of rows x world size; a worker may hold none.
+
+    DINOv2 (Oquab et al. 2023) centres its teacher with this same algorithm at eps =
+    teacher temperature (`SinkhornKnoppTeacher`), in place of DINO's running centre.
     """
     _positive(eps=eps)
     _matrix("scores", scores)
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     s = _up(scores.detach())
-    q = torch.exp((s - all_reduce_max(s.max())) / eps).t()
-    k, b = q.shape[0], q.shape[1] * world()[1]
+    top = s.max() if s.numel() else torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    q = torch.exp((s - all_reduce_max(top)) / eps).t()
+    k = q.shape[0]
+    b = q.shape[1] * world()[1] if equal_rows else all_reduce_sum(torch.tensor(float(q.shape[1]), device=s.device))
     q /= all_reduce_sum(q.sum())
     for _ in range(iters):
         q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
@@ -233,19 +241,104 @@ def dino_loss(
     student crop v != i, -sum softmax((t_i - center)/teacher_temp) * log_softmax(s_v /
     student_temp), mean over the batch, then mean over the pairs. student[i] and teacher[i]
     must be the same global crop for i < len(teacher)."""
-    _positive(student_temp=student_temp, teacher_temp=teacher_temp)
-    if len(student) < 2 or not 1 <= len(teacher) <= len(student):
+    _positive(teacher_temp=teacher_temp)
+    dtype = _up(student[0]).dtype
+    t = [F.softmax((_up(x.detach()).to(dtype) - center.to(dtype)) / teacher_temp, dim=-1) for x in teacher]
+    return self_distillation_loss(student, t, student_temp)
+
+
+def self_distillation_loss(student: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temp: float):
+    """DINO's cross-entropy with the teacher's probabilities already made (DINO: centred and
+    sharpened softmax; DINOv2: Sinkhorn-Knopp): for every teacher crop i and student crop
+    v != i, -sum t_i * log_softmax(s_v / student_temp), mean over the batch, then over the
+    pairs. Local: the mean over workers is the global batch's."""
+    _positive(student_temp=student_temp)
+    if len(student) < 2 or not 1 <= len(teacher_probs) <= len(student):
         raise ValueError(
-            f"dino_loss needs >= 2 student crops and 1..{len(student)} teacher crops, "
-            f"got {len(student)} and {len(teacher)}"
+            f"the DINO loss needs >= 2 student crops and 1..{len(student)} teacher crops, "
+            f"got {len(student)} and {len(teacher_probs)}"
         )
-    for name, crops in (("student", student), ("teacher", teacher)):
+    for name, crops in (("student", student), ("teacher", teacher_probs)):
         for i, x in enumerate(crops):
             _pair(f"{name}[{i}], student[0]", x, student[0])
     log_s = [F.log_softmax(_up(s) / student_temp, dim=-1) for s in student]
-    t = [F.softmax((_up(x.detach()) - center.to(log_s[0].dtype)) / teacher_temp, dim=-1) for x in teacher]
+    t = [p.detach().to(log_s[0].dtype) for p in teacher_probs]
     terms = [-(t[i] * log_s[v]).sum(-1).mean() for i in range(len(t)) for v in range(len(log_s)) if v != i]
     return torch.stack(terms).mean()
+
+
+def masked_patch_loss(
+    student: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor, student_temp: float
+) -> torch.Tensor:
+    """iBOT's masked image modelling loss (Zhou et al. 2022, "iBOT: Image BERT Pre-Training
+    with Online Tokenizer"), as DINOv2's `iBOTPatchLoss.forward_masked`: the student's
+    logits of its masked patches predict the teacher's probabilities for the same patches
+    of the unmasked image. Per image: the mean over its masked patches of
+    -sum t * log_softmax(s / student_temp); then the mean over ALL images, an image with
+    no masked patch counting 0 (as both papers' code does).
+
+    student, teacher_probs (M, K): the masked patches of every image, image-major (the
+    order of `masks.nonzero()`); masks (I, L) bool, I images (crops) of L patches.
+    Local: with the same I on every worker, the mean over workers is the global one."""
+    _positive(student_temp=student_temp)
+    _pair("student, teacher_probs", student, teacher_probs)
+    if masks.dim() != 2 or int(masks.sum()) != student.shape[0]:
+        raise ValueError(
+            f"masks must be (images, patches) with one True per student row ({student.shape[0]}), "
+            f"got shape {tuple(masks.shape)} with {int(masks.sum())} True"
+        )
+    log_s = F.log_softmax(_up(student) / student_temp, dim=-1)
+    per_patch = -(teacher_probs.detach().to(log_s.dtype) * log_s).sum(-1)
+    counts = masks.sum(1)
+    weights = (1.0 / counts.clamp_min(1).to(per_patch.dtype)).repeat_interleave(counts)
+    return (per_patch * weights).sum() / masks.shape[0]
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al. 2019, "Spreading vectors for similarity
+    search"; DINOv2 `KoLeoLoss`): L2-normalise, find each row's nearest other row (largest
+    dot product, no gradient), and return -mean log(||x_i - x_nn(i)|| + eps) (the distance
+    as torch's pairwise_distance with eps=eps).
+
+    Over the GLOBAL batch: each worker's rows look for their neighbour among every
+    worker's rows (gathered with gradients, so a neighbour's gradient returns to its
+    owner). DINOv2 searches within each GPU's batch only; the global batch makes the loss
+    independent of how the batch is split."""
+    _matrix("x", x)
+    rank, _ = world()
+    local = F.normalize(_up(x), dim=-1, eps=eps)
+    everything = gather_with_grad(local)
+    if everything.shape[0] < 2:
+        raise ValueError("koleo_loss needs a global batch of at least 2")
+    with torch.no_grad():
+        dots = local @ everything.t()
+        rows = torch.arange(local.shape[0], device=local.device)
+        dots[rows, rows + rank * local.shape[0]] = float("-inf")
+        nearest = dots.argmax(dim=1)
+    distance = F.pairwise_distance(local, everything[nearest], p=2, eps=eps)
+    return -torch.log(distance + eps).mean()
+
+
+def masked_regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """I-JEPA's loss (Assran et al. 2023, "Self-Supervised Learning from Images with a
+    Joint-Embedding Predictive Architecture"; `F.smooth_l1_loss` in its train.py): smooth
+    L1 between predicted and target patch representations, the mean over every element of
+    every valid token of the GLOBAL batch. pred, target (B, T, D); valid (B, T) bool marks
+    real tokens (the rest is padding: images have different numbers of target patches).
+
+    Each worker returns world_size x its sum / the global element count, so the mean over
+    workers is the global mean whatever the workers' token counts."""
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must be (B, T, D) of the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    if valid.shape != pred.shape[:2]:
+        raise ValueError(f"valid must have shape {tuple(pred.shape[:2])}, got {tuple(valid.shape)}")
+    pred = _up(pred)
+    per_token = F.smooth_l1_loss(pred, target.detach().to(pred.dtype), reduction="none").sum(-1)
+    total = per_token[valid].sum()
+    n = all_reduce_sum(valid.sum().to(pred.dtype)) * pred.shape[-1]
+    return total * world()[1] / n.clamp_min(1)
 
 
 @torch.no_grad()

@@ -12,13 +12,13 @@ from torch import nn
 from raysl.errors import UserError
 
 
-def check_vit(backbone: nn.Module, name: str = "") -> None:
+def check_vit(backbone: nn.Module, name: str = "", method: str = "mae") -> None:
     """UserError unless `backbone` is a timm ViT with an absolute position embedding."""
     missing = [a for a in ("patch_embed", "blocks", "norm") if not hasattr(backbone, a)]
     if missing or getattr(backbone, "pos_embed", None) is None or not hasattr(backbone.patch_embed, "patch_size"):
         what = f"model.backbone={name!r}" if name else type(backbone).__name__
         raise UserError(
-            f"method mae needs a Vision Transformer backbone (a timm VisionTransformer with patch_embed, "
+            f"method {method} needs a Vision Transformer backbone (a timm VisionTransformer with patch_embed, "
             f"pos_embed, blocks and norm, e.g. vit_base_patch16_224); {what} is a {type(backbone).__name__}"
         )
 

@@ -24,6 +24,7 @@ from raysl.methods.crops import spec_for
 from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
 from raysl.train import checkpoint, preemption, recovery, storage
+from raysl.train.batch import Batch, forward
 from raysl.train.callback import Callback
 from raysl.train.engine import DTYPES, initialize
 from raysl.train.metrics import MetricsLog, global_metrics, say
@@ -70,13 +71,13 @@ def compile_backbone(backbone: torch.nn.Module, backend: str = "inductor") -> to
 def train_step(engine, method: Method, optimizer, micro_batches, values: dict) -> dict:
     """One optimizer step, the same in every run and in `raysl bench step`: this step's
     schedule values onto the optimizer's groups, then forward / backward / `engine.step()`
-    for each micro-batch (a list of views; DeepSpeed steps the optimizer on the last of
-    its grad_accum), then the method's `after_step` (EMA teachers, queues). Returns the
-    last micro-batch's outputs."""
+    for each micro-batch (a Batch or a list of views; DeepSpeed steps the optimizer on the
+    last of its grad_accum), then the method's `after_step` (EMA teachers, queues). Returns
+    the last micro-batch's outputs."""
     apply(optimizer, values)
     out: dict = {}
-    for views in micro_batches:
-        out = engine(views, values)
+    for batch in micro_batches:
+        out = forward(engine, batch, values)
         engine.backward(out["loss"])
         engine.step()
     method.after_step(values)
@@ -217,22 +218,24 @@ class Trainer:
             drawn=self.state["drawn"],
         )
 
-    def to_views(self, batch: dict) -> list[torch.Tensor]:
-        return [
+    def to_batch(self, batch: dict) -> Batch:
+        views = [
             normalize(torch.from_numpy(batch[f"view_{v}"]).to(self.device)).to(self.dtype)
             for v in range(self.spec.n_views)
         ]
+        masks = torch.from_numpy(batch["masks"]).to(self.device).bool() if self.spec.masks is not None else None
+        return Batch(views, masks)
 
-    def val_batches(self) -> Iterator[list[torch.Tensor]]:
+    def val_batches(self) -> Iterator[Batch]:
         """The first batches of the held-out set's views: the same images at every evaluation,
         and the same number of batches on every worker (its forward passes are collective)."""
         n = val_steps(self.cfg, self.world)
         for done, batch in enumerate(self.view_batches(self.cfg.eval.val_shards, 0, 0)):
             if done == n:
                 return
-            yield self.to_views(batch)
+            yield self.to_batch(batch)
 
-    def _micro_batches(self) -> Iterator[list[torch.Tensor]]:
+    def _micro_batches(self) -> Iterator[Batch]:
         """The views of this step's grad_accum micro-batches, read as they are trained on."""
         for _ in range(self.cfg.deepspeed.grad_accum):
             t0 = time.perf_counter()
@@ -244,7 +247,7 @@ class Trainer:
                 self._it = iter(self.stream)
                 batch = next(self._it)
             self.data_wait += time.perf_counter() - t0
-            yield self.to_views(batch)
+            yield self.to_batch(batch)
 
     # --- the loop ------------------------------------------------------------------------
 

@@ -8,19 +8,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from raysl.train.batch import forward
 from raysl.train.callback import Callback
 
 
 @torch.no_grad()
 def held_out_loss(engine, method: torch.nn.Module, batches, values: dict) -> float:
-    """Mean loss over `batches` (each a list of normalised views), averaged over workers.
+    """Mean loss over `batches` (each a Batch or a list of normalised views), averaged over workers.
     Every worker must call it (the forward passes and the average are collective)."""
     saved = {k: b.clone() for k, b in method.named_buffers()}
     rng = torch.get_rng_state()
     total, n = 0.0, 0
     try:
-        for views in batches:
-            total += float(engine(views, values)["loss"].float())
+        for batch in batches:
+            total += float(forward(engine, batch, values)["loss"].float())
             n += 1
     finally:
         for k, b in method.named_buffers():
