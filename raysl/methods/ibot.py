@@ -84,7 +84,7 @@ class IBOT(Method):
     bench_overrides = (
         "model.backbone=test_vit",
         "data.views=dino",
-        "data.image_size=32",
+        "data.image_size=64",  # 16 patches of 16 px: room for block masks
         "data.local_crops=0",
         "method.num_prototypes=1024",
         "method.patch_prototypes=1024",
