@@ -148,8 +148,6 @@ def test_ibot_centres_move_dinov2_centres_by_sinkhorn_knopp():
         m = batch.masks.unbind(1)
         student = []
         for v, mask in zip(views[:2], m):
-            from raysl.models.tokens import vit_tokens
-
             tok = vit_tokens(dinov2.backbone, v, mask=mask.flatten(1), mask_token=dinov2.mask_token)
             student.append(dinov2.head(dinov2.backbone.forward_head(tok, pre_logits=True))[0])
         want = self_distillation_loss(student, probs, 0.1)

@@ -12,7 +12,7 @@ from torch import nn
 
 from raysl.checks import between
 from raysl.methods.base import register
-from raysl.methods.ibot import IBOT, MaskedDistillationKeys
+from raysl.methods.ibot import IBOT, VIT_BENCH, MaskedDistillationKeys
 from raysl.methods.keys import MethodConfig, key
 from raysl.methods.losses import koleo_loss, sinkhorn
 
@@ -40,7 +40,7 @@ class DINOv2(IBOT):
 
     config_class = DINOv2Config
     default_views = "dinov2"
-    bench_overrides = (*IBOT.bench_overrides, "method.koleo_weight=0.1")
+    bench_overrides = (*VIT_BENCH, "method.koleo_weight=0.1")
 
     def setup_centering(self, cfg) -> None:
         self.sinkhorn_iters = cfg.method.sinkhorn_iters
