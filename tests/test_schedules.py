@@ -72,7 +72,11 @@ def test_each_method_declares_its_own_schedules():
         arrays = cls.schedules(method_config(name), 50)
         ema = hasattr(method_config(name), "ema_momentum")
         assert ("ema_momentum" in arrays) == ema, name  # every EMA teacher has its momentum schedule
-        assert ("teacher_temp" in arrays) == (name == "dino"), name
+        temp = hasattr(method_config(name), "teacher_temp_warmup")  # DINO's family: a teacher temperature warmup
+        assert ("teacher_temp" in arrays) == temp, name
+        if temp:
+            m = method_config(name)
+            assert arrays["teacher_temp"][0] == pytest.approx(m.teacher_temp_warmup), name
         assert all(len(a) == 50 for a in arrays.values())
     with pytest.raises(ValueError, match="teacher_temp has 3 steps"):
         Schedules.build(
