@@ -76,7 +76,7 @@ def test_each_method_declares_its_own_schedules():
         assert ("teacher_temp" in arrays) == temp, name
         if temp:
             m = method_config(name)
-            assert arrays["teacher_temp"][0] == pytest.approx(m.teacher_temp_warmup), name
+            assert arrays["teacher_temp"][-1] == pytest.approx(m.teacher_temp), name
         assert all(len(a) == 50 for a in arrays.values())
     with pytest.raises(ValueError, match="teacher_temp has 3 steps"):
         Schedules.build(
