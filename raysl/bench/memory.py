@@ -114,10 +114,10 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
 
     torch.set_num_threads(job["threads"])
     cuda = torch.cuda.is_available()
-    if not cuda:  # as a CPU training worker does (raysl.train.trainer)
-        from raysl.train.host_memory import return_freed_memory
+    from raysl.train import host_memory
 
-        return_freed_memory()
+    if host_memory.wanted(job["config"]["zero"], cuda):  # as a training worker does (raysl.train.trainer)
+        host_memory.return_freed_memory()
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=2)

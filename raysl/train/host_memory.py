@@ -7,7 +7,8 @@ every layer's parameters each step; those freed blocks stay in the arenas, and t
 resident memory grows to the whole model however partitioned it is (measured on ViT-L,
 2 workers, ZeRO-3 + AdamW8bit: 9.4 GiB peak with glibc's default, 4.3 GiB with a fixed 1 MiB
 threshold). A fixed threshold sends every block of 1 MiB or more to mmap, which munmap
-returns to the OS on free."""
+returns to the OS on free. Only ZeRO-3 runs on CPU workers do it: the other stages keep
+their tensors, and small repeated mmaps would only add page faults to their steps."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # mallopt parameter numbers, glibc's malloc.h
 M_TRIM_THRESHOLD = -1
 THRESHOLD = 1 << 20
+
+
+def wanted(zero_stage: int, on_gpu: bool) -> bool:
+    """Whether a worker should call `return_freed_memory`: ZeRO-3 with host memory as its device memory."""
+    return zero_stage == 3 and not on_gpu
 
 
 def return_freed_memory() -> bool:
