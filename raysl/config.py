@@ -152,9 +152,10 @@ class DeepSpeedConfig:
     # on the CPU dequantise a whole group's state to fp32 while they step, so a smaller
     # group (5e7) bounds that transient (ViT-g proof in the README).
     sub_group_size: int = field(default=0, metadata=between(0))
-    # ZeRO-3 keeps gathered parameters alive up to this many elements (its
-    # stage3_max_live_parameters and stage3_max_reuse_distance); 0: DeepSpeed's 1e9, which
-    # for a 1 B-parameter model can mean the whole model gathered on every worker.
+    # ZeRO-3 keeps gathered parameters alive (and prefetches) up to this many elements
+    # (its stage3_max_live_parameters, stage3_max_reuse_distance and
+    # stage3_prefetch_bucket_size); 0: DeepSpeed's 1e9, which for a 1 B-parameter model
+    # can mean the whole model gathered on every worker.
     max_live_parameters: int = field(default=0, metadata=between(0))
 
 

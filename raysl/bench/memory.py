@@ -59,6 +59,8 @@ def _config(
     precision: str,
     grad_checkpointing: bool,
     reduce_bucket_size: int = 0,
+    sub_group_size: int = 0,
+    max_live_parameters: int = 0,
 ):
     from raysl.config import from_dict
 
@@ -75,6 +77,8 @@ def _config(
                 "offload_optimizer": offload,
                 "offload_param": offload if c["zero"] == 3 else "none",
                 "reduce_bucket_size": reduce_bucket_size,
+                "sub_group_size": sub_group_size,
+                "max_live_parameters": max_live_parameters,
             },
             "train": {"num_workers": 2},
         },
@@ -110,6 +114,10 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
 
     torch.set_num_threads(job["threads"])
     cuda = torch.cuda.is_available()
+    from raysl.train import host_memory
+
+    if host_memory.wanted(job["config"]["zero"], cuda):  # as a training worker does (raysl.train.trainer)
+        host_memory.return_freed_memory()
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=2)
@@ -123,6 +131,8 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
             job["precision"],
             job["ckpt"],
             job["bucket"],
+            job["sub_group"],
+            job["max_live"],
         )
         torch.manual_seed(0)
         method = build_method(cfg)
@@ -134,6 +144,8 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
         schedules = make_schedules(cfg, job["steps"] + 1, 2)
         optimizer = make_optimizer(cfg, method, schedules)
         engine = initialize(method, optimizer, cfg)
+        result["engine_rss_mib"] = round(_rss_mib(), 1)
+        result["engine_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         g = torch.Generator().manual_seed(rank)
         size, b = job["image_size"], job["batch_size"]
         views = [
@@ -192,6 +204,8 @@ def run_memory_bench(
     precision: str = "fp32",
     grad_checkpointing: bool = False,
     reduce_bucket_size: int = 0,
+    sub_group_size: int = 0,
+    max_live_parameters: int = 0,
     emit=print,
 ) -> list[dict]:
     rows = []
@@ -208,6 +222,8 @@ def run_memory_bench(
             precision=c["precision"],
             ckpt=grad_checkpointing,
             bucket=reduce_bucket_size,
+            sub_group=sub_group_size,
+            max_live=max_live_parameters,
         )
         got = measure(job)
         workers = got["workers"]
@@ -219,6 +235,8 @@ def run_memory_bench(
             "batch_size": batch_size,
             "precision": c["precision"],
             "reduce_bucket_size": reduce_bucket_size,
+            "sub_group_size": sub_group_size,
+            "max_live_parameters": max_live_parameters,
             "workers": 2,
             "zero_stage": c["zero"],
             "optimizer": c["optimizer"],
@@ -227,6 +245,9 @@ def run_memory_bench(
             "peak_mib": max((w.get(key, 0.0) for w in workers), default=None),
             "per_worker_mib": [w.get(key) for w in workers],
             "base_rss_mib": max((w.get("base_rss_mib", 0.0) for w in workers), default=None),
+            # resident after the partitioned build, and the peak up to the engine (before any step)
+            "built_rss_mib": max((w.get("built_rss_mib", 0.0) for w in workers), default=None),
+            "engine_peak_rss_mib": max((w.get("engine_peak_rss_mib", 0.0) for w in workers), default=None),
             "params": workers[0].get("params") if workers else None,
             "params_per_worker": workers[0].get("params_here") if workers else None,
             "losses": workers[0].get("losses") if workers else None,
@@ -281,6 +302,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="deepspeed.reduce_bucket_size (elements; 0: DeepSpeed's 5e8, up to 2 GB of fp32 bucket per worker)",
     )
     p.add_argument(
+        "--sub-group-size",
+        type=int,
+        default=0,
+        help="deepspeed.sub_group_size (ZeRO-3 optimizer step groups, elements; 0: DeepSpeed's 1e9)",
+    )
+    p.add_argument(
+        "--max-live-parameters",
+        type=int,
+        default=0,
+        help="deepspeed.max_live_parameters (ZeRO-3 gathered parameters kept alive; 0: DeepSpeed's 1e9)",
+    )
+    p.add_argument(
         "--configs",
         nargs="+",
         default=list(DEFAULT_CONFIGS),
@@ -306,6 +339,8 @@ def run_from_args(a) -> list[dict]:
         precision=a.precision,
         grad_checkpointing=a.grad_checkpointing,
         reduce_bucket_size=a.reduce_bucket_size,
+        sub_group_size=a.sub_group_size,
+        max_live_parameters=a.max_live_parameters,
         emit=emit,
     )
     if a.out:

@@ -30,6 +30,7 @@ def deepspeed_config(cfg: Config) -> dict:
                 {
                     "stage3_max_live_parameters": ds.max_live_parameters,
                     "stage3_max_reuse_distance": ds.max_live_parameters,
+                    "stage3_prefetch_bucket_size": ds.max_live_parameters,
                 }
                 if ds.max_live_parameters
                 else {}

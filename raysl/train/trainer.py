@@ -23,7 +23,7 @@ from raysl.methods.base import Method, collapse_warning, method_class
 from raysl.methods.crops import spec_for
 from raysl.optim.optimizers import build_optimizer, param_groups
 from raysl.optim.schedules import Schedules, apply, scaled_lr
-from raysl.train import checkpoint, preemption, recovery, storage
+from raysl.train import checkpoint, host_memory, preemption, recovery, storage
 from raysl.train.batch import Batch, forward
 from raysl.train.callback import Callback
 from raysl.train.engine import DTYPES, initialize
@@ -121,6 +121,8 @@ class Trainer:
         on_gpu = torch.cuda.is_available() and cfg.train.gpus_per_worker
         self.device = torch.device("cuda", ctx.get_local_rank()) if on_gpu else torch.device("cpu")
         self.dtype = DTYPES[cfg.deepspeed.precision]
+        if host_memory.wanted(cfg.deepspeed.zero_stage, bool(on_gpu)):
+            host_memory.return_freed_memory()
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
         self.method = build_method(cfg)
