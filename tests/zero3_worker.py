@@ -156,16 +156,10 @@ DRILLS = {"build": drill_build, "train": drill_train, "methods": drill_methods}
 
 
 def worker(rank: int, port: int, directory: str, drills: list[str]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-    )
+    from raysl.train.local_world import join_local_world
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_local_world(rank, 2, port)
     out: dict = {}
     try:
         for d in drills:

@@ -97,30 +97,22 @@ def _rss_mib() -> float:
 def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
     import resource
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-    )
     import torch
     import torch.distributed as dist
 
+    from raysl.train import host_memory
     from raysl.train.engine import DTYPES, initialize
+    from raysl.train.local_world import join_local_world
     from raysl.train.trainer import make_optimizer, make_schedules, train_step
     from raysl.train.zero import build_method, local_numel
 
     torch.set_num_threads(job["threads"])
     cuda = torch.cuda.is_available()
-    from raysl.train import host_memory
-
     if host_memory.wanted(job["config"]["zero"], cuda):  # as a training worker does (raysl.train.trainer)
         host_memory.return_freed_memory()
     if cuda:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=2)
+    join_local_world(rank, 2, port, "nccl" if cuda else "gloo")
     result: dict = {"rank": rank, "base_rss_mib": round(_rss_mib(), 1)}
     try:
         cfg = _config(

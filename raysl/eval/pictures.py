@@ -107,22 +107,31 @@ def saliency(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> tuple[tor
     return (maps - lo) / (hi - lo).clamp_min(1e-12), kind
 
 
-def saliency_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, out_path: str) -> str:
-    """Images (top row) and their saliency overlaid (bottom row)."""
-    maps, kind = saliency(backbone, images_uint8)
+def _image_rows(images_uint8: torch.Tensor, draw_below, out_path: str) -> None:
+    """A figure of the images in the top row and `draw_below(ax, i, image)` under each."""
     plt = _pyplot()
     n = images_uint8.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
     for i in range(n):
         img = images_uint8[i].permute(1, 2, 0).numpy()
         axes[0, i].imshow(img)
-        axes[1, i].imshow(img)
-        axes[1, i].imshow(maps[i].numpy(), cmap="inferno", alpha=0.55)
+        draw_below(axes[1, i], i, img)
         for ax in axes[:, i]:
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
+
+
+def saliency_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, out_path: str) -> str:
+    """Images (top row) and their saliency overlaid (bottom row)."""
+    maps, kind = saliency(backbone, images_uint8)
+
+    def overlay(ax, i, img):
+        ax.imshow(img)
+        ax.imshow(maps[i].numpy(), cmap="inferno", alpha=0.55)
+
+    _image_rows(images_uint8, overlay, out_path)
     if kind == "attention":
         return (
             "ViT attention maps: the CLS token's attention over the patches in the last block "
@@ -195,17 +204,8 @@ def patch_pca_images(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> t
 def patch_pca_figure(backbone: torch.nn.Module, images_uint8: torch.Tensor, out_path: str) -> str:
     """Images (top row) and their patch-feature PCA (bottom row)."""
     pictures, foreground = patch_pca_images(backbone, images_uint8)
-    plt = _pyplot()
     n = images_uint8.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
-    for i in range(n):
-        axes[0, i].imshow(images_uint8[i].permute(1, 2, 0).numpy())
-        axes[1, i].imshow(pictures[i].numpy(), interpolation="nearest")
-        for ax in axes[:, i]:
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    _image_rows(images_uint8, lambda ax, i, img: ax.imshow(pictures[i].numpy(), interpolation="nearest"), out_path)
     return (
         f"PCA of the ViT's last-layer patch features (after the final norm, without prefix tokens) over "
         f"the patches of all {n} images together, as in DINOv2: patches with first component > 0 are "

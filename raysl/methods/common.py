@@ -1,15 +1,19 @@
 """Pieces the method classes share: backbones for multi-crop, multi-crop forward passes by
-resolution, and the collapse metric (EMA teachers: raysl.methods.teacher)."""
+resolution, the collapse metrics, and what DINO's family (DINO, iBOT, DINOv2) builds alike
+(EMA teachers: raysl.methods.teacher)."""
 
 from __future__ import annotations
 
+import math
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raysl.models.backbone import create_backbone
+from raysl.models.heads import DINOHead
 
 
 def is_vit(backbone: nn.Module) -> bool:
@@ -110,3 +114,36 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
 
 def step_of(values: dict) -> int:
     return int(values.get("step", 0))
+
+
+def dino_head(in_dim: int, out_dim: int, m) -> DINOHead:
+    """The DINO head of the method config `m` (proj_hidden_dim, proj_dim, proj_layers
+    (0: 3), norm_last_layer) from `in_dim` features to `out_dim` prototypes."""
+    return DINOHead(
+        in_dim,
+        out_dim,
+        hidden_dim=m.proj_hidden_dim,
+        bottleneck_dim=m.proj_dim,
+        layers=m.proj_layers or 3,
+        norm_last_layer=m.norm_last_layer,
+    )
+
+
+def teacher_temp_schedule(m, total_steps: int) -> np.ndarray:
+    """DINO's teacher temperature per step: linear from teacher_temp_warmup to teacher_temp
+    over teacher_temp_warmup_steps, then constant."""
+    from raysl.optim.schedules import linear_then_constant
+
+    warmup = min(m.teacher_temp_warmup_steps, total_steps - 1)
+    return linear_then_constant(m.teacher_temp_warmup, m.teacher_temp, warmup, total_steps)
+
+
+@torch.no_grad()
+def teacher_entropies(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapse metrics of teacher probabilities p (N, K), as fractions of log K: the mean
+    entropy per row (-> 1: uniform collapse) and the entropy of the mean row (-> 0: one
+    prototype for every image)."""
+    log_k = math.log(p.shape[-1])
+    mean_p = p.mean(0)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() / log_k
+    return entropy, -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() / log_k

@@ -3,7 +3,6 @@ sharpening, multi-crop."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,11 +10,18 @@ import torch
 
 from raysl.checks import between
 from raysl.methods.base import Method, register
-from raysl.methods.common import embedding_std, make_backbone, multicrop, step_of
+from raysl.methods.common import (
+    dino_head,
+    embedding_std,
+    make_backbone,
+    multicrop,
+    step_of,
+    teacher_entropies,
+    teacher_temp_schedule,
+)
 from raysl.methods.keys import EMAKeys, MethodConfig, ProjectorKeys, key
 from raysl.methods.losses import dino_center_update, dino_loss
 from raysl.methods.teacher import add_teacher
-from raysl.models.heads import DINOHead
 
 
 @dataclass
@@ -73,14 +79,7 @@ class DINO(Method):
         self.backbone = make_backbone(cfg, multi_crop=True)
 
         def head():
-            return DINOHead(
-                self.backbone.num_features,
-                m.num_prototypes,
-                hidden_dim=m.proj_hidden_dim,
-                bottleneck_dim=m.proj_dim,
-                layers=m.proj_layers or 3,
-                norm_last_layer=m.norm_last_layer,
-            )
+            return dino_head(self.backbone.num_features, m.num_prototypes, m)
 
         self.head = head()
         add_teacher(self, "backbone", lambda: make_backbone(cfg, multi_crop=True))
@@ -104,10 +103,7 @@ class DINO(Method):
         with torch.no_grad():
             self.center.copy_(dino_center_update(center, teacher, self.center_momentum))
             p = torch.softmax((torch.cat(teacher).float() - center.float()) / teacher_temp, dim=-1)
-            log_k = math.log(p.shape[-1])
-            entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() / log_k
-            mean_p = p.mean(0)
-            mean_entropy = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() / log_k
+            entropy, mean_entropy = teacher_entropies(p)
         return {
             "loss": loss,
             "embedding_std": embedding_std(student[0][1]),
@@ -118,8 +114,4 @@ class DINO(Method):
 
     @classmethod
     def schedules(cls, m: DINOConfig, total_steps: int) -> dict[str, np.ndarray]:
-        from raysl.optim.schedules import linear_then_constant
-
-        warmup = min(m.teacher_temp_warmup_steps, total_steps - 1)
-        temps = linear_then_constant(m.teacher_temp_warmup, m.teacher_temp, warmup, total_steps)
-        return {**super().schedules(m, total_steps), "teacher_temp": temps}
+        return {**super().schedules(m, total_steps), "teacher_temp": teacher_temp_schedule(m, total_steps)}

@@ -5,7 +5,6 @@ is this method with Sinkhorn-Knopp centering and the KoLeo regulariser."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,17 +16,19 @@ from raysl.data.masks import BlockMasks, patch_grid
 from raysl.errors import UserError
 from raysl.methods.base import Method, register
 from raysl.methods.common import (
+    dino_head,
     embedding_std,
     make_backbone,
     meta_vit,
     multicrop,
     register_external_params,
     step_of,
+    teacher_entropies,
+    teacher_temp_schedule,
 )
 from raysl.methods.keys import EMAKeys, MethodConfig, ProjectorKeys, key
 from raysl.methods.losses import dino_center_update, masked_patch_loss, self_distillation_loss
 from raysl.methods.teacher import add_teacher
-from raysl.models.heads import DINOHead
 from raysl.models.mae import check_vit, patch_size
 from raysl.models.tokens import num_prefix, vit_tokens
 
@@ -116,15 +117,19 @@ class IBOT(Method):
         m = cfg.method
         meta_vit(cfg, cls.name)
         if m.mask_ratio_min > m.mask_ratio_max:
-            raise _error(cls.name, "mask_ratio_min", f"{m.mask_ratio_min} is above method.mask_ratio_max")
+            raise UserError(
+                f"config key method.mask_ratio_min: {m.mask_ratio_min} is above method.mask_ratio_max "
+                f"(method {cls.name})"
+            )
 
     @classmethod
     def mask_spec(cls, cfg, spec) -> BlockMasks:
         m = cfg.method
         patch = patch_size(meta_vit(cfg, cls.name))
         grid = patch_grid(spec.crops[0].size, patch, cfg.model.backbone)
-        local = {c.size for c in spec.per_view()[spec.n_global :]}
-        for size in sorted(s for s in local if s % patch):
+        misfits = sorted({c.size for c in spec.per_view()[spec.n_global :] if c.size % patch})
+        if misfits:
+            size = misfits[0]
             raise UserError(
                 f"config key data.local_size: local crops of {size} px are not a multiple of the {patch} px "
                 f"patches of {cfg.model.backbone}; use a multiple of {patch} (e.g. {size // patch * patch})"
@@ -143,14 +148,7 @@ class IBOT(Method):
         check_vit(self.backbone, cfg.model.backbone, self.name)
 
         def head(out_dim: int) -> nn.Module:
-            return DINOHead(
-                self.backbone.num_features,
-                out_dim,
-                hidden_dim=m.proj_hidden_dim,
-                bottleneck_dim=m.proj_dim,
-                layers=m.proj_layers or 3,
-                norm_last_layer=m.norm_last_layer,
-            )
+            return dino_head(self.backbone.num_features, out_dim, m)
 
         self.head = head(m.num_prototypes)
         self.mask_token = nn.Parameter(torch.zeros(self.backbone.num_features))
@@ -226,10 +224,7 @@ class IBOT(Method):
         patch_loss = masked_patch_loss(s_patch, patch_probs, mask, self.student_temp)
         extra = self.regularisers(pooled, n_global)
         loss = cls_loss + self.patch_loss_weight * patch_loss + sum(extra.values())
-        with torch.no_grad():
-            p = torch.cat(cls_probs)
-            log_k = math.log(p.shape[-1])
-            mean_p = p.mean(0)
+        entropy, mean_entropy = teacher_entropies(torch.cat(cls_probs))
         return {
             "loss": loss,
             "cls_loss": cls_loss.detach(),
@@ -237,19 +232,11 @@ class IBOT(Method):
             **{k: v.detach() for k, v in extra.items()},
             "masked": mask.float().mean(),
             "embedding_std": embedding_std(s_global[1]),
-            "teacher_entropy": -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean() / log_k,
-            "teacher_mean_entropy": -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum() / log_k,
+            "teacher_entropy": entropy,
+            "teacher_mean_entropy": mean_entropy,
             "teacher_temp": torch.tensor(temp),
         }
 
     @classmethod
     def schedules(cls, m, total_steps: int) -> dict[str, np.ndarray]:
-        from raysl.optim.schedules import linear_then_constant
-
-        warmup = min(m.teacher_temp_warmup_steps, total_steps - 1)
-        temps = linear_then_constant(m.teacher_temp_warmup, m.teacher_temp, warmup, total_steps)
-        return {**super().schedules(m, total_steps), "teacher_temp": temps}
-
-
-def _error(method: str, field: str, what: str):
-    return UserError(f"config key method.{field}: {what} (method {method})")
+        return {**super().schedules(m, total_steps), "teacher_temp": teacher_temp_schedule(m, total_steps)}

@@ -46,6 +46,16 @@ def _pair(names: str, a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"{names} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def _tokens(pred: torch.Tensor, target: torch.Tensor, name: str, per_token: torch.Tensor, shape: str) -> None:
+    """pred and target (B, tokens, D) alike, and one `name` entry per token."""
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must be {shape} of the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    if per_token.shape != pred.shape[:2]:
+        raise ValueError(f"{name} must have shape {tuple(pred.shape[:2])}, got {tuple(per_token.shape)}")
+
+
 # ----------------------------------------------------------------------------- SimCLR
 
 
@@ -328,12 +338,7 @@ def masked_regression_loss(pred: torch.Tensor, target: torch.Tensor, valid: torc
 
     Each worker returns world_size x its sum / the global element count, so the mean over
     workers is the global mean whatever the workers' token counts."""
-    if pred.dim() != 3 or pred.shape != target.shape:
-        raise ValueError(
-            f"pred and target must be (B, T, D) of the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
-        )
-    if valid.shape != pred.shape[:2]:
-        raise ValueError(f"valid must have shape {tuple(pred.shape[:2])}, got {tuple(valid.shape)}")
+    _tokens(pred, target, "valid", valid, "(B, T, D)")
     pred = _up(pred)
     per_token = F.smooth_l1_loss(pred, target.detach().to(pred.dtype), reduction="none").sum(-1)
     total = per_token[valid].sum()
@@ -414,12 +419,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
     per patch ((x - mean) / sqrt(var + 1e-6), unbiased var) when norm_pix; mean over the
     masked patches (mask (B, L), 1 = masked). Local; with the same mask ratio on every
     worker the mean over workers is the global mean."""
-    if pred.dim() != 3 or pred.shape != target.shape:
-        raise ValueError(
-            f"pred and target must be (B, L, D) of the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
-        )
-    if mask.shape != pred.shape[:2]:
-        raise ValueError(f"mask must have shape {tuple(pred.shape[:2])}, got {tuple(mask.shape)}")
+    _tokens(pred, target, "mask", mask, "(B, L, D)")
     pred = _up(pred)
     target = target.detach().to(pred.dtype)
     if norm_pix:

@@ -9,7 +9,7 @@ import torch
 
 from raysl.checks import between
 from raysl.methods.base import Method, register
-from raysl.methods.common import embedding_std, make_backbone, register_external_params
+from raysl.methods.common import embedding_std, make_backbone, meta_vit, register_external_params
 from raysl.methods.keys import MethodConfig, key
 from raysl.methods.losses import mae_loss
 from raysl.models.mae import MAEDecoder, check_vit, encode_visible, grid_of, patch_size, patchify
@@ -59,9 +59,7 @@ class MAE(Method):
     @classmethod
     def check_config(cls, cfg) -> None:
         """The backbone must be a ViT: built on the meta device (no memory, no weights)."""
-        with torch.device("meta"):
-            backbone = make_backbone(cfg)
-        check_vit(backbone, cfg.model.backbone)
+        meta_vit(cfg, cls.name)
 
     def __init__(self, cfg):
         super().__init__()
