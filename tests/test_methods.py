@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from raysl.config import load_config
 from raysl.errors import UserError
 from raysl.methods.base import METHODS, build_method, collapse_warning, method_class
+from raysl.methods.losses import nt_xent
 
 TINY = [
     "data.image_size=32",
@@ -318,6 +319,20 @@ def test_quality_weights_in_range_and_differ_per_pair(backbone, size):
     assert torch.isfinite(out["loss"]) and "quality_mean" in out
     out["loss"].backward()
     assert sum(float(p.grad.abs().sum()) for p in m.backbone.parameters() if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("backbone, calls", [("test_vit", 1), ("test_resnet", 2)])
+def test_simclr_encodes_both_views_in_one_backbone_call_when_that_changes_nothing(backbone, calls):
+    """One pass over both views on a ViT (what ZeRO-3 needs to free each gradient once);
+    a ResNet keeps one pass per view so its batch norm sees each view's own batch."""
+    m = make("simclr", backbone)
+    seen = []
+    m.backbone.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    vs = views()
+    out = m(vs, VALUES)
+    assert seen == [2 * B] if calls == 1 else seen == [B, B]
+    per_view = [m.projector(m.backbone(v)) for v in vs]
+    torch.testing.assert_close(out["loss"], nt_xent(*per_view, m.temperature), rtol=1e-5, atol=1e-6)
 
 
 def flip_views(vs):

@@ -105,6 +105,23 @@ def multicrop(fn, views: list[torch.Tensor]) -> list:
     return outs
 
 
+def batch_independent(module: nn.Module) -> bool:
+    """True when no layer of `module` mixes the images of a batch (no batch norm), so one
+    call on concatenated views gives each view what a call of its own would."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def encode_views(backbone: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The backbone's features of each view: one call over views of the same resolution
+    when the backbone is batch-independent (ViTs), else one call per view (a ResNet's batch
+    norm keeps per-view statistics, as lightly's methods do). One call matters under
+    ZeRO-3: each parameter's gradient is produced and reduce-scattered once per step,
+    instead of a model's worth of gradients waiting for the second view's backward."""
+    if batch_independent(backbone):
+        return multicrop(backbone, views)
+    return [backbone(v) for v in views]
+
+
 @torch.no_grad()
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """Std over the batch of the L2-normalised embeddings, averaged over dimensions:

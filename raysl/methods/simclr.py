@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from raysl.checks import between
 from raysl.errors import UserError
 from raysl.methods.base import Method, register
-from raysl.methods.common import embedding_std, is_vit, make_backbone, register_external_params, step_of
+from raysl.methods.common import embedding_std, encode_views, is_vit, make_backbone, register_external_params, step_of
 from raysl.methods.distributed import all_reduce_sum, gather_no_grad, world
 from raysl.methods.feature_transform_plots import draw_score_histograms
 from raysl.methods.keys import FeatureTransformKeys, MethodConfig, ProjectorKeys, TemperatureKeys, key
@@ -125,9 +125,7 @@ class SimCLR(Method):
         self._captured = output.detach()
 
     def _encode(self, x: torch.Tensor):
-        """(projection, (tokens (B, L, C), saliency (B, L)) or None)."""
-        if not self.quality_weighting:
-            return self.projector(self.backbone(x)), None
+        """(projection, (tokens (B, L, C), saliency (B, L))) for quality weighting."""
         self._captured = None
         feats = self.backbone.forward_features(x)
         h = self.backbone.forward_head(feats)
@@ -234,7 +232,10 @@ class SimCLR(Method):
                         f"extra_views returned a view of shape {tuple(e.shape)}; expected {tuple(views[0].shape)}"
                     )
             views += [e.to(views[0].dtype) for e in extra]
-        encoded = [self._encode(v) for v in views]
+        if self.quality_weighting:
+            encoded = [self._encode(v) for v in views]
+        else:
+            encoded = [(self.projector(h), None) for h in encode_views(self.backbone, views)]
         pairs = [(0, j) for j in range(1, len(views))]
         use_ft = self.ft_extrapolate is not None or self.ft_interpolate is not None
         want_hist = use_ft and self.ft_every > 0 and step_of(values) % self.ft_every == 0
