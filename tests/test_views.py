@@ -252,21 +252,30 @@ def test_plans_are_what_gets_applied():
 
 
 def test_jitter_matches_torchvision_pil_ops():
+    """Each colour op against torchvision's PIL op (the papers' recipes) on the same crop:
+    OpenCV rounds where PIL truncates, so a pixel may differ by a grey level; for hue, PIL
+    truncates H to 0..255 where OpenCV rounds, and one step of H (1/256 of the circle)
+    moves a saturated pixel by up to 3 levels. A wrong factor, op or channel order is tens
+    of levels off."""
     import torchvision.transforms.functional as F
 
     img = decode_rgb(real("coffee.png")).resize((96, 64))
-    for factor in (-0.1, -0.03, 0.05, 0.1):
-        assert np.array_equal(np.asarray(V._hue(img, factor)), np.asarray(F.adjust_hue(img, factor)))
     crop = V.Crop(96, (1.0, 1.0))
     box = (0, 0, 96, 64)
-    for op, fn in (
-        ("brightness", F.adjust_brightness),
-        ("contrast", F.adjust_contrast),
-        ("saturation", F.adjust_saturation),
+    base = img.resize((96, 96), Image.Resampling.BILINEAR, box=box)
+    for op, fn, factors in (
+        ("brightness", F.adjust_brightness, (0.6, 1.3)),
+        ("contrast", F.adjust_contrast, (0.6, 1.3)),
+        ("saturation", F.adjust_saturation, (0.0, 0.6, 1.3)),
+        ("hue", F.adjust_hue, (-0.1, -0.03, 0.05, 0.1)),
     ):
-        mine = V.apply_view(img, V.ViewPlan(box, False, ((op, 1.3),), False, None, False), crop)
-        theirs = np.asarray(fn(img.resize((96, 96), Image.Resampling.BILINEAR, box=box), 1.3)).transpose(2, 0, 1)
-        assert np.array_equal(mine, theirs), op
+        for factor in factors:
+            mine = V.apply_view(img, V.ViewPlan(box, False, ((op, factor),), False, None, False), crop)
+            theirs = np.asarray(fn(base, factor)).transpose(2, 0, 1)
+            diff = np.abs(mine.astype(np.int32) - theirs)
+            mean, worst = (1.0, 4) if op == "hue" else (0.6, 2)
+            assert diff.mean() < mean and np.percentile(diff, 99) <= worst, (op, factor, diff.mean())
+            assert np.abs(mine.astype(np.int32) - np.asarray(base).transpose(2, 0, 1)).mean() > 1.5, (op, factor)
 
 
 def test_crop_box_fallback_is_torchvisions_centre_crop():
@@ -526,8 +535,16 @@ def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp
 
 def _reference_views(data: bytes, seed, spec) -> list[np.ndarray]:
     """The views as raysl made them before the fast path: PIL decode, PIL resize with the
-    box, the same colour ops. Kept here as the reference for the per-op statistics."""
+    box, torchvision's PIL colour ops, PIL's blur. The reference for the per-op statistics."""
+    import torchvision.transforms.functional as F
     from PIL import ImageFilter, ImageOps
+
+    _PIL_JITTER = {
+        "brightness": F.adjust_brightness,
+        "contrast": F.adjust_contrast,
+        "saturation": F.adjust_saturation,
+        "hue": F.adjust_hue,
+    }
 
     img = decode_rgb(data, min_side=spec.min_decode_side())
     out = []
@@ -536,7 +553,7 @@ def _reference_views(data: bytes, seed, spec) -> list[np.ndarray]:
         if plan.flip:
             v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         for op, factor in plan.jitter:
-            v = V._hue(v, factor) if op == "hue" else V._ENHANCE[op](v).enhance(factor)
+            v = _PIL_JITTER[op](v, factor)
         if plan.gray:
             v = v.convert("L").convert("RGB")
         if plan.blur_sigma is not None:
@@ -566,7 +583,7 @@ def test_fast_decode_is_pils_decode():
 
 @pytest.mark.parametrize("name", ["dino", "simclr"])
 def test_per_op_statistics_did_not_change(name):
-    """The fast path (torchvision uint8 resize, simplejpeg) against the PIL reference on
+    """The fast path (torchvision uint8 resize, simplejpeg, OpenCV colour ops) against the PIL reference on
     real photographs, per op: the random draws are the same plans, so each op's rate and
     strength is unchanged by construction; the pixels they make must agree too, view by
     view (mean level and contrast) and pixel by pixel (mean absolute difference)."""
@@ -589,6 +606,9 @@ def test_per_op_statistics_did_not_change(name):
                     by_op.setdefault(op, []).append(np.abs(f - r).mean())
     assert abs(np.mean(stats["mean"])) < 0.1 and np.abs(stats["mean"]).max() < 1.5
     assert abs(np.mean(stats["std"])) < 0.1 and np.abs(stats["std"]).max() < 1.5
-    assert np.mean(stats["mad"]) < 0.5
+    # Pixel by pixel the colour ops are OpenCV's: hue steps by 1/256 of the circle where
+    # PIL steps by 1/255, and the blur is a true Gaussian where PIL chains box blurs (0.36
+    # levels apart on average); a skipped or misapplied op is several levels off.
+    assert np.mean(stats["mad"]) < 0.75
     for op, mads in by_op.items():
         assert np.mean(mads) < 1.0, op  # grey levels, out of 255

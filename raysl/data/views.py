@@ -2,9 +2,9 @@
 
 Everything stays in uint8: each image is decoded once, each crop is cut and resized
 straight from the decoded pixels by torchvision's uint8 antialiased resize (SIMD, about
-3x PIL's; the same filter as PIL's), and the colour ops run on the small crop in PIL
-(ImageEnhance, HSV hue, GaussianBlur): on CPU this is an order of magnitude faster than
-float tensor ops (DATA.md). Normalisation to float happens on the training worker
+3x PIL's; the same filter as PIL's), and the colour ops run on the small crop with
+OpenCV's uint8 SIMD kernels (torchvision's PIL ops, one pass each): on CPU this is an
+order of magnitude faster than float tensor ops (DATA.md). Normalisation to float happens on the training worker
 (`normalize`).
 
 All randomness of a row comes from one numpy Generator seeded by the row's `aug_seed`,
@@ -19,9 +19,10 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from raysl.data.decode import DecodeError, decode_pixels
@@ -322,23 +323,13 @@ def plan_view(rng: np.random.Generator, crop: Crop, width: int, height: int, eva
     return ViewPlan(box, flip, jitter, gray, blur, solarize)
 
 
-def _hue(img: Image.Image, factor: float) -> Image.Image:
-    """torchvision's PIL adjust_hue: shift H in uint8 HSV with wrap-around."""
-    h, s, v = img.convert("HSV").split()
-    np_h = np.asarray(h, dtype=np.uint8) + np.uint8(int(factor * 255) % 256)  # uint8 wraps
-    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
-
-
-_ENHANCE = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast, "saturation": ImageEnhance.Color}
-
-
 def pixels_of(img: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a (3, H, W) uint8 tensor in channels-last memory (no planar copy)."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def _crop(img: Image.Image | None, pixels: torch.Tensor, box, crop: Crop) -> Image.Image:
-    """Cut `box` out of the source and resize it to crop.size x crop.size.
+def _crop(img: Image.Image | None, pixels: torch.Tensor, box, crop: Crop) -> np.ndarray:
+    """Cut `box` out of the source and resize it to crop.size x crop.size: (size, size, 3) uint8.
 
     Whole-pixel boxes (every RandomResizedCrop box) go through torchvision's uint8
     antialiased resize, which keeps the channels-last source as it is and uses the same
@@ -356,26 +347,63 @@ def _crop(img: Image.Image | None, pixels: torch.Tensor, box, crop: Crop) -> Ima
             interpolation=_TORCH_RESAMPLE[crop.interpolation],
             antialias=True,
         )
-        return Image.merge("RGB", [Image.fromarray(plane) for plane in out.numpy()])
+        return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
     if img is None:
         img = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
-    return img.resize((crop.size, crop.size), _RESAMPLE[crop.interpolation], box=box)
+    return np.asarray(img.resize((crop.size, crop.size), _RESAMPLE[crop.interpolation], box=box))
+
+
+# The colour ops on (H, W, 3) uint8 arrays with OpenCV: each is torchvision's PIL op
+# (ImageEnhance blends, HSV hue shift, ITU-R 601 grey, threshold solarize) computed in one
+# SIMD pass, where PIL builds several intermediate images per op. PIL truncates a blend's
+# result to an integer and OpenCV rounds, so the blends subtract just under half a level
+# first (_FLOOR): the same pixels, without a +0.5-level bias per op. The blur is a true
+# Gaussian (as torchvision's GaussianBlur and BYOL's code), where PIL chains box blurs.
+_FLOOR = -0.4999
+
+
+def _grey(a: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)
+
+
+def brightness(a: np.ndarray, factor: float) -> np.ndarray:
+    return cv2.convertScaleAbs(a, alpha=factor, beta=_FLOOR)  # |x| only moves values that end at 0
+
+
+def contrast(a: np.ndarray, factor: float) -> np.ndarray:
+    mean = int(_grey(a).mean() + 0.5)  # PIL: blend with a flat image of the grey mean
+    return cv2.addWeighted(a, factor, a, 0.0, (1.0 - factor) * mean + _FLOOR)
+
+
+def saturation(a: np.ndarray, factor: float) -> np.ndarray:
+    return cv2.addWeighted(a, factor, cv2.cvtColor(_grey(a), cv2.COLOR_GRAY2RGB), 1.0 - factor, _FLOOR)
+
+
+def hue(a: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision's adjust_hue: shift H in uint8 HSV (H in 0..255) with wrap-around."""
+    hsv = cv2.cvtColor(a, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.uint8(int(factor * 255) % 256)  # uint8 wraps
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+_JITTER = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+_SOLARIZE = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)).astype(np.uint8)
 
 
 def apply_view(img: Image.Image | None, plan: ViewPlan, crop: Crop, pixels: torch.Tensor | None = None) -> np.ndarray:
-    """RGB PIL image (or its `pixels_of`) + plan -> uint8 (3, size, size)."""
+    """RGB PIL image (or its `pixels_of`) + plan -> uint8 (3, size, size) (a view of HWC memory)."""
     out = _crop(img, pixels if pixels is not None else pixels_of(img), plan.box, crop)
     if plan.flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out = cv2.flip(out, 1)
     for op, factor in plan.jitter:
-        out = _hue(out, factor) if op == "hue" else _ENHANCE[op](out).enhance(factor)
+        out = _JITTER[op](out, factor)
     if plan.gray:
-        out = out.convert("L").convert("RGB")
+        out = cv2.cvtColor(_grey(out), cv2.COLOR_GRAY2RGB)
     if plan.blur_sigma is not None:
-        out = out.filter(ImageFilter.GaussianBlur(radius=plan.blur_sigma))
+        out = cv2.GaussianBlur(out, (0, 0), plan.blur_sigma, borderType=cv2.BORDER_REFLECT_101)
     if plan.solarize:
-        out = ImageOps.solarize(out, threshold=128)
-    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
+        out = cv2.LUT(out, _SOLARIZE)
+    return out.transpose(2, 0, 1)
 
 
 def row_rng(aug_seed) -> np.random.Generator:
@@ -400,11 +428,13 @@ class _one_thread:
     one augment task per core."""
 
     def __enter__(self):
-        self.threads = torch.get_num_threads()
+        self.threads = torch.get_num_threads(), cv2.getNumThreads()
         torch.set_num_threads(1)
+        cv2.setNumThreads(1)
 
     def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads[0])
+        cv2.setNumThreads(self.threads[1])
 
 
 class ViewTransform:
