@@ -291,3 +291,16 @@ def test_model_card_lineage_lists_every_set_of_a_mixture(sets, tmp_path):
     data = lineage([curated, web], str(tmp_path))
     assert data["rows"] == data["written"] == 60 and data["shards"] == f"{curated}, {web}"
     assert len((tmp_path / "ATTRIBUTIONS.csv").read_text().strip().splitlines()) == 61  # header + 60 rows
+
+
+def test_an_opened_mixture_gives_the_same_batches_and_counts_only_what_is_taken(ray_local, sets):
+    curated, web = sets
+    mix = mixture.from_config(_data([curated, web], [0.25, 0.75]))
+    kw = dict(seed=3, epoch=1, rank=0, world_size=1)
+    _, plain = _batches(mix, **kw)
+    drawn = {"curated": 7, "web": 21}  # a run's counts so far
+    stream = mix.batches(_rows(mix, **kw), **kw, batch_size=4, start=8, drawn=drawn)
+    stream.open()
+    assert drawn == {"curated": 7, "web": 21} and stream.position == 8
+    assert [[str(k) for k in b["key"]] for b in stream] == plain[2:]
+    assert drawn == {"curated": 7 + 11, "web": 21 + 33} and stream.position == 52

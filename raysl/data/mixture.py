@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from raysl.data import reader
+from raysl.data.ahead import Started
 from raysl.data.schema import Manifest, filesystem_and_path, read_manifest
 from raysl.errors import UserError
 
@@ -260,18 +261,21 @@ class _SetRows:
         self.open_ds, self.prefetch_batches, self.batch_size = open_ds, prefetch_batches, batch_size
         self.it, self.buf, self.at = None, None, 0
 
+    def open(self, lo: int) -> None:
+        """Start the set's pipeline at position `lo` (its first batch in a background thread)."""
+        if self.it is None:
+            rows = self.open_ds(lo).iter_batches(
+                batch_size=self.batch_size,
+                batch_format="numpy",
+                drop_last=False,
+                prefetch_batches=self.prefetch_batches,
+            )
+            self.it = Started(rows)
+
     def take(self, lo: int, hi: int) -> dict | None:
         """The rows of this stream with `pos` in [lo, hi), in order: fewer than hi - lo where
         images did not decode (read_views drops them). None when there are none."""
-        if self.it is None:
-            self.it = iter(
-                self.open_ds(lo).iter_batches(
-                    batch_size=self.batch_size,
-                    batch_format="numpy",
-                    drop_last=False,
-                    prefetch_batches=self.prefetch_batches,
-                )
-            )
+        self.open(lo)
         pieces = []
         while True:
             if self.buf is None or self.at == len(self.buf["pos"]):
@@ -315,12 +319,25 @@ class MixedBatches:
         for s in mix.sets:
             self.drawn.setdefault(s.name, 0)
         self.prefetch_batches = prefetch_batches
+        self._opened: list[_SetRows] | None = None
 
-    def __iter__(self):
-        streams = [
+    def _streams(self) -> list[_SetRows]:
+        return [
             _SetRows(lambda lo, s=s: self.open_set(s, lo), self.prefetch_batches, self.batch_size)
             for s in self.mix.sets
         ]
+
+    def open(self) -> None:
+        """Start every set's pipeline now, each at the rows of it the mixed stream has
+        consumed (where its first take will ask); position, skipped and drawn change only
+        as batches are taken."""
+        if self._opened is None:
+            self._opened = self._streams()
+            for stream, lo in zip(self._opened, self.mix.consumed(self.position)):
+                stream.open(int(lo))
+
+    def __iter__(self):
+        streams, self._opened = self._opened or self._streams(), None
         while True:
             parts, got = [], 0
             while got < self.batch_size:

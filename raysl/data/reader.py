@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from raysl.data.ahead import Started
 from raysl.data.schema import Manifest, filesystem_and_path, read_manifest, shard_paths
 from raysl.data.shard_index import select_rows
 from raysl.errors import UserError
@@ -219,11 +220,22 @@ class ViewBatches:
         self.position = start  # rows of the stream consumed so far
         self.skipped = 0
         self.prefetch_batches = prefetch_batches
+        self._opened: Started | None = None
+
+    def _rows(self):
+        return self.ds.iter_batches(
+            batch_size=self.batch_size, drop_last=True, batch_format="numpy", prefetch_batches=self.prefetch_batches
+        )
+
+    def open(self) -> None:
+        """Start the pipeline now (its first batch in a background thread), ahead of the
+        iteration; position and skipped change only as batches are taken."""
+        if self._opened is None:
+            self._opened = Started(self._rows())
 
     def __iter__(self):
-        for batch in self.ds.iter_batches(
-            batch_size=self.batch_size, drop_last=True, batch_format="numpy", prefetch_batches=self.prefetch_batches
-        ):
+        rows, self._opened = self._opened or self._rows(), None
+        for batch in rows:
             pos = batch["pos"]
             # positions are consecutive except where a corrupt image was dropped
             self.skipped += int(pos[-1] + 1 - self.position - len(pos))

@@ -18,6 +18,7 @@ import torch
 
 from raysl.config import Config
 from raysl.data import mixture, reader
+from raysl.data.ahead import OPEN_AHEAD_STEPS
 from raysl.data.views import normalize
 from raysl.methods.base import Method, collapse_warning, method_class
 from raysl.methods.crops import spec_for
@@ -205,10 +206,10 @@ class Trainer:
         data = self.view_data(shards, epoch, position)
         return reader.ViewBatches(data, batch_size=self.cfg.data.batch_size, start=position)
 
-    def batches_from(self, position: int):
-        """This epoch's training batches from `position`: reader.ViewBatches for one shard
-        set, mixture.MixedBatches for a mixture."""
-        epoch = self.state["epoch"]
+    def batches_from(self, position: int, epoch: int | None = None):
+        """An epoch's training batches from `position` (default: this epoch's):
+        reader.ViewBatches for one shard set, mixture.MixedBatches for a mixture."""
+        epoch = self.state["epoch"] if epoch is None else epoch
         return self.sets.batches(
             lambda s, start: self.view_data(s.path, epoch, start, s.index),
             seed=self.cfg.train.seed,
@@ -297,15 +298,17 @@ class Trainer:
         self.setup()
         self.restore()
         cfg, state = self.cfg, self.state
+        ahead = None  # the next epoch's batches, opened before this epoch ends
         with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
             while state["step"] < self.total:
                 step_in_epoch = state["position"] // self.rows_per_step
                 if step_in_epoch >= self.steps[state["epoch"]]:  # resumed at an epoch's last step
                     state.update(epoch=state["epoch"] + 1, position=0)
                     continue
-                self.stream = self.batches_from(state["position"])
+                self.stream, ahead = ahead or self.batches_from(state["position"]), None
                 self._it = iter(self.stream)
                 while step_in_epoch < self.steps[state["epoch"]] and state["step"] < self.total:
+                    ahead = ahead or self.open_next_epoch(step_in_epoch)
                     out, metrics = self.step()
                     step_in_epoch += 1
                     preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint, stop
@@ -325,6 +328,16 @@ class Trainer:
         if self.log and self.files:
             self.log.close()
             self.files.close()
+
+    def open_next_epoch(self, step_in_epoch: int):
+        """The next epoch's batches, opened (pipeline started) once this epoch has
+        OPEN_AHEAD_STEPS steps left and the run goes on into the next epoch; else None."""
+        epoch, left = self.state["epoch"], self.steps[self.state["epoch"]] - step_in_epoch
+        if left > OPEN_AHEAD_STEPS or epoch + 1 >= len(self.steps) or self.state["step"] + left >= self.total:
+            return None
+        batches = self.batches_from(0, epoch + 1)
+        batches.open()
+        return batches
 
     def _stop_for_preemption(self, workers: int) -> None:
         step = self.state["step"]

@@ -1,0 +1,85 @@
+"""Opening a stream ahead: the first item is fetched in the background, before anyone asks,
+and nothing about the stream changes until its items are taken."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from raysl.data.ahead import OPEN_AHEAD_STEPS, Started
+from raysl.train.trainer import Trainer
+
+
+def test_the_first_item_is_fetched_before_it_is_asked_for():
+    fetched = threading.Event()
+
+    def items():
+        fetched.set()
+        yield from range(5)
+
+    it = Started(items())
+    assert fetched.wait(10)  # no next() yet: the background thread asked
+    assert list(it) == [0, 1, 2, 3, 4]
+
+
+def test_an_error_or_an_empty_stream_surfaces_where_the_first_item_is_asked_for():
+    def broken():
+        raise ValueError("shard gone")
+        yield
+
+    it = Started(broken())
+    with pytest.raises(ValueError, match="shard gone"):
+        next(it)
+    assert list(Started(iter(()))) == []
+
+
+class _Batches:
+    def __init__(self, epoch):
+        self.epoch, self.opened = epoch, False
+
+    def open(self):
+        self.opened = True
+
+
+@pytest.mark.parametrize(
+    "steps, total, epoch, step, step_in_epoch, opens",
+    [
+        ([20, 20, 20], 60, 0, 5, 5, False),  # far from the epoch's end
+        ([20, 20, 20], 60, 0, 20 - OPEN_AHEAD_STEPS, 20 - OPEN_AHEAD_STEPS, True),
+        ([20, 20, 20], 60, 2, 55, 15, False),  # the last epoch: no next one
+        ([20, 20, 20], 20, 0, 15, 15, False),  # max_steps ends the run with this epoch
+        ([20, 20, 20], 24, 0, 15, 15, True),  # ... or 4 steps into the next
+        ([3, 3], 6, 0, 0, 0, True),  # a short epoch opens the next at its start
+    ],
+)
+def test_the_next_epoch_opens_a_few_steps_before_this_one_ends(steps, total, epoch, step, step_in_epoch, opens):
+    t = Trainer.__new__(Trainer)
+    t.steps, t.total, t.state = steps, total, {"epoch": epoch, "step": step}
+    t.batches_from = lambda position, epoch=None: _Batches(epoch)
+    got = t.open_next_epoch(step_in_epoch)
+    assert (got is not None) == opens
+    if opens:
+        assert got.opened and got.epoch == epoch + 1
+
+
+def test_an_opened_view_stream_gives_the_same_batches_and_moves_only_when_taken(ray_local, tmp_path):
+    from shardfactory import digit_images, write_shards
+
+    from raysl.data import reader
+    from raysl.data.views import view_spec
+
+    d = str(tmp_path / "s")
+    write_shards(d, digit_images(20), shard_size=5)
+    spec = view_spec("simclr", size=16)
+
+    def batches():
+        return reader.ViewBatches(reader.read_views(d, spec, seed=1, epoch=2), batch_size=4)
+
+    plain = [b["key"].tolist() for b in batches()]
+    opened = batches()
+    opened.open()
+    assert opened.position == 0 and opened.skipped == 0
+    got = list(opened)
+    assert [b["key"].tolist() for b in got] == plain and opened.position == 20
+    assert got[0]["view_0"].shape == (4, 3, 16, 16)
