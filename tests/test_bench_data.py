@@ -31,6 +31,7 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
     from raysl.bench.data import main, run_data_bench
 
     rows = write_tiny_shards(str(tmp_path))
+    # 6 rows in batches of 4: one batch per epoch, so raysl's timed images cross epochs
     result = run_data_bench(str(tmp_path), "dino", workers=2, images=8, batch_size=4, seed=1)
     assert result["bench"] == "data" and result["views"] == "dino" and result["n_views"] == 10
     assert result["workers"] == 2 and result["images"] == 8 and result["rows"] == rows
@@ -49,7 +50,7 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
         sides.append("lightly_timed")
     for side in sides:
         timed = result[side]
-        assert timed["images"] >= 8 and 0 < timed["first_batch_s"] <= timed["seconds"]
+        assert timed["images"] >= 8 and timed["seconds"] > 0 and timed["fill_s"] > 0
     assert result["raysl_img_s"] == pytest.approx(
         result["raysl_timed"]["images"] / result["raysl_timed"]["seconds"], rel=0.05
     )

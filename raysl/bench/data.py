@@ -14,9 +14,13 @@ and end with float32 ImageNet-normalised tensors, in the same process and run:
   (`DINOTransform(n_local_views=8)`, `SimCLRTransform()`, ...; the `bench` extra), when
   lightly is installed and has one.
 
-Each side first runs an untimed warm-up pass of `warmup` images (process start-up,
-imports, Ray workers); then fresh passes of `images` images are timed from their start,
-so pipeline fill counts (it is paid every epoch) and read-ahead cannot inflate a rate.
+Each turn of a side opens a fresh stream, takes `warmup` images untimed (process
+start-up, imports, Ray's workers, the pipeline's fill: reported as `fill_s`), then times
+the next `images` images of the same stream, as a training worker sees a long run: the
+DataLoaders keep their workers (an iterator over a dataset of endless length), raysl
+crosses its epochs (one dataset per epoch, the next opened a few steps before the
+current one ends, as the trainer does). A stream is timed right after its warm-up, never
+after waiting for another side, so no side counts work buffered while another ran.
 The DataLoader workers run at the niceness Ray gives its workers (15 by default), as
 `raysl bench step` does: on a busy shared machine other processes then take CPU from
 both sides' workers alike (at niceness 0 the baselines would win every contended core).
@@ -130,40 +134,57 @@ class ShardRows(torch.utils.data.Dataset):
         return tuple(out) if isinstance(out, list) else out
 
 
-def _timed(make_stream, images: int) -> dict:
-    """Time one fresh pass from creating the stream to `images` images (batches are lists
-    of view tensors). A pass includes its pipeline fill, as every epoch does."""
+def _take(stream, images: int) -> dict:
+    """Time the next `images` images of a running stream (batches are lists of view tensors)."""
     t0 = time.perf_counter()
-    stream = make_stream()
-    n, first = 0, None
+    n = 0
+    for batch in stream:
+        n += len(batch[0])
+        if n >= images:
+            break
+    seconds = time.perf_counter() - t0
+    return {"images": n, "seconds": round(seconds, 3), "img_s": n / seconds}
+
+
+def _turn(make_stream, warmup: int, images: int) -> dict:
+    """One side's turn: a fresh stream, `warmup` images untimed (its fill), then `images` timed."""
+    stream = iter(make_stream())
     try:
-        for batch in stream:
-            n += len(batch[0])
-            if first is None:
-                first = time.perf_counter() - t0
-            if n >= images:
-                break
+        fill = _take(stream, warmup)["seconds"]
+        timed = _take(stream, images)
     finally:
-        seconds = time.perf_counter() - t0
         close = getattr(stream, "close", None)
         if close:
             close()
         del stream  # a DataLoader iterator shuts its workers down here
-    return {"images": n, "seconds": round(seconds, 3), "first_batch_s": round(first or 0.0, 3), "img_s": n / seconds}
+    return {**timed, "fill_s": fill}
 
 
 def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int, seed: int):
     """What a training worker gets, with the training defaults (data.task_cpus 0: the
-    tasks share the cores; data.augment_tasks = workers): ViewBatches, then normalize."""
-    from raysl.data.reader import ViewBatches, read_views
+    tasks share the cores; data.augment_tasks = workers): ViewBatches, then normalize;
+    one dataset per epoch, the next opened OPEN_AHEAD_STEPS batches before the end."""
+    from raysl.data.ahead import OPEN_AHEAD_STEPS
+    from raysl.data.reader import ViewBatches, read_views, steps_per_epoch
 
     keys = [f"view_{i}" for i in range(spec.n_views)]
-    epoch = 0
-    while True:  # cycle over the rows: one dataset per epoch, as training does
+    manifest = read_manifest(shards)
+
+    def epoch_batches(epoch: int) -> ViewBatches:
         ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers, num_cpus=0.0)
-        for batch in ViewBatches(ds, batch_size=batch_size):
+        return ViewBatches(ds, batch_size=batch_size)
+
+    epoch, stream = 0, epoch_batches(0)
+    while True:
+        steps = steps_per_epoch(manifest, batch_size=batch_size, seed=seed, epoch=epoch, world_size=1)
+        ahead = None
+        for i, batch in enumerate(stream):
+            if ahead is None and i >= steps - OPEN_AHEAD_STEPS:
+                ahead = epoch_batches(epoch + 1)
+                ahead.open()
             yield [normalize(torch.from_numpy(batch[k])) for k in keys]
         epoch += 1
+        stream = ahead or epoch_batches(epoch)
 
 
 def _nice_worker(nice: int, worker_id: int) -> None:
@@ -194,7 +215,7 @@ def run_data_bench(
     import ray
 
     spec = view_spec(views)
-    warmup = batch_size * workers if warmup is None else warmup
+    warmup = 4 * batch_size if warmup is None else warmup
     torch.manual_seed(seed)
     rows = read_images(shards)
     loaders = {"baseline": _PerView(spec)}
@@ -221,11 +242,9 @@ def run_data_bench(
         ray.data.DataContext.get_current().enable_progress_bars = False
         make = {side: (lambda loader=loader: iter(loader)) for side, loader in loaders.items()}
         make["raysl"] = lambda: _raysl_batches(shards, spec, workers=workers, batch_size=batch_size, seed=seed)
-        for side in timed:
-            _timed(make[side], warmup)
         for _ in range(repeats):
             for side in timed:
-                timed[side].append(_timed(make[side], images))
+                timed[side].append(_turn(make[side], warmup, images))
     finally:
         if started_ray:
             ray.shutdown()
@@ -266,9 +285,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=None, help="untimed images per turn (default 4 batches)")
     a = p.parse_args(argv)
     result = run_data_bench(
-        a.shards, a.views, workers=a.workers, images=a.images, batch_size=a.batch_size, seed=a.seed, repeats=a.repeats
+        a.shards,
+        a.views,
+        workers=a.workers,
+        images=a.images,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        warmup=a.warmup,
+        repeats=a.repeats,
     )
     print(json.dumps(result), flush=True)
 
