@@ -26,15 +26,18 @@ they still work, with a DeprecationWarning.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import warnings
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from raysl.data.decode import EXIF_ORIENTATION
 from raysl.data.views import _TORCH_RESAMPLE, IMAGENET_MEAN, IMAGENET_STD, Crop, ViewPlan, ViewSpec, plan_views
 from raysl.errors import UserError
 
@@ -56,22 +59,54 @@ def blur_kernel_size(crop: Crop) -> int:
     return max(crop.size // 10 // 2 * 2 + 1, 2 * math.ceil(3 * crop.blur_sigma[1]) + 1)
 
 
-def _decode(data: list[torch.Tensor], device: torch.device, first: int = 0) -> list[torch.Tensor | None]:
-    """Batched decode; when the batch call raises, one by one so only the bad rows are lost."""
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) in a JPEG's header, 1 where there is none or it is unreadable."""
+    try:
+        return int(Image.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # not an image (decode drops it), or a damaged EXIF block (the image stays)
+        return 1
+
+
+def upright(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, H, W) as stored -> as displayed: PIL's ImageOps.exif_transpose on a tensor."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-2, -1)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(img, -1, (-2, -1))
+    if orientation == 7:
+        return img.flip(-2, -1).transpose(-2, -1)
+    if orientation == 8:
+        return torch.rot90(img, 1, (-2, -1))
+    return img
+
+
+def _decode(images: list[bytes], device: torch.device, first: int = 0) -> list[torch.Tensor | None]:
+    """Batched decode, upright as the CPU path decodes (nvJPEG ignores decode_jpeg's
+    apply_exif_orientation, so the EXIF orientation is read from the header and applied
+    here on every device); when the batch call raises, one by one so only the bad rows are lost."""
+    data = [
+        torch.frombuffer(bytearray(b), dtype=torch.uint8) if len(b) else torch.empty(0, dtype=torch.uint8)
+        for b in images
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io -> TorchCodec
         try:
-            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
-        except RuntimeError:
-            pass
-        out: list[torch.Tensor | None] = []
-        for i, d in enumerate(data):
-            try:
-                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
-            except RuntimeError as exc:
-                log.warning("dropping row %d: not a JPEG that decodes (%s)", first + i, _reason(exc))
-                out.append(None)
-        return out
+            out: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except (RuntimeError, ValueError):
+            out = []
+            for i, d in enumerate(data):
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("dropping row %d: not a JPEG that decodes (%s)", first + i, _reason(exc))
+                    out.append(None)
+    return [img if img is None else upright(img, exif_orientation(b)) for img, b in zip(out, images)]
 
 
 def _reason(exc: Exception) -> str:
@@ -120,7 +155,9 @@ def _apply_jitter_op(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Te
     if op == "saturation":
         return _blend(x, _gray(x), factor)
     if op == "hue":
-        return _shift_hue(x, factor)
+        # The CPU path (PIL, as torchvision's PIL adjust_hue) adds trunc(factor * 255) to an
+        # 8-bit hue whose full turn is 255: shift by the same whole steps
+        return _shift_hue(x, torch.trunc(factor * 255) / 255)
     raise ValueError(f"unknown colour op {op!r}; expected one of {JITTER_OPS}")
 
 
@@ -181,8 +218,7 @@ class GPUViews:
         parts: list[list[torch.Tensor]] = []
         kept: list[int] = []
         for start in range(0, len(images), self.chunk):
-            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images[start : start + self.chunk]]
-            decoded = _decode(data, self.device, start)
+            decoded = _decode(images[start : start + self.chunk], self.device, start)
             rows = [i for i, img in enumerate(decoded) if img is not None]
             self.dropped += len(decoded) - len(rows)
             if not rows:
