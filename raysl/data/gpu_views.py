@@ -35,10 +35,9 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from raysl.data.decode import EXIF_ORIENTATION
-from raysl.data.views import _TORCH_RESAMPLE, IMAGENET_MEAN, IMAGENET_STD, Crop, ViewPlan, ViewSpec, plan_views
+from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewPlan, ViewSpec, plan_views
 from raysl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -113,6 +112,18 @@ def _reason(exc: Exception) -> str:
     """torchvision's decode error without its source path ("decode_jpeg, file.cpp:171, msg")."""
     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     return text.split(", ", 2)[-1][:200]
+
+
+def _resized_crop(pixels: torch.Tensor, box, crop: Crop) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, size, size) on 0..255, unclamped: the box cut out and
+    resized with antialiasing and the crop's filter (torchvision's resize of a float
+    tensor, called as torch.nn.functional.interpolate without its per-call dispatch)."""
+    left, top, right, bottom = (int(v) for v in box)
+    region = pixels[:, top:bottom, left:right].unsqueeze(0).to(torch.float32)
+    size = (crop.size, crop.size)
+    return torch.nn.functional.interpolate(region, size, mode=crop.interpolation, align_corners=False, antialias=True)[
+        0
+    ]
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -238,29 +249,21 @@ class GPUViews:
         per view float32 (rows, 3, size, size) normalised. No randomness here."""
         if len(pixels) != len(plans) or any(len(p) != len(self.crops) for p in plans):
             raise ValueError(f"need one plan per view ({len(self.crops)}) for each of the {len(pixels)} images")
-        out: list[torch.Tensor | None] = [None] * len(self.crops)
+        n = len(pixels)
+        out: dict[int, torch.Tensor] = {}
         for size in sorted({c.size for c in self.crops}, reverse=True):
             idx = [j for j, c in enumerate(self.crops) if c.size == size]
             # all views of this size, view-major: row r of view idx[v] sits at v * n + r
-            flat_plans = [plans[r][j] for j in idx for r in range(len(pixels))]
-            flat_crops = [self.crops[j] for j in idx for _ in pixels]
-            x = torch.stack(
-                [self._crop(pixels[r], plans[r][j], self.crops[j]) for j in idx for r in range(len(pixels))]
-            )
+            flat_plans = [plans[r][j] for j in idx for r in range(n)]
+            flat_crops = [self.crops[j] for j in idx for _ in range(n)]
+            x = torch.stack([_resized_crop(pixels[r], plans[r][j].box, self.crops[j]) for j in idx for r in range(n)])
+            x = x.clamp_(0, 255).div_(255)  # bicubic overshoots; the CPU path's uint8 resize clamps
+            _where_rows(x, [r for r, p in enumerate(flat_plans) if p.flip], lambda y: y.flip(-1))
             self._colour(x, flat_plans, flat_crops)
             x = x.sub_(self._mean).div_(self._std)
             for v, j in enumerate(idx):
-                out[j] = x[v * len(pixels) : (v + 1) * len(pixels)]
-        return out  # type: ignore[return-value]
-
-    def _crop(self, pixels: torch.Tensor, plan: ViewPlan, crop: Crop) -> torch.Tensor:
-        left, top, right, bottom = (int(v) for v in plan.box)
-        region = pixels[:, top:bottom, left:right].to(torch.float32)
-        out = TF.resize(
-            region, [crop.size, crop.size], interpolation=_TORCH_RESAMPLE[crop.interpolation], antialias=True
-        )
-        out = out.clamp_(0, 255).div_(255)  # bicubic overshoots; the CPU path's uint8 resize clamps
-        return out.flip(-1) if plan.flip else out
+                out[j] = x[v * n : (v + 1) * n]
+        return [out[j] for j in range(len(self.crops))]
 
     def _colour(self, x: torch.Tensor, plans: list[ViewPlan], crops: list[Crop]) -> None:
         """The plans' jitter, grayscale, blur and solarize on x (rows, 3, s, s) in [0, 1], in place."""
