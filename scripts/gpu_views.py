@@ -72,6 +72,8 @@ def time_gpu_views(images: list[bytes], device: str, batch_size: int, passes: in
     from raysl.data.views import view_spec
 
     cuda = torch.device(device).type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)  # the smoke test: one thread, as a CPU worker (and no contention)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     views = GPUViews(view_spec("dino"), device, chunk=batch_size)
     if cuda:
