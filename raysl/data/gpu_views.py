@@ -5,16 +5,19 @@ decoded with `torchvision.io.decode_jpeg(..., device=device)` (nvJPEG on CUDA, l
 the CPU), each row's random decisions are drawn by the CPU path's own `plan_views` from
 the row's `aug_seed` at the decoded size, and the plans are applied on the device:
 
-- crop + resize per image and view (torchvision's antialiased resize, the crop's filter),
-  then the flip;
+- the image turned upright from its EXIF orientation (nvJPEG ignores decode_jpeg's
+  apply_exif_orientation, so it is read from the header and applied here on every device);
+- crop + resize per image and view (antialiased interpolation with the crop's filter, as
+  torchvision's resize of a float tensor), then the flip;
 - colour jitter batched over all views of one size, with per-row factors and per-row op
   order (for each of the four positions, each op is applied to the rows that have it there);
-  grayscale, Gaussian blur with per-row sigma (a grouped separable convolution),
-  solarize (threshold 128 of 255); then ImageNet normalisation.
+  grayscale, Gaussian blur with per-row sigma (a grouped separable convolution; kernel
+  `blur_kernel_size`), solarize (threshold 128 of 255); then ImageNet normalisation.
 
 The arithmetic stays in float32 on [0, 1] between the crop and the normalisation, where
-the CPU path rounds to uint8 after every PIL op: the two agree within a grey level or
-two per op (tests/test_gpu_views.py measures each), not bit for bit.
+the CPU path truncates to uint8 after every PIL op: the two agree within a grey level
+per op and three for a whole DINO view on average (tests/test_gpu_views.py measures
+each op), not bit for bit.
 
 Only JPEGs decode here: other formats and damaged files are dropped, counted
 (`GPUViews.dropped`) and logged, never raised. Patch masks (`spec.masks`) and the eval
@@ -173,15 +176,15 @@ def _apply_jitter_op(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Te
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per row: a grouped convolution, reflect padding
-    (as torchvision's gaussian_blur)."""
+    """Separable Gaussian blur with one sigma per row: a grouped convolution. Edge pixels are
+    repeated, as PIL's blur (the CPU path) clamps at the edges; torchvision reflects."""
     n, c, h, w = x.shape
     half = kernel // 2
     pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     k1d = torch.exp(-0.5 * (pos.view(1, -1) / sigma.view(-1, 1)) ** 2)
     k1d = (k1d / k1d.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, kernel)
     y = x.reshape(1, n * c, h, w)
-    y = torch.nn.functional.pad(y, (half, half, half, half), mode="reflect")
+    y = torch.nn.functional.pad(y, (half, half, half, half), mode="replicate")
     y = torch.nn.functional.conv2d(y, k1d.view(n * c, 1, 1, kernel), groups=n * c)
     y = torch.nn.functional.conv2d(y, k1d.view(n * c, 1, kernel, 1), groups=n * c)
     return y.view(n, c, h, w)
