@@ -95,6 +95,7 @@ def cmd_bench_data(args) -> None:
         workers=args.workers,
         images=args.images,
         batch_size=args.batch_size,
+        warmup=args.warmup,
         repeats=args.repeats,
     )
     print(json.dumps(result))
@@ -440,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--images", type=int, default=256)
     bd.add_argument("--batch-size", type=int, default=32)
     bd.add_argument("--repeats", type=int, default=1, help="timed passes per side, the sides taking turns")
+    bd.add_argument("--warmup", type=int, default=None, help="untimed images per turn (default 8 batches)")
     bd.set_defaults(func=cmd_bench_data)
     bo = bsub.add_parser("optim", help="optimizer state bytes/param: fp32 AdamW vs AdamW8bit")
     bo.add_argument("--model", default="vit_base_patch16_224")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from raysl.data.ahead import OPEN_AHEAD_STEPS, Started
+from raysl.data.ahead import OPEN_AHEAD_STEPS, NextEpoch, Started
 from raysl.train.trainer import Trainer
 
 
@@ -53,14 +53,28 @@ class _Batches:
         ([3, 3], 6, 0, 0, 0, True),  # a short epoch opens the next at its start
     ],
 )
-def test_the_next_epoch_opens_a_few_steps_before_this_one_ends(steps, total, epoch, step, step_in_epoch, opens):
+def test_the_next_epoch_opens_before_this_one_ends(steps, total, epoch, step, step_in_epoch, opens):
     t = Trainer.__new__(Trainer)
-    t.steps, t.total, t.state = steps, total, {"epoch": epoch, "step": step}
+    t.steps, t.total, t.state, t.next_epoch = steps, total, {"epoch": epoch, "step": step}, NextEpoch()
     t.batches_from = lambda position, epoch=None: _Batches(epoch)
     got = t.open_next_epoch(step_in_epoch)
     assert (got is not None) == opens
     if opens:
         assert got.opened and got.epoch == epoch + 1
+
+
+def test_the_next_epoch_opens_two_fills_before_the_end_but_not_before_half_the_epoch():
+    rule = NextEpoch()
+    rule.saw_fill(5.0)  # the first epoch took 5 s to its first batch
+    for _ in range(50):
+        rule.saw_step(0.5)
+    assert not rule.due(21, 1000) and rule.due(20, 1000)  # 20 steps of 0.5 s = two fills
+    assert not rule.due(20, 30) and rule.due(15, 30)  # ... but not before half an epoch of 30
+    assert rule.due(OPEN_AHEAD_STEPS, OPEN_AHEAD_STEPS)  # the last few steps always
+    rule.saw_fill(1.0)  # a shorter fill later does not shrink the margin
+    assert rule.due(20, 1000)
+    fresh = NextEpoch()  # nothing measured yet: only the last few steps
+    assert not fresh.due(OPEN_AHEAD_STEPS + 1, 1000) and fresh.due(OPEN_AHEAD_STEPS, 1000)
 
 
 def test_an_opened_view_stream_gives_the_same_batches_and_moves_only_when_taken(ray_local, tmp_path):

@@ -163,26 +163,33 @@ def _turn(make_stream, warmup: int, images: int) -> dict:
 def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int, seed: int):
     """What a training worker gets, with the training defaults (data.task_cpus 0: the
     tasks share the cores; data.augment_tasks = workers): ViewBatches, then normalize;
-    one dataset per epoch, the next opened OPEN_AHEAD_STEPS batches before the end."""
-    from raysl.data.ahead import OPEN_AHEAD_STEPS
+    one dataset per epoch, the next opened ahead by the trainer's rule (ahead.NextEpoch)."""
+    from raysl.data.ahead import NextEpoch
     from raysl.data.reader import ViewBatches, read_views, steps_per_epoch
 
     keys = [f"view_{i}" for i in range(spec.n_views)]
     manifest = read_manifest(shards)
+    rule = NextEpoch()
 
     def epoch_batches(epoch: int) -> ViewBatches:
         ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers, num_cpus=0.0)
         return ViewBatches(ds, batch_size=batch_size)
 
-    epoch, stream = 0, epoch_batches(0)
+    epoch, stream, t = 0, epoch_batches(0), time.perf_counter()
     while True:
         steps = steps_per_epoch(manifest, batch_size=batch_size, seed=seed, epoch=epoch, world_size=1)
         ahead = None
         for i, batch in enumerate(stream):
-            if ahead is None and i >= steps - OPEN_AHEAD_STEPS:
+            now = time.perf_counter()
+            if epoch == i == 0:
+                rule.saw_fill(now - t)
+            else:
+                rule.saw_step(now - t)
+            if ahead is None and rule.due(steps - i, steps):
                 ahead = epoch_batches(epoch + 1)
                 ahead.open()
             yield [normalize(torch.from_numpy(batch[k])) for k in keys]
+            t = time.perf_counter()
         epoch += 1
         stream = ahead or epoch_batches(epoch)
 
@@ -215,7 +222,7 @@ def run_data_bench(
     import ray
 
     spec = view_spec(views)
-    warmup = 4 * batch_size if warmup is None else warmup
+    warmup = 8 * batch_size if warmup is None else warmup
     torch.manual_seed(seed)
     rows = read_images(shards)
     loaders = {"baseline": _PerView(spec)}
@@ -224,7 +231,9 @@ def run_data_bench(
         loaders["lightly"] = lightly
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        from raysl.runtime import worker_pool
+
+        ray.init(include_dashboard=False, log_to_driver=False, _system_config=worker_pool(None))
     from raysl.bench.step import worker_niceness
 
     nice = worker_niceness()
@@ -234,6 +243,10 @@ def run_data_bench(
             batch_size=batch_size,
             num_workers=workers,
             worker_init_fn=functools.partial(_nice_worker, nice),
+            # Forked from a process that runs Ray, a worker can inherit a Ray lock held by
+            # another thread and hang in its first garbage collection; spawned ones start clean
+            # (their start-up is in the untimed warm-up).
+            multiprocessing_context="spawn" if workers else None,
         )
         for side, t in loaders.items()
     }  # each cycles over the rows; a pass stops early

@@ -1,9 +1,10 @@
 """Open a stream ahead of its use: its first item is fetched in a background thread.
 
 A Ray Data pipeline starts only when its first batch is asked for, and its fill (plan,
-read task, first augment tasks) takes seconds. The trainer opens the next epoch's stream
-a few steps before the current epoch ends, so that fill overlaps the last steps instead
-of stalling the first step of the next epoch.
+read task, first augment tasks, often in a fresh worker process that imports torch)
+takes seconds. The trainer opens the next epoch's stream before the current epoch ends
+(`NextEpoch`), so that fill overlaps the last steps instead of stalling the first step
+of the next epoch.
 """
 
 from __future__ import annotations
@@ -12,10 +13,31 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-# Steps before an epoch's end at which the next epoch's pipeline starts, so its fill
-# overlaps them instead of stalling the next epoch's first step. What it makes meanwhile
-# waits in the object store until the epoch turns.
+# The next epoch opens at the latest this many steps before the current one ends.
 OPEN_AHEAD_STEPS = 8
+
+
+class NextEpoch:
+    """When to open the next epoch's stream: once the steps left in this one take less than
+    twice the pipeline's fill (its first batch after opening: planning, the read, a fresh
+    augment worker importing torch; seconds), so the fill is over before they are. Both
+    are measured on the run itself: the run's first fill (cold: an upper bound), an
+    average of the steps. Never before half the epoch: the two pipelines share the CPUs,
+    and what the next one makes waits in the object store until the epoch turns."""
+
+    def __init__(self) -> None:
+        self.fill_s = 0.0
+        self.step_s = 0.0
+
+    def saw_fill(self, seconds: float) -> None:
+        self.fill_s = max(self.fill_s, seconds)
+
+    def saw_step(self, seconds: float) -> None:
+        self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
+
+    def due(self, steps_left: int, epoch_steps: int) -> bool:
+        timed = self.step_s > 0 and steps_left * self.step_s <= 2 * self.fill_s
+        return steps_left <= OPEN_AHEAD_STEPS or (timed and 2 * steps_left <= epoch_steps)
 
 
 class Started(Iterator):

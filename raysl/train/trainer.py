@@ -18,7 +18,7 @@ import torch
 
 from raysl.config import Config
 from raysl.data import mixture, reader
-from raysl.data.ahead import OPEN_AHEAD_STEPS
+from raysl.data.ahead import NextEpoch
 from raysl.data.views import normalize
 from raysl.methods.base import Method, collapse_warning, method_class
 from raysl.methods.crops import spec_for
@@ -106,6 +106,8 @@ class Trainer:
         self.resume_from, self.report_every = resume_from, report_every
         self.pins = pins  # the index file of each shard set (mixture.pin): appends do not change them
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "skipped": 0, "drawn": {}}
+        self.next_epoch = NextEpoch()  # when to open the next epoch's stream
+        self.first_step = 0  # the step this attempt started from
         self.log: MetricsLog | None = None  # rank 0's
         self.files: storage.RunFiles | None = None  # rank 0's
 
@@ -249,7 +251,10 @@ class Trainer:
                 self.stream = self.batches_from(0)
                 self._it = iter(self.stream)
                 batch = next(self._it)
-            self.data_wait += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.data_wait += waited
+            if self.state["step"] == self.first_step:
+                self.next_epoch.saw_fill(waited)  # the run's first batch: a pipeline's whole fill
             yield self.to_batch(batch)
 
     # --- the loop ------------------------------------------------------------------------
@@ -299,6 +304,7 @@ class Trainer:
         self.restore()
         cfg, state = self.cfg, self.state
         ahead = None  # the next epoch's batches, opened before this epoch ends
+        self.next_epoch, self.first_step = NextEpoch(), state["step"]
         with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
             while state["step"] < self.total:
                 step_in_epoch = state["position"] // self.rows_per_step
@@ -309,7 +315,9 @@ class Trainer:
                 self._it = iter(self.stream)
                 while step_in_epoch < self.steps[state["epoch"]] and state["step"] < self.total:
                     ahead = ahead or self.open_next_epoch(step_in_epoch)
+                    t0 = time.perf_counter()
                     out, metrics = self.step()
+                    self.next_epoch.saw_step(time.perf_counter() - t0)
                     step_in_epoch += 1
                     preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint, stop
                     for callback in self.callbacks:
@@ -330,10 +338,14 @@ class Trainer:
             self.files.close()
 
     def open_next_epoch(self, step_in_epoch: int):
-        """The next epoch's batches, opened (pipeline started) once this epoch has
-        OPEN_AHEAD_STEPS steps left and the run goes on into the next epoch; else None."""
+        """The next epoch's batches, opened (pipeline started) once `next_epoch` says it is
+        due and the run goes on into the next epoch; else None."""
         epoch, left = self.state["epoch"], self.steps[self.state["epoch"]] - step_in_epoch
-        if left > OPEN_AHEAD_STEPS or epoch + 1 >= len(self.steps) or self.state["step"] + left >= self.total:
+        if (
+            not self.next_epoch.due(left, self.steps[epoch])
+            or epoch + 1 >= len(self.steps)
+            or self.state["step"] + left >= self.total
+        ):
             return None
         batches = self.batches_from(0, epoch + 1)
         batches.open()
