@@ -85,19 +85,11 @@ def cmd_bench_curate(args) -> None:
 
 
 def cmd_bench_data(args) -> None:
-    from raysl.bench.data import run_data_bench
+    from raysl.bench.data import run_from_args
     from raysl.runtime import init_ray
 
     print(init_ray(args.address), file=sys.stderr)
-    result = run_data_bench(
-        args.shards,
-        args.views,
-        workers=args.workers,
-        images=args.images,
-        batch_size=args.batch_size,
-        warmup=args.warmup,
-        repeats=args.repeats,
-    )
+    result = run_from_args(args)
     print(json.dumps(result))
 
 
@@ -435,13 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     bd = _ray_command(bsub.add_parser("data", help="raysl view pipeline vs plain DataLoaders (torchvision, lightly)"))
-    bd.add_argument("--shards", type=resolve_path, required=True)
-    bd.add_argument("--views", default="dino")
-    bd.add_argument("--workers", type=int, default=2)
-    bd.add_argument("--images", type=int, default=256)
-    bd.add_argument("--batch-size", type=int, default=32)
-    bd.add_argument("--repeats", type=int, default=1, help="timed passes per side, the sides taking turns")
-    bd.add_argument("--warmup", type=int, default=None, help="untimed images per turn (default 8 batches)")
+    from raysl.bench.data import add_arguments as add_data_arguments
+
+    add_data_arguments(bd)
     bd.set_defaults(func=cmd_bench_data)
     bo = bsub.add_parser("optim", help="optimizer state bytes/param: fp32 AdamW vs AdamW8bit")
     bo.add_argument("--model", default="vit_base_patch16_224")

@@ -56,6 +56,6 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
     )
     json.dumps(result)
 
-    main([str(tmp_path), "--views", "simclr", "--workers", "1", "--images", "4", "--batch-size", "2"])
+    main(["--shards", str(tmp_path), "--views", "simclr", "--workers", "1", "--images", "4", "--batch-size", "2"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line)["views"] == "simclr"

@@ -289,18 +289,21 @@ def run_data_bench(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="raysl bench data", description=__doc__.splitlines()[0])
-    p.add_argument("shards")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument("--shards", type=resolve_path, required=True)
     p.add_argument("--views", default="dino")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=None, help="untimed images per turn (default 4 batches)")
-    a = p.parse_args(argv)
-    result = run_data_bench(
+    p.add_argument("--repeats", type=int, default=1, help="timed passes per side, the sides taking turns")
+    p.add_argument("--warmup", type=int, default=None, help="untimed images per turn (default 8 batches)")
+
+
+def run_from_args(a) -> dict:
+    return run_data_bench(
         a.shards,
         a.views,
         workers=a.workers,
@@ -310,7 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         warmup=a.warmup,
         repeats=a.repeats,
     )
-    print(json.dumps(result), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="raysl bench data", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    print(json.dumps(run_from_args(p.parse_args(argv))), flush=True)
 
 
 if __name__ == "__main__":
