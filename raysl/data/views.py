@@ -4,8 +4,8 @@ Everything stays in uint8: each image is decoded once, each crop is cut and resi
 straight from the decoded pixels by torchvision's uint8 antialiased resize (SIMD, about
 3x PIL's; the same filter as PIL's), and the colour ops run on the small crop with
 OpenCV's uint8 SIMD kernels (torchvision's PIL ops, one pass each): on CPU this is an
-order of magnitude faster than float tensor ops (DATA.md). Normalisation to float happens on the training worker
-(`normalize`).
+order of magnitude faster than float tensor ops (DATA.md). Normalisation to float
+happens on the training worker (`normalize`).
 
 All randomness of a row comes from one numpy Generator seeded by the row's `aug_seed`,
 so a row gives the same views whichever worker or process augments it. Drawing the

@@ -264,6 +264,8 @@ class Trainer:
         self.values = values = {**self.schedules.at(self.state["step"]), "step": self.state["step"]}
         t0, self.data_wait = time.perf_counter(), 0.0
         out = train_step(self.engine, self.method, self.optimizer, self._micro_batches(), values)
+        seconds = time.perf_counter() - t0
+        self.next_epoch.saw_step(seconds)
         self.state["step"] += 1
         self.state["position"] = self.stream.position
         metrics = global_metrics(
@@ -271,7 +273,7 @@ class Trainer:
             self.state,
             self.stream.skipped,
             values,
-            self.global_batch / (time.perf_counter() - t0),
+            self.global_batch / seconds,
             preempted=preemption.requested(),
             drawn=self.state["drawn"],
         )
@@ -304,7 +306,7 @@ class Trainer:
         self.restore()
         cfg, state = self.cfg, self.state
         ahead = None  # the next epoch's batches, opened before this epoch ends
-        self.next_epoch, self.first_step = NextEpoch(), state["step"]
+        self.first_step = state["step"]
         with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
             while state["step"] < self.total:
                 step_in_epoch = state["position"] // self.rows_per_step
@@ -315,9 +317,7 @@ class Trainer:
                 self._it = iter(self.stream)
                 while step_in_epoch < self.steps[state["epoch"]] and state["step"] < self.total:
                     ahead = ahead or self.open_next_epoch(step_in_epoch)
-                    t0 = time.perf_counter()
                     out, metrics = self.step()
-                    self.next_epoch.saw_step(time.perf_counter() - t0)
                     step_in_epoch += 1
                     preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint, stop
                     for callback in self.callbacks:
