@@ -63,7 +63,8 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
 
 
-def _orientation(img: Image.Image) -> int:
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 where there is none or it is unreadable."""
     try:
         return int(img.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # a damaged EXIF block must not cost us the image
@@ -104,7 +105,7 @@ def probe(data: bytes, *, max_pixels: int | None = None) -> ImageInfo:
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise DecodeError("too_large", f"{w}x{h} pixels > max_pixels {max_pixels}")
-    if _orientation(img) in _SWAPS_SIDES:
+    if orientation(img) in _SWAPS_SIDES:
         w, h = h, w
     try:
         # Decoding every pixel is the only reliable test for truncation; at 1/8 DCT
@@ -163,7 +164,7 @@ def decode_pixels(data: bytes, *, min_side: int | None = None) -> np.ndarray:
     """decode_rgb as an (H, W, 3) uint8 array. Plain RGB JPEGs (no EXIF rotation) decode
     with simplejpeg straight into the array, at the same DCT scale; the rest with PIL."""
     img = _open(data)
-    if img.format in ("JPEG", "MPO") and img.mode == "RGB" and _orientation(img) == 1:
+    if img.format in ("JPEG", "MPO") and img.mode == "RGB" and orientation(img) == 1:
         size = _draft_size(img, min_side) if min_side else None
         try:
             if size is None:

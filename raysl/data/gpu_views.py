@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from raysl.data.decode import EXIF_ORIENTATION
+from raysl.data.decode import orientation
 from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewPlan, ViewSpec, plan_views
 from raysl.errors import UserError
 
@@ -64,9 +64,10 @@ def blur_kernel_size(crop: Crop) -> int:
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation (1-8) in a JPEG's header, 1 where there is none or it is unreadable."""
     try:
-        return int(Image.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # not an image (decode drops it), or a damaged EXIF block (the image stays)
+        img = Image.open(io.BytesIO(data))
+    except Exception:  # not an image: decode drops it
         return 1
+    return orientation(img)  # the CPU decode's reading, damaged EXIF blocks included
 
 
 def upright(img: torch.Tensor, orientation: int) -> torch.Tensor:
