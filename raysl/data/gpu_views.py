@@ -15,7 +15,7 @@ the row's `aug_seed` at the decoded size, and the plans are applied on the devic
   `blur_kernel_size`), solarize (threshold 128 of 255); then ImageNet normalisation.
 
 The arithmetic stays in float32 on [0, 1] between the crop and the normalisation, where
-the CPU path truncates to uint8 after every PIL op: the two agree within a grey level
+the CPU path truncates to uint8 after every op (as PIL does): the two agree within a grey level
 per op and three for a whole DINO view on average (tests/test_gpu_views.py measures
 each op), not bit for bit.
 
@@ -56,8 +56,8 @@ class GPUViewBatch(NamedTuple):
 
 def blur_kernel_size(crop: Crop) -> int:
     """Odd kernel side: the torchvision recipe's ~10% of the crop (23 for 224, 9 for 96),
-    widened to cover 3 sigma of the largest sigma, as the CPU path's PIL blur (which has
-    no cut-off) does: 13 for sigma 2 on a 96 px crop."""
+    widened to cover 3 sigma of the largest sigma, as PIL's blur (no cut-off) and the CPU
+    path's OpenCV blur (3 sigma) do: 13 for sigma 2 on a 96 px crop."""
     return max(crop.size // 10 // 2 * 2 + 1, 2 * math.ceil(3 * crop.blur_sigma[1]) + 1)
 
 
@@ -170,15 +170,17 @@ def _apply_jitter_op(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Te
     if op == "saturation":
         return _blend(x, _gray(x), factor)
     if op == "hue":
-        # The CPU path (PIL, as torchvision's PIL adjust_hue) adds trunc(factor * 255) to an
-        # 8-bit hue whose full turn is 255: shift by the same whole steps
+        # torchvision's PIL adjust_hue (the recipes' op) adds trunc(factor * 255) to an 8-bit
+        # hue whose full turn is 255: shift by the same whole steps (the CPU path's OpenCV hue
+        # turns in 256 steps)
         return _shift_hue(x, torch.trunc(factor * 255) / 255)
     raise ValueError(f"unknown colour op {op!r}; expected one of {JITTER_OPS}")
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
     """Separable Gaussian blur with one sigma per row: a grouped convolution. Edge pixels are
-    repeated, as PIL's blur (the CPU path) clamps at the edges; torchvision reflects."""
+    repeated, as PIL's blur clamps at the edges; torchvision and the CPU path's OpenCV blur
+    reflect."""
     n, c, h, w = x.shape
     half = kernel // 2
     pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
