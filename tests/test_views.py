@@ -287,6 +287,36 @@ def test_crop_box_fallback_is_torchvisions_centre_crop():
         assert 0 <= x < r <= 300 and 0 <= t < b <= 200
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_crops_are_torchvisions_resized_crop(interpolation):
+    """The crop + resize is what torchvision's uint8 `resized_crop` gives, byte for byte
+    (called through torch alone, so data workers need not import torchvision)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    rng = np.random.default_rng(0)
+    for name in ("rocket.jpg", "chelsea.png"):
+        pixels = V.pixels_of(decode_rgb(real(name)))
+        for size, scale in ((224, (0.08, 1.0)), (96, (0.05, 0.4)), (32, (0.9, 1.0))):
+            crop = V.Crop(size, scale, interpolation=interpolation)
+            for _ in range(5):
+                box = V.crop_box(rng, pixels.shape[2], pixels.shape[1], crop.scale, crop.ratio)
+                left, top, right, bottom = box
+                ref = TF.resized_crop(
+                    pixels, top, left, bottom - top, right - left, [size, size], TF.InterpolationMode(interpolation)
+                )
+                np.testing.assert_array_equal(V._crop(None, pixels, box, crop), ref.permute(1, 2, 0).numpy())
+
+
+def test_the_view_workers_do_not_import_torchvision():
+    """A fresh data worker imports what the views need; torchvision (and torch._dynamo,
+    which it pulls in) costs each one about a second of CPU more."""
+    import subprocess
+    import sys
+
+    code = "import sys, raysl.data.reader, raysl.data.views; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_eval_view_is_resize_then_centre_crop():
     import torchvision.transforms.v2 as T
 

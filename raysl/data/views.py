@@ -1,7 +1,7 @@
 """Augmentation views for SSL methods: encoded bytes in, uint8 CHW crops out.
 
 Everything stays in uint8: each image is decoded once, each crop is cut and resized
-straight from the decoded pixels by torchvision's uint8 antialiased resize (SIMD, about
+straight from the decoded pixels by torch's uint8 antialiased resize (SIMD, about
 3x PIL's; the same filter as PIL's), and the colour ops run on the small crop with
 OpenCV's uint8 SIMD kernels (torchvision's PIL ops, one pass each): on CPU this is an
 order of magnitude faster than float tensor ops (DATA.md). Normalisation to float
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
+from torch.nn.functional import interpolate
 
 from raysl.data.decode import DecodeError, decode_pixels
 from raysl.data.masks import BlockMasks, MultiBlockMasks, draw_masks
@@ -35,7 +35,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875  # eval: resize short side to size / 0.875, centre crop size
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-_TORCH_RESAMPLE = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -331,26 +330,31 @@ def pixels_of(img: Image.Image) -> torch.Tensor:
 def _crop(img: Image.Image | None, pixels: torch.Tensor, box, crop: Crop) -> np.ndarray:
     """Cut `box` out of the source and resize it to crop.size x crop.size: (size, size, 3) uint8.
 
-    Whole-pixel boxes (every RandomResizedCrop box) go through torchvision's uint8
-    antialiased resize, which keeps the channels-last source as it is and uses the same
-    filters as PIL (mean absolute difference ~0.02 grey levels). Fractional boxes (the
-    eval view) use PIL, which takes them."""
+    Whole-pixel boxes (every RandomResizedCrop box, always inside the image) go through
+    torch's uint8 antialiased resize, which keeps the channels-last source as it is and
+    uses the same filters as PIL (mean absolute difference ~0.02 grey levels): what
+    torchvision's `resized_crop` runs, called without importing torchvision, which costs
+    every fresh data worker about a second of CPU. Fractional boxes (the eval view) use
+    PIL, which takes them."""
     if all(float(v).is_integer() for v in box):
         left, top, right, bottom = (int(v) for v in box)
-        out = TF.resized_crop(
-            pixels,
-            top,
-            left,
-            bottom - top,
-            right - left,
-            [crop.size, crop.size],
-            interpolation=_TORCH_RESAMPLE[crop.interpolation],
-            antialias=True,
-        )
+        out = pixels[:, top:bottom, left:right]
+        if out.shape[1:] != (crop.size, crop.size):
+            out = _resize(out, crop.size, crop.interpolation)
         return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
     if img is None:
         img = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
     return np.asarray(img.resize((crop.size, crop.size), _RESAMPLE[crop.interpolation], box=box))
+
+
+def _resize(chw: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """uint8 (3, h, w) -> (3, size, size), antialiased, as torchvision's resize_image on CPU."""
+    x = chw.unsqueeze(0)
+    if x.is_contiguous(memory_format=torch.channels_last) and x.stride(0) != x.numel():
+        # torch allocates a contiguous output for a 1CHW channels-last input whose batch
+        # stride looks planar (pytorch#68430); this stride keeps the output channels-last
+        x = x.as_strided(x.shape, (x.numel(), *x.stride()[1:]))
+    return interpolate(x, size=[size, size], mode=mode, align_corners=False, antialias=True)[0]
 
 
 # The colour ops on (H, W, 3) uint8 arrays with OpenCV: each is torchvision's PIL op
