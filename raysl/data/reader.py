@@ -198,7 +198,15 @@ def read_views(
     # Ray Data fuses the split into the read task only when both reserve the same resources;
     # unfused, the split would be a task of 1 CPU, which never runs while training workers
     # hold every CPU (num_cpus=0). Give it the read task's own.
-    ds._logical_plan.dag.ray_remote_args.update(num_cpus=num_cpus, **({"resources": resources} if resources else {}))
+    split = ds._logical_plan.dag
+    split.ray_remote_args.update(num_cpus=num_cpus, **({"resources": resources} if resources else {}))
+    if concurrency:
+        # At most `concurrency` read tasks too: each concurrent task holds a worker process,
+        # and every worker process imports the views' dependencies once (1-2 s of CPU);
+        # unbounded, one epoch of 5 windows started 8 of them on 2 cores. The split takes
+        # the read's bound, or Ray Data would not fuse them.
+        for op in (split, split.input_dependencies[0]):
+            object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=concurrency))
     return ds.map_batches(
         _augment,
         fn_kwargs={"spec": spec},
