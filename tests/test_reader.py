@@ -130,3 +130,23 @@ def test_views_flow_while_training_workers_hold_every_cpu(ray_local, shards):
         assert [r["pos"] for r in ds.take_all()] == list(range(40))
     finally:
         ray_local.kill(holder)
+
+
+def test_reads_are_bounded_like_the_augment_step_and_stay_fused(ray_local, shards):
+    """Each concurrent data task holds a worker process that imports the views' dependencies:
+    read tasks take the augment bound too (never above the window count, which Ray Data
+    would warn about), and the block split stays fused into the read task."""
+    import warnings
+
+    from raysl.data.views import view_spec
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = reader.read_views(shards, view_spec("mae", size=16), window=3, batch_size=8, concurrency=4)
+        assert [r["pos"] for r in ds.take_all()] == list(range(40))
+    assert not [w for w in caught if "concurrent tasks" in str(w.message)]
+    augment = ds._logical_plan.dag
+    split = augment.input_dependencies[0]
+    read = split.input_dependencies[0]
+    assert (augment.compute.size, split.compute.size, read.compute.size) == (4, 2, 2)  # 2 windows of 3 shards
+    assert "MapBatches(_read_windows)->StreamingRepartition" in ds.stats()

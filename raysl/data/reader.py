@@ -108,10 +108,12 @@ def read_rows(
     num_cpus: float = 1.0,
     resources: dict | None = None,
     index: str | None = None,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
     """Rows (key, image bytes, label, pos, aug_seed) of worker `rank`'s stream for `epoch`,
     starting at position `start` (rows of this stream already consumed). `index`: the
-    set's index file to read (one a run pinned, see mixture); None: the current one."""
+    set's index file to read (one a run pinned, see mixture); None: the current one.
+    `concurrency`: at most that many read tasks at once (None: as many as Ray runs)."""
     if window < 1:
         raise UserError(f"shuffle window must be >= 1 shard, got {window}")
     manifest = read_manifest(shards, index)
@@ -143,6 +145,10 @@ def read_rows(
         _read_windows,
         batch_size=1,
         batch_format="numpy",
+        # Each concurrent task holds a worker process, and each worker process imports the
+        # views' dependencies once (1-2 s of CPU): unbounded on 2 cores, an epoch of 5
+        # windows started 8 of them. Never above the window count (Ray Data warns).
+        compute=ray.data.TaskPoolStrategy(size=min(concurrency, len(items))) if concurrency else None,
         num_cpus=num_cpus,
         **({"resources": resources} if resources else {}),
     )
@@ -190,23 +196,18 @@ def read_views(
         num_cpus=num_cpus,
         resources=resources,
         index=index,
+        concurrency=concurrency,
     )
     # A window's rows leave the read task as one block, and Ray Data gives a whole block
     # to one task: split it into blocks of one augment batch (fused into the read task,
     # order kept) so up to `concurrency` tasks augment a window's rows side by side.
     ds = ds.repartition(target_num_rows_per_block=batch_size)
-    # Ray Data fuses the split into the read task only when both reserve the same resources;
-    # unfused, the split would be a task of 1 CPU, which never runs while training workers
-    # hold every CPU (num_cpus=0). Give it the read task's own.
+    # Ray Data fuses the split into the read task only when both reserve the same resources
+    # and take the same task bound; unfused, the split would be a task of 1 CPU, which never
+    # runs while training workers hold every CPU (num_cpus=0). Give it the read task's own.
     split = ds._logical_plan.dag
     split.ray_remote_args.update(num_cpus=num_cpus, **({"resources": resources} if resources else {}))
-    if concurrency:
-        # At most `concurrency` read tasks too: each concurrent task holds a worker process,
-        # and every worker process imports the views' dependencies once (1-2 s of CPU);
-        # unbounded, one epoch of 5 windows started 8 of them on 2 cores. The split takes
-        # the read's bound, or Ray Data would not fuse them.
-        for op in (split, split.input_dependencies[0]):
-            object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=concurrency))
+    object.__setattr__(split, "compute", split.input_dependencies[0].compute)
     return ds.map_batches(
         _augment,
         fn_kwargs={"spec": spec},
