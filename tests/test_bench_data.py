@@ -36,7 +36,9 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
     assert result["bench"] == "data" and result["views"] == "dino" and result["n_views"] == 10
     assert result["workers"] == 2 and result["images"] == 8 and result["rows"] == rows
     assert result["raysl_img_s"] > 0 and result["baseline_img_s"] > 0
-    assert result["ratio"] == pytest.approx(result["raysl_img_s"] / result["baseline_img_s"], rel=0.01)
+    assert result["ratio"] == pytest.approx(
+        result["raysl_img_s"] / result["baseline_img_s"], rel=0.01, abs=1e-3
+    )  # ratios are rounded to 3 places
     sides = ["raysl_timed", "baseline_timed"]
     try:
         import lightly  # noqa: F401  (the `bench` extra)
@@ -44,10 +46,13 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
         assert result["lightly"] is None and "lightly_img_s" not in result
     else:  # lightly's DINOTransform(n_local_views=8) in the same DataLoader
         assert result["lightly"] == "DINOTransform" and result["lightly_img_s"] > 0
-        assert result["ratio_lightly"] == pytest.approx(result["raysl_img_s"] / result["lightly_img_s"], rel=0.01)
+        assert result["ratio_lightly"] == pytest.approx(
+            result["raysl_img_s"] / result["lightly_img_s"], rel=0.01, abs=1e-3
+        )
         spread = result["ratio_lightly_spread"]
         assert spread["min"] <= result["ratio_lightly"] <= spread["max"]
         sides.append("lightly_timed")
+    sides.append("raysl_cold")  # the first raysl turn (Ray's workers start), kept out of the ratios
     for side in sides:
         timed = result[side]
         assert timed["images"] >= 8 and timed["seconds"] > 0 and timed["fill_s"] > 0

@@ -24,6 +24,11 @@ after waiting for another side, so no side counts work buffered while another ra
 The DataLoader workers run at the niceness Ray gives its workers (15 by default), as
 `raysl bench step` does: on a busy shared machine other processes then take CPU from
 both sides' workers alike (at niceness 0 the baselines would win every contended core).
+raysl's first turn runs before the timed ones and is reported on its own
+(`raysl_cold`): it starts Ray's worker processes, each importing the views' dependencies
+once (1-2 s of CPU; a run pays that once, in its first epoch), and on a small shard set
+some start only inside the timed span, when the second epoch opens. The DataLoaders
+start their workers afresh in every turn, inside its warm-up.
 With `repeats` > 1 the sides take turns (torchvision, lightly, raysl, torchvision, ...),
 so load from other jobs on a shared machine hits them alike; rates are medians over
 the repeats and each ratio comes with the min and max of its per-repeat values.
@@ -217,8 +222,9 @@ def run_data_bench(
     warmup: int | None = None,
     repeats: int = 1,
 ) -> dict:
-    """Warm each side up with a short pass (process start, imports, Ray workers), then
-    time `repeats` fresh passes of `images` images on each, the sides taking turns."""
+    """One untimed-for-the-ratios cold turn of raysl (Ray's worker processes start), then
+    `repeats` turns of each side, the sides taking turns; every turn opens a fresh stream
+    and warms it up with `warmup` images before timing `images`."""
     import ray
 
     spec = view_spec(views)
@@ -255,6 +261,7 @@ def run_data_bench(
         ray.data.DataContext.get_current().enable_progress_bars = False
         make = {side: (lambda loader=loader: iter(loader)) for side, loader in loaders.items()}
         make["raysl"] = lambda: _raysl_batches(shards, spec, workers=workers, batch_size=batch_size, seed=seed)
+        cold = _turn(make["raysl"], warmup, images)
         for _ in range(repeats):
             for side in timed:
                 timed[side].append(_turn(make[side], warmup, images))
@@ -286,6 +293,7 @@ def run_data_bench(
             out[f"{key}_spread"] = _spread(ratios)
     for side, runs in timed.items():
         out[f"{side}_timed"] = runs[0] if repeats == 1 else runs
+    out["raysl_cold"] = {**cold, "img_s": round(cold["img_s"], 2)}
     return out
 
 
