@@ -314,7 +314,10 @@ def test_the_view_workers_do_not_import_torchvision():
     import sys
 
     code = "import sys, raysl.data.reader, raysl.data.views; print('torchvision' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_eval_view_is_resize_then_centre_crop():
