@@ -222,9 +222,9 @@ def run_data_bench(
     warmup: int | None = None,
     repeats: int = 1,
 ) -> dict:
-    """One untimed-for-the-ratios cold turn of raysl (Ray's worker processes start), then
-    `repeats` turns of each side, the sides taking turns; every turn opens a fresh stream
-    and warms it up with `warmup` images before timing `images`."""
+    """raysl's cold first turn (Ray's worker processes start; reported apart, out of the
+    ratios), then `repeats` turns of each side, the sides taking turns; every turn opens a
+    fresh stream and warms it up with `warmup` images before timing `images`."""
     import ray
 
     spec = view_spec(views)
