@@ -150,3 +150,12 @@ def test_reads_are_bounded_like_the_augment_step_and_stay_fused(ray_local, shard
     read = split.input_dependencies[0]
     assert (augment.compute.size, split.compute.size, read.compute.size) == (4, 2, 2)  # 2 windows of 3 shards
     assert "MapBatches(_read_windows)->StreamingRepartition" in ds.stats()
+
+
+def test_an_augment_task_makes_one_training_batch_up_to_64_mib():
+    from raysl.data.views import view_spec
+
+    assert reader.block_rows(view_spec("simclr", size=32), 128) == 128
+    assert reader.block_rows(view_spec("simclr"), 32) == 32
+    dino_row = 2 * 3 * 224 * 224 + 8 * 3 * 96 * 96  # 522 KB of uint8 views
+    assert reader.block_rows(view_spec("dino"), 512) == reader.MAX_BLOCK_BYTES // dino_row == 128

@@ -199,6 +199,7 @@ class Trainer:
             start=position,
             window=cfg.data.shuffle_window,
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
+            batch_size=reader.block_rows(self.spec, cfg.data.batch_size),
             num_cpus=cfg.data.task_cpus,
             resources=cfg.data.task_resources,
             index=index,
