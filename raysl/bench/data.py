@@ -170,14 +170,22 @@ def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int
     tasks share the cores; data.augment_tasks = workers): ViewBatches, then normalize;
     one dataset per epoch, the next opened ahead by the trainer's rule (ahead.NextEpoch)."""
     from raysl.data.ahead import NextEpoch
-    from raysl.data.reader import ViewBatches, read_views, steps_per_epoch
+    from raysl.data.reader import ViewBatches, block_rows, read_views, steps_per_epoch
 
     keys = [f"view_{i}" for i in range(spec.n_views)]
     manifest = read_manifest(shards)
     rule = NextEpoch()
 
     def epoch_batches(epoch: int) -> ViewBatches:
-        ds = read_views(shards, spec, seed=seed, epoch=epoch, concurrency=workers, num_cpus=0.0)
+        ds = read_views(
+            shards,
+            spec,
+            seed=seed,
+            epoch=epoch,
+            concurrency=workers,
+            batch_size=block_rows(spec, batch_size),
+            num_cpus=0.0,
+        )
         return ViewBatches(ds, batch_size=batch_size)
 
     epoch, stream, t = 0, epoch_batches(0), time.perf_counter()

@@ -334,7 +334,7 @@ def _crop(img: Image.Image | None, pixels: torch.Tensor, box, crop: Crop) -> np.
     torch's uint8 antialiased resize, which keeps the channels-last source as it is and
     uses the same filters as PIL (mean absolute difference ~0.02 grey levels): what
     torchvision's `resized_crop` runs, called without importing torchvision, which costs
-    every fresh data worker about a second of CPU. Fractional boxes (the eval view) use
+    every fresh data worker about 1.6 s of CPU. Fractional boxes (the eval view) use
     PIL, which takes them."""
     if all(float(v).is_integer() for v in box):
         left, top, right, bottom = (int(v) for v in box)
