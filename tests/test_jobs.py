@@ -285,6 +285,7 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
         "train.epochs=2",
         "train.max_steps=12",
         "train.checkpoint_every=4",
+        "train.keep_checkpoints=3",  # the one resumed from (step 4 or 8) must outlive the run's end
         "train.log_every=1",
         "train.max_failures=1",
         f"train.storage_path={tmp_path / 'runs'}",
