@@ -276,7 +276,8 @@ def test_every_command_resolves_relative_paths_against_the_working_directory(tmp
 
 def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
     """Quiet: the driver's third-party loggers and Ray Data's env settings, and the same for
-    every Ray worker of the job (runtime_env); --verbose leaves all of it alone."""
+    every Ray worker of the job (runtime_env); --verbose leaves all of it alone. A local start
+    also has Ray Train's controller poll its workers sooner (LOCAL_ENV); a cluster does not."""
     import logging
 
     import ray
@@ -286,7 +287,7 @@ def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
 
     loggers = [logging.getLogger(name) for name in ("bitsandbytes", "DeepSpeed")]
     saved = [(lg.level, list(lg.filters)) for lg in loggers]
-    for key in (runtime.VERBOSE_ENV, *runtime.QUIET_ENV):
+    for key in (runtime.VERBOSE_ENV, *runtime.QUIET_ENV, *runtime.LOCAL_ENV):
         monkeypatch.delenv(key, raising=False)
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -301,14 +302,22 @@ def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
         assert not all(f.filter(logging.makeLogRecord({"levelno": logging.WARNING})) for f in deepspeed.filters)
         runtime.init_ray()
         assert calls[-1]["runtime_env"] == {
-            "env_vars": runtime.QUIET_ENV,
+            "env_vars": {**runtime.QUIET_ENV, **runtime.LOCAL_ENV},
             "worker_process_setup_hook": "raysl.runtime.quiet_logs",
         }
         assert calls[-1]["logging_level"] == logging.WARNING
+        runtime.init_ray("10.0.0.1:6379")  # a cluster's workers: Ray Train's own poll interval
+        assert calls[-1]["runtime_env"]["env_vars"] == runtime.QUIET_ENV
+        monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's setting: not overridden
+        runtime.init_ray()
+        assert calls[-1]["runtime_env"]["env_vars"] == runtime.QUIET_ENV
+        monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
         runtime.set_verbose(True)
         runtime.init_ray()
-        assert calls[-1]["runtime_env"] is None and "logging_level" not in calls[-1]
+        assert calls[-1]["runtime_env"] == {"env_vars": runtime.LOCAL_ENV} and "logging_level" not in calls[-1]
+        runtime.init_ray("10.0.0.1:6379")
+        assert calls[-1]["runtime_env"] is None
         assert runtime.train_logging().log_level == "INFO"
     finally:
         for lg, (level, filters) in zip(loggers, saved):
