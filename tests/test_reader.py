@@ -152,10 +152,14 @@ def test_reads_are_bounded_like_the_augment_step_and_stay_fused(ray_local, shard
     assert "MapBatches(_read_windows)->StreamingRepartition" in ds.stats()
 
 
-def test_an_augment_task_makes_one_training_batch_up_to_64_mib():
+def test_an_augment_task_makes_whole_training_batches_up_to_64_mib():
     from raysl.data.views import view_spec
 
-    assert reader.block_rows(view_spec("simclr", size=32), 128) == 128
-    assert reader.block_rows(view_spec("simclr"), 32) == 32
+    simclr32_batch = 128 * 2 * 3 * 32 * 32  # 786 KB: 8 batches a block (the cap)
+    assert reader.block_rows(view_spec("simclr", size=32), 128) == 128 * reader.MAX_BATCHES_PER_BLOCK
+    simclr_batch = 32 * 2 * 3 * 224 * 224  # 9.6 MB: 6 batches in 64 MiB
+    assert reader.block_rows(view_spec("simclr"), 32) == 32 * (reader.MAX_BLOCK_BYTES // simclr_batch) == 192
+    assert simclr32_batch * reader.MAX_BATCHES_PER_BLOCK < reader.MAX_BLOCK_BYTES
     dino_row = 2 * 3 * 224 * 224 + 8 * 3 * 96 * 96  # 522 KB of uint8 views
-    assert reader.block_rows(view_spec("dino"), 512) == reader.MAX_BLOCK_BYTES // dino_row == 128
+    assert reader.block_rows(view_spec("dino"), 128) == 128  # 66.8 MB: one batch just fits
+    assert reader.block_rows(view_spec("dino"), 512) == reader.MAX_BLOCK_BYTES // dino_row == 128  # part of one
