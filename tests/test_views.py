@@ -189,6 +189,8 @@ def test_normalize_statistics_and_device():
     y = V.normalize(x)
     assert y.dtype == torch.float32 and y.shape == x.shape and y.device == x.device
     mean, std = torch.tensor(V.IMAGENET_MEAN), torch.tensor(V.IMAGENET_STD)
+    exact = (x.double() / 255 - mean.double().view(-1, 1, 1)) / std.double().view(-1, 1, 1)
+    assert (y.double() - exact).abs().max() < 1e-5  # every pixel, not only the channel statistics
     expected = (x.float().mean(dim=(0, 2, 3)) / 255 - mean) / std
     assert torch.allclose(y.mean(dim=(0, 2, 3)), expected, atol=1e-4)
     expected_std = x.float().std(dim=(0, 2, 3)) / 255 / std

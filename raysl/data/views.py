@@ -488,9 +488,10 @@ class ViewTransform:
 
 def normalize(views: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) tensor -> float32 ImageNet-normalised, on the tensor's device.
-    (x - mean) / std as x * (1 / std) - mean / std in two passes: the multiply reads the
-    uint8 and writes float32 (type promotion), the add works in place; 2.5x faster on one
-    CPU thread than converting first."""
+    (x - mean) / std as float(x) * (1 / std) - mean / std, in place after the conversion:
+    torch's uint8 -> float32 copy is vectorised, while an op that promotes uint8 to float
+    on the fly is not (DINO's 10 views of 32 images, one CPU thread: 5 ms against 24-39 ms
+    as torch.mul(uint8, float) then add_, the same values)."""
     std = torch.tensor(IMAGENET_STD, device=views.device).view(-1, 1, 1) * 255
     mean = torch.tensor(IMAGENET_MEAN, device=views.device).view(-1, 1, 1) * 255
-    return torch.mul(views, 1 / std).add_(-mean / std)
+    return views.to(torch.float32).mul_(1 / std).add_(-mean / std)
