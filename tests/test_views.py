@@ -614,6 +614,15 @@ def test_fast_decode_is_pils_decode():
             assert np.array_equal(
                 decode_pixels(data, min_side=min_side), np.asarray(decode_rgb(data, min_side=min_side))
             )
+    # every kind of file the builder keeps (PIL's path: one open serves the header and the
+    # pixels), with and without a reduced decode; the EXIF-rotated JPEG comes out upright
+    for name, data in imagefactory.good_files().items():
+        for min_side in (None, 8, 40):
+            pixels = decode_pixels(data, min_side=min_side)
+            assert np.array_equal(pixels, np.asarray(decode_rgb(data, min_side=min_side))), (name, min_side)
+            assert pixels.dtype == np.uint8 and pixels.shape[2] == 3, name
+    rotated = decode_pixels(imagefactory.exif_rotated_jpeg(), min_side=40)
+    assert rotated.shape[0] > rotated.shape[1]  # stored landscape, shown portrait
 
 
 @pytest.mark.parametrize("name", ["dino", "simclr"])

@@ -147,7 +147,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_rgb(data: bytes, *, min_side: int | None = None) -> Image.Image:
     """Decode to an upright RGB image. With `min_side`, JPEGs may come back smaller than
     stored, but never with a shorter side below `min_side`. Raises DecodeError."""
-    img = _open(data)
+    return _upright_rgb(_open(data), min_side)
+
+
+def _upright_rgb(img: Image.Image, min_side: int | None) -> Image.Image:
+    """decode_rgb of an image `_open` gave."""
     try:
         if min_side:
             _draft(img, min_side)
@@ -174,4 +178,5 @@ def decode_pixels(data: bytes, *, min_side: int | None = None) -> np.ndarray:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=w, min_height=h)
         except ValueError as exc:  # libjpeg errors and, strict, its warnings (truncated data)
             raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
-    return np.array(decode_rgb(data, min_side=min_side), dtype=np.uint8)
+    # the image opened above, not opened again (a 32 x 32 PNG: 64 -> 50 us)
+    return np.array(_upright_rgb(img, min_side), dtype=np.uint8)
