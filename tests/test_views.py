@@ -200,6 +200,36 @@ def test_normalize_statistics_and_device():
     assert V.normalize(flat).abs().max() < 0.01
 
 
+def test_normalize_runs_on_one_cpu_thread_and_gives_the_caller_its_threads_back():
+    """A training worker normalises beside its step: the passes run on one thread (a second
+    one only spins, taking a core from the augment tasks), and the model's threads are
+    back after it, also when it fails."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Threads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(torch.get_num_threads())
+            return func(*args, **(kwargs or {}))
+
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Threads() as ops:
+            V.normalize(x)
+        assert len(ops.seen) >= 3 and set(ops.seen) == {1}  # convert, scale, shift
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            V.normalize(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))  # 4 channels: no broadcast
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _rate(plans, view, attr):
     return np.mean(
         [bool(getattr(p[view], attr)) if attr != "blur_sigma" else p[view].blur_sigma is not None for p in plans]
