@@ -93,6 +93,24 @@ def test_view_batches_tracks_position_and_skips(ray_local, tmp_path):
     assert "digits/broken.png" not in {k for b in got for k in b["key"]}
 
 
+def test_view_batches_shorten_ray_datas_wait_for_finished_tasks(ray_local, shards):
+    """Ray Data's executor, in the consuming process, waits up to 0.1 s for all its running
+    tasks before it submits the next (augment tasks then sit idle 30% of the time); a
+    view stream lowers that wait. An AttributeError here: Ray moved it, see TASK_WAIT_S."""
+    from ray.data._internal.execution import streaming_executor_state as executor
+
+    from raysl.data.views import view_spec
+
+    saved = executor.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+    executor.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = 0.1  # Ray 2.60's own value
+    try:
+        batches = reader.ViewBatches(reader.read_views(shards, view_spec("eval", size=32), seed=0), batch_size=4)
+        assert executor.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == reader.TASK_WAIT_S < 0.1
+        assert len(next(iter(batches))["view_0"]) == 4
+    finally:
+        executor.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = saved
+
+
 def test_reads_through_a_pyarrow_filesystem_uri(ray_local, shards):
     # file:// goes through pyarrow.fs.FileSystem.from_uri, the same path as s3:// and gs://
     uri = "file://" + shards
