@@ -91,6 +91,11 @@ class DataConfig:
     # Custom Ray resources each read/augment task requests, e.g. {data_node: 0.01} to put
     # decoding and augmentation on the CPU-only nodes that advertise `data_node`.
     task_resources: dict[str, float] = field(default_factory=dict, metadata=between(0.0))
+    # Where the views are made. tasks: the read/augment tasks make uint8 views (PIL/OpenCV, one
+    # image at a time). worker: the tasks only decode; the training worker makes the views
+    # from the decoded pixels on its own device, batched (raysl.data.gpu_views: a GPU's, or
+    # the worker's CPU threads between its steps). Not for methods that draw patch masks.
+    augment_on: str = field(default="tasks", metadata=one_of("tasks", "worker"))
 
 
 @dataclass

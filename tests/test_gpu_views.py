@@ -233,3 +233,43 @@ def test_what_gpu_views_do_not_make_is_refused_with_the_way_out():
         GPUViews(V.view_spec("dino"), "cpu", chunk=0)
     with pytest.raises(UserError, match="2 images but 1 aug_seeds"):
         GPUViews(V.view_spec("dino"), "cpu")([CAT, ROCKET], [1])
+
+
+def _task_then_worker(spec, images: list[bytes], seeds: list[int], device="cpu"):
+    """data.augment_on=worker: the data task's PixelTransform, then the worker's from_pixels."""
+    from raysl.data.decode import PixelTransform
+
+    batch = {"image": np.array(images, dtype=object), "aug_seed": np.array(seeds), "key": np.arange(len(images))}
+    rows = PixelTransform(spec.min_decode_side())(batch)
+    return rows, GPUViews(spec, device).from_pixels(rows["pixels"], rows["aug_seed"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_made_on_the_worker_follow_the_task_views_of_the_same_rows(device):
+    """The task decodes as make_views does (a JPEG at its DCT scale, a PNG), the worker draws
+    the same plans from each row's seed: every view within a few grey levels of the CPU
+    path's, and far from the views another seed gives."""
+    spec = V.view_spec("dino", global_size=64, local_size=32)
+    png = imagefactory.encode(Image.fromarray(skimage.data.astronaut()).resize((120, 90)), "PNG")
+    images, seeds = [CAT, ROCKET, png, b"junk"], [5, 6, 7, 8]
+    rows, views = _task_then_worker(spec, images, seeds, device)
+    assert list(rows["key"]) == [0, 1, 2]  # the undecodable row is dropped in the task
+    assert rows["pixels"].dtype == object  # three sizes
+    assert [tuple(v.shape) for v in views] == [(3, 3, c.size, c.size) for c in spec.per_view()]
+    for r, (data, seed) in enumerate(zip(images[:3], seeds)):
+        ref, other = V.make_views(data, seed, spec), V.make_views(data, seed + 100, spec)
+        near = np.mean([mad(grey_levels(v[r]), ref[j]) for j, v in enumerate(views)])
+        far = np.mean([mad(grey_levels(v[r]), other[j]) for j, v in enumerate(views)])
+        assert near < 3.0 and far > 5 * near, (r, near, far)
+
+
+def test_rows_of_one_size_travel_as_one_array_and_give_the_same_views():
+    spec = V.view_spec("simclr", size=32)
+    small = [imagefactory.encode(Image.fromarray(skimage.data.astronaut()).resize((48, 40)), "PNG")] * 3
+    rows, views = _task_then_worker(spec, small, [1, 2, 3])
+    assert rows["pixels"].shape == (3, 40, 48, 3) and rows["pixels"].dtype == np.uint8
+    apart = np.empty(3, dtype=object)
+    for i in range(3):
+        apart[i] = rows["pixels"][i]
+    for a, b in zip(views, GPUViews(spec, "cpu").from_pixels(apart, rows["aug_seed"])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -304,3 +304,49 @@ def test_an_opened_mixture_gives_the_same_batches_and_counts_only_what_is_taken(
     assert drawn == {"curated": 7, "web": 21} and stream.position == 8
     assert [[str(k) for k in b["key"]] for b in stream] == plain[2:]
     assert drawn == {"curated": 7 + 11, "web": 21 + 33} and stream.position == 52
+
+
+def test_views_made_on_the_worker_train_a_mixture_of_image_sizes_and_resume_exactly(ray_local, tmp_path):
+    """data.augment_on=worker: the tasks send decoded pixels (32 px and 40 px images mixed
+    in one batch), the training worker makes the views; a run resumed from its step-2
+    checkpoint starts at step 3 and repeats the same losses and draws."""
+    from raysl.data.demo_images import digit_pngs
+    from raysl.pretrain import pretrain
+    from raysl.train import checkpoint, recovery, storage
+    from raysl.train.metrics import read_metrics
+
+    small, big = str(tmp_path / "small"), str(tmp_path / "big")
+    write_shards(small, [(f"small/{i:03d}.png", png, lab) for i, (png, lab) in enumerate(digit_pngs(32, 20))], 5)
+    write_shards(big, [(f"big/{i:03d}.png", png, lab) for i, (png, lab) in enumerate(digit_pngs(40, 20))], 5)
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.shards=[{small}, {big}]",
+            "data.weights=[0.5, 0.5]",
+            "data.augment_on=worker",
+            "data.image_size=24",
+            "data.batch_size=4",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=32",
+            "method.proj_dim=16",
+            "train.num_workers=1",
+            "train.max_steps=4",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=3",
+            f"train.storage_path={tmp_path}",
+            "train.name=worker_views",
+        ],
+    )
+    run = pretrain(cfg)["run_dir"]
+    rows = read_metrics(run)
+    assert [(r["step"], r["drawn/small"], r["drawn/big"]) for r in rows] == [(s, 2 * s, 2 * s) for s in (1, 2, 3, 4)]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    newest = os.path.join(run, storage.subdirs(run, "checkpoint_")[-1])
+    with open(os.path.join(newest, checkpoint.worker_file(0)), "r+b") as f:
+        f.truncate(100)  # damaged: the resumed run starts from step 2
+    pretrain(cfg, resume=True)
+    resumed = recovery.read_attempts(run)[-1]
+    assert (resumed["start_step"], resumed["first_step"]) == (2, 3), resumed
+    assert [(r["step"], r["loss"], r["drawn/big"]) for r in read_metrics(run)] == [
+        (r["step"], r["loss"], r["drawn/big"]) for r in rows
+    ]

@@ -181,3 +181,27 @@ def test_an_augment_task_makes_whole_training_batches_up_to_64_mib():
     dino_row = 2 * 3 * 224 * 224 + 8 * 3 * 96 * 96  # 522 KB of uint8 views
     assert reader.block_rows(view_spec("dino"), 128) == 128  # 66.8 MB: one batch just fits
     assert reader.block_rows(view_spec("dino"), 512) == reader.MAX_BLOCK_BYTES // dino_row == 128  # part of one
+
+
+def test_a_pixel_stream_decodes_as_the_views_do_and_drops_what_does_not_decode(ray_local, tmp_path):
+    """data.augment_on=worker: the tasks stop at the decode; the batches keep their fixed
+    shape, position and skip count as the view stream's do."""
+    from raysl.data.decode import decode_pixels
+    from raysl.data.views import view_spec
+
+    images = digit_images(12)
+    images[3] = ("digits/broken.png", images[3][1][:40], 0)  # truncated PNG
+    d = str(tmp_path / "s")
+    write_shards(d, images, shard_size=6)
+    spec = view_spec("simclr", size=32)
+    batches = reader.ViewBatches(reader.read_views(d, spec, seed=0, pixels_only=True), batch_size=4)
+    got = list(batches)
+    assert len(got) == 2 and all(len(b["pixels"]) == 4 and "view_0" not in b for b in got)
+    rows = {r["key"]: r for r in _stream(d, seed=0)}
+    for b in got:
+        for key, px, seed in zip(b["key"], b["pixels"], b["aug_seed"]):
+            np.testing.assert_array_equal(px, decode_pixels(rows[key]["image"], min_side=spec.min_decode_side()))
+            assert seed == rows[key]["aug_seed"]
+    assert batches.position - batches.skipped == 8
+    assert batches.skipped == int(rows["digits/broken.png"]["pos"] < batches.position)
+    assert "digits/broken.png" not in {k for b in got for k in b["key"]}

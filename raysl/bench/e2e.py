@@ -68,12 +68,20 @@ def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
     return write_shards(directory, pngs, np.array(labels), np.arange(n), shard_size=1000, key="digits28/{i:05d}.png")
 
 
-def _config(shards: str, out: str, *, model: str, batch_size: int, steps: int, seed: int, name: str):
+def _config(
+    shards: str, out: str, *, model: str, batch_size: int, steps: int, seed: int, name: str, augment_on: str = "tasks"
+):
     from raysl.config import from_dict
 
     return from_dict(
         {
-            "data": {"shards": shards, "views": "simclr", "image_size": 32, "batch_size": batch_size},
+            "data": {
+                "shards": shards,
+                "views": "simclr",
+                "image_size": 32,
+                "batch_size": batch_size,
+                "augment_on": augment_on,
+            },
             "model": {"backbone": model},
             "method": {"name": "simclr", "temperature": 0.2, "proj_hidden_dim": 512, "proj_dim": 128},
             "optim": {"name": "adamw", "lr": 0.002, "warmup_steps": 10, "weight_decay": 0.05},
@@ -223,6 +231,7 @@ def run_e2e_bench(
     model: str = "resnet18",
     seed: int = 0,
     repeats: int = 1,
+    augment_on: str = "tasks",
 ) -> dict:
     import ray
 
@@ -239,7 +248,7 @@ def run_e2e_bench(
             kw = dict(model=model, batch_size=batch_size, steps=steps, seed=seed)
             runs["plain"].append(run_plain(_config(shards, runs_dir, name=f"plain{r}", **kw), steps, nice=nice))
             print(json.dumps({"plain": runs["plain"][-1]}), file=sys.stderr, flush=True)  # kept if raysl fails
-            runs["raysl"].append(run_raysl(_config(shards, runs_dir, name=f"raysl{r}", **kw)))
+            runs["raysl"].append(run_raysl(_config(shards, runs_dir, name=f"raysl{r}", augment_on=augment_on, **kw)))
             print(json.dumps({"raysl": runs["raysl"][-1]}), file=sys.stderr, flush=True)
     ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["raysl"], runs["plain"])]
     result = {
@@ -251,6 +260,7 @@ def run_e2e_bench(
         "cpus": os.cpu_count(),
         "repeats": repeats,
         "plain_nice": nice,
+        "raysl_augment_on": augment_on,
         "raysl_wall_s": round(statistics.median(r["wall_s"] for r in runs["raysl"]), 2),
         "plain_wall_s": round(statistics.median(r["wall_s"] for r in runs["plain"]), 2),
         "ratio": round(statistics.median(ratios), 3),
@@ -269,6 +279,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--augment-on",
+        choices=("tasks", "worker"),
+        default="tasks",
+        help="raysl's data.augment_on: views made by Ray Data tasks (default) or by the training worker",
+    )
 
 
 def run_from_args(args) -> dict:
@@ -281,6 +297,7 @@ def run_from_args(args) -> dict:
         model=args.model,
         seed=args.seed,
         repeats=args.repeats,
+        augment_on=args.augment_on,
     )
 
 

@@ -35,6 +35,7 @@ import math
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -249,6 +250,17 @@ class GPUViews:
             return GPUViewBatch(empty, [])
         views = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
         return GPUViewBatch(views, kept)
+
+    def from_pixels(self, pixels, aug_seeds) -> list[torch.Tensor]:
+        """Decoded rows (views.PixelTransform's "pixels": uint8 (N, H, W, 3), or a sequence of
+        (H, W, 3)) and their aug_seeds -> the views, as `apply` makes them from the plans the
+        CPU path draws for the same decoded images."""
+        if isinstance(pixels, np.ndarray) and pixels.dtype != object:
+            rows = list(torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2))
+        else:
+            rows = [torch.from_numpy(p).to(self.device).permute(2, 0, 1) for p in pixels]
+        plans = [plan_views(self.spec, int(s), r.shape[2], r.shape[1]) for r, s in zip(rows, aug_seeds)]
+        return self.apply(rows, plans)
 
     def apply(self, pixels: list[torch.Tensor], plans: list[list[ViewPlan]]) -> list[torch.Tensor]:
         """Decoded uint8 (3, H, W) images on the device + each row's plans (view order) ->

@@ -254,6 +254,18 @@ def pin(data, run_dir: str) -> dict[str, str]:
     return pins
 
 
+def _concat(columns: list[np.ndarray]) -> np.ndarray:
+    """The rows of `columns` in one array; decoded images of different sizes (the "pixels"
+    of views made on the worker) as an object array of them."""
+    try:
+        return np.concatenate(columns)
+    except ValueError:
+        out = np.empty(sum(len(c) for c in columns), dtype=object)
+        for i, row in enumerate(row for c in columns for row in c):
+            out[i] = row  # one by one: a slice assignment would stack same-shaped rows
+        return out
+
+
 class _SetRows:
     """One set's stream in a mixture, opened at its first use and read in order."""
 
@@ -291,7 +303,7 @@ class _SetRows:
                 break
         if not pieces:
             return None
-        return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+        return {k: _concat([p[k] for p in pieces]) for k in pieces[0]}
 
 
 class MixedBatches:
@@ -357,7 +369,7 @@ class MixedBatches:
                 got += delivered
                 self.skipped += need - delivered  # positions whose image did not decode
                 self.position += need
-            batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            batch = {k: _concat([p[k] for p in parts]) for k in parts[0]}
             order = np.argsort(batch["pos"], kind="stable")
             batch = {k: v[order] for k, v in batch.items()}
             for i, n in zip(*np.unique(batch["set"], return_counts=True)):

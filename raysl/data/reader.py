@@ -162,11 +162,17 @@ def _augment(batch: dict, spec) -> dict:
     return ViewTransform(spec)(batch)
 
 
+def _decode(batch: dict, min_side: int) -> dict:
+    from raysl.data.decode import PixelTransform
+
+    return PixelTransform(min_side)(batch)
+
+
 MAX_BLOCK_BYTES = 64 << 20
 MAX_BATCHES_PER_BLOCK = 8
 
 
-def block_rows(spec, batch_size: int) -> int:
+def block_rows(spec, batch_size: int, pixels: bool = False) -> int:
     """Rows per augment task for training batches of `batch_size`: whole batches, as many
     as fit in MAX_BLOCK_BYTES of uint8 views, at most MAX_BATCHES_PER_BLOCK (a batch larger
     than MAX_BLOCK_BYTES: as many rows as fit). Each block costs its task and the
@@ -174,8 +180,12 @@ def block_rows(spec, batch_size: int) -> int:
     runs that iterator beside its step (224 px SimCLR views read in batches of 32: 20.5 ms
     of the consumer's CPU per batch in blocks of 32 rows, 5.6 ms in blocks of 128). The
     batch cap keeps small views (32 px: 6 KB a row) from making a shuffle window one
-    block, which one task would augment alone while the first batch waits for all of it."""
+    block, which one task would augment alone while the first batch waits for all of it.
+    `pixels`: blocks of decoded images (read_views(pixels_only=True)), sized as images of
+    the smallest side they decode to (spec.min_decode_side()), or as the views if larger."""
     row = sum(3 * c.size * c.size for c in spec.per_view())
+    if pixels:
+        row = max(row, 3 * spec.min_decode_side() ** 2)
     if batch_size * row > MAX_BLOCK_BYTES:
         return max(1, MAX_BLOCK_BYTES // row)
     return batch_size * min(MAX_BATCHES_PER_BLOCK, MAX_BLOCK_BYTES // (batch_size * row))
@@ -196,9 +206,12 @@ def read_views(
     num_cpus: float = 1.0,
     resources: dict | None = None,
     index: str | None = None,
+    pixels_only: bool = False,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
-    Rows whose image does not decode are dropped there; `pos` shows the gap.
+    Rows whose image does not decode are dropped there; `pos` shows the gap. `pixels_only`:
+    the tasks decode and stop there (views.PixelTransform), for views made on the
+    training worker's device.
 
     `num_cpus` is what each task reserves. Training workers that hold every CPU of a
     machine leave nothing for tasks that reserve one, so single-machine training uses
@@ -229,8 +242,9 @@ def read_views(
     split.ray_remote_args.update(num_cpus=num_cpus, **({"resources": resources} if resources else {}))
     object.__setattr__(split, "compute", split.input_dependencies[0].compute)
     return ds.map_batches(
-        _augment,
-        fn_kwargs={"spec": spec},
+        _decode if pixels_only else _augment,
+        # the spec's class imports torch; a decoding task needs only the decode size
+        fn_kwargs={"min_side": spec.min_decode_side()} if pixels_only else {"spec": spec},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,

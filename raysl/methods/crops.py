@@ -20,6 +20,11 @@ def spec_for(cfg: Config, method_cls) -> ViewSpec:
     masks = method_cls.mask_spec(cfg, spec)
     if masks is not None:
         spec = dataclasses.replace(spec, masks=masks)
+        if cfg.data.augment_on == "worker":
+            raise UserError(
+                f"config key data.augment_on: 'worker' makes views without patch masks, and "
+                f"{cfg.method.name} trains on masks drawn with its views; use data.augment_on=tasks"
+            )
     return spec
 
 

@@ -19,6 +19,7 @@ import torch
 from raysl.config import Config
 from raysl.data import mixture, reader
 from raysl.data.ahead import NextEpoch
+from raysl.data.gpu_views import GPUViews
 from raysl.data.views import normalize
 from raysl.methods.base import Method, collapse_warning, method_class
 from raysl.methods.crops import spec_for
@@ -132,6 +133,7 @@ class Trainer:
         if cfg.model.compile:
             compile_backbone(self.method.evaluated_backbone(), backend=cfg.model.compile_backend)
         self.spec = spec_for(cfg, type(self.method))
+        self.device_views = GPUViews(self.spec, self.device) if cfg.data.augment_on == "worker" else None
         self.sets = mixture.from_config(cfg.data, self.pins)
         self.steps = epoch_steps(cfg, self.world, cfg.train.epochs, sets=self.sets)
         self.total = min(sum(self.steps), cfg.train.max_steps) if cfg.train.max_steps else sum(self.steps)
@@ -199,10 +201,11 @@ class Trainer:
             start=position,
             window=cfg.data.shuffle_window,
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
-            batch_size=reader.block_rows(self.spec, cfg.data.batch_size),
+            batch_size=reader.block_rows(self.spec, cfg.data.batch_size, pixels=self.device_views is not None),
             num_cpus=cfg.data.task_cpus,
             resources=cfg.data.task_resources,
             index=index,
+            pixels_only=self.device_views is not None,
         )
 
     def view_batches(self, shards: str, epoch: int, position: int) -> reader.ViewBatches:
@@ -225,10 +228,13 @@ class Trainer:
         )
 
     def to_batch(self, batch: dict) -> Batch:
-        views = [
-            normalize(torch.from_numpy(batch[f"view_{v}"]).to(self.device)).to(self.dtype)
-            for v in range(self.spec.n_views)
-        ]
+        if self.device_views is not None:
+            views = [v.to(self.dtype) for v in self.device_views.from_pixels(batch["pixels"], batch["aug_seed"])]
+        else:
+            views = [
+                normalize(torch.from_numpy(batch[f"view_{v}"]).to(self.device)).to(self.dtype)
+                for v in range(self.spec.n_views)
+            ]
         masks = torch.from_numpy(batch["masks"]).to(self.device).bool() if self.spec.masks is not None else None
         return Batch(views, masks)
 
