@@ -205,3 +205,21 @@ def test_a_pixel_stream_decodes_as_the_views_do_and_drops_what_does_not_decode(r
     assert batches.position - batches.skipped == 8
     assert batches.skipped == int(rows["digits/broken.png"]["pos"] < batches.position)
     assert "digits/broken.png" not in {k for b in got for k in b["key"]}
+
+
+def test_batches_reach_the_model_as_ray_datas_own_memory_without_a_warning(ray_local, shards):
+    """No copy between Ray Data and normalize: a batch is a read-only slice of its block
+    (numpy refuses writes to it) and block_tensor wraps that memory without torch's
+    not-writable warning."""
+    import warnings
+
+    from raysl.data.views import block_tensor, view_spec
+
+    ds = reader.read_views(shards, view_spec("eval", size=32), seed=0, batch_size=8)
+    batch = next(iter(reader.ViewBatches(ds, batch_size=4)))
+    view = batch["view_0"]
+    assert not view.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = block_tensor(view)
+    assert tensor.data_ptr() == view.ctypes.data and tensor.shape == view.shape

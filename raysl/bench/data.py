@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
-from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewSpec, normalize, view_spec
+from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewSpec, block_tensor, normalize, view_spec
 from raysl.errors import UserError
 
 
@@ -201,7 +201,7 @@ def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int
             if ahead is None and rule.due(steps - i, steps):
                 ahead = epoch_batches(epoch + 1)
                 ahead.open()
-            yield [normalize(torch.from_numpy(batch[k])) for k in keys]
+            yield [normalize(block_tensor(batch[k])) for k in keys]
             t = time.perf_counter()
         epoch += 1
         stream = ahead or epoch_batches(epoch)

@@ -41,7 +41,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from raysl.data.decode import orientation
-from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewPlan, ViewSpec, plan_views
+from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewPlan, ViewSpec, block_tensor, plan_views
 from raysl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -256,9 +256,9 @@ class GPUViews:
         (H, W, 3)) and their aug_seeds -> the views, as `apply` makes them from the plans the
         CPU path draws for the same decoded images."""
         if isinstance(pixels, np.ndarray) and pixels.dtype != object:
-            rows = list(torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2))
+            rows = list(block_tensor(pixels).to(self.device).permute(0, 3, 1, 2))
         else:
-            rows = [torch.from_numpy(p).to(self.device).permute(2, 0, 1) for p in pixels]
+            rows = [block_tensor(p).to(self.device).permute(2, 0, 1) for p in pixels]
         plans = [plan_views(self.spec, int(s), r.shape[2], r.shape[1]) for r, s in zip(rows, aug_seeds)]
         return self.apply(rows, plans)
 

@@ -271,7 +271,8 @@ def quick_task_turnaround() -> None:
 
 class ViewBatches:
     """Fixed-shape batches from a view dataset, counting images skipped as corrupt and
-    tracking the position to resume from."""
+    tracking the position to resume from. The arrays may be read-only (Ray Data's own
+    memory): numpy refuses writes to them; views.block_tensor makes tensors of them."""
 
     def __init__(self, ds: ray.data.Dataset, *, batch_size: int, start: int = 0, prefetch_batches: int = 2):
         quick_task_turnaround()
@@ -300,6 +301,4 @@ class ViewBatches:
             # positions are consecutive except where a corrupt image was dropped
             self.skipped += int(pos[-1] + 1 - self.position - len(pos))
             self.position = int(pos[-1]) + 1
-            # Ray Data hands out read-only views of its Arrow blocks; torch.from_numpy needs
-            # writable arrays (it warns, and a tensor written in place would corrupt the block)
-            yield {k: np.require(v, requirements="W") for k, v in batch.items()}
+            yield batch  # often read-only slices of Ray Data's blocks: views.block_tensor

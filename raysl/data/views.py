@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import cv2
@@ -486,6 +487,17 @@ class ViewTransform:
             if name not in ("image", "aug_seed"):
                 out[name] = np.asarray(col)[keep]
         return out
+
+
+def block_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over `array`'s memory, no copy, also where the array is read-only: Ray Data
+    hands out batches as read-only slices of its blocks, torch has no read-only tensors and
+    torch.from_numpy warns. Never write to it in place; normalize and .to(device) make new
+    tensors. (Copying every batch to make it writable cost 0.04-0.06 ms of the training
+    worker's CPU per DINO image.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(array)
 
 
 def normalize(views: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from raysl.config import Config
 from raysl.data import mixture, reader
 from raysl.data.ahead import NextEpoch
 from raysl.data.gpu_views import GPUViews
-from raysl.data.views import normalize
+from raysl.data.views import block_tensor, normalize
 from raysl.methods.base import Method, collapse_warning, method_class
 from raysl.methods.crops import spec_for
 from raysl.optim.optimizers import build_optimizer, param_groups
@@ -232,10 +232,10 @@ class Trainer:
             views = [v.to(self.dtype) for v in self.device_views.from_pixels(batch["pixels"], batch["aug_seed"])]
         else:
             views = [
-                normalize(torch.from_numpy(batch[f"view_{v}"]).to(self.device)).to(self.dtype)
+                normalize(block_tensor(batch[f"view_{v}"]).to(self.device)).to(self.dtype)
                 for v in range(self.spec.n_views)
             ]
-        masks = torch.from_numpy(batch["masks"]).to(self.device).bool() if self.spec.masks is not None else None
+        masks = block_tensor(batch["masks"]).to(self.device).bool() if self.spec.masks is not None else None
         return Batch(views, masks)
 
     def val_batches(self) -> Iterator[Batch]:
