@@ -11,8 +11,9 @@ lr schedule (`make_optimizer`/`make_schedules`), on 2 CPUs in all:
 
 - raysl: `raysl.pretrain.pretrain` (what `raysl pretrain` runs), one worker of 2 CPUs,
   Ray started inside the timed span; the views come from the raysl pipeline
-  (`data.views=simclr`, the data tasks sharing the worker's cores), the final
-  checkpoint is written as in every run.
+  (`data.views=simclr`, the data tasks sharing the worker's cores; with
+  `augment_on="worker"` the tasks only decode and the training worker makes the
+  views, `data.augment_on=worker`), the final checkpoint is written as in every run.
 - plain: a PyTorch loop in this process (2 torch threads) over a 2-worker
   `torch.utils.data.DataLoader` (shuffled, persistent workers) of the same PNGs with
   lightly's `SimCLRTransform(input_size=32)`, when lightly is installed (the `bench`
