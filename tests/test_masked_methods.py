@@ -227,9 +227,14 @@ def test_crop_sizes_must_fit_the_patches():
         spec_for(cfg, method_class("ijepa"))
 
 
-def test_views_made_on_the_worker_are_refused_for_methods_that_train_on_masks():
+def test_views_made_on_the_worker_are_refused_for_masks_and_the_eval_view():
     overrides = ["method.name=ibot", "model.backbone=test_vit", *method_class("ibot").bench_overrides]
     cfg = load_config("quickstart", [*overrides, "data.augment_on=worker"])
     with pytest.raises(UserError, match=r"data.augment_on: 'worker' .* ibot .*data.augment_on=tasks"):
         spec_for(cfg, method_class("ibot"))
     assert spec_for(load_config("quickstart", overrides), method_class("ibot")).masks is not None
+    cfg = load_config(
+        "quickstart", ["method.name=mae", "model.backbone=test_vit", "data.views=eval", "data.augment_on=worker"]
+    )
+    with pytest.raises(UserError, match=r"data.augment_on: 'worker' makes training views, not the eval view"):
+        spec_for(cfg, method_class("mae"))

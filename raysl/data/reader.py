@@ -210,7 +210,7 @@ def read_views(
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
     Rows whose image does not decode are dropped there; `pos` shows the gap. `pixels_only`:
-    the tasks decode and stop there (views.PixelTransform), for views made on the
+    the tasks decode and stop there (decode.PixelTransform), for views made on the
     training worker's device.
 
     `num_cpus` is what each task reserves. Training workers that hold every CPU of a

@@ -17,6 +17,11 @@ def spec_for(cfg: Config, method_cls) -> ViewSpec:
     the method asks for (`Method.mask_spec`). Every problem is a UserError naming the
     config key."""
     spec = _checked_views(cfg, method_cls)
+    if spec.eval_resize and cfg.data.augment_on == "worker":
+        raise UserError(
+            f"config key data.augment_on: 'worker' makes training views, not the eval view "
+            f"(data.views={spec.name}); use data.augment_on=tasks"
+        )
     masks = method_cls.mask_spec(cfg, spec)
     if masks is not None:
         spec = dataclasses.replace(spec, masks=masks)
