@@ -185,6 +185,23 @@ def decode_pixels(data: bytes, *, min_side: int | None = None) -> np.ndarray:
     return np.array(_upright_rgb(img, min_side), dtype=np.uint8)
 
 
+def decodable_rows(n: int, keys, make, logger: logging.Logger = log):
+    """(i, make(i)) for each row i < n whose image decodes, in order; a row whose image
+    does not (make raises DecodeError) is dropped with a warning on `logger` naming its key."""
+    for i in range(n):
+        try:
+            out = make(i)
+        except DecodeError as exc:
+            logger.warning("dropping row %s: image does not decode (%s)", keys[i] if keys is not None else i, exc)
+            continue
+        yield i, out
+
+
+def kept_columns(batch: dict[str, np.ndarray], keep: np.ndarray, consumed: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The batch's other columns (all but `consumed`) at the rows `keep` marks."""
+    return {name: np.asarray(col)[keep] for name, col in batch.items() if name not in consumed}
+
+
 class PixelTransform:
     """Callable for Ray Data `map_batches` when the training worker makes the views
     (`data.augment_on=worker`, raysl.data.gpu_views): "image" (encoded bytes) -> "pixels",
@@ -199,23 +216,17 @@ class PixelTransform:
         self.min_side = min_side
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, keys = batch["image"], batch.get("key")
-        pixels, keep = [], np.zeros(len(images), dtype=bool)
-        for i, data in enumerate(images):
-            try:
-                pixels.append(decode_pixels(data, min_side=self.min_side))
-            except DecodeError as exc:
-                log.warning("dropping row %s: image does not decode (%s)", keys[i] if keys is not None else i, exc)
-                continue
-            keep[i] = True
+        images = batch["image"]
+        rows = list(
+            decodable_rows(len(images), batch.get("key"), lambda i: decode_pixels(images[i], min_side=self.min_side))
+        )
+        keep = np.zeros(len(images), dtype=bool)
+        keep[[i for i, _ in rows]] = True
+        pixels = [p for _, p in rows]
         if pixels and all(p.shape == pixels[0].shape for p in pixels):
             column = np.stack(pixels)
         else:
             column = np.empty(len(pixels), dtype=object)
             for i, p in enumerate(pixels):
                 column[i] = p  # one by one: a slice assignment would stack same-shaped rows
-        out = {"pixels": column}
-        for name, col in batch.items():
-            if name != "image":
-                out[name] = np.asarray(col)[keep]
-        return out
+        return {"pixels": column, **kept_columns(batch, keep, ("image",))}

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.nn.functional import interpolate
 
-from raysl.data.decode import DecodeError, decode_pixels
+from raysl.data.decode import decodable_rows, decode_pixels, kept_columns
 from raysl.data.masks import BlockMasks, MultiBlockMasks, draw_masks
 from raysl.errors import UserError
 
@@ -462,17 +462,12 @@ class ViewTransform:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, seeds = batch["image"], batch["aug_seed"]
-        keys = batch.get("key")
         n = len(images)
         views = [np.empty((n, 3, c.size, c.size), np.uint8) for c in self.crops]
         keep = np.zeros(n, dtype=bool)
         with _one_thread():
-            for i, (data, seed) in enumerate(zip(images, seeds)):
-                try:
-                    row = make_views(data, seed, self.spec)
-                except DecodeError as exc:
-                    log.warning("dropping row %s: image does not decode (%s)", keys[i] if keys is not None else i, exc)
-                    continue
+            made = decodable_rows(n, batch.get("key"), lambda i: make_views(images[i], seeds[i], self.spec), log)
+            for i, row in made:
                 keep[i] = True
                 for v, arr in zip(views, row):
                     v[i] = arr
@@ -483,10 +478,7 @@ class ViewTransform:
             out["masks"] = np.empty((len(kept), m.planes, *m.grid), np.uint8)
             for i, seed in enumerate(kept):
                 out["masks"][i] = draw_masks(m, seed)
-        for name, col in batch.items():
-            if name not in ("image", "aug_seed"):
-                out[name] = np.asarray(col)[keep]
-        return out
+        return {**out, **kept_columns(batch, keep, ("image", "aug_seed"))}
 
 
 def block_tensor(array: np.ndarray) -> torch.Tensor:
