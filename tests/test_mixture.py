@@ -225,6 +225,39 @@ def test_cli_reports_a_bad_weight_before_starting_ray(sets):
     assert "Ray" not in done.stdout + done.stderr
 
 
+def _run_config(shards: list[str], weights: str, storage_path, name: str, *extra: str):
+    """A real 1-worker run of 4 steps on a mixture, checkpointed every 2 steps."""
+    return load_config(
+        "quickstart",
+        [
+            f"data.shards=[{', '.join(shards)}]",
+            f"data.weights={weights}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=32",
+            "method.proj_dim=16",
+            "train.num_workers=1",
+            "train.max_steps=4",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=3",
+            f"train.storage_path={storage_path}",
+            f"train.name={name}",
+            *extra,
+        ],
+    )
+
+
+def _damage_newest_checkpoint(run: str) -> str:
+    """Truncate rank 0's state file in the run's newest checkpoint (so a resume skips it); its path."""
+    from raysl.train import checkpoint, storage
+
+    newest = os.path.join(run, storage.subdirs(run, "checkpoint_")[-1])
+    with open(os.path.join(newest, checkpoint.worker_file(0)), "r+b") as f:
+        f.truncate(100)
+    return newest
+
+
 def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_path):
     """A real run (Ray Train, 1 worker): drawn/<set> in metrics.jsonl follows the weights exactly,
     the run records the index file of each set it reads, and a run resumed from its step-2
@@ -234,28 +267,8 @@ def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_pa
     from raysl.train.metrics import read_metrics
 
     curated, web = sets
-
-    def cfg(name):
-        return load_config(
-            "quickstart",
-            [
-                f"data.shards=[{curated}, {web}]",
-                "data.weights=[0.25, 0.75]",
-                "data.image_size=32",
-                "data.batch_size=4",
-                "model.backbone=test_resnet",
-                "method.proj_hidden_dim=32",
-                "method.proj_dim=16",
-                "train.num_workers=1",
-                "train.max_steps=4",
-                "train.checkpoint_every=2",
-                "train.keep_checkpoints=3",
-                f"train.storage_path={tmp_path}",
-                f"train.name={name}",
-            ],
-        )
-
-    out = pretrain(cfg("mix"))
+    cfg = _run_config([curated, web], "[0.25, 0.75]", tmp_path, "mix")
+    out = pretrain(cfg)
     rows = read_metrics(out["run_dir"])
     assert [(r["step"], r["drawn/curated"], r["drawn/web"]) for r in rows] == [(s, s, 3 * s) for s in (1, 2, 3, 4)]
     with open(os.path.join(out["run_dir"], mixture.PINS)) as f:
@@ -265,14 +278,9 @@ def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_pa
         ("web", "index.parquet", 3),
     ]
     # resume from the step-2 checkpoint (the step-4 one damaged, so skipped): the same batches
-    from raysl.train import checkpoint
-
     run = out["run_dir"]
-    newest = os.path.join(run, storage.subdirs(run, "checkpoint_")[-1])
-    assert storage.checkpoint_step(newest) == 4
-    with open(os.path.join(newest, checkpoint.worker_file(0)), "r+b") as f:
-        f.truncate(100)
-    pretrain(cfg("mix"), resume=True)
+    assert storage.checkpoint_step(_damage_newest_checkpoint(run)) == 4
+    pretrain(cfg, resume=True)
     from raysl.train import recovery
 
     resumed = recovery.read_attempts(run)[-1]  # the resumed attempt started after step 2, not from 0
@@ -312,38 +320,20 @@ def test_views_made_on_the_worker_train_a_mixture_of_image_sizes_and_resume_exac
     checkpoint starts at step 3 and repeats the same losses and draws."""
     from raysl.data.demo_images import digit_pngs
     from raysl.pretrain import pretrain
-    from raysl.train import checkpoint, recovery, storage
+    from raysl.train import recovery
     from raysl.train.metrics import read_metrics
 
     small, big = str(tmp_path / "small"), str(tmp_path / "big")
     write_shards(small, [(f"small/{i:03d}.png", png, lab) for i, (png, lab) in enumerate(digit_pngs(32, 20))], 5)
     write_shards(big, [(f"big/{i:03d}.png", png, lab) for i, (png, lab) in enumerate(digit_pngs(40, 20))], 5)
-    cfg = load_config(
-        "quickstart",
-        [
-            f"data.shards=[{small}, {big}]",
-            "data.weights=[0.5, 0.5]",
-            "data.augment_on=worker",
-            "data.image_size=24",
-            "data.batch_size=4",
-            "model.backbone=test_resnet",
-            "method.proj_hidden_dim=32",
-            "method.proj_dim=16",
-            "train.num_workers=1",
-            "train.max_steps=4",
-            "train.checkpoint_every=2",
-            "train.keep_checkpoints=3",
-            f"train.storage_path={tmp_path}",
-            "train.name=worker_views",
-        ],
+    cfg = _run_config(
+        [small, big], "[0.5, 0.5]", tmp_path, "worker_views", "data.augment_on=worker", "data.image_size=24"
     )
     run = pretrain(cfg)["run_dir"]
     rows = read_metrics(run)
     assert [(r["step"], r["drawn/small"], r["drawn/big"]) for r in rows] == [(s, 2 * s, 2 * s) for s in (1, 2, 3, 4)]
     assert all(np.isfinite(r["loss"]) for r in rows)
-    newest = os.path.join(run, storage.subdirs(run, "checkpoint_")[-1])
-    with open(os.path.join(newest, checkpoint.worker_file(0)), "r+b") as f:
-        f.truncate(100)  # damaged: the resumed run starts from step 2
+    _damage_newest_checkpoint(run)  # the step-4 one: the resumed run starts from step 2
     pretrain(cfg, resume=True)
     resumed = recovery.read_attempts(run)[-1]
     assert (resumed["start_step"], resumed["first_step"]) == (2, 3), resumed
