@@ -16,6 +16,7 @@ from raysl.data import views as V
 from raysl.data.decode import decode_pixels
 from raysl.data.gpu_views import GPUViews, _decode, blur_kernel_size
 from raysl.data.masks import BlockMasks
+from raysl.data.view_plans import decode_plans
 from raysl.errors import UserError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -240,8 +241,8 @@ def _task_then_worker(spec, images: list[bytes], seeds: list[int], device="cpu")
     from raysl.data.decode import PixelTransform
 
     batch = {"image": np.array(images, dtype=object), "aug_seed": np.array(seeds), "key": np.arange(len(images))}
-    rows = PixelTransform(spec.min_decode_side())(batch)
-    return rows, GPUViews(spec, device).from_pixels(rows["pixels"], rows["aug_seed"])
+    rows = PixelTransform(spec)(batch)
+    return rows, GPUViews(spec, device).from_pixels(rows["pixels"], rows["plans"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -255,6 +256,10 @@ def test_views_made_on_the_worker_follow_the_task_views_of_the_same_rows(device)
     rows, views = _task_then_worker(spec, images, seeds, device)
     assert list(rows["key"]) == [0, 1, 2]  # the undecodable row is dropped in the task
     assert rows["pixels"].dtype == object  # three sizes
+    # the task drew each kept row's plans from its own seed, for its decoded size
+    assert decode_plans(rows["plans"]) == [
+        V.plan_views(spec, s, p.shape[1], p.shape[0]) for s, p in zip(seeds[:3], rows["pixels"])
+    ]
     assert [tuple(v.shape) for v in views] == [(3, 3, c.size, c.size) for c in spec.per_view()]
     for r, (data, seed) in enumerate(zip(images[:3], seeds)):
         ref, other = V.make_views(data, seed, spec), V.make_views(data, seed + 100, spec)
@@ -271,5 +276,5 @@ def test_rows_of_one_size_travel_as_one_array_and_give_the_same_views():
     apart = np.empty(3, dtype=object)
     for i in range(3):
         apart[i] = rows["pixels"][i]
-    for a, b in zip(views, GPUViews(spec, "cpu").from_pixels(apart, rows["aug_seed"])):
+    for a, b in zip(views, GPUViews(spec, "cpu").from_pixels(apart, rows["plans"])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -187,7 +187,7 @@ def test_a_pixel_stream_decodes_as_the_views_do_and_drops_what_does_not_decode(r
     """data.augment_on=worker: the tasks stop at the decode; the batches keep their fixed
     shape, position and skip count as the view stream's do."""
     from raysl.data.decode import decode_pixels
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import PLAN_FIELDS, decode_plans, plan_views, view_spec
 
     images = digit_images(12)
     images[3] = ("digits/broken.png", images[3][1][:40], 0)  # truncated PNG
@@ -202,6 +202,11 @@ def test_a_pixel_stream_decodes_as_the_views_do_and_drops_what_does_not_decode(r
         for key, px, seed in zip(b["key"], b["pixels"], b["aug_seed"]):
             np.testing.assert_array_equal(px, decode_pixels(rows[key]["image"], min_side=spec.min_decode_side()))
             assert seed == rows[key]["aug_seed"]
+        # each row's plans, drawn in the task from its seed for its decoded size
+        assert b["plans"].shape == (4, spec.n_views, PLAN_FIELDS)
+        assert decode_plans(b["plans"]) == [
+            plan_views(spec, s, px.shape[1], px.shape[0]) for s, px in zip(b["aug_seed"], b["pixels"])
+        ]
     assert batches.position - batches.skipped == 8
     assert batches.skipped == int(rows["digits/broken.png"]["pos"] < batches.position)
     assert "digits/broken.png" not in {k for b in got for k in b["key"]}

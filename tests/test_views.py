@@ -352,6 +352,44 @@ def test_the_view_workers_do_not_import_torchvision():
     )
 
 
+def test_a_decoding_task_draws_the_plans_without_torch_or_opencv():
+    """data.augment_on=worker: the task decodes and draws each row's plans (view_plans),
+    importing neither torch nor OpenCV (1-2 s of CPU for each fresh data worker)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import io, sys, numpy as np, raysl.data.reader\n"
+        "from PIL import Image\n"
+        "from raysl.data.decode import PixelTransform\n"
+        "from raysl.data.view_plans import view_spec\n"
+        "buf = io.BytesIO(); Image.new('RGB', (40, 30)).save(buf, 'PNG')\n"
+        "out = PixelTransform(view_spec('dino', global_size=32, local_size=16))"
+        "({'image': np.array([buf.getvalue()] * 2, dtype=object), 'aug_seed': np.array([1, 2])})\n"
+        "print(out['plans'].shape, 'torch' in sys.modules, 'cv2' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "(2, 10, 17) False False"
+
+
+@pytest.mark.parametrize("name", sorted(V.PRESETS))
+def test_plans_travel_as_one_array_and_come_back_the_same(name):
+    """encode_plans / decode_plans (a data task's "plans" column): every decision of every
+    view, for rows of different sizes and seeds: boxes, flips, jitter ops in their drawn
+    order with their factors, grey, blur sigma or none, solarize; the eval view's
+    fractional boxes too."""
+    from raysl.data.view_plans import decode_plans, encode_plans
+
+    spec = V.view_spec(name)
+    rows = [V.plan_views(spec, seed, w, h) for seed, (w, h) in enumerate([(500, 375), (224, 224), (97, 301)] * 20)]
+    array = encode_plans(rows, spec.n_views)
+    assert array.shape == (60, spec.n_views, 17) and array.dtype == np.float64
+    assert decode_plans(array) == rows
+    assert encode_plans([], spec.n_views).shape == (0, spec.n_views, 17)  # a block whose rows all failed
+    kinds = {(bool(p.jitter), p.blur_sigma is None, p.flip) for r in rows for p in r}
+    assert len(kinds) > 2 or name in ("eval", "ijepa", "mae", "mae_medical")  # the draws vary
+
+
 def test_eval_view_is_resize_then_centre_crop():
     import torchvision.transforms.v2 as T
 

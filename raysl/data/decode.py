@@ -19,6 +19,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from raysl.data.view_plans import encode_plans, plan_views
+
 log = logging.getLogger(__name__)
 
 # PIL format name -> the name stored in shards. MPO is the multi-picture JPEG many
@@ -205,15 +207,17 @@ def kept_columns(batch: dict[str, np.ndarray], keep: np.ndarray, consumed: tuple
 class PixelTransform:
     """Callable for Ray Data `map_batches` when the training worker makes the views
     (`data.augment_on=worker`, raysl.data.gpu_views): "image" (encoded bytes) -> "pixels",
-    each row decoded as views.make_views decodes it: decode_pixels at `min_side` (the views
-    spec's min_decode_side()), so the worker draws the same plans from the row's aug_seed.
+    each row decoded as views.make_views decodes it (decode_pixels at the spec's
+    min_decode_side()), and "plans": the row's view plans drawn from its aug_seed for that
+    decoded size (view_plans.encode_plans), so the training worker only applies them.
     Anything else passes through. Rows whose image does not decode are dropped with a
     warning, as views.ViewTransform drops them. "pixels" is one (N, H, W, 3) uint8 array
     when all rows have one size, else an object array of the rows' arrays. Imports neither
     torch nor OpenCV: a fresh data worker starts on it in a fraction of a second."""
 
-    def __init__(self, min_side: int):
-        self.min_side = min_side
+    def __init__(self, spec):
+        self.spec = spec  # a view_plans.ViewSpec
+        self.min_side = spec.min_decode_side()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
@@ -229,4 +233,7 @@ class PixelTransform:
             column = np.empty(len(pixels), dtype=object)
             for i, p in enumerate(pixels):
                 column[i] = p  # one by one: a slice assignment would stack same-shaped rows
-        return {"pixels": column, **kept_columns(batch, keep, ("image",))}
+        seeds = batch["aug_seed"][keep]
+        plans = [plan_views(self.spec, s, p.shape[1], p.shape[0]) for s, p in zip(seeds, pixels)]
+        plans = encode_plans(plans, self.spec.n_views)
+        return {"pixels": column, "plans": plans, **kept_columns(batch, keep, ("image",))}

@@ -41,12 +41,12 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from raysl.data.decode import orientation
-from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewPlan, ViewSpec, block_tensor, plan_views
+from raysl.data.view_plans import JITTER_NAMES, Crop, ViewPlan, ViewSpec, decode_plans, plan_views
+from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, block_tensor
 from raysl.errors import UserError
 
 log = logging.getLogger(__name__)
 
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L") and torchvision's rgb_to_grayscale
 
 
@@ -175,7 +175,7 @@ def _apply_jitter_op(x: torch.Tensor, op: str, factor: torch.Tensor) -> torch.Te
         # hue whose full turn is 255: shift by the same whole steps (the CPU path's OpenCV hue
         # turns in 256 steps)
         return _shift_hue(x, torch.trunc(factor * 255) / 255)
-    raise ValueError(f"unknown colour op {op!r}; expected one of {JITTER_OPS}")
+    raise ValueError(f"unknown colour op {op!r}; expected one of {JITTER_NAMES}")
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -251,16 +251,15 @@ class GPUViews:
         views = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
         return GPUViewBatch(views, kept)
 
-    def from_pixels(self, pixels, aug_seeds) -> list[torch.Tensor]:
-        """Decoded rows (views.PixelTransform's "pixels": uint8 (N, H, W, 3), or a sequence of
-        (H, W, 3)) and their aug_seeds -> the views, as `apply` makes them from the plans the
-        CPU path draws for the same decoded images."""
+    def from_pixels(self, pixels, plans) -> list[torch.Tensor]:
+        """A data task's decoded rows and their plans (decode.PixelTransform's "pixels":
+        uint8 (N, H, W, 3) or a sequence of (H, W, 3); "plans": view_plans.encode_plans',
+        drawn there from each row's aug_seed as the CPU path draws them) -> the views."""
         if isinstance(pixels, np.ndarray) and pixels.dtype != object:
             rows = list(block_tensor(pixels).to(self.device).permute(0, 3, 1, 2))
         else:
             rows = [block_tensor(p).to(self.device).permute(2, 0, 1) for p in pixels]
-        plans = [plan_views(self.spec, int(s), r.shape[2], r.shape[1]) for r, s in zip(rows, aug_seeds)]
-        return self.apply(rows, plans)
+        return self.apply(rows, decode_plans(plans))
 
     def apply(self, pixels: list[torch.Tensor], plans: list[list[ViewPlan]]) -> list[torch.Tensor]:
         """Decoded uint8 (3, H, W) images on the device + each row's plans (view order) ->
@@ -285,8 +284,8 @@ class GPUViews:
 
     def _colour(self, x: torch.Tensor, plans: list[ViewPlan], crops: list[Crop]) -> None:
         """The plans' jitter, grayscale, blur and solarize on x (rows, 3, s, s) in [0, 1], in place."""
-        for pos in range(len(JITTER_OPS)):
-            for op in JITTER_OPS:
+        for pos in range(len(JITTER_NAMES)):
+            for op in JITTER_NAMES:
                 rows = [r for r, p in enumerate(plans) if len(p.jitter) > pos and p.jitter[pos][0] == op]
                 if rows:
                     f = torch.tensor([plans[r].jitter[pos][1] for r in rows], device=x.device)

@@ -10,7 +10,7 @@
   patches removed from the context.
 
 All randomness of a row's masks comes from `mask_rng(aug_seed)`, a numpy stream apart
-from the one its views use (`raysl.data.views.row_rng`): the masks are a function of the
+from the one its views use (`raysl.data.view_plans.row_rng`): the masks are a function of the
 row's seed only, so runs stay deterministic and resumable, and adding masks to a run never
 changes its views.
 """

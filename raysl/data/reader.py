@@ -162,10 +162,10 @@ def _augment(batch: dict, spec) -> dict:
     return ViewTransform(spec)(batch)
 
 
-def _decode(batch: dict, min_side: int) -> dict:
+def _decode(batch: dict, spec) -> dict:
     from raysl.data.decode import PixelTransform
 
-    return PixelTransform(min_side)(batch)
+    return PixelTransform(spec)(batch)
 
 
 MAX_BLOCK_BYTES = 64 << 20
@@ -208,7 +208,7 @@ def read_views(
     index: str | None = None,
     pixels_only: bool = False,
 ) -> ray.data.Dataset:
-    """read_rows + decode + augment into the views of `spec` (a views.ViewSpec) as Ray Data tasks.
+    """read_rows + decode + augment into the views of `spec` (a view_plans.ViewSpec) as Ray Data tasks.
     Rows whose image does not decode are dropped there; `pos` shows the gap. `pixels_only`:
     the tasks decode and stop there (decode.PixelTransform), for views made on the
     training worker's device.
@@ -243,8 +243,7 @@ def read_views(
     object.__setattr__(split, "compute", split.input_dependencies[0].compute)
     return ds.map_batches(
         _decode if pixels_only else _augment,
-        # the spec's class imports torch; a decoding task needs only the decode size
-        fn_kwargs={"min_side": spec.min_decode_side()} if pixels_only else {"spec": spec},
+        fn_kwargs={"spec": spec},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,

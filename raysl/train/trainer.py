@@ -229,7 +229,7 @@ class Trainer:
 
     def to_batch(self, batch: dict) -> Batch:
         if self.device_views is not None:
-            views = [v.to(self.dtype) for v in self.device_views.from_pixels(batch["pixels"], batch["aug_seed"])]
+            views = [v.to(self.dtype) for v in self.device_views.from_pixels(batch["pixels"], batch["plans"])]
         else:
             views = [
                 normalize(block_tensor(batch[f"view_{v}"]).to(self.device)).to(self.dtype)
