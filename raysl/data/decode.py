@@ -233,7 +233,6 @@ class PixelTransform:
             column = np.empty(len(pixels), dtype=object)
             for i, p in enumerate(pixels):
                 column[i] = p  # one by one: a slice assignment would stack same-shaped rows
-        seeds = batch["aug_seed"][keep]
-        plans = [plan_views(self.spec, s, p.shape[1], p.shape[0]) for s, p in zip(seeds, pixels)]
-        plans = encode_plans(plans, self.spec.n_views)
-        return {"pixels": column, "plans": plans, **kept_columns(batch, keep, ("image",))}
+        kept = kept_columns(batch, keep, ("image",))
+        plans = [plan_views(self.spec, s, p.shape[1], p.shape[0]) for s, p in zip(kept["aug_seed"], pixels)]
+        return {"pixels": column, "plans": encode_plans(plans, self.spec.n_views), **kept}

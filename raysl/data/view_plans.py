@@ -239,6 +239,8 @@ def view_spec(
 
 # --- sampling (all randomness) ---------------------------------------------------------
 
+JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")  # Crop.jitter's order, the draw order
+
 
 @dataclass(frozen=True)
 class ViewPlan:
@@ -291,15 +293,14 @@ def plan_view(rng: np.random.Generator, crop: Crop, width: int, height: int, eva
     jitter: tuple[tuple[str, float], ...] = ()
     if rng.random() < crop.jitter_p:
         b, c, s, h = crop.jitter
-        factors = {
-            "brightness": rng.uniform(max(0.0, 1 - b), 1 + b) if b else None,
-            "contrast": rng.uniform(max(0.0, 1 - c), 1 + c) if c else None,
-            "saturation": rng.uniform(max(0.0, 1 - s), 1 + s) if s else None,
-            "hue": rng.uniform(-h, h) if h else None,
-        }
-        order = rng.permutation(4)
-        names = list(factors)
-        jitter = tuple((names[i], float(factors[names[i]])) for i in order if factors[names[i]] is not None)
+        factors = (  # drawn in JITTER_NAMES' order
+            rng.uniform(max(0.0, 1 - b), 1 + b) if b else None,
+            rng.uniform(max(0.0, 1 - c), 1 + c) if c else None,
+            rng.uniform(max(0.0, 1 - s), 1 + s) if s else None,
+            rng.uniform(-h, h) if h else None,
+        )
+        order = rng.permutation(len(JITTER_NAMES))
+        jitter = tuple((JITTER_NAMES[i], float(factors[i])) for i in order if factors[i] is not None)
     gray = bool(rng.random() < crop.gray_p)
     blur = float(rng.uniform(*crop.blur_sigma)) if rng.random() < crop.blur_p else None
     solarize = bool(rng.random() < crop.solarize_p)
@@ -318,7 +319,6 @@ def plan_views(spec: ViewSpec, aug_seed, width: int, height: int) -> list[ViewPl
 
 # --- plans as one float array per row (a Ray Data column) ---------------------------
 
-JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
 # per view: left, top, right, bottom, flip, gray, blur sigma (NaN: none), solarize,
 # jitter count, then (op index, factor) for each of the 4 jitter slots in applied order
 PLAN_FIELDS = 9 + 2 * len(JITTER_NAMES)
