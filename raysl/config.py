@@ -6,7 +6,9 @@ or an out-of-range value is one UserError naming the key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import os
 import re
 import types
@@ -14,6 +16,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 import yaml
 
@@ -45,6 +48,16 @@ def load_yaml(stream):
     return yaml.load(stream, Loader=_Loader)
 
 
+def _key(default, help: str, **check) -> Any:
+    """A config key: its default, its meaning (the help docs/configuration.md is written from,
+    `raysl.config_docs`) and its checks (`raysl.checks.between` / `one_of`, "path", "each", ...).
+    A list or dict default is copied for every Config."""
+    metadata = {"help": help, **check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.copy, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 def _scale_pair():
     """A crop-scale range [lo, hi] as a fraction of the image area, 0 < lo <= hi <= 1;
     the empty list means "the views preset's own"."""
@@ -59,162 +72,239 @@ def _scale_pair():
 
 @dataclass
 class DataConfig:
-    # a shard directory or URI (raysl shards build), or a list of them read as a mixture in
-    # the proportions `weights` (one per set, >= 0, not all 0; raysl.data.mixture)
-    shards: str | list[str] = field(
-        default="",
-        metadata={"help": "shard directory or URI (raysl shards build)", "path": True, "example": "[a/, b/]"},
+    shards: str | list[str] = _key(
+        "",
+        "a shard set (directory or URI, `raysl shards build`), or a list of them read as a mixture in the "
+        "proportions `data.weights`: `[curated/, s3://bucket/web]`",
+        path=True,
+        example="[a/, b/]",
     )
-    weights: list[float] = field(
-        default_factory=list, metadata={"each": between(0.0), "empty_ok": True, "example": "[0.3, 0.7]"}
+    weights: list[float] = _key(
+        [],
+        "with a list of sets: one weight >= 0 per set, not all 0 (`[0.3, 0.7]`); 0 lists a set without reading "
+        "it. With one set: empty or one weight",
+        each=between(0.0),
+        empty_ok=True,
+        example="[0.3, 0.7]",
     )
-    views: str = ""  # a views preset; empty: the method's own (its default_views)
-    image_size: int = field(default=0, metadata=between(0))  # 0: the preset's size
-    # Crop overrides of the views preset; the defaults (-1, 0, []) keep the preset's own.
-    # Global crops are the preset's largest (image_size sets their size); local crops the
-    # smaller multi-crop ones (DINO, SwAV). For single-crop presets (mae, mae_medical)
-    # global_scale is the crop-scale range.
-    global_crops: int = field(default=-1, metadata=between(-1))  # -1: the preset's count
-    global_scale: list[float] = field(default_factory=list, metadata=_scale_pair())  # [lo, hi]; []: the preset's
-    local_crops: int = field(default=-1, metadata=between(-1))  # -1: the preset's count
-    local_size: int = field(default=0, metadata=between(0))  # 0: the preset's size (96)
-    local_scale: list[float] = field(default_factory=list, metadata=_scale_pair())  # [lo, hi]; []: the preset's
-    batch_size: int = field(default=64, metadata=between(1))  # per worker, per micro-step
-    shuffle_window: int = field(default=2, metadata=between(1))  # shards mixed per shuffle window
-    augment_tasks: int = field(
-        default=0, metadata=between(0)
-    )  # parallel read/augment tasks per worker; 0: train.cpus_per_worker
-    # Logical CPUs each read/augment task reserves. 0 shares the training workers' cores
-    # (right on one machine, where the workers hold every CPU); 1 on a cluster with
-    # CPU-only data nodes places the tasks there.
-    task_cpus: float = field(default=0.0, metadata=between(0.0))
-    # Custom Ray resources each read/augment task requests, e.g. {data_node: 0.01} to put
-    # decoding and augmentation on the CPU-only nodes that advertise `data_node`.
-    task_resources: dict[str, float] = field(default_factory=dict, metadata=between(0.0))
-    # Where the views are made. tasks: the read/augment tasks make uint8 views (PIL/OpenCV, one
-    # image at a time). worker: the tasks only decode; the training worker makes the views
-    # from the decoded pixels on its own device, batched (raysl.data.gpu_views: a GPU's, or
-    # the worker's CPU threads between its steps). Not for methods that draw patch masks.
-    augment_on: str = field(default="tasks", metadata=one_of("tasks", "worker"))
+    views: str = _key("", "the views preset (`simclr`, `dino`, `mae`, ...; views.md); empty: the method's own")
+    image_size: int = _key(0, "side of the global crops in pixels; 0: the preset's", **between(0))
+    global_crops: int = _key(
+        -1, "number of global crops; -1: the preset's. DINO cycles its blur/solarize pair", **between(-1)
+    )
+    global_scale: list[float] = _key(
+        [],
+        "`[lo, hi]`, the area fraction a global crop covers, 0 < lo <= hi <= 1; for `mae`/`mae_medical` the "
+        "crop-scale range; []: the preset's",
+        **_scale_pair(),
+    )
+    local_crops: int = _key(-1, "number of local (multi-crop) crops; -1: the preset's", **between(-1))
+    local_size: int = _key(0, "side of the local crops in pixels; 0: the preset's (96)", **between(0))
+    local_scale: list[float] = _key([], "`[lo, hi]` for local crops; []: the preset's", **_scale_pair())
+    batch_size: int = _key(64, "images per worker and micro-step", **between(1))
+    shuffle_window: int = _key(2, "shards whose rows are shuffled together in one window", **between(1))
+    augment_tasks: int = _key(
+        0, "read/augment tasks per training worker that run at once; 0: `train.cpus_per_worker`", **between(0)
+    )
+    task_cpus: float = _key(
+        0.0,
+        "logical CPUs each read/augment task reserves. 0 shares the training workers' cores (right on one "
+        "machine); 1 on a cluster with CPU-only data nodes places the tasks there",
+        **between(0.0),
+    )
+    task_resources: dict[str, float] = _key(
+        {},
+        "custom Ray resources each read/augment task requests, e.g. `{data_node: 1}` to put decoding and "
+        "augmentation on the nodes that advertise `data_node`",
+        **between(0.0),
+    )
+    augment_on: str = _key(
+        "tasks",
+        "where the views are made. `tasks`: the read/augment tasks make uint8 views. `worker`: the tasks only "
+        "decode and the training worker makes the views on its own device, batched (views.md); not for methods "
+        "that draw patch masks",
+        **one_of("tasks", "worker"),
+    )
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name; never downloaded
-    drop_path_rate: float = field(default=0.0, metadata=between(0.0, 1.0))
-    # pooled feature of the backbone (timm's global_pool); "": the model's default (CLS
-    # token for ViTs). MAE recipes use "avg": MAE trains patch tokens, not the CLS token.
-    global_pool: str = field(default="", metadata=one_of("", "avg", "token", "max", "avgmax"))
-    compile: bool = False  # compile the backbone in place (nn.Module.compile): state-dict keys unchanged
-    # torch.compile backend with model.compile=true. inductor generates fused kernels (on the
-    # CPU it needs a C++ compiler and minutes of compiling); aot_eager traces forward and
-    # backward graphs without generating code; eager only captures graphs (debugging).
-    compile_backend: str = field(default="inductor", metadata=one_of("inductor", "aot_eager", "eager"))
-    # Activation (gradient) checkpointing: timm's set_grad_checkpointing, so the backbone's
-    # blocks keep only their inputs and recompute the rest in backward (less activation
-    # memory for about one more forward). A timm model without it is a config error.
-    grad_checkpointing: bool = False
+    backbone: str = _key("resnet18", "any timm model name; weights are never downloaded (random init)")
+    drop_path_rate: float = _key(
+        0.0, "timm's stochastic depth: 0 at the first block, rising to this rate at the last", **between(0.0, 1.0)
+    )
+    global_pool: str = _key(
+        "",
+        "the backbone's pooled feature (timm's `global_pool`); empty: the model's default (the CLS token for "
+        "ViTs). MAE recipes use `avg`: MAE trains the patch tokens, not the CLS token",
+        **one_of("", "avg", "token", "max", "avgmax"),
+    )
+    compile: bool = _key(
+        False, "compile the backbone in place (`nn.Module.compile`): state-dict keys and checkpoints unchanged"
+    )
+    compile_backend: str = _key(
+        "inductor",
+        "torch.compile backend with `model.compile=true`. `inductor` generates fused kernels (on the CPU it needs "
+        "a C++ compiler and minutes of compiling); `aot_eager` traces forward and backward graphs without "
+        "generating code; `eager` only captures graphs (debugging)",
+        **one_of("inductor", "aot_eager", "eager"),
+    )
+    grad_checkpointing: bool = _key(
+        False,
+        "activation checkpointing (timm's `set_grad_checkpointing`): blocks keep only their inputs and recompute "
+        "the rest in backward; a timm model without it is a config error",
+    )
 
 
 @dataclass
 class OptimConfig:
-    name: str = field(
-        default="adamw",
-        metadata=one_of("adamw", "sgd", "lars", "lamb", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"),
+    name: str = _key(
+        "adamw",
+        "the optimizer; the 8-bit ones are bitsandbytes', the paged ones need a GPU. LARS and LAMB need "
+        "`deepspeed.zero_stage=0`",
+        **one_of("adamw", "sgd", "lars", "lamb", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"),
     )
-    lr: float = field(default=1e-3, metadata=between(0.0, lo_open=True))  # per 256 images (linear scaling)
-    min_lr: float = field(default=1e-6, metadata=between(0.0))
-    warmup_steps: int = field(default=0, metadata=between(0))
-    weight_decay: float = field(default=0.05, metadata=between(0.0))
-    weight_decay_end: float = field(default=-1.0)  # < 0: same as weight_decay
-    momentum: float = field(default=0.9, metadata=between(0.0, 1.0))
-    beta1: float = field(default=0.9, metadata=between(0.0, 1.0))
-    beta2: float = field(default=0.999, metadata=between(0.0, 1.0))
-    clip_grad: float = field(default=0.0, metadata=between(0.0))  # 0: no clipping
+    lr: float = _key(
+        1e-3, "peak learning rate per 256 images (scaled linearly with the global batch)", **between(0.0, lo_open=True)
+    )
+    min_lr: float = _key(1e-6, "learning rate at the end of the cosine decay", **between(0.0))
+    warmup_steps: int = _key(0, "steps of linear warmup before the cosine decay", **between(0))
+    weight_decay: float = _key(0.05, "weight decay at step 0", **between(0.0))
+    weight_decay_end: float = _key(-1.0, "weight decay at the last step (cosine schedule); < 0: same as weight_decay")
+    momentum: float = _key(0.9, "momentum of sgd and lars", **between(0.0, 1.0))
+    beta1: float = _key(0.9, "first moment decay (beta1) of the Adam family, LAMB and Lion", **between(0.0, 1.0))
+    beta2: float = _key(0.999, "second moment decay (beta2) of the Adam family, LAMB and Lion", **between(0.0, 1.0))
+    clip_grad: float = _key(0.0, "clip the gradient norm to this; 0: no clipping", **between(0.0))
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = field(default=0, metadata=one_of(0, 1, 2, 3))
-    precision: str = field(default="fp32", metadata=one_of("fp32", "bf16", "fp16"))
-    grad_accum: int = field(default=1, metadata=between(1))
-    # ZeRO-Offload / ZeRO-Infinity: where the optimizer state (ZeRO stage >= 1) and the
-    # parameters (ZeRO-3 only) live: "none" (on the device), "cpu" (pinned host memory), or
-    # "nvme" (files under deepspeed.nvme_path). Offloading the optimizer needs DeepSpeed's
-    # own CPU Adam (optim.name=adamw runs as DeepSpeedCPUAdam, a C++ op built on first use);
-    # bitsandbytes' 8-bit optimizers cannot be offloaded.
-    offload_optimizer: str = field(default="none", metadata=one_of("none", "cpu", "nvme"))
-    offload_param: str = field(default="none", metadata=one_of("none", "cpu", "nvme"))
-    nvme_path: str = field(default="", metadata={"path": True})  # a local NVMe directory, for "nvme" offload
-    # Gradient buckets (elements) ZeRO reduces at once; 0: DeepSpeed's default (5e8). On a
-    # memory-tight host a bucket of 5e8 bf16 elements is 1 GB per worker; 5e7 is 100 MB.
-    reduce_bucket_size: int = field(default=0, metadata=between(0))
-    # dtype of ZeRO's gradient partitions (DeepSpeed's data_types.grad_accum_dtype); "": its
-    # default (fp32 for bf16 training). bf16 halves them (less exact accumulation).
-    grad_accum_dtype: str = field(default="", metadata=one_of("", "fp32", "bf16"))
-    # ZeRO-3 steps the optimizer on sub-groups of this many elements of each worker's
-    # partition; 0: DeepSpeed's default (1e9, one group). bitsandbytes' 8-bit optimizers
-    # on the CPU dequantise a whole group's state to fp32 while they step, so a smaller
-    # group (5e7) bounds that transient (ViT-g proof in the README).
-    sub_group_size: int = field(default=0, metadata=between(0))
-    # ZeRO-3 keeps gathered parameters alive (and prefetches) up to this many elements
-    # (its stage3_max_live_parameters, stage3_max_reuse_distance and
-    # stage3_prefetch_bucket_size); 0: DeepSpeed's 1e9, which for a 1 B-parameter model
-    # can mean the whole model gathered on every worker.
-    max_live_parameters: int = field(default=0, metadata=between(0))
+    zero_stage: int = _key(
+        0, "DeepSpeed ZeRO stage (3: the method is built partitioned; pretraining.md)", **one_of(0, 1, 2, 3)
+    )
+    precision: str = _key("fp32", "training precision", **one_of("fp32", "bf16", "fp16"))
+    grad_accum: int = _key(1, "micro-steps whose gradients are accumulated per optimizer step", **between(1))
+    offload_optimizer: str = _key(
+        "none",
+        "where the optimizer state lives (ZeRO stage >= 1): `none` (on the device), `cpu` (pinned host memory) or "
+        "`nvme` (files under `deepspeed.nvme_path`). Needs DeepSpeed's own CPU Adam: `optim.name=adamw` runs as "
+        "DeepSpeedCPUAdam; bitsandbytes' 8-bit optimizers cannot be offloaded",
+        **one_of("none", "cpu", "nvme"),
+    )
+    offload_param: str = _key(
+        "none", "where the parameters live, as offload_optimizer; ZeRO-3 only", **one_of("none", "cpu", "nvme")
+    )
+    nvme_path: str = _key("", "a local NVMe directory, for `nvme` offload", path=True)
+    reduce_bucket_size: int = _key(
+        0,
+        "gradient elements ZeRO reduces at once; 0: DeepSpeed's default (5e8, 1 GB per worker in bf16; 5e7 is 100 MB)",
+        **between(0),
+    )
+    grad_accum_dtype: str = _key(
+        "",
+        "dtype of ZeRO's gradient partitions (DeepSpeed's `data_types.grad_accum_dtype`); empty: its default "
+        "(fp32 for bf16 training). bf16 halves them (less exact accumulation)",
+        **one_of("", "fp32", "bf16"),
+    )
+    sub_group_size: int = _key(
+        0,
+        "ZeRO-3 steps the optimizer on sub-groups of this many elements of each worker's partition; 0: "
+        "DeepSpeed's default (1e9, one group). bitsandbytes' 8-bit optimizers on the CPU dequantise a whole "
+        "group's state to fp32 while they step, so a smaller group (5e7) bounds that transient",
+        **between(0),
+    )
+    max_live_parameters: int = _key(
+        0,
+        "ZeRO-3 keeps gathered parameters alive (and prefetches) up to this many elements (its "
+        "`stage3_max_live_parameters`, `stage3_max_reuse_distance` and `stage3_prefetch_bucket_size`); 0: "
+        "DeepSpeed's 1e9, which for a 1 B-parameter model can mean the whole model gathered on every worker",
+        **between(0),
+    )
 
 
 @dataclass
 class TrainConfig:
-    name: str = "run"
-    storage_path: str = field(default="runs", metadata={"path": True})  # local dir, NFS path or bucket URI
-    epochs: int = field(default=1, metadata=between(1))
-    max_steps: int = field(default=0, metadata=between(0))  # 0: run all epochs
-    seed: int = 0
-    num_workers: int = field(default=1, metadata=between(1))
-    cpus_per_worker: int = field(default=1, metadata=between(1))
-    gpus_per_worker: float = field(default=0.0, metadata=between(0.0))
-    log_every: int = field(default=10, metadata=between(1))
-    checkpoint_every: int = field(default=100, metadata=between(1))
-    keep_checkpoints: int = field(default=2, metadata=between(1))
-    max_failures: int = field(default=0, metadata=between(-1))  # Ray Train restarts; -1: unlimited
-    # Custom Ray resources each training worker requests, e.g. {gpu_node: 1} (besides CPU/GPU).
-    worker_resources: dict[str, float] = field(default_factory=dict, metadata=between(0.0))
-    # How workers are placed on nodes (Ray placement groups): PACK fills nodes first; SPREAD
-    # puts them on as many nodes as it can (a lost node then takes fewer workers with it).
-    placement_strategy: str = field(default="PACK", metadata=one_of("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    name: str = _key("run", "the run's name: its directory under `train.storage_path`")
+    storage_path: str = _key(
+        "runs", "where runs are stored: a local or NFS directory, or a bucket URI (`s3://`, `gs://`)", path=True
+    )
+    epochs: int = _key(
+        1, "epochs over the shard set (a mixture's epoch ends when its first set runs out)", **between(1)
+    )
+    max_steps: int = _key(0, "stop after this many optimizer steps; 0: run all epochs", **between(0))
+    seed: int = _key(0, "seeds the initial weights, the shard order, the augmentations and the kNN monitor's split")
+    num_workers: int = _key(1, "Ray Train workers (data-parallel ranks); fixed for the whole run", **between(1))
+    cpus_per_worker: int = _key(1, "logical CPUs each training worker reserves", **between(1))
+    gpus_per_worker: float = _key(0.0, "GPUs each training worker reserves; 0: train on the CPU", **between(0.0))
+    log_every: int = _key(
+        10, "steps between progress lines (metrics.jsonl gets every step) and between Tune reports", **between(1)
+    )
+    checkpoint_every: int = _key(100, "steps between checkpoints (and one at the end)", **between(1))
+    keep_checkpoints: int = _key(2, "newest checkpoints kept in the run's storage", **between(1))
+    max_failures: int = _key(
+        0, "times Ray Train restarts the worker group over the whole run; -1: no limit", **between(-1)
+    )
+    worker_resources: dict[str, float] = _key(
+        {}, "custom Ray resources each training worker requests besides CPU/GPU, e.g. `{gpu_node: 1}`", **between(0.0)
+    )
+    placement_strategy: str = _key(
+        "PACK",
+        "how workers are placed on nodes (Ray placement groups): PACK fills nodes first; SPREAD puts them on as "
+        "many nodes as it can, so a lost node takes fewer workers with it",
+        **one_of("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    )
 
 
 @dataclass
 class EvalConfig:
     """The online kNN monitor (raysl.eval.monitor): weighted cosine kNN on a small labeled
-    shard set every `knn_every` steps, into metrics.jsonl as knn_top1_k20, knn_top5_k200, ..."""
+    shard set every `knn_every` steps, into metrics.jsonl as knn_top1_k20, knn_top5_k200, ...;
+    and the held-out SSL loss (val_loss)."""
 
-    knn_shards: str = field(default="", metadata={"path": True})  # labeled shard set; empty: no monitor
-    knn_val_shards: str = field(
-        default="", metadata={"path": True}
-    )  # its query set; empty: a seeded split of knn_shards
-    knn_val_fraction: float = field(default=0.2, metadata=between(0.0, 0.9, lo_open=True))
-    knn_every: int = field(default=100, metadata=between(1))  # steps (and at the last step)
-    knn_k: list[int] = field(default_factory=lambda: [20, 200], metadata={"each": between(1)})
-    knn_temperature: float = field(default=0.07, metadata=between(0.0, lo_open=True))
-    knn_batch_size: int = field(default=256, metadata=between(1))
-    # Held-out SSL loss (`val_loss` in metrics.jsonl; a Tune metric): the method's own loss
-    # on `val_batches` batches of views of this shard set, every `val_every` steps.
-    val_shards: str = field(default="", metadata={"path": True})  # empty: off
-    val_every: int = field(default=100, metadata=between(1))
-    val_batches: int = field(default=2, metadata=between(1))
+    knn_shards: str = _key("", "a labeled shard set for the online kNN monitor; empty: no monitor", path=True)
+    knn_val_shards: str = _key("", "the monitor's query set; empty: a seeded split of `eval.knn_shards`", path=True)
+    knn_val_fraction: float = _key(
+        0.2,
+        "fraction of `eval.knn_shards` held out as queries (without knn_val_shards)",
+        **between(0.0, 0.9, lo_open=True),
+    )
+    knn_every: int = _key(100, "steps between kNN evaluations (and one at the last step)", **between(1))
+    knn_k: list[int] = _key([20, 200], "neighbour counts, each logged as `knn_top1_k<k>`", each=between(1))
+    knn_temperature: float = _key(
+        0.07, "temperature of the weighted vote (DINO's protocol)", **between(0.0, lo_open=True)
+    )
+    knn_batch_size: int = _key(256, "images per feature-extraction batch", **between(1))
+    val_shards: str = _key(
+        "",
+        "a shard set for the held-out SSL loss (`val_loss` in metrics.jsonl; a Tune metric); empty: off",
+        path=True,
+    )
+    val_every: int = _key(100, "steps between val_loss evaluations", **between(1))
+    val_batches: int = _key(2, "batches of views the val_loss is averaged over", **between(1))
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=lambda: method_config("simclr"))  # the method's own keys
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(
+        default_factory=DataConfig, metadata={"help": "the shard sets, the views and how they are read"}
+    )
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the backbone"})
+    method: MethodConfig = field(
+        default_factory=lambda: method_config("simclr"),
+        metadata={"help": "the SSL method (`method.name`) and its own keys (methods.md)"},
+    )
+    optim: OptimConfig = field(
+        default_factory=OptimConfig, metadata={"help": "the optimizer and its schedules (warmup + cosine)"}
+    )
+    deepspeed: DeepSpeedConfig = field(
+        default_factory=DeepSpeedConfig, metadata={"help": "the DeepSpeed engine: ZeRO, precision, offload"}
+    )
+    train: TrainConfig = field(
+        default_factory=TrainConfig, metadata={"help": "the run: its storage, length, workers and checkpoints"}
+    )
+    eval: EvalConfig = field(
+        default_factory=EvalConfig, metadata={"help": "what watches the run: the online kNN monitor, val_loss"}
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -33,8 +33,8 @@ QUIET_LOGGERS = {
 QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # Ray Train's controller polls its workers every 2 s (its default; the poll also collects
 # their reports), so it sees a run end up to 2 s late. A local Ray holds one machine's
-# workers: every 0.25 s (measured: the end of a run, last checkpoint to `fit` returning,
-# 3.4-3.7 s -> 1.6-1.9 s). A joined cluster keeps Ray's 2 s (at 1,024 workers, 512 calls a
+# workers: every 0.25 s (a run's end, last checkpoint to `fit` returning, then takes about
+# half as long). A joined cluster keeps Ray's 2 s (at 1,024 workers, 512 calls a
 # second already). A slow poll is not an error: Ray waits 10 minutes on one.
 LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 _JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` in the job's driver
@@ -98,7 +98,7 @@ def worker_pool(num_cpus: int | None) -> dict:
     whatever idle workers there are; a killed one is replaced by a fresh process that spends
     1-2 s importing the views' dependencies (3-5 s when they pulled in torchvision) before
     its first block, and with ordered streams every later block
-    waits behind it (measured: 4-6 s stalls per epoch with 2 augment tasks, none with this)."""
+    waits behind it (seconds of stall per epoch)."""
     cpus = num_cpus or os.cpu_count() or 1
     return {"num_workers_soft_limit": max(8, 2 * cpus), "idle_worker_killing_time_threshold_ms": 600_000}
 

@@ -1,4 +1,4 @@
-"""Issue 13 point 4 (prepared, NOT yet run on a GPU: no GPU was lent to the session that wrote it).
+"""How many DINO views per second a GPU makes, against raysl's CPU view pipeline on the same machine.
 
 DINO views (2 x 224 + 8 x 96) per second: `raysl.data.gpu_views.GPUViews` on one GPU
 (nvJPEG batched decode, crops and colour on the device) against raysl's CPU path on all
@@ -6,7 +6,7 @@ the machine's cores (`read_views` Ray Data tasks, PIL uint8 views, then `normali
 the consumer, as `raysl bench data` times it). Both end with float32 ImageNet-normalised
 views, the GPU's on the device. The same JPEGs on both sides: `--images` real photographs
 from the pool bundled with scikit-image/scikit-learn (`raysl.data.demo_images`), cut at
-random and re-encoded as 500 x 375 JPEGs (q 90), as the README's data bench uses.
+random and re-encoded as 500 x 375 JPEGs (q 90), as `raysl bench data` uses (docs/views.md).
 
 GPU: one untimed pass over all images (nvJPEG and kernel start-up), then `--passes` timed
 passes in batches of `--batch-size`, synchronised; the rate is the median pass. Bytes are
@@ -17,13 +17,12 @@ epoch pays it); the rate after the first batch is printed too.
 
 Prints one JSON line: both rates, their ratio, the peak CUDA memory.
 
-    python scripts/gpu_views.py                          # H200: ~2-4 min with start-up
-    python scripts/gpu_views.py --device cpu --images 64 --cpu-workers 1  # smoke test, ~1-2 min on 2 cores
+    python scripts/gpu_views.py                          # one GPU and its host's cores: a few minutes
+    python scripts/gpu_views.py --device cpu --images 64 --cpu-workers 1  # smoke test without a GPU
 
-Expected on the H200 (16 cores): making 2,000 JPEGs ~10 s, Ray start ~10 s, the CPU side
-5 passes (warm-up included) of 8,000 images at the README's ~13 ms of one core per image
-(~1,200 img/s on 16 cores, plus 5-15 s fill per pass) ~1.5-2.5 min, the GPU side under
-a minute: about 2-4 minutes in all, well inside 15.
+Most of the time goes to the CPU side: the JPEGs are made and Ray starts first, then
+`--passes` + 1 passes of `--cpu-images` images at a few ms of one core per DINO image; the
+GPU side takes under a minute.
 """
 
 from __future__ import annotations

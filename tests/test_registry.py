@@ -93,7 +93,7 @@ def test_every_method_declares_what_the_engine_needs():
         load_config("quickstart", [f"method.name={name}", *cls.bench_overrides])  # they are valid keys
 
 
-def test_the_readme_key_table_is_the_one_the_dataclasses_write():
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+def test_the_docs_key_table_is_the_one_the_dataclasses_write():
+    with open(os.path.join(os.path.dirname(__file__), "..", docs.PAGE)) as f:
         text = f.read()
-    assert docs.rewrite(text) == text, "README's method keys are stale: run python -m raysl.methods.docs README.md"
+    assert docs.rewrite(text) == text, f"{docs.PAGE}'s method keys are stale: run python -m raysl.methods.docs"

@@ -183,7 +183,7 @@ def decode_pixels(data: bytes, *, min_side: int | None = None) -> np.ndarray:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=w, min_height=h)
         except ValueError as exc:  # libjpeg errors and, strict, its warnings (truncated data)
             raise DecodeError("corrupt", f"{type(exc).__name__}: {exc}") from exc
-    # the image opened above, not opened again (a 32 x 32 PNG: 64 -> 47 us)
+    # the image opened above, not opened again (opening it again costs about a third of a small PNG's decode)
     return np.array(_upright_rgb(img, min_side), dtype=np.uint8)
 
 

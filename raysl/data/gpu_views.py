@@ -1,6 +1,6 @@
 """The views of `raysl.data.views` made on a GPU: batched JPEG decode, crops and colour on the device.
 
-An optional path for when a GPU is at hand (issue 13): a batch of encoded JPEGs is
+An optional path for when a GPU is at hand: a batch of encoded JPEGs is
 decoded with `torchvision.io.decode_jpeg(..., device=device)` (nvJPEG on CUDA, libjpeg on
 the CPU), each row's random decisions are drawn by the CPU path's own `plan_views` from
 the row's `aug_seed` at the decoded size, and the plans are applied on the device:

@@ -254,9 +254,9 @@ def read_views(
 
 # Ray Data's executor runs in the process that iterates, and each of its loops waits up to
 # 0.1 s for *all* its running tasks before it takes a finished one's output and submits the
-# next (ray-project/ray#42377, #45934). With 2 augment tasks of 0.3-0.4 s each sat idle
-# 0.13-0.2 s after every task (busy 66-71% of the time, 224 px SimCLR views); at 0.01 s,
-# 93-94%. Ray 2.60 has no setting for it: set where the executor reads it.
+# next (ray-project/ray#42377, #45934). With 2 augment tasks each then sits idle for about
+# a third of its time, waiting for the other to finish. Ray 2.60 has no setting for it: set
+# where the executor reads it.
 TASK_WAIT_S = 0.01
 
 

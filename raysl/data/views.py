@@ -3,8 +3,8 @@
 Everything stays in uint8: each image is decoded once, each crop is cut and resized
 straight from the decoded pixels by torch's uint8 antialiased resize (SIMD, about
 3x PIL's; the same filter as PIL's), and the colour ops run on the small crop with
-OpenCV's uint8 SIMD kernels (torchvision's PIL ops, one pass each): on CPU this is an
-order of magnitude faster than float tensor ops (DATA.md). Normalisation to float
+OpenCV's uint8 SIMD kernels (torchvision's PIL ops, one pass each): on CPU this is much
+faster than float tensor ops (docs/views.md). Normalisation to float
 happens on the training worker (`normalize`).
 
 All randomness of a row comes from one numpy Generator seeded by the row's `aug_seed`,
@@ -85,7 +85,7 @@ def _resize(chw: torch.Tensor, size: int, mode: str) -> torch.Tensor:
         # A box cut from HWC pixels. torch picks a planar output, and its slower planar
         # kernel, unless the batch stride (of a batch of one) is the outermost (pytorch#68430):
         # with this one the output stays channels-last and the HWC view of it needs no copy
-        # (a 224 px view: 274 -> 98 us, the same pixels).
+        # (the same pixels, several times faster for a 224 px view).
         x = x.as_strided(x.shape, (chw.shape[1] * chw.stride(1), *x.stride()[1:]))
     return interpolate(x, size=[size, size], mode=mode, align_corners=False, antialias=True)[0]
 
@@ -214,12 +214,10 @@ def normalize(views: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) tensor -> float32 ImageNet-normalised, on the tensor's device.
     (x - mean) / std as float(x) * (1 / std) - mean / std, in place after the conversion:
     torch's uint8 -> float32 copy is vectorised, while an op that promotes uint8 to float
-    on the fly is not (DINO's 10 views of 32 images, one CPU thread: 5 ms against 24-39 ms
-    as torch.mul(uint8, float) then add_, the same values).
+    on the fly is not (same values as torch.mul(uint8, float) then add_, several times faster).
     On the CPU it runs on one thread: these passes are bound by memory, and a second
     thread mostly spins waiting for the first while it takes a core from the augment tasks
-    (2 x 224 px views of 32 images: 1.7 ms of CPU on one thread, 2.9 ms on two, about the
-    same wall time)."""
+    (about the same wall time, more CPU)."""
     scale, shift = _normalize_constants(views.device)
     with _one_thread() if views.device.type == "cpu" else contextlib.nullcontext():
         return views.to(torch.float32).mul_(scale).add_(shift)

@@ -1,17 +1,18 @@
-"""The README's table of `method.*` keys, written from the methods' config dataclasses.
+"""The table of `method.*` keys in docs/methods.md, written from the methods' config dataclasses.
 
-`python -m raysl.methods.docs README.md` rewrites the table between its markers; a test
-checks that the README's table is what this writes."""
+`python -m raysl.methods.docs [docs/methods.md]` rewrites the table between its markers; a test
+checks that the page's table is what this writes."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 
+from raysl.doc_markers import replace_between, rewrite_file
 from raysl.methods.base import discover
 from raysl.methods.keys import MethodConfig
 
-BEGIN, END = "<!-- method keys: begin (python -m raysl.methods.docs README.md) -->", "<!-- method keys: end -->"
+PAGE = "docs/methods.md"
+BEGIN, END = "<!-- method keys: begin (python -m raysl.methods.docs docs/methods.md) -->", "<!-- method keys: end -->"
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -37,15 +38,8 @@ def key_table() -> str:
 
 
 def rewrite(text: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"no {BEGIN!r} ... {END!r} markers")
-    head, rest = text.split(BEGIN, 1)
-    return f"{head}{BEGIN}\n{key_table()}\n{END}{rest.split(END, 1)[1]}"
+    return replace_between(text, BEGIN, END, key_table())
 
 
 if __name__ == "__main__":
-    path = sys.argv[1]
-    with open(path) as f:
-        new = rewrite(f.read())
-    with open(path, "w") as f:
-        f.write(new)
+    rewrite_file(rewrite, PAGE)

@@ -1,6 +1,6 @@
 """Config keys (section `method`) that several methods share. A method's own config class
 combines the groups it reads with its own keys, so `method.<key>` of another method is an
-error naming the key, and the README's key tables are written from these dataclasses
+error naming the key, and the key table of docs/methods.md is written from these dataclasses
 (`raysl.methods.docs`)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from raysl.checks import between
 
 
 def key(default, help: str, **check):
-    """A config key: its default, its README description, and its checks (config.between / one_of)."""
+    """A config key: its default, its description (docs/methods.md), and its checks (checks.between / one_of)."""
     return field(default=default, metadata={"help": help, **check})
 
 

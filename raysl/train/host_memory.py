@@ -4,11 +4,10 @@ glibc serves allocations below its mmap threshold from heap arenas, and raises t
 threshold (up to 32 MiB) each time a larger block is freed, so after the first few steps a
 ViT's 4-16 MiB weight and gradient tensors come from the heap. ZeRO-3 gathers and frees
 every layer's parameters each step; those freed blocks stay in the arenas, and the worker's
-resident memory grows to the whole model however partitioned it is (measured on ViT-L,
-2 workers, ZeRO-3 + AdamW8bit: 9.4 GiB peak with glibc's default, 4.3 GiB with a fixed 1 MiB
-threshold). A fixed threshold sends every block of 1 MiB or more to mmap, which munmap
-returns to the OS on free. Only ZeRO-3 runs on CPU workers do it: the other stages keep
-their tensors, and small repeated mmaps would only add page faults to their steps."""
+resident memory grows to the whole model however partitioned it is. A fixed threshold
+sends every block of 1 MiB or more to mmap, which munmap returns to the OS on free. Only
+ZeRO-3 runs on CPU workers do it: the other stages keep their tensors, and small repeated
+mmaps would only add page faults to their steps."""
 
 from __future__ import annotations
 
