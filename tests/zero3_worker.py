@@ -70,8 +70,8 @@ def inputs(cfg, key: int, rank: int):
 
 
 def build(cfg, seed=0):
+    from raysl.train.build import make_optimizer, make_schedules
     from raysl.train.engine import initialize
-    from raysl.train.trainer import make_optimizer, make_schedules
     from raysl.train.zero import build_method
 
     torch.manual_seed(seed)
