@@ -92,7 +92,7 @@ def step(built, cfg, s: int, rank: int) -> float:
 
 def drill_build(rank: int, out: dict) -> None:
     """Each method built partitioned: numel per worker, no whole tensor, initial weights."""
-    from raysl.train.zero import full_state_dict, local_numel
+    from raysl.train.zero_gather import full_state_dict, local_numel
 
     for name in ("byol", "dino", "mae", *MASKED):
         torch.manual_seed(0)
@@ -111,7 +111,7 @@ def drill_train(rank: int, out: dict, directory: str) -> None:
     from raysl.eval.monitor import gathered_features
     from raysl.train import checkpoint
     from raysl.train.val_loss import held_out_loss
-    from raysl.train.zero import full_state_dict
+    from raysl.train.zero_gather import full_state_dict
 
     cfg = cfg_for("byol")
     built = build(cfg)

@@ -105,7 +105,7 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
     from raysl.train.engine import DTYPES
     from raysl.train.local_world import join_local_world
     from raysl.train.trainer import train_step
-    from raysl.train.zero import local_numel
+    from raysl.train.zero_gather import local_numel
 
     torch.set_num_threads(job["threads"])
     cuda = torch.cuda.is_available()
