@@ -20,8 +20,8 @@ def validate(cfg: Config) -> None:
     """Everything that can be checked before Ray starts."""
     from raysl.data import mixture
     from raysl.methods.base import method_class
-    from raysl.methods.crops import spec_for
     from raysl.models.backbone import check_backbone_name
+    from raysl.train.run_views import spec_for
     from raysl.train.steps import total_steps, val_steps
 
     sets = mixture.from_config(cfg.data)  # data.shards (one set or a list) and data.weights, each set read

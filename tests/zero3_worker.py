@@ -58,8 +58,8 @@ def inputs(cfg, key: int, rank: int):
 
     from raysl.data.masks import draw_masks
     from raysl.methods.base import method_class
-    from raysl.methods.crops import spec_for
     from raysl.train.batch import Batch
+    from raysl.train.run_views import spec_for
 
     vs = views(key, rank, n_views(cfg.method.name))
     if cfg.method.name not in MASKED:

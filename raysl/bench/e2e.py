@@ -157,7 +157,7 @@ def _plain_transform():
         from lightly.transforms import SimCLRTransform
     except ImportError:
         from raysl.bench.data import _PerView
-        from raysl.data.views import view_spec
+        from raysl.data.view_plans import view_spec
 
         return "torchvision v2", _PerView(view_spec("simclr", size=32))
     return "lightly SimCLRTransform(input_size=32)", SimCLRTransform(input_size=32)

@@ -22,7 +22,6 @@ from raysl.data.ahead import NextEpoch
 from raysl.data.gpu_views import GPUViews
 from raysl.data.views import block_tensor, normalize
 from raysl.methods.base import Method, collapse_warning
-from raysl.methods.crops import spec_for
 from raysl.optim.schedules import apply
 from raysl.train import checkpoint, host_memory, preemption, recovery, storage
 from raysl.train.batch import Batch, forward
@@ -30,6 +29,7 @@ from raysl.train.build import build, worker_seed
 from raysl.train.callback import Callback
 from raysl.train.engine import DTYPES
 from raysl.train.metrics import MetricsLog, global_metrics, say
+from raysl.train.run_views import spec_for
 from raysl.train.steps import epoch_steps, global_batch, rows_per_step, val_steps
 
 
