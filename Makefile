@@ -18,8 +18,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15
 
-# Format, lint and type checks (ruff and mypy, configured in pyproject.toml).
+# Format, lint, import layers and type checks (ruff, import-linter, mypy; configured in pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check raysl tests scripts
 	$(VENV)/bin/ruff check raysl tests scripts
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy

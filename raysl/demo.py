@@ -18,7 +18,7 @@ def run_demo(out: str, *, address: str | None = None) -> dict:
     from raysl.data.build import build_shards, format_summary
     from raysl.data.inspect import contact_sheet, format_inspect, inspect_shards
     from raysl.data.reader import ViewBatches, read_views
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
     from raysl.runtime import init_ray
 
     out = os.path.abspath(out)

@@ -20,9 +20,9 @@ def validate(cfg: Config) -> None:
     """Everything that can be checked before Ray starts."""
     from raysl.data import mixture
     from raysl.methods.base import method_class
-    from raysl.methods.crops import spec_for
     from raysl.models.backbone import check_backbone_name
-    from raysl.train.steps import total_steps, val_steps
+    from raysl.train.run_views import spec_for
+    from raysl.train.steps import rows_per_step, total_steps, val_steps
 
     sets = mixture.from_config(cfg.data)  # data.shards (one set or a list) and data.weights, each set read
     from raysl.train.engine import check_config
@@ -42,7 +42,7 @@ def validate(cfg: Config) -> None:
     if total_steps(cfg, cfg.train.num_workers, sets=sets) < 1:
         raise UserError(
             f"data.shards gives each of {cfg.train.num_workers} worker(s) fewer than data.batch_size x "
-            f"deepspeed.grad_accum = {cfg.data.batch_size * cfg.deepspeed.grad_accum} images per epoch; "
+            f"deepspeed.grad_accum = {rows_per_step(cfg)} images per epoch; "
             "lower the batch size or use more images"
         )
     if cfg.deepspeed.precision == "fp16" and not cfg.train.gpus_per_worker:

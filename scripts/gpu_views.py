@@ -68,7 +68,7 @@ def time_gpu_views(images: list[bytes], device: str, batch_size: int, passes: in
     import torch
 
     from raysl.data.gpu_views import GPUViews
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     cuda = torch.device(device).type == "cuda"
     if not cuda:
@@ -105,7 +105,7 @@ def time_cpu_path(images: list[bytes], workers: int, n_images: int, batch_size: 
 
     from raysl.bench.data import _raysl_batches, _timed
     from raysl.data.schema import write_shard_set
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     spec = view_spec("dino")
     with tempfile.TemporaryDirectory() as tmp:

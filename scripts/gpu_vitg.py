@@ -35,9 +35,8 @@ def run(optimizer: str, batch_size: int, image_size: int, steps: int, warmup: in
     import torch
 
     from raysl.config import from_dict
-    from raysl.train.engine import initialize
-    from raysl.train.trainer import make_optimizer, make_schedules, train_step
-    from raysl.train.zero import build_method
+    from raysl.train.build import build
+    from raysl.train.trainer import train_step
 
     cfg = from_dict(
         {
@@ -50,11 +49,8 @@ def run(optimizer: str, batch_size: int, image_size: int, steps: int, warmup: in
         }
     )
     torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(0)
-    method = build_method(cfg)
-    schedules = make_schedules(cfg, steps + warmup + 1, 1)
-    opt = make_optimizer(cfg, method, schedules)
-    engine = initialize(method, opt, cfg)
+    built = build(cfg, world_size=1, total_steps=steps + warmup + 1)
+    method, schedules, opt, engine = built.method, built.schedules, built.optimizer, built.engine
     views = [torch.randn(batch_size, 3, image_size, image_size, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     times = []
     for s in range(warmup + steps):

@@ -20,8 +20,9 @@ from raysl.data.views import normalize
 from raysl.errors import UserError
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
+from raysl.train.build import compile_backbone, make_optimizer, make_schedules
 from raysl.train.engine import DTYPES, initialize
-from raysl.train.trainer import compile_backbone, make_optimizer, make_schedules, train_step
+from raysl.train.trainer import train_step
 
 BATCH, SIZE, TOTAL = 4, 32, 10
 

@@ -12,6 +12,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from raysl.data import view_plans as VP
 from raysl.data import views as V
 from raysl.data.decode import decode_pixels
 from raysl.data.gpu_views import GPUViews, _decode, blur_kernel_size
@@ -56,7 +57,7 @@ def mad(a, b) -> float:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["dino", "simclr"])
 def test_views_have_the_specs_shapes_order_and_the_cpu_paths_plans(name, device):
-    spec = V.view_spec(name)
+    spec = VP.view_spec(name)
     out = GPUViews(spec, device)([CAT, ROCKET, COFFEE], [3, 4, 5])
     assert out.kept == [0, 1, 2]
     assert len(out.views) == spec.n_views
@@ -69,7 +70,7 @@ def test_views_have_the_specs_shapes_order_and_the_cpu_paths_plans(name, device)
     # 8-bit HSV approximations); a view compared with its neighbour's plan is far off
     for r, (data, seed) in enumerate(zip([CAT, ROCKET, COFFEE], [3, 4, 5])):
         src = pixels(data, device)
-        plans = V.plan_views(spec, seed, src.shape[2], src.shape[1])
+        plans = VP.plan_views(spec, seed, src.shape[2], src.shape[1])
         ref = [V.apply_view(None, p, c, src) for p, c in zip(plans, spec.per_view())]
         got = [grey_levels(v[r]) for v in out.views]
         for j in range(spec.n_views):
@@ -79,12 +80,12 @@ def test_views_have_the_specs_shapes_order_and_the_cpu_paths_plans(name, device)
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_same_views_and_rows_do_not_depend_on_their_neighbours(device):
-    g = GPUViews(V.view_spec("dino"), device)
+    g = GPUViews(VP.view_spec("dino"), device)
     a = g([CAT, ROCKET], [7, 8])
     b = g([CAT, ROCKET], [7, 8])
     c = g([CAT, ROCKET], [9, 10])
     alone = g([ROCKET], [8])
-    chunked = GPUViews(V.view_spec("dino"), device, chunk=1)([CAT, ROCKET], [7, 8])
+    chunked = GPUViews(VP.view_spec("dino"), device, chunk=1)([CAT, ROCKET], [7, 8])
     for j in range(len(a.views)):
         assert torch.equal(a.views[j], b.views[j]) if device == "cpu" else torch.allclose(a.views[j], b.views[j])
         assert torch.allclose(a.views[j][1:], alone.views[j], atol=1e-4)
@@ -97,7 +98,7 @@ def test_same_seed_same_views_and_rows_do_not_depend_on_their_neighbours(device)
 def test_a_corrupt_row_and_a_png_row_are_dropped_counted_and_the_rest_come_out(device, caplog):
     bad = imagefactory.bad_files()
     png = imagefactory.good_files()["good.png"]
-    g = GPUViews(V.view_spec("simclr"), device)
+    g = GPUViews(VP.view_spec("simclr"), device)
     images = [CAT, bad["truncated.jpg"][0], ROCKET, png, b"", bad["notes.jpg"][0]]
     with caplog.at_level(logging.WARNING, logger="raysl.data.gpu_views"):
         out = g(images, range(6))
@@ -118,8 +119,9 @@ def test_crops_without_colour_ops_match_make_views(device):
     """Crop, resize (bilinear and bicubic) and flip only: the CPU path's make_views on the
     same bytes, which decodes these at full size (short side < 2 x min_decode_side)."""
     plain = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0)
-    spec = V.ViewSpec(
-        "plain", (V.Crop(224, (0.08, 1.0), **plain), V.Crop(96, (0.05, 0.4), count=3, interpolation="bicubic", **plain))
+    spec = VP.ViewSpec(
+        "plain",
+        (VP.Crop(224, (0.08, 1.0), **plain), VP.Crop(96, (0.05, 0.4), count=3, interpolation="bicubic", **plain)),
     )
     seeds = [11, 12, 13]
     out = GPUViews(spec, device)([CAT, ROCKET, COFFEE], seeds)
@@ -127,7 +129,7 @@ def test_crops_without_colour_ops_match_make_views(device):
     for r, (data, seed) in enumerate(zip([CAT, ROCKET, COFFEE], seeds)):
         ref = V.make_views(data, seed, spec)
         src = pixels(data)
-        flips += sum(p.flip for p in V.plan_views(spec, seed, src.shape[2], src.shape[1]))
+        flips += sum(p.flip for p in VP.plan_views(spec, seed, src.shape[2], src.shape[1]))
         for j, view in enumerate(out.views):
             # float resize vs the uint8 resize rounding to whole grey levels, and
             # torchvision's libjpeg decode vs simplejpeg's: well under one grey level;
@@ -138,11 +140,11 @@ def test_crops_without_colour_ops_match_make_views(device):
 
 def one_op(device, plan_kw: dict, size: int = 224, data: bytes = COFFEE):
     """(GPU view, CPU reference, CPU view without the op) in grey levels, for one hand-made plan."""
-    crop = V.Crop(size, (0.08, 1.0), interpolation="bicubic")
-    spec = V.ViewSpec("one", (crop,))
+    crop = VP.Crop(size, (0.08, 1.0), interpolation="bicubic")
+    spec = VP.ViewSpec("one", (crop,))
     src = pixels(data)
     box = (60, 40, 60 + 330, 40 + 300)
-    plan = V.ViewPlan(box, False, (), False, None, False)
+    plan = VP.ViewPlan(box, False, (), False, None, False)
     plan = dataclasses.replace(plan, **plan_kw)
     (got,) = GPUViews(spec, device).apply([src.to(device)], [[plan]])
     ref = V.apply_view(None, plan, crop, src)
@@ -190,13 +192,13 @@ def test_each_op_alone_matches_the_pil_reference(device, plan_kw, size):
 def test_each_row_gets_its_own_factors_and_op_order(device):
     """Two rows in one batch, the same ops in opposite orders and different factors; each
     matches its own PIL reference (clipping makes the order matter)."""
-    crop = V.Crop(96, (0.08, 1.0))
-    spec = V.ViewSpec("two", (crop,))
+    crop = VP.Crop(96, (0.08, 1.0))
+    spec = VP.ViewSpec("two", (crop,))
     src = pixels(COFFEE)
     box = (100, 80, 400, 380)
-    first = V.ViewPlan(box, False, (("brightness", 1.8), ("contrast", 0.3)), False, None, False)
-    second = V.ViewPlan(box, False, (("contrast", 0.3), ("brightness", 1.8)), False, None, False)
-    third = V.ViewPlan(box, False, (("saturation", 0.3), ("brightness", 0.7)), True, 1.5, True)
+    first = VP.ViewPlan(box, False, (("brightness", 1.8), ("contrast", 0.3)), False, None, False)
+    second = VP.ViewPlan(box, False, (("contrast", 0.3), ("brightness", 1.8)), False, None, False)
+    third = VP.ViewPlan(box, False, (("saturation", 0.3), ("brightness", 0.7)), True, 1.5, True)
     (got,) = GPUViews(spec, device).apply([src.to(device)] * 3, [[first], [second], [third]])
     refs = [V.apply_view(None, p, crop, src) for p in (first, second, third)]
     assert mad(refs[0], refs[1]) > 5  # the order matters on this crop
@@ -220,20 +222,20 @@ def test_exif_orientation_is_applied_as_the_cpu_decode_does(device):
 
 
 def test_blur_kernel_covers_the_recipe_and_three_sigma():
-    assert blur_kernel_size(V.Crop(224, (0.4, 1.0))) == 23
-    assert blur_kernel_size(V.Crop(96, (0.05, 0.4))) == 13  # 3 sigma of 2.0, wider than the recipe's 9
+    assert blur_kernel_size(VP.Crop(224, (0.4, 1.0))) == 23
+    assert blur_kernel_size(VP.Crop(96, (0.05, 0.4))) == 13  # 3 sigma of 2.0, wider than the recipe's 9
 
 
 def test_what_gpu_views_do_not_make_is_refused_with_the_way_out():
-    masked = dataclasses.replace(V.view_spec("simclr"), masks=BlockMasks(grid=(14, 14), views=2))
+    masked = dataclasses.replace(VP.view_spec("simclr"), masks=BlockMasks(grid=(14, 14), views=2))
     with pytest.raises(UserError, match="masks.*ViewTransform"):
         GPUViews(masked, "cpu")
     with pytest.raises(UserError, match="eval view.*ViewTransform"):
-        GPUViews(V.view_spec("eval"), "cpu")
+        GPUViews(VP.view_spec("eval"), "cpu")
     with pytest.raises(UserError, match="chunk=0"):
-        GPUViews(V.view_spec("dino"), "cpu", chunk=0)
+        GPUViews(VP.view_spec("dino"), "cpu", chunk=0)
     with pytest.raises(UserError, match="2 images but 1 aug_seeds"):
-        GPUViews(V.view_spec("dino"), "cpu")([CAT, ROCKET], [1])
+        GPUViews(VP.view_spec("dino"), "cpu")([CAT, ROCKET], [1])
 
 
 def _task_then_worker(spec, images: list[bytes], seeds: list[int], device="cpu"):
@@ -250,7 +252,7 @@ def test_views_made_on_the_worker_follow_the_task_views_of_the_same_rows(device)
     """The task decodes as make_views does (a JPEG at its DCT scale, a PNG), the worker draws
     the same plans from each row's seed: every view within a few grey levels of the CPU
     path's, and far from the views another seed gives."""
-    spec = V.view_spec("dino", global_size=64, local_size=32)
+    spec = VP.view_spec("dino", global_size=64, local_size=32)
     png = imagefactory.encode(Image.fromarray(skimage.data.astronaut()).resize((120, 90)), "PNG")
     images, seeds = [CAT, ROCKET, png, b"junk"], [5, 6, 7, 8]
     rows, views = _task_then_worker(spec, images, seeds, device)
@@ -258,7 +260,7 @@ def test_views_made_on_the_worker_follow_the_task_views_of_the_same_rows(device)
     assert rows["pixels"].dtype == object  # three sizes
     # the task drew each kept row's plans from its own seed, for its decoded size
     assert decode_plans(rows["plans"]) == [
-        V.plan_views(spec, s, p.shape[1], p.shape[0]) for s, p in zip(seeds[:3], rows["pixels"])
+        VP.plan_views(spec, s, p.shape[1], p.shape[0]) for s, p in zip(seeds[:3], rows["pixels"])
     ]
     assert [tuple(v.shape) for v in views] == [(3, 3, c.size, c.size) for c in spec.per_view()]
     for r, (data, seed) in enumerate(zip(images[:3], seeds)):
@@ -269,7 +271,7 @@ def test_views_made_on_the_worker_follow_the_task_views_of_the_same_rows(device)
 
 
 def test_rows_of_one_size_travel_as_one_array_and_give_the_same_views():
-    spec = V.view_spec("simclr", size=32)
+    spec = VP.view_spec("simclr", size=32)
     small = [imagefactory.encode(Image.fromarray(skimage.data.astronaut()).resize((48, 40)), "PNG")] * 3
     rows, views = _task_then_worker(spec, small, [1, 2, 3])
     assert rows["pixels"].shape == (3, 40, 48, 3) and rows["pixels"].dtype == np.uint8

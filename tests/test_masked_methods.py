@@ -11,12 +11,12 @@ from raysl.config import load_config
 from raysl.data.masks import draw_masks
 from raysl.errors import UserError
 from raysl.methods.base import build_method, method_class
-from raysl.methods.crops import spec_for
 from raysl.methods.losses import self_distillation_loss, sinkhorn
 from raysl.models.backbone import create_backbone
 from raysl.models.jepa import JEPAPredictor
 from raysl.models.tokens import indices_of, vit_tokens, vit_tokens_of
 from raysl.train.batch import Batch, forward
+from raysl.train.run_views import spec_for
 
 B = 4
 VALUES = {"step": 0, "teacher_temp": 0.05, "ema_momentum": 0.9}

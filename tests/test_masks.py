@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from raysl.data import view_plans as VP
 from raysl.data import views as V
 from raysl.data.masks import BlockMasks, MultiBlockMasks, draw_masks, mask_rng, patch_grid
 from raysl.errors import UserError
@@ -34,7 +35,7 @@ def test_same_seed_same_masks_different_seed_different_masks(spec):
 
 
 def test_mask_stream_is_not_the_view_stream():
-    assert not np.array_equal(mask_rng(5).random(8), V.row_rng(5).random(8))
+    assert not np.array_equal(mask_rng(5).random(8), VP.row_rng(5).random(8))
 
 
 # ---------------------------------------------------------------- BEiT / iBOT / DINOv2 block masks
@@ -174,7 +175,7 @@ def test_patch_grid():
 
 def test_block_masks_for_more_views_than_the_spec_has_are_refused():
     with pytest.raises(ValueError, match="masks.views"):
-        dataclasses.replace(V.view_spec("mae"), masks=BlockMasks((14, 14), views=2))
+        dataclasses.replace(VP.view_spec("mae"), masks=BlockMasks((14, 14), views=2))
 
 
 # ---------------------------------------------------------------- views + masks
@@ -194,7 +195,7 @@ def test_views_are_the_same_with_and_without_masks():
     jpeg = imagefactory.encode(imagefactory.photo(120), "JPEG", quality=90)
     png = imagefactory.encode(imagefactory.photo(100).rotate(90, expand=True), "PNG")
     batch = _batch([jpeg, jpeg[:60], png, jpeg])  # row 1: truncated, dropped
-    plain = V.view_spec("dino", global_size=64, local_size=32, local_crops=2)
+    plain = VP.view_spec("dino", global_size=64, local_size=32, local_crops=2)
     masked = dataclasses.replace(plain, masks=BlockMasks((4, 4), views=2, probability=1.0))
     without, with_ = V.ViewTransform(plain)(batch), V.ViewTransform(masked)(batch)
     assert sorted(with_) == sorted([*without, "masks"])
@@ -207,7 +208,7 @@ def test_views_are_the_same_with_and_without_masks():
 
 
 def test_an_all_corrupt_batch_gives_an_empty_masks_column():
-    spec = dataclasses.replace(V.view_spec("mae", size=32), masks=MultiBlockMasks((8, 8), min_keep=4))
+    spec = dataclasses.replace(VP.view_spec("mae", size=32), masks=MultiBlockMasks((8, 8), min_keep=4))
     out = V.ViewTransform(spec)(_batch([b"", b"junk"]))
     assert out["masks"].shape == (0, 5, 8, 8) and out["view_0"].shape == (0, 3, 32, 32)
 
@@ -215,7 +216,7 @@ def test_an_all_corrupt_batch_gives_an_empty_masks_column():
 def test_spec_for_attaches_the_methods_masks_on_both_paths():
     from raysl.config import load_config
     from raysl.methods.base import method_class
-    from raysl.methods.crops import spec_for
+    from raysl.train.run_views import spec_for
 
     assert method_class("dino").mask_spec(None, None) is None  # the default: no masks
     for name in ("mae", "dino"):  # only global crops / with local crops: two paths through spec_for
@@ -239,7 +240,7 @@ def test_masks_come_through_the_streaming_reader(ray_local, tmp_path):
     images[4] = ("digits/broken.png", images[4][1][:40], 0)
     d = str(tmp_path / "s")
     write_shards(d, images, shard_size=5)
-    spec = dataclasses.replace(V.view_spec("mae", size=32), masks=MultiBlockMasks((8, 8), min_keep=4))
+    spec = dataclasses.replace(VP.view_spec("mae", size=32), masks=MultiBlockMasks((8, 8), min_keep=4))
     seeds = {r["key"]: r["aug_seed"] for r in reader.read_rows(d, seed=1).take_all()}
     batches = list(reader.ViewBatches(reader.read_views(d, spec, seed=1, batch_size=4), batch_size=3))
     assert len(batches) == 3  # 9 good rows

@@ -397,7 +397,7 @@ def test_every_recipe_loads():
     assert methods == set(METHODS)
     medical = load_config("mae_medical_vitb16")
     assert medical.method.mask_ratio == 0.9 and medical.data.views == "mae_medical"
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     assert view_spec(medical.data.views).crops[0].scale == (0.5, 1.0)
     for name in METHODS:  # a ResNet and a ViT recipe for every method (ViT-only methods: a ViT)

@@ -13,6 +13,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from raysl.data import view_plans as VP
 from raysl.data import views as V
 from raysl.data.decode import decode_rgb
 from raysl.errors import UserError
@@ -48,9 +49,9 @@ def _registered_methods():
 PHOTOS = [real("chelsea.png"), real("rocket.jpg"), real("camera.png"), real("horse.png")]
 
 
-@pytest.mark.parametrize("name", list(V.PRESETS))
+@pytest.mark.parametrize("name", list(VP.PRESETS))
 def test_every_preset_gives_uint8_views_of_the_right_shapes(name):
-    spec = V.view_spec(name)
+    spec = VP.view_spec(name)
     out = V.ViewTransform(spec)(batch_of(PHOTOS))
     assert sorted(out) == sorted([f"view_{i}" for i in range(spec.n_views)] + ["key", "label"])
     for i, crop in enumerate(spec.per_view()):
@@ -62,23 +63,23 @@ def test_every_preset_gives_uint8_views_of_the_right_shapes(name):
 
 
 def test_preset_shapes_match_the_methods():
-    dino = V.PRESETS["dino"]
+    dino = VP.PRESETS["dino"]
     assert [c.size for c in dino.per_view()] == [224, 224] + [96] * 8
     assert [c.blur_p for c in dino.crops] == [1.0, 0.1, 0.5]
     assert [c.solarize_p for c in dino.crops] == [0.0, 0.2, 0.0]
-    swav = V.PRESETS["swav"]
+    swav = VP.PRESETS["swav"]
     assert [(c.size, c.scale, c.count) for c in swav.crops] == [(224, (0.14, 1.0), 2), (96, (0.05, 0.14), 6)]
     for name in ("byol", "mocov3"):
-        assert [(c.blur_p, c.solarize_p) for c in V.PRESETS[name].crops] == [(1.0, 0.0), (0.1, 0.2)]
+        assert [(c.blur_p, c.solarize_p) for c in VP.PRESETS[name].crops] == [(1.0, 0.0), (0.1, 0.2)]
     for name, lo in (("mae", 0.2), ("mae_medical", 0.5)):
-        (crop,) = V.PRESETS[name].crops
+        (crop,) = VP.PRESETS[name].crops
         assert crop.scale == (lo, 1.0) and crop.flip_p == 0.5
         assert crop.jitter_p == crop.gray_p == crop.blur_p == crop.solarize_p == 0
-    assert V.PRESETS["simclr"].n_views == V.PRESETS["mocov2"].n_views == 2
+    assert VP.PRESETS["simclr"].n_views == VP.PRESETS["mocov2"].n_views == 2
 
 
 def test_same_seed_same_views_different_seed_different_views():
-    spec = V.view_spec("dino")
+    spec = VP.view_spec("dino")
     t = V.ViewTransform(spec)
     a = t(batch_of(PHOTOS[:2], seeds=[7, 8]))
     b = t(batch_of(PHOTOS[:2], seeds=[7, 8]))
@@ -98,7 +99,7 @@ def test_a_corrupt_row_is_dropped_and_the_others_survive(caplog):
     bad = imagefactory.bad_files()
     images = [PHOTOS[0], bad["truncated.jpg"][0], PHOTOS[1], bad["notes.jpg"][0], bad["empty.jpg"][0]]
     with caplog.at_level(logging.WARNING, logger="raysl.data.views"):
-        out = V.ViewTransform(V.view_spec("simclr"))(batch_of(images))
+        out = V.ViewTransform(VP.view_spec("simclr"))(batch_of(images))
     assert list(out["key"]) == ["img/0", "img/2"]
     assert list(out["label"]) == [0, 20]
     assert out["view_0"].shape == (2, 3, 224, 224)
@@ -106,24 +107,25 @@ def test_a_corrupt_row_is_dropped_and_the_others_survive(caplog):
 
 
 def test_an_all_corrupt_batch_gives_empty_columns():
-    out = V.ViewTransform(V.view_spec("dino"))(batch_of([b"", b"junk"]))
+    out = V.ViewTransform(VP.view_spec("dino"))(batch_of([b"", b"junk"]))
     assert out["view_0"].shape == (0, 3, 224, 224) and out["view_9"].shape == (0, 3, 96, 96)
     assert len(out["key"]) == 0
 
 
 def test_min_decode_side_covers_the_smallest_crop():
-    dino = V.view_spec("dino")
+    dino = VP.view_spec("dino")
     # local crops: 96 px from 5% of the area at aspect 3/4 need the most source pixels
     assert dino.min_decode_side() == math.ceil(96 / math.sqrt(0.05 * 0.75))
-    assert V.view_spec("eval").min_decode_side() == 256  # 224 / 0.875
-    assert V.view_spec("dino", local_crops=0).min_decode_side() == math.ceil(224 / math.sqrt(0.4 * 0.75))
+    assert VP.view_spec("eval").min_decode_side() == 256  # 224 / 0.875
+    assert VP.view_spec("dino", local_crops=0).min_decode_side() == math.ceil(224 / math.sqrt(0.4 * 0.75))
     # the smallest boxes RandomResizedCrop can draw on a square source of that side
     # still hold at least `size` pixels along each side (up to rounding)
     side = dino.min_decode_side()
     rng = np.random.default_rng(0)
     local = dino.crops[2]
     smallest = min(
-        min(r - x, b - t) for x, t, r, b in (V.crop_box(rng, side, side, local.scale, local.ratio) for _ in range(3000))
+        min(r - x, b - t)
+        for x, t, r, b in (VP.crop_box(rng, side, side, local.scale, local.ratio) for _ in range(3000))
     )
     assert smallest >= local.size - 1
 
@@ -131,27 +133,27 @@ def test_min_decode_side_covers_the_smallest_crop():
 @pytest.mark.parametrize("name", ["dino", "mae_medical", "eval"])
 def test_a_big_jpeg_decodes_smaller_but_never_below_what_the_crops_need(name):
     data = real("retina.jpg")  # 1411 x 1411 real JPEG
-    need = V.view_spec(name).min_decode_side()
+    need = VP.view_spec(name).min_decode_side()
     img = decode_rgb(data, min_side=need)
     assert need <= min(img.size) < 1411
-    out = V.ViewTransform(V.view_spec(name))(batch_of([data]))
+    out = V.ViewTransform(VP.view_spec(name))(batch_of([data]))
     assert out["view_0"].shape[0] == 1
 
 
 def test_overrides():
-    s = V.view_spec("dino", global_crops=2, local_crops=4, local_size=64, local_scale=(0.1, 0.3))
+    s = VP.view_spec("dino", global_crops=2, local_crops=4, local_size=64, local_scale=(0.1, 0.3))
     assert [c.size for c in s.per_view()] == [224, 224, 64, 64, 64, 64]
     assert s.crops[-1].scale == (0.1, 0.3) and s.crops[-1].count == 4
-    one = V.view_spec("dino", global_crops=1, local_crops=0)
+    one = VP.view_spec("dino", global_crops=1, local_crops=0)
     assert one.n_views == 1 and one.crops[0].blur_p == 1.0
-    four = V.view_spec("dino", global_crops=4)
+    four = VP.view_spec("dino", global_crops=4)
     assert [c.solarize_p for c in four.per_view()[:4]] == [0.0, 0.2, 0.0, 0.2]
-    multi = V.view_spec("simclr", local_crops=6)  # multi-crop SimCLR
+    multi = VP.view_spec("simclr", local_crops=6)  # multi-crop SimCLR
     assert [c.size for c in multi.per_view()] == [224, 224] + [96] * 6
-    assert multi.crops[-1].jitter == V.PRESETS["simclr"].crops[0].jitter
-    mae = V.view_spec("mae", size=112, scale=(0.3, 1.0))
+    assert multi.crops[-1].jitter == VP.PRESETS["simclr"].crops[0].jitter
+    mae = VP.view_spec("mae", size=112, scale=(0.3, 1.0))
     assert mae.crops[0].size == 112 and mae.crops[0].scale == (0.3, 1.0)
-    assert V.view_spec("simclr", global_size=160).crops[0].size == 160
+    assert VP.view_spec("simclr", global_size=160).crops[0].size == 160
     out = V.ViewTransform(s)(batch_of(PHOTOS[:1]))
     assert out["view_5"].shape == (1, 3, 64, 64)
 
@@ -173,13 +175,13 @@ def test_overrides():
 )
 def test_bad_overrides_name_the_field(kwargs, field):
     with pytest.raises(UserError, match=field):
-        V.view_spec("dino", **kwargs)
+        VP.view_spec("dino", **kwargs)
 
 
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(UserError) as exc:
-        V.view_spec("simsiam")
-    for name in V.PRESETS:
+        VP.view_spec("simsiam")
+    for name in VP.PRESETS:
         assert name in str(exc.value)
 
 
@@ -239,9 +241,9 @@ def _rate(plans, view, attr):
 def test_dino_per_view_probabilities():
     """Per DINO: global view 0 always blurred, never solarized; global view 1 blurred 10%,
     solarized 20%; local views blurred 50%. Flip 50%, jitter 80%, grey 20% everywhere."""
-    spec = V.view_spec("dino")
+    spec = VP.view_spec("dino")
     n = 3000
-    plans = [V.plan_views(spec, seed, 451, 300) for seed in range(n)]
+    plans = [VP.plan_views(spec, seed, 451, 300) for seed in range(n)]
     tol = lambda p: 4 * math.sqrt(p * (1 - p) / n) + 1e-9  # noqa: E731
     expect = {
         (0, "blur_sigma"): 1.0,
@@ -268,18 +270,18 @@ def test_dino_per_view_probabilities():
 
 def test_plans_are_what_gets_applied():
     img = decode_rgb(real("chelsea.png"))
-    crop = V.PRESETS["dino"].crops[0]
+    crop = VP.PRESETS["dino"].crops[0]
     box = (50, 20, 350, 280)
-    plain = V.ViewPlan(box, False, (), False, None, False)
+    plain = VP.ViewPlan(box, False, (), False, None, False)
     base = V.apply_view(img, plain, crop)
     sharpness = lambda a: np.abs(np.diff(a.astype(np.int32), axis=2)).mean()  # noqa: E731
-    blurred = V.apply_view(img, V.ViewPlan(box, False, (), False, 2.0, False), crop)
+    blurred = V.apply_view(img, VP.ViewPlan(box, False, (), False, 2.0, False), crop)
     assert sharpness(blurred) < 0.7 * sharpness(base)
-    flipped = V.apply_view(img, V.ViewPlan(box, True, (), False, None, False), crop)
+    flipped = V.apply_view(img, VP.ViewPlan(box, True, (), False, None, False), crop)
     assert np.array_equal(flipped, base[:, :, ::-1])
-    solar = V.apply_view(img, V.ViewPlan(box, False, (), False, None, True), crop)
+    solar = V.apply_view(img, VP.ViewPlan(box, False, (), False, None, True), crop)
     assert np.array_equal(solar, np.where(base >= 128, 255 - base, base))
-    grey = V.apply_view(img, V.ViewPlan(box, False, (), True, None, False), crop)
+    grey = V.apply_view(img, VP.ViewPlan(box, False, (), True, None, False), crop)
     assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
 
 
@@ -292,7 +294,7 @@ def test_jitter_matches_torchvision_pil_ops():
     import torchvision.transforms.functional as F
 
     img = decode_rgb(real("coffee.png")).resize((96, 64))
-    crop = V.Crop(96, (1.0, 1.0))
+    crop = VP.Crop(96, (1.0, 1.0))
     box = (0, 0, 96, 64)
     base = img.resize((96, 96), Image.Resampling.BILINEAR, box=box)
     for op, fn, factors in (
@@ -302,7 +304,7 @@ def test_jitter_matches_torchvision_pil_ops():
         ("hue", F.adjust_hue, (-0.1, -0.03, 0.05, 0.1)),
     ):
         for factor in factors:
-            mine = V.apply_view(img, V.ViewPlan(box, False, ((op, factor),), False, None, False), crop)
+            mine = V.apply_view(img, VP.ViewPlan(box, False, ((op, factor),), False, None, False), crop)
             theirs = np.asarray(fn(base, factor)).transpose(2, 0, 1)
             diff = np.abs(mine.astype(np.int32) - theirs)
             mean, worst = (1.0, 4) if op == "hue" else (0.6, 2)
@@ -313,9 +315,9 @@ def test_jitter_matches_torchvision_pil_ops():
 def test_crop_box_fallback_is_torchvisions_centre_crop():
     rng = np.random.default_rng(0)
     # a 1000x10 strip cannot hold 90-100% of its area at aspect <= 4/3: centre crop at 4/3
-    assert V.crop_box(rng, 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (493, 0, 506, 10)
+    assert VP.crop_box(rng, 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (493, 0, 506, 10)
     for _ in range(200):
-        x, t, r, b = V.crop_box(rng, 300, 200, (0.08, 1.0), (3 / 4, 4 / 3))
+        x, t, r, b = VP.crop_box(rng, 300, 200, (0.08, 1.0), (3 / 4, 4 / 3))
         assert 0 <= x < r <= 300 and 0 <= t < b <= 200
 
 
@@ -329,9 +331,9 @@ def test_crops_are_torchvisions_resized_crop(interpolation):
     for name in ("rocket.jpg", "chelsea.png"):
         pixels = V.pixels_of(decode_rgb(real(name)))
         for size, scale in ((224, (0.08, 1.0)), (96, (0.05, 0.4)), (32, (0.9, 1.0))):
-            crop = V.Crop(size, scale, interpolation=interpolation)
+            crop = VP.Crop(size, scale, interpolation=interpolation)
             for _ in range(5):
-                box = V.crop_box(rng, pixels.shape[2], pixels.shape[1], crop.scale, crop.ratio)
+                box = VP.crop_box(rng, pixels.shape[2], pixels.shape[1], crop.scale, crop.ratio)
                 left, top, right, bottom = box
                 ref = TF.resized_crop(
                     pixels, top, left, bottom - top, right - left, [size, size], TF.InterpolationMode(interpolation)
@@ -372,7 +374,7 @@ def test_a_decoding_task_draws_the_plans_without_torch_or_opencv():
     assert out == "(2, 10, 17) False False"
 
 
-@pytest.mark.parametrize("name", sorted(V.PRESETS))
+@pytest.mark.parametrize("name", sorted(VP.PRESETS))
 def test_plans_travel_as_one_array_and_come_back_the_same(name):
     """encode_plans / decode_plans (a data task's "plans" column): every decision of every
     view, for rows of different sizes and seeds: boxes, flips, jitter ops in their drawn
@@ -380,8 +382,8 @@ def test_plans_travel_as_one_array_and_come_back_the_same(name):
     fractional boxes too."""
     from raysl.data.view_plans import decode_plans, encode_plans
 
-    spec = V.view_spec(name)
-    rows = [V.plan_views(spec, seed, w, h) for seed, (w, h) in enumerate([(500, 375), (224, 224), (97, 301)] * 20)]
+    spec = VP.view_spec(name)
+    rows = [VP.plan_views(spec, seed, w, h) for seed, (w, h) in enumerate([(500, 375), (224, 224), (97, 301)] * 20)]
     array = encode_plans(rows, spec.n_views)
     assert array.shape == (60, spec.n_views, 17) and array.dtype == np.float64
     assert decode_plans(array) == rows
@@ -394,7 +396,7 @@ def test_eval_view_is_resize_then_centre_crop():
     import torchvision.transforms.v2 as T
 
     img = decode_rgb(real("coffee.png"))
-    mine = V.ViewTransform(V.view_spec("eval"))(batch_of([real("coffee.png")]))["view_0"][0]
+    mine = V.ViewTransform(VP.view_spec("eval"))(batch_of([real("coffee.png")]))["view_0"][0]
     ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])(img)
     diff = np.abs(mine.astype(int) - np.asarray(ref).transpose(2, 0, 1).astype(int))
     assert diff.mean() < 3
@@ -402,7 +404,7 @@ def test_eval_view_is_resize_then_centre_crop():
 
 def test_views_from_imagefactory_formats():
     files = imagefactory.good_files()
-    out = V.ViewTransform(V.view_spec("byol"))(batch_of(list(files.values())))
+    out = V.ViewTransform(VP.view_spec("byol"))(batch_of(list(files.values())))
     assert out["view_1"].shape == (len(files), 3, 224, 224)
 
 
@@ -412,7 +414,7 @@ def test_views_from_imagefactory_formats():
 def _spec(method: str, *overrides: str):
     from raysl.config import load_config
     from raysl.methods.base import method_class
-    from raysl.methods.crops import spec_for
+    from raysl.train.run_views import spec_for
 
     cfg = load_config("quickstart", [f"method.name={method}", "data.views=", "data.image_size=0", *overrides])
     return spec_for(cfg, method_class(method))
@@ -423,7 +425,7 @@ def test_recipe_defaults_keep_the_presets(method):
     from raysl.methods.base import method_class
 
     spec = _spec(method, f"model.backbone={_backbone_for(method)}")
-    assert dataclasses.replace(spec, masks=None) == V.PRESETS[method_class(method).default_views]
+    assert dataclasses.replace(spec, masks=None) == VP.PRESETS[method_class(method).default_views]
     assert (spec.masks is not None) == (method_class(method).mask_spec.__func__ is not Method.mask_spec.__func__)
 
 
@@ -608,8 +610,8 @@ def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp
 
     from raysl.config import load_config
     from raysl.methods.base import build_method, method_class
-    from raysl.methods.crops import spec_for
     from raysl.train.batch import Batch, forward
+    from raysl.train.run_views import spec_for
 
     backbone = _backbone_for(method)
     recipe = tmp_path / "recipe.yaml"
@@ -618,7 +620,7 @@ def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp
     cfg = load_config(str(recipe))
     cls = method_class(method)
     spec = spec_for(cfg, cls)
-    assert dataclasses.replace(spec, masks=None) == V.PRESETS[cls.default_views]
+    assert dataclasses.replace(spec, masks=None) == VP.PRESETS[cls.default_views]
     expected = {"dino": 10, "swav": 8, "mae": 1, "ibot": 12, "dinov2": 10, "ijepa": 1}.get(method, 2)
     batch = V.ViewTransform(spec)(batch_of(PHOTOS[:2] * 2))
     views = [V.normalize(torch.from_numpy(batch[f"view_{i}"])) for i in range(spec.n_views)]
@@ -651,7 +653,7 @@ def _reference_views(data: bytes, seed, spec) -> list[np.ndarray]:
 
     img = decode_rgb(data, min_side=spec.min_decode_side())
     out = []
-    for plan, crop in zip(V.plan_views(spec, seed, *img.size), spec.per_view()):
+    for plan, crop in zip(VP.plan_views(spec, seed, *img.size), spec.per_view()):
         v = img.resize((crop.size, crop.size), V._RESAMPLE[crop.interpolation], box=plan.box)
         if plan.flip:
             v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -699,14 +701,14 @@ def test_per_op_statistics_did_not_change(name):
     real photographs, per op: the random draws are the same plans, so each op's rate and
     strength is unchanged by construction; the pixels they make must agree too, view by
     view (mean level and contrast) and pixel by pixel (mean absolute difference)."""
-    spec = V.view_spec(name)
+    spec = VP.view_spec(name)
     photos = [_jpeg("chelsea.png"), _jpeg("coffee.png"), real("rocket.jpg")]
     stats = {"mean": [], "std": [], "mad": []}
     by_op: dict[str, list[float]] = {}
     for seed in range(12):
         for data in photos:
             fast, ref = V.make_views(data, seed, spec), _reference_views(data, seed, spec)
-            plans = V.plan_views(spec, seed, *decode_rgb(data, min_side=spec.min_decode_side()).size)
+            plans = VP.plan_views(spec, seed, *decode_rgb(data, min_side=spec.min_decode_side()).size)
             for f, r, plan in zip(fast, ref, plans):
                 f, r = f.astype(np.float64), r.astype(np.float64)
                 stats["mean"].append(f.mean() - r.mean())

@@ -144,7 +144,7 @@ def test_masked_methods_step_0_loss_is_one_process_on_the_global_batch(drills, n
     views = [torch.cat(v) for v in zip(*(p.views for p in parts))]
     masks = torch.cat([p.masks for p in parts])
     assert masks.any()
-    from raysl.train.trainer import make_schedules
+    from raysl.train.build import make_schedules
 
     plain = _plain(name)
     values = {**make_schedules(w.cfg_for(name), 10, 2).at(0), "step": 0}  # as the drill's first step

@@ -58,8 +58,8 @@ def inputs(cfg, key: int, rank: int):
 
     from raysl.data.masks import draw_masks
     from raysl.methods.base import method_class
-    from raysl.methods.crops import spec_for
     from raysl.train.batch import Batch
+    from raysl.train.run_views import spec_for
 
     vs = views(key, rank, n_views(cfg.method.name))
     if cfg.method.name not in MASKED:
@@ -70,8 +70,8 @@ def inputs(cfg, key: int, rank: int):
 
 
 def build(cfg, seed=0):
+    from raysl.train.build import make_optimizer, make_schedules
     from raysl.train.engine import initialize
-    from raysl.train.trainer import make_optimizer, make_schedules
     from raysl.train.zero import build_method
 
     torch.manual_seed(seed)
@@ -92,7 +92,7 @@ def step(built, cfg, s: int, rank: int) -> float:
 
 def drill_build(rank: int, out: dict) -> None:
     """Each method built partitioned: numel per worker, no whole tensor, initial weights."""
-    from raysl.train.zero import full_state_dict, local_numel
+    from raysl.train.zero_gather import full_state_dict, local_numel
 
     for name in ("byol", "dino", "mae", *MASKED):
         torch.manual_seed(0)
@@ -111,7 +111,7 @@ def drill_train(rank: int, out: dict, directory: str) -> None:
     from raysl.eval.monitor import gathered_features
     from raysl.train import checkpoint
     from raysl.train.val_loss import held_out_loss
-    from raysl.train.zero import full_state_dict
+    from raysl.train.zero_gather import full_state_dict
 
     cfg = cfg_for("byol")
     built = build(cfg)

@@ -49,7 +49,8 @@ import torch
 from PIL import Image
 
 from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
-from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, Crop, ViewSpec, block_tensor, normalize, view_spec
+from raysl.data.view_plans import Crop, ViewSpec, view_spec
+from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, block_tensor, normalize
 from raysl.errors import UserError
 
 

@@ -5,9 +5,9 @@ Data: `images` small grey pictures, 28 x 28 as in MNIST, made from scikit-learn'
 28 x 28 with a seeded random shift and scale so no two are alike, padded to 32 x 32
 and stored as RGB PNGs in a shard set of the default shard size.
 
-Both sides train SimCLR (`build_method` on one Config, same seed, same weights) on timm
-`model` at 32 px with batch `batch_size` for `steps` steps, with the same optimizer and
-lr schedule (`make_optimizer`/`make_schedules`), on 2 CPUs in all:
+Both sides train SimCLR (built by `raysl.train.build.build` from one Config: same seed,
+same weights, same optimizer and lr schedule) on timm `model` at 32 px with batch
+`batch_size` for `steps` steps, on 2 CPUs in all:
 
 - raysl: `raysl.pretrain.pretrain` (what `raysl pretrain` runs), one worker of 2 CPUs,
   Ray started inside the timed span; the views come from the raysl pipeline
@@ -157,7 +157,7 @@ def _plain_transform():
         from lightly.transforms import SimCLRTransform
     except ImportError:
         from raysl.bench.data import _PerView
-        from raysl.data.views import view_spec
+        from raysl.data.view_plans import view_spec
 
         return "torchvision v2", _PerView(view_spec("simclr", size=32))
     return "lightly SimCLRTransform(input_size=32)", SimCLRTransform(input_size=32)
@@ -175,18 +175,15 @@ def _run_plain(cfg, steps: int, workers: int) -> dict:
     import torch
 
     from raysl.bench.data import read_images
-    from raysl.methods.base import build_method
     from raysl.optim.schedules import apply
-    from raysl.train.trainer import make_optimizer, make_schedules
+    from raysl.train.build import build
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.train.cpus_per_worker)
     try:
-        torch.manual_seed(cfg.train.seed)
-        method = build_method(cfg)
-        schedules = make_schedules(cfg, steps, 1)
-        optimizer = make_optimizer(cfg, method, schedules)
+        built = build(cfg, world_size=1, total_steps=steps, deepspeed=False)
+        method, schedules, optimizer = built.method, built.schedules, built.optimizer
         name, transform = _plain_transform()
         loader = torch.utils.data.DataLoader(
             _Rows(read_images(cfg.data.shards), transform),

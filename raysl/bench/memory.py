@@ -3,9 +3,9 @@
 For one backbone, every configuration runs in 2 fresh worker processes (a gloo world of
 2 on the CPU, NCCL with one GPU each where there are GPUs: what Ray Train gives its
 workers, without Ray's own processes in the numbers) that do what a training worker
-does: build the method (`raysl.train.zero.build_method`: partitioned under ZeRO-3), the
-optimizer and the DeepSpeed engine (`raysl.train.engine.initialize`), then `steps`
-optimizer steps (`raysl.train.trainer.train_step`) on fixed random views. Each worker
+does: build the method (partitioned under ZeRO-3), the optimizer and the DeepSpeed
+engine (`raysl.train.build.build`), then `steps` optimizer steps
+(`raysl.train.trainer.train_step`) on fixed random views. Each worker
 reports its peak resident memory (`ru_maxrss`, CPU) or peak CUDA memory
 (`max_memory_allocated`, GPU), and its resident memory after the imports, before the
 model (`base_rss_mib`: the interpreter, torch, DeepSpeed, timm; the same in every
@@ -101,10 +101,11 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
     import torch.distributed as dist
 
     from raysl.train import host_memory
-    from raysl.train.engine import DTYPES, initialize
+    from raysl.train.build import build
+    from raysl.train.engine import DTYPES
     from raysl.train.local_world import join_local_world
-    from raysl.train.trainer import make_optimizer, make_schedules, train_step
-    from raysl.train.zero import build_method, local_numel
+    from raysl.train.trainer import train_step
+    from raysl.train.zero_gather import local_numel
 
     torch.set_num_threads(job["threads"])
     cuda = torch.cuda.is_available()
@@ -126,16 +127,16 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
             job["sub_group"],
             job["max_live"],
         )
-        torch.manual_seed(0)
-        method = build_method(cfg)
-        mine, whole = local_numel(method)
-        result.update(params=whole, params_here=mine, built_rss_mib=round(_rss_mib(), 1))
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-        if cuda and cfg.deepspeed.zero_stage != 3:
-            method.to(device)
-        schedules = make_schedules(cfg, job["steps"] + 1, 2)
-        optimizer = make_optimizer(cfg, method, schedules)
-        engine = initialize(method, optimizer, cfg)
+
+        def built_method(method) -> None:  # what the build holds before the optimizer and the engine
+            mine, whole = local_numel(method)
+            result.update(params=whole, params_here=mine, built_rss_mib=round(_rss_mib(), 1))
+            if cuda and cfg.deepspeed.zero_stage != 3:
+                method.to(device)
+
+        built = build(cfg, world_size=2, total_steps=job["steps"] + 1, on_method=built_method)
+        method, schedules, optimizer, engine = built.method, built.schedules, built.optimizer, built.engine
         result["engine_rss_mib"] = round(_rss_mib(), 1)
         result["engine_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         g = torch.Generator().manual_seed(rank)

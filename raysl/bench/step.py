@@ -1,17 +1,17 @@
 """`raysl bench step`: seconds per training step through raysl vs a bare PyTorch loop.
 
-Both sides train the same SimCLR method (`build_method` on one Config, same seed, so the
-same initial weights) on the same fixed uint8 view batches, made once from random pixels
-(the data pipeline is not measured here; `raysl bench data` does that), with the same
-optimizer over the same param groups, the same lr/weight-decay schedule and the same
-number of torch threads, in the same run:
+Both sides train the same SimCLR method (`raysl.train.build.build` on one Config, same
+seed, so the same initial weights) on the same fixed uint8 view batches, made once from
+random pixels (the data pipeline is not measured here; `raysl bench data` does that),
+with the same optimizer over the same param groups, the same lr/weight-decay schedule
+and the same number of torch threads, in the same run:
 
-- baseline: a bare loop in this process: normalise the views, forward, `loss.backward()`,
-  `optimizer.step()`, `optimizer.zero_grad()`, `method.after_step` (a no-op for SimCLR),
-  `float(loss)`.
+- baseline: a bare loop in this process (built with `deepspeed=False`): normalise the
+  views, forward, `loss.backward()`, `optimizer.step()`, `optimizer.zero_grad()`,
+  `method.after_step` (a no-op for SimCLR), `float(loss)`.
 - raysl: a real `ray.train.torch.TorchTrainer` with one worker (`cpus_per_worker=threads`)
-  running the training loop's own pieces: `make_schedules`/`make_optimizer`, the DeepSpeed
-  engine from `raysl.train.engine.initialize` (ZeRO `zero_stage`, fp32), `train_step`
+  running the training loop's own pieces: the method, schedules, optimizer and DeepSpeed
+  engine from `raysl.train.build.build` (ZeRO `zero_stage`, fp32), `train_step`
   (schedules onto the optimizer, forward, `engine.backward`, `engine.step`, `after_step`)
   and the per-step metrics every run logs (`global_metrics` + `MetricsLog.log`).
   Checkpoints are left out: how often they are written is the user's choice.
@@ -79,15 +79,12 @@ class _Baseline:
     def __init__(self, cfg, views: list, total: int):
         import torch
 
-        from raysl.methods.base import build_method
-        from raysl.train.trainer import make_optimizer, make_schedules
+        from raysl.train.build import build, worker_seed
 
-        torch.manual_seed(cfg.train.seed)
-        self.method = build_method(cfg)
-        self.schedules = make_schedules(cfg, total, 1)
-        self.optimizer = make_optimizer(cfg, self.method, self.schedules)
+        built = build(cfg, world_size=1, total_steps=total, deepspeed=False)
+        self.method, self.schedules, self.optimizer = built.method, built.schedules, built.optimizer
         self.views = [torch.from_numpy(v) for v in views]
-        torch.manual_seed(cfg.train.seed * 1000 + 1)  # as the loop seeds worker 0
+        torch.manual_seed(worker_seed(cfg.train.seed, 0))  # as the loop seeds worker 0
         self.step, self.times, self.cpu, self.losses = 0, [], [], []
 
     def run(self, n: int, *, timed: bool) -> None:
@@ -119,10 +116,11 @@ def _raysl_worker(raw: dict) -> dict:
 
     from raysl.config import from_dict
     from raysl.data.views import normalize
-    from raysl.methods.base import build_method
-    from raysl.train.engine import DTYPES, initialize
+    from raysl.train.build import build, worker_seed
+    from raysl.train.engine import DTYPES
     from raysl.train.metrics import MetricsLog, global_metrics
-    from raysl.train.trainer import make_optimizer, make_schedules, train_step
+    from raysl.train.steps import global_batch
+    from raysl.train.trainer import train_step
 
     cfg = from_dict(raw["config"])
     ctx = ray.train.get_context()
@@ -130,14 +128,11 @@ def _raysl_worker(raw: dict) -> dict:
     torch.set_num_threads(cfg.train.cpus_per_worker)  # as the trainer does
     dtype = DTYPES[cfg.deepspeed.precision]
     total = raw["total"]
-    torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg)
-    schedules = make_schedules(cfg, total, world)
-    optimizer = make_optimizer(cfg, method, schedules)
-    engine = initialize(method, optimizer, cfg)
-    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
+    built = build(cfg, world_size=world, total_steps=total)
+    method, schedules, optimizer, engine = built.method, built.schedules, built.optimizer, built.engine
+    torch.manual_seed(worker_seed(cfg.train.seed, rank))
     views = [torch.from_numpy(v) for v in raw["views"]]
-    global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
+    images_per_step = global_batch(cfg, world)
     state = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
     times, cpu, losses = [], [], []
     with tempfile.TemporaryDirectory() as run_dir:
@@ -148,7 +143,7 @@ def _raysl_worker(raw: dict) -> dict:
             micro = ([normalize(v).to(dtype) for v in views] for _ in range(cfg.deepspeed.grad_accum))
             out = train_step(engine, method, optimizer, micro, values)
             state["step"] = step + 1
-            metrics = global_metrics(out, state, 0, values, global_batch / (time.perf_counter() - t0))
+            metrics = global_metrics(out, state, 0, values, images_per_step / (time.perf_counter() - t0))
             if log:
                 log.log(metrics, show=False)
             times.append(time.perf_counter() - t0)

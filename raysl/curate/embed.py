@@ -117,7 +117,8 @@ class EmbedShard:
     def __call__(self, batch: dict) -> dict:
         from raysl.data.schema import filesystem_and_path
         from raysl.data.shard_index import mask_rows
-        from raysl.data.views import make_views, view_spec
+        from raysl.data.view_plans import view_spec
+        from raysl.data.views import make_views
 
         spec = view_spec("eval", global_size=self.spec.image_size)
         shards, rows_done, seconds = [], [], []

@@ -29,19 +29,7 @@ from torch.nn.functional import interpolate
 
 from raysl.data.decode import decodable_rows, decode_pixels, kept_columns
 from raysl.data.masks import draw_masks
-from raysl.data.view_plans import (  # noqa: F401  (callers take the presets and plans from here too)
-    EVAL_CROP_FRACTION,
-    PRESETS,
-    Crop,
-    ViewPlan,
-    ViewSpec,
-    crop_box,
-    eval_box,
-    plan_view,
-    plan_views,
-    row_rng,
-    view_spec,
-)
+from raysl.data.view_plans import Crop, ViewPlan, ViewSpec, plan_views
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ import json
 import os
 
 from raysl.config import Config
-from raysl.data.views import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
+from raysl.data.view_plans import EVAL_CROP_FRACTION
+from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from raysl.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -17,7 +18,7 @@ TIMM_CONFIG = "config.json"
 def eval_image_size(cfg: Config) -> int:
     """The global crop size the run trained on (data.image_size, else its views preset's)."""
     from raysl.methods.base import method_class
-    from raysl.methods.crops import spec_for
+    from raysl.train.run_views import spec_for
 
     return cfg.data.image_size or max(c.size for c in spec_for(cfg, method_class(cfg.method.name)).crops)
 

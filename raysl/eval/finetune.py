@@ -14,6 +14,7 @@ import torch
 from raysl.data.views import normalize
 from raysl.eval.supervised import accuracy, engine_config, epoch_batches, per_worker_batch
 from raysl.optim.schedules import apply, cosine, scaled_lr
+from raysl.train.build import worker_seed
 from raysl.train.engine import initialize
 
 
@@ -69,8 +70,8 @@ def finetune(backbone: torch.nn.Module, train_x, train_y, val_x, val_y, opts: Fi
     )
     criterion = SoftTargetCrossEntropy() if mixing else torch.nn.CrossEntropyLoss(label_smoothing=opts.smoothing)
     randaug = v2.RandAugment(num_ops=opts.randaug_ops, magnitude=opts.randaug_magnitude)
-    torch.manual_seed(opts.seed * 1000 + rank + 1)  # per-worker augmentation, mixing and DropPath
-    generator = torch.Generator().manual_seed(opts.seed * 1000 + rank + 1)
+    torch.manual_seed(worker_seed(opts.seed, rank))  # per-worker augmentation, mixing and DropPath
+    generator = torch.Generator().manual_seed(worker_seed(opts.seed, rank))
 
     steps_per_epoch = len(epoch_batches(len(train_y), bs, seed=opts.seed, epoch=0))
     total = max(1, opts.epochs * steps_per_epoch)

@@ -10,7 +10,8 @@ import torch
 
 from raysl.data.decode import DecodeError
 from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
-from raysl.data.views import make_views, view_spec
+from raysl.data.view_plans import view_spec
+from raysl.data.views import make_views
 from raysl.errors import UserError
 
 

@@ -44,18 +44,19 @@ def training_facts(run_dir: str, cfg: Config, step: int) -> dict:
     """Steps, global batch and images seen, from the checkpoint's world size."""
     from raysl.eval.weights import latest_checkpoint
     from raysl.train import checkpoint
+    from raysl.train.steps import global_batch
 
     _, directory = latest_checkpoint(run_dir)
     with open(os.path.join(directory, checkpoint.RUN_STATE)) as f:
         world = int(json.load(f).get("world_size", cfg.train.num_workers))
-    global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
+    images_per_step = global_batch(cfg, world)
     return {
         "method": cfg.method.name,
         "backbone": cfg.model.backbone,
         "steps": step,
         "workers": world,
-        "global_batch": global_batch,
-        "images_seen": step * global_batch,
+        "global_batch": images_per_step,
+        "images_seen": step * images_per_step,
     }
 
 

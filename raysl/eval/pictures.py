@@ -46,7 +46,8 @@ def sample_images(shards: str, n: int, size: int) -> torch.Tensor:
 
     from raysl.data.decode import DecodeError
     from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
-    from raysl.data.views import make_views, view_spec
+    from raysl.data.view_plans import view_spec
+    from raysl.data.views import make_views
 
     spec = view_spec("eval", global_size=size)
     out = []

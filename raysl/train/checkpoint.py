@@ -11,7 +11,7 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from raysl.errors import UserError
 from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
-from raysl.train.zero import save_full_state
+from raysl.train.zero_gather import save_full_state
 
 FORMAT = 2  # 2: every worker lists its files (worker_<rank>.json); 1 (no "format" key): no listings
 

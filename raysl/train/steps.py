@@ -8,6 +8,16 @@ from raysl.data import mixture, reader
 from raysl.data.schema import read_manifest
 
 
+def rows_per_step(cfg: Config) -> int:
+    """Images one worker trains on per optimizer step: data.batch_size x deepspeed.grad_accum."""
+    return cfg.data.batch_size * cfg.deepspeed.grad_accum
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Images per optimizer step over all `world_size` workers (the lr is scaled to it)."""
+    return rows_per_step(cfg) * world_size
+
+
 def epoch_steps(
     cfg: Config, world_size: int, epochs: int, pins: dict | None = None, *, sets: mixture.Mixture | None = None
 ) -> list[int]:
@@ -17,14 +27,12 @@ def epoch_steps(
     a mixture permutes each of its sets. `pins`: the index file of each set (mixture.pin);
     `sets`: the sets already read (their indexes are not read again)."""
     sets = sets if sets is not None else mixture.from_config(cfg.data, pins)
-    rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
+    rows = rows_per_step(cfg)
     steps: list[int] = []
     for e in range(epochs):
         if cfg.train.max_steps and sum(steps) >= cfg.train.max_steps:
             break
-        steps.append(
-            sets.steps_per_epoch(batch_size=rows_per_step, seed=cfg.train.seed, epoch=e, world_size=world_size)
-        )
+        steps.append(sets.steps_per_epoch(batch_size=rows, seed=cfg.train.seed, epoch=e, world_size=world_size))
     return steps
 
 

@@ -21,53 +21,16 @@ from raysl.data import mixture, reader
 from raysl.data.ahead import NextEpoch
 from raysl.data.gpu_views import GPUViews
 from raysl.data.views import block_tensor, normalize
-from raysl.methods.base import Method, collapse_warning, method_class
-from raysl.methods.crops import spec_for
-from raysl.optim.optimizers import build_optimizer, param_groups
-from raysl.optim.schedules import Schedules, apply, scaled_lr
+from raysl.methods.base import Method, collapse_warning
+from raysl.optim.schedules import apply
 from raysl.train import checkpoint, host_memory, preemption, recovery, storage
 from raysl.train.batch import Batch, forward
+from raysl.train.build import build, worker_seed
 from raysl.train.callback import Callback
-from raysl.train.engine import DTYPES, initialize
+from raysl.train.engine import DTYPES
 from raysl.train.metrics import MetricsLog, global_metrics, say
-from raysl.train.steps import epoch_steps, val_steps
-from raysl.train.zero import build_method  # partitioned (zero.Init) under ZeRO-3
-
-
-def make_schedules(cfg: Config, total: int, world_size: int) -> Schedules:
-    """The run's per-step schedules: lr (linearly scaled to the global batch) with warmup
-    and cosine, weight decay, and the method's own (`Method.schedules`)."""
-    global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world_size
-    wd_end = cfg.optim.weight_decay_end if cfg.optim.weight_decay_end >= 0 else cfg.optim.weight_decay
-    return Schedules.build(
-        total_steps=total,
-        warmup_steps=min(cfg.optim.warmup_steps, total - 1),
-        lr=scaled_lr(cfg.optim.lr, global_batch),
-        min_lr=cfg.optim.min_lr,
-        weight_decay=cfg.optim.weight_decay,
-        weight_decay_end=wd_end,
-        method=method_class(cfg.method.name).schedules(cfg.method, total),
-    )
-
-
-def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -> torch.optim.Optimizer:
-    """The plain torch/bitsandbytes optimizer over the method's param groups, before DeepSpeed wraps it."""
-    return build_optimizer(
-        cfg.optim.name,
-        param_groups(method, cfg.optim.weight_decay),
-        lr=schedules.lr[0],
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        momentum=cfg.optim.momentum,
-        cpu_offload=cfg.deepspeed.offload_optimizer != "none",  # ZeRO-Offload: DeepSpeedCPUAdam
-    )
-
-
-def compile_backbone(backbone: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """`model.compile=true`: compile the backbone in place (`nn.Module.compile`), so its
-    state-dict keys stay those of the eager model (no `_orig_mod.` prefix) and
-    checkpoints, weights.safetensors and exports are the same either way."""
-    backbone.compile(backend=backend)
-    return backbone
+from raysl.train.run_views import spec_for
+from raysl.train.steps import epoch_steps, global_batch, rows_per_step, val_steps
 
 
 def train_step(engine, method: Method, optimizer, micro_batches, values: dict) -> dict:
@@ -128,20 +91,16 @@ class Trainer:
         if host_memory.wanted(cfg.deepspeed.zero_stage, bool(on_gpu)):
             host_memory.return_freed_memory()
 
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
-        self.method = build_method(cfg)
-        if cfg.model.compile:
-            compile_backbone(self.method.evaluated_backbone(), backend=cfg.model.compile_backend)
-        self.spec = spec_for(cfg, type(self.method))
-        self.device_views = GPUViews(self.spec, self.device) if cfg.data.augment_on == "worker" else None
         self.sets = mixture.from_config(cfg.data, self.pins)
         self.steps = epoch_steps(cfg, self.world, cfg.train.epochs, sets=self.sets)
         self.total = min(sum(self.steps), cfg.train.max_steps) if cfg.train.max_steps else sum(self.steps)
-        self.rows_per_step = cfg.data.batch_size * cfg.deepspeed.grad_accum
-        self.global_batch = self.rows_per_step * self.world
-        self.schedules = make_schedules(cfg, self.total, self.world)
-        self.optimizer = make_optimizer(cfg, self.method, self.schedules)
-        self.engine = initialize(self.method, self.optimizer, cfg)
+        self.rows_per_step = rows_per_step(cfg)
+        self.global_batch = global_batch(cfg, self.world)
+        built = build(cfg, world_size=self.world, total_steps=self.total)
+        self.method, self.schedules = built.method, built.schedules
+        self.optimizer, self.engine = built.optimizer, built.engine
+        self.spec = spec_for(cfg, type(self.method))
+        self.device_views = GPUViews(self.spec, self.device) if cfg.data.augment_on == "worker" else None
         for callback in self.callbacks:
             callback.setup(self)
 
@@ -159,7 +118,7 @@ class Trainer:
                 self.state = checkpoint.load(d, self.engine, rank=rank, world_size=self.world)
             self.state.setdefault("drawn", {})  # images per set of a mixture (checkpoints before mixtures: none)
         else:
-            torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # per-worker randomness (drop-path, masks)
+            torch.manual_seed(worker_seed(cfg.train.seed, rank))  # per-worker randomness (drop-path, masks)
         if rank != 0:
             return
         # rank 0's files: written in the run dir, or staged locally and synced to a bucket URI

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from raysl.config import Config
-from raysl.data.views import PRESETS, ViewSpec, view_spec
+from raysl.data.view_plans import PRESETS, ViewSpec, view_spec
 from raysl.errors import UserError
 
 
