@@ -6,7 +6,8 @@ collapse, skipped images, a failed upload). Third-party lines that tell a raysl 
 nothing are turned off where they start, in the driver and in every Ray worker of the job:
 Ray Data's per-dataset lines and progress logs, bitsandbytes' CPU-kernel probe, DeepSpeed's
 accelerator and untested-optimizer notes, Ray's own INFO lines on the driver, and Ray
-Train's INFO lines where raysl builds the RunConfig (`train_logging`).
+Train's INFO lines where raysl builds the RunConfig (`train_logging`), torch's
+deprecation of the all-gather that DeepSpeed's ZeRO calls on every step (QUIET_WARNINGS).
 `raysl --verbose` (RAYSL_VERBOSE=1) leaves every library as it is.
 
 Not turned off: Ray Train 2.60's controller logs a C++ error line ("PreemptionWatcher ...
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 VERBOSE_ENV = "RAYSL_VERBOSE"
 # Python loggers of other libraries, and the least level of theirs that reaches the terminal.
@@ -29,6 +31,9 @@ QUIET_LOGGERS = {
     "ray.data._internal.progress": logging.ERROR,
     os.path.join("{ray}", "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
 }
+# Python warnings of other libraries, matched by the start of their message. DeepSpeed's ZeRO
+# (stages 1-3) gathers with the name torch 2.14 deprecates, once from every worker.
+QUIET_WARNINGS = {r"`torch\.distributed\.all_gather_into_tensor` is deprecated": FutureWarning}
 # Read by Ray Data, in the driver and in the workers
 QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # Ray Train's controller polls its workers every 2 s (its default; the poll also collects
@@ -65,14 +70,20 @@ class _AtLeast(logging.Filter):
 
 
 def quiet_logs() -> None:
-    """QUIET_LOGGERS' levels, in this process. Also Ray's worker_process_setup_hook, so it
-    runs in every worker of the job before any task."""
+    """QUIET_LOGGERS' levels and QUIET_WARNINGS, in this process. Also Ray's
+    worker_process_setup_hook, so it runs in every worker of the job before any task."""
     import ray
 
     for name, level in QUIET_LOGGERS.items():
         logger = logging.getLogger(name.format(ray=os.path.dirname(ray.__file__)))
         logger.setLevel(level)  # child loggers (bitsandbytes.backends...) inherit it
         logger.addFilter(_AtLeast(level))  # kept when the library resets its level on import (DeepSpeed)
+    quiet_warnings()
+
+
+def quiet_warnings() -> None:
+    for message, category in QUIET_WARNINGS.items():
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _quiet_runtime_env() -> dict | None:
