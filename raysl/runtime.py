@@ -111,7 +111,16 @@ def worker_pool(num_cpus: int | None) -> dict:
     its first block, and with ordered streams every later block
     waits behind it (measured: 4-6 s stalls per epoch with 2 augment tasks, none with this)."""
     cpus = num_cpus or os.cpu_count() or 1
-    return {"num_workers_soft_limit": max(8, 2 * cpus), "idle_worker_killing_time_threshold_ms": 600_000}
+    pool = max(8, 2 * cpus)
+    return {
+        "num_workers_soft_limit": pool,
+        "idle_worker_killing_time_threshold_ms": 600_000,
+        # The raylet prints "N PYTHON worker processes have been started ... 4x the maximum
+        # expected startup concurrency" once its workers outnumber 4x that concurrency (default:
+        # the CPUs) plus 8 I/O workers: on 2 CPUs, a pool of 8 idle workers plus a run's actors.
+        # Twice the pool is expected here; the setting also lets as many workers start at once.
+        "worker_maximum_startup_concurrency": max(cpus, pool // 2),
+    }
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> str:

@@ -28,3 +28,14 @@ def test_torchs_all_gather_deprecation_is_filtered_and_no_other_warning():
         _gather_without_a_process_group()
         warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["another deprecation"]
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4, 16, 96])
+def test_the_idle_workers_raysl_keeps_stay_below_the_raylets_warning(cpus):
+    """The raylet warns once its workers, less 2 x max_io_workers (4), reach 4 x its startup
+    concurrency. raysl keeps up to num_workers_soft_limit idle workers; a run adds as many busy
+    ones again (on 2 CPUs, Ray warned during raysl demo at 16 workers in all)."""
+    pool = runtime.worker_pool(cpus)
+    assert pool["worker_maximum_startup_concurrency"] >= cpus  # never fewer starts at once than Ray's default
+    warns_at = 4 * pool["worker_maximum_startup_concurrency"] + 2 * 4
+    assert warns_at > 2 * pool["num_workers_soft_limit"]
