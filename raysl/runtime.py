@@ -43,6 +43,7 @@ QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": 
 # second already). A slow poll is not an error: Ray waits 10 minutes on one.
 LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 _JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` in the job's driver
+SETUP_HOOK = "raysl.runtime.setup_worker"
 
 
 def verbose() -> bool:
@@ -70,8 +71,8 @@ class _AtLeast(logging.Filter):
 
 
 def quiet_logs() -> None:
-    """QUIET_LOGGERS' levels and QUIET_WARNINGS, in this process. Also Ray's
-    worker_process_setup_hook, so it runs in every worker of the job before any task."""
+    """QUIET_LOGGERS' levels and QUIET_WARNINGS, in this process. Also run in every worker of
+    the job before any task (`setup_worker`)."""
     import ray
 
     for name, level in QUIET_LOGGERS.items():
@@ -86,13 +87,27 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook: runs in every worker process of the job before any task.
+    Quiet unless --verbose, and the worker's RAY_ADDRESS is the cluster it belongs to."""
+    import ray
+
+    # Ray's state API (ray.util.state) finds its cluster from RAY_ADDRESS, else from the Ray
+    # started last with `ray start`, else from the one GCS process running on this machine:
+    # with another Ray on the machine it finds several and fails. Ray Train's placement-group
+    # cleaner calls it in a worker every few seconds.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not verbose():
+        quiet_logs()
+
+
 def _quiet_runtime_env() -> dict | None:
     """The job's workers: quiet too. A job from `ray job submit` brings its own runtime_env,
     which Ray refuses to merge with one that sets the same keys: that one rules there."""
     if verbose() or _JOB_ENV in os.environ:
         return None
     env = {k: v for k, v in QUIET_ENV.items() if k not in os.environ or os.environ[k] == v}
-    return {"env_vars": env, "worker_process_setup_hook": "raysl.runtime.quiet_logs"}
+    return {"env_vars": env, "worker_process_setup_hook": SETUP_HOOK}
 
 
 def train_logging():
@@ -140,8 +155,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         return f"Ray: joined cluster at {address}"
     runtime_env = options["runtime_env"] or {}
     local = {k: v for k, v in LOCAL_ENV.items() if k not in os.environ}  # the user's own setting wins
-    options["runtime_env"] = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **local}}
+    options["runtime_env"] = {
+        **runtime_env,
+        "env_vars": {**runtime_env.get("env_vars", {}), **local},
+        "worker_process_setup_hook": SETUP_HOOK,  # with --verbose too: the workers' RAY_ADDRESS
+    }
     # With the dashboard: Ray Train's placement-group cleaner and `ray list` need its state
     # API (without it the cleaner warns every few seconds); it costs about 2 s at start.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, _system_config=worker_pool(num_cpus), **options)
+    # address="local": a Ray of our own even when `ray start` left one on this machine, which
+    # ray.init() would otherwise try to join, and fail: a Ray it joins takes none of these options.
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        _system_config=worker_pool(num_cpus),
+        **options,
+    )
     return f"Ray: started locally with {int(ray.cluster_resources().get('CPU', 0))} CPUs"
