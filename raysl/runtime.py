@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Any
 
 VERBOSE_ENV = "RAYSL_VERBOSE"
 # Python loggers of other libraries, and the least level of theirs that reaches the terminal.
@@ -147,7 +148,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if ray.is_initialized():
         return "Ray: already connected"
     address = address or os.environ.get("RAY_ADDRESS")
-    options = dict(log_to_driver=not quiet, runtime_env=_quiet_runtime_env())
+    options: dict[str, Any] = dict(log_to_driver=not quiet, runtime_env=_quiet_runtime_env())
     if not verbose():
         options["logging_level"] = logging.WARNING  # Ray's own INFO lines on this process
     if address:
