@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -140,3 +141,15 @@ def next_commands(out: str, run_dir: str, train: str, val: str) -> list[str]:
         f"train.storage_path={_shown(os.path.join(out, 'runs'))} train.name=longer train.epochs=40   # train longer",
         "raysl doctor   # versions, GPUs, 8-bit kernels, free disk",
     ]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument(
+        "--out", type=resolve_path, default="demo_out", help="folder for the demo's images, shards and pictures"
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    run_demo(args.out, address=args.address)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shutil
@@ -144,3 +145,18 @@ def run_checks(address: str | None, storage: str) -> list[Check]:
         checks.append(check_ray(address))
     checks.append(check_disk(storage))
     return checks
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument(
+        "--storage", type=resolve_path, default="runs", help="where runs will be stored (train.storage_path)"
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    checks = run_checks(args.address, args.storage)
+    for check in checks:
+        print(check.line(), flush=True)
+    return 0 if all(c.ok for c in checks) else 1

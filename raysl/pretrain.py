@@ -4,6 +4,8 @@ This module sits above train/ and eval/ and is the one place that joins them."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 
 from raysl.config import Config
@@ -158,3 +160,16 @@ def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -
         "plots": plots,
     }
     return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a shipped recipe name (e.g. quickstart) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.001 train.num_workers=2")
+    p.add_argument("--resume", action="store_true", help="continue the run (train.name) from its latest checkpoint")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    from raysl.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    print(json.dumps(pretrain(cfg, address=args.address, resume=args.resume)))

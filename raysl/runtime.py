@@ -6,7 +6,8 @@ collapse, skipped images, a failed upload). Third-party lines that tell a raysl 
 nothing are turned off where they start, in the driver and in every Ray worker of the job:
 Ray Data's per-dataset lines and progress logs, bitsandbytes' CPU-kernel probe, DeepSpeed's
 accelerator and untested-optimizer notes, Ray's own INFO lines on the driver, and Ray
-Train's INFO lines where raysl builds the RunConfig (`train_logging`).
+Train's INFO lines where raysl builds the RunConfig (`train_logging`), torch's
+deprecation of the all-gather that DeepSpeed's ZeRO calls on every step (QUIET_WARNINGS).
 `raysl --verbose` (RAYSL_VERBOSE=1) leaves every library as it is.
 
 Not turned off: Ray Train 2.60's controller logs a C++ error line ("PreemptionWatcher ...
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from typing import Any
 
 VERBOSE_ENV = "RAYSL_VERBOSE"
 # Python loggers of other libraries, and the least level of theirs that reaches the terminal.
@@ -29,6 +32,9 @@ QUIET_LOGGERS = {
     "ray.data._internal.progress": logging.ERROR,
     os.path.join("{ray}", "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
 }
+# Python warnings of other libraries, matched by the start of their message. DeepSpeed's ZeRO
+# (stages 1-3) gathers with the name torch 2.14 deprecates, once from every worker.
+QUIET_WARNINGS = {r"`torch\.distributed\.all_gather_into_tensor` is deprecated": FutureWarning}
 # Read by Ray Data, in the driver and in the workers
 QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # Ray Train's controller polls its workers every 2 s (its default; the poll also collects
@@ -38,6 +44,7 @@ QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": 
 # second already). A slow poll is not an error: Ray waits 10 minutes on one.
 LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 _JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` in the job's driver
+SETUP_HOOK = "raysl.runtime.setup_worker"
 
 
 def verbose() -> bool:
@@ -65,14 +72,34 @@ class _AtLeast(logging.Filter):
 
 
 def quiet_logs() -> None:
-    """QUIET_LOGGERS' levels, in this process. Also Ray's worker_process_setup_hook, so it
-    runs in every worker of the job before any task."""
+    """QUIET_LOGGERS' levels and QUIET_WARNINGS, in this process. Also run in every worker of
+    the job before any task (`setup_worker`)."""
     import ray
 
     for name, level in QUIET_LOGGERS.items():
         logger = logging.getLogger(name.format(ray=os.path.dirname(ray.__file__)))
         logger.setLevel(level)  # child loggers (bitsandbytes.backends...) inherit it
         logger.addFilter(_AtLeast(level))  # kept when the library resets its level on import (DeepSpeed)
+    quiet_warnings()
+
+
+def quiet_warnings() -> None:
+    for message, category in QUIET_WARNINGS.items():
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook: runs in every worker process of the job before any task.
+    Quiet unless --verbose, and the worker's RAY_ADDRESS is the cluster it belongs to."""
+    import ray
+
+    # Ray's state API (ray.util.state) finds its cluster from RAY_ADDRESS, else from the Ray
+    # started last with `ray start`, else from the one GCS process running on this machine:
+    # with another Ray on the machine it finds several and fails. Ray Train's placement-group
+    # cleaner calls it in a worker every few seconds.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not verbose():
+        quiet_logs()
 
 
 def _quiet_runtime_env() -> dict | None:
@@ -81,7 +108,7 @@ def _quiet_runtime_env() -> dict | None:
     if verbose() or _JOB_ENV in os.environ:
         return None
     env = {k: v for k, v in QUIET_ENV.items() if k not in os.environ or os.environ[k] == v}
-    return {"env_vars": env, "worker_process_setup_hook": "raysl.runtime.quiet_logs"}
+    return {"env_vars": env, "worker_process_setup_hook": SETUP_HOOK}
 
 
 def train_logging():
@@ -100,7 +127,16 @@ def worker_pool(num_cpus: int | None) -> dict:
     its first block, and with ordered streams every later block
     waits behind it (seconds of stall per epoch)."""
     cpus = num_cpus or os.cpu_count() or 1
-    return {"num_workers_soft_limit": max(8, 2 * cpus), "idle_worker_killing_time_threshold_ms": 600_000}
+    pool = max(8, 2 * cpus)
+    return {
+        "num_workers_soft_limit": pool,
+        "idle_worker_killing_time_threshold_ms": 600_000,
+        # The raylet prints "N PYTHON worker processes have been started ... 4x the maximum
+        # expected startup concurrency" once its workers outnumber 4x that concurrency (default:
+        # the CPUs) plus 8 I/O workers: on 2 CPUs, a pool of 8 idle workers plus a run's actors.
+        # Twice the pool is expected here; the setting also lets as many workers start at once.
+        "worker_maximum_startup_concurrency": max(cpus, pool // 2),
+    }
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> str:
@@ -112,7 +148,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if ray.is_initialized():
         return "Ray: already connected"
     address = address or os.environ.get("RAY_ADDRESS")
-    options = dict(log_to_driver=not quiet, runtime_env=_quiet_runtime_env())
+    options: dict[str, Any] = dict(log_to_driver=not quiet, runtime_env=_quiet_runtime_env())
     if not verbose():
         options["logging_level"] = logging.WARNING  # Ray's own INFO lines on this process
     if address:
@@ -120,8 +156,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         return f"Ray: joined cluster at {address}"
     runtime_env = options["runtime_env"] or {}
     local = {k: v for k, v in LOCAL_ENV.items() if k not in os.environ}  # the user's own setting wins
-    options["runtime_env"] = {**runtime_env, "env_vars": {**runtime_env.get("env_vars", {}), **local}}
+    options["runtime_env"] = {
+        **runtime_env,
+        "env_vars": {**runtime_env.get("env_vars", {}), **local},
+        "worker_process_setup_hook": SETUP_HOOK,  # with --verbose too: the workers' RAY_ADDRESS
+    }
     # With the dashboard: Ray Train's placement-group cleaner and `ray list` need its state
     # API (without it the cleaner warns every few seconds); it costs about 2 s at start.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, _system_config=worker_pool(num_cpus), **options)
+    # address="local": a Ray of our own even when `ray start` left one on this machine, which
+    # ray.init() would otherwise try to join, and fail: a Ray it joins takes none of these options.
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        _system_config=worker_pool(num_cpus),
+        **options,
+    )
     return f"Ray: started locally with {int(ray.cluster_resources().get('CPU', 0))} CPUs"

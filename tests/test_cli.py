@@ -303,7 +303,7 @@ def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
         runtime.init_ray()
         assert calls[-1]["runtime_env"] == {
             "env_vars": {**runtime.QUIET_ENV, **runtime.LOCAL_ENV},
-            "worker_process_setup_hook": "raysl.runtime.quiet_logs",
+            "worker_process_setup_hook": "raysl.runtime.setup_worker",
         }
         assert calls[-1]["logging_level"] == logging.WARNING
         runtime.init_ray("10.0.0.1:6379")  # a cluster's workers: Ray Train's own poll interval
@@ -315,7 +315,11 @@ def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
 
         runtime.set_verbose(True)
         runtime.init_ray()
-        assert calls[-1]["runtime_env"] == {"env_vars": runtime.LOCAL_ENV} and "logging_level" not in calls[-1]
+        assert calls[-1]["runtime_env"] == {
+            "env_vars": runtime.LOCAL_ENV,
+            "worker_process_setup_hook": "raysl.runtime.setup_worker",  # the workers' RAY_ADDRESS
+        }
+        assert "logging_level" not in calls[-1]
         runtime.init_ray("10.0.0.1:6379")
         assert calls[-1]["runtime_env"] is None
         assert runtime.train_logging().log_level == "INFO"

@@ -33,18 +33,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--parts", default="dedup,balance,scale", help="comma list of dedup, balance, scale, pretrain (not default)"
     )
     p.add_argument("--model", default="resnet18", help="timm name (random init) or a raysl run directory")
-    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--image-size", type=int, default=112, help="eval crop size for the photographs (default 112)")
     p.add_argument("--stage", type=int, default=0, help="feature stage for dedup (-1: pooled output)")
-    p.add_argument("--input-norm", default="per-image")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument(
+        "--input-norm", default="per-image", help="imagenet or per-image, as curate embed (default per-image)"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=DEFAULT_THRESHOLD, help=f"dedup cosine (default {DEFAULT_THRESHOLD})"
+    )
     p.add_argument("--digits", type=int, default=340, help="long-tailed digits set size (class 0: half)")
     p.add_argument("--digits-size", type=int, default=64, help="eval crop size for the digits (pooled features)")
     p.add_argument("--target", type=int, default=100, help="balanced sample size")
-    p.add_argument("--levels", default="30,10")
+    p.add_argument("--levels", default="30,10", help="balance: clusters per level, bottom first (default 30,10)")
     p.add_argument("--pretrain-target", type=int, default=96, help="pretrain part: sample size")
     p.add_argument("--pretrain-steps", type=int, default=150, help="pretrain part: SimCLR steps per run")
-    p.add_argument("--scale-n", type=int, default=100_000)
-    p.add_argument("--scale-iters", type=int, default=10)
+    p.add_argument("--scale-n", type=int, default=100_000, help="scale part: random vectors (default 100,000)")
+    p.add_argument("--scale-iters", type=int, default=10, help="scale part: k-means iterations (default 10)")
     p.add_argument("--scale-clusters", type=int, default=0, help="default N / 1000, as curate dedup")
 
 

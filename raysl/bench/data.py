@@ -308,13 +308,19 @@ def run_data_bench(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from raysl.config import resolve_path
+    from raysl.data.view_plans import PRESETS
 
-    p.add_argument("--shards", type=resolve_path, required=True)
-    p.add_argument("--views", default="dino")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=resolve_path, required=True, help="the shard set every side reads")
+    p.add_argument("--views", default="dino", help=f"view preset: {', '.join(PRESETS)} (default dino)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="parallel workers per side: Ray Data tasks, DataLoader workers (default 2)",
+    )
+    p.add_argument("--images", type=int, default=256, help="timed images per turn (default 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the views on every side (default 0)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per side, the sides taking turns")
     p.add_argument("--warmup", type=int, default=None, help="untimed images per turn (default 8 batches)")
 

@@ -271,12 +271,12 @@ def run_e2e_bench(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench_e2e", help="folder for the shard set and the runs (default bench_e2e)")
-    p.add_argument("--images", type=int, default=10000)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--images", type=int, default=10000, help="digit images in the shard set (default 10000)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    p.add_argument("--model", default="resnet18", help="timm backbone (random init)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shard set and of both runs (default 0)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side, the sides taking turns (default 1)")
     p.add_argument(
         "--augment-on",
         choices=("tasks", "worker"),

@@ -290,12 +290,14 @@ def table(rows: list[dict]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vit_large_patch16_224", help="timm backbone (random init)")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per worker and step (default 2)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per configuration")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="deepspeed.precision (default fp32)")
+    p.add_argument(
+        "--grad-checkpointing", action="store_true", help="model.grad_checkpointing: recompute activations in backward"
+    )
     p.add_argument(
         "--reduce-bucket-size",
         type=int,

@@ -286,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=resolve_path, default="bench_methods", help="folder for shards, runs, bench_methods.md/.json"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the digits split and of every run (default 0)")
     p.add_argument(
         "--set",
         action="append",

@@ -7,6 +7,8 @@ optimizer_state_bytes / number of trainable params. Memory only; nothing is time
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from raysl.optim.optimizers import build_optimizer, optimizer_state_bytes, param_groups
@@ -45,3 +47,11 @@ def run_optim_bench(
     if "adamw" in optimizers and "adamw8bit" in optimizers:
         out["ratio"] = round(out["adamw8bit_bytes_per_param"] / out["adamw_bytes_per_param"], 4)
     return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model (random init) whose parameters are used")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    return run_optim_bench(args.model)

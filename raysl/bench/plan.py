@@ -151,12 +151,12 @@ def _mixture_plan(manifest: Manifest, sets: int, root: str, workers: int, epochs
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--shards", type=int, default=1_000_000)
-    p.add_argument("--workers", type=int, default=1024)
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--shards", type=int, default=1_000_000, help="shards of the simulated set (default 1,000,000)")
+    p.add_argument("--workers", type=int, default=1024, help="training workers to plan for (default 1024)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs to plan (default 100)")
     p.add_argument("--rows", type=int, default=1000, help="about this many rows per simulated shard")
     p.add_argument("--batch-size", type=int, default=256, help="rows per worker per step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shard sizes and the permutations (default 0)")
     p.add_argument(
         "--baseline-epochs",
         type=int,

@@ -301,14 +301,16 @@ def run_step_bench(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18", help="timm backbone (random init)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per side first")
     p.add_argument("--threads", type=int, default=1, help="torch threads on each side (the worker's cpus_per_worker)")
-    p.add_argument("--optimizer", default="adamw")
-    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", default="adamw", help="optim.name on both sides, e.g. adamw8bit (default adamw)")
+    p.add_argument(
+        "--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage of the raysl side"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the views (default 0)")
 
 
 def run_from_args(a, address: str | None = None) -> dict:

@@ -10,8 +10,10 @@ exists (`embed.json`, written first, must name the same shards and model).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -246,3 +248,33 @@ def run_embed(plan: EmbedPlan, *, actors: int = 0, batch_size: int = 32) -> dict
         "images_embedded": images,
         "images_per_s": round(images / seconds, 1) if images else 0.0,
     }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument("--shards", type=resolve_path, required=True, help="the shard set to embed")
+    p.add_argument("--model", required=True, help="a raysl run directory, or a timm model name (random init)")
+    p.add_argument("--out", type=resolve_path, required=True, help="embedding folder (EMB); rerun to resume")
+    p.add_argument("--image-size", type=int, default=0, help="eval crop size (default: the run's, else 224)")
+    p.add_argument("--seed", type=int, default=0, help="timm random init seed")
+    p.add_argument(
+        "--stage", type=int, default=-1, help="-1: the pooled output; k: stage k's feature map on a 2x2 grid"
+    )
+    p.add_argument(
+        "--input-norm",
+        choices=("imagenet", "per-image"),
+        default="imagenet",
+        help="per-image: standardise each image's channels (random-init features then see structure, not colour)",
+    )
+    p.add_argument("--actors", type=int, default=0, help="actor pool size (default: GPUs, else CPUs / 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass in an actor (default 32)")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    from raysl.runtime import init_ray
+
+    features = dict(stage=args.stage, input_norm=args.input_norm)
+    plan = plan_embed(args.shards, args.model, args.out, image_size=args.image_size, seed=args.seed, **features)
+    print(init_ray(args.address), file=sys.stderr)
+    print(json.dumps(run_embed(plan, actors=args.actors, batch_size=args.batch_size)))

@@ -4,6 +4,8 @@ and writes a selection (see selection)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 
 import numpy as np
@@ -124,3 +126,55 @@ def run_balance(
     state.drop(rows[dropped], "balance")
     step = {"step": "balance", "target": target, "levels": levels, "resample": resample, "dropped": len(dropped)}
     return state.write(out, step)
+
+
+def _add_common_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument("--emb", type=resolve_path, required=True, help="embeddings of the set (raysl curate embed)")
+    p.add_argument("--out", type=resolve_path, required=True, help="folder for the selection (a shard set)")
+    p.add_argument("--from", dest="sel", type=resolve_path, help="start from an earlier selection of the same EMB")
+    p.add_argument("--model", help="refuse EMB unless it was embedded with this model (run dir or timm name)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-means and of the balanced sample (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
+
+
+def add_dedup_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common_arguments(p)
+    threshold = dedup.DEFAULT_THRESHOLD
+    p.add_argument("--threshold", type=float, default=threshold, help=f"cosine (default {threshold})")
+    p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default N / 1000)")
+    p.add_argument("--keep", choices=dedup.KEEP, default="closest", help="which image of a group stays")
+
+
+def add_decontaminate_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    _add_common_arguments(p)
+    p.add_argument("--eval", nargs="+", type=resolve_path, required=True, help="embedding sets of eval shard sets")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=dedup.DEFAULT_THRESHOLD,
+        help=f"drop an image whose nearest eval image is above this cosine (default {dedup.DEFAULT_THRESHOLD})",
+    )
+
+
+def add_balance_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common_arguments(p)
+    p.add_argument("--target", type=int, required=True, help="images to keep")
+    p.add_argument("--levels", default="100,10", help="clusters per level, bottom first (default 100,10)")
+    p.add_argument("--resample", type=int, default=0, help="resampling steps per level (Vo et al. 2024)")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    common = dict(model=args.model, sel=args.sel, overwrite=args.overwrite)
+    if args.curate_cmd == "dedup":
+        kw = dict(clusters=args.clusters, keep=args.keep, seed=args.seed)
+        curation = run_dedup(args.emb, args.out, threshold=args.threshold, **kw, **common)
+    elif args.curate_cmd == "decontaminate":
+        curation = run_decontaminate(args.emb, args.eval, args.out, threshold=args.threshold, **common)
+    else:
+        kw = dict(target=args.target, levels=parse_levels(args.levels), resample=args.resample, seed=args.seed)
+        curation = run_balance(args.emb, args.out, **kw, **common)
+    print(json.dumps({"out": args.out, **curation["counts"], "step": curation["steps"][-1]}))

@@ -33,11 +33,13 @@ duplicates of its own inputs, the driver all of them once (about 100 bytes each:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import posixpath
 import re
+import sys
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -501,3 +503,49 @@ def _dedup_line(plan: BuildPlan | None) -> list[str]:
     if plan is None or not plan.dedup:
         return []
     return [f"dedup shuffled {plan.shuffled_bytes:,} bytes (sha256 and key of each image, no image bytes)"]
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument("src", nargs="+", type=resolve_path, help="image folders, .tar files or .parquet files")
+    p.add_argument("--out", type=resolve_path, required=True, help="output shard directory")
+    p.add_argument("--shard-size", type=int, default=1000, help="rows per shard (default 1000)")
+    p.add_argument(
+        "--metadata", type=resolve_path, help="CSV/JSONL with path or key plus license, attribution, source, label"
+    )
+    p.add_argument("--license", type=_csv_list, help="keep only images whose license is in this comma list")
+    p.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side is smaller")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, help="skip images with more pixels (bomb guard)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (sha256)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add shards to the set in --out (dedup against it by hash); runs reading it keep their version",
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    from raysl.runtime import init_ray
+
+    # SRC, --metadata and --out are checked before Ray starts: a mistake costs no cluster start-up
+    plan = plan_build(
+        args.src,
+        args.out,
+        shard_size=args.shard_size,
+        metadata=args.metadata,
+        licenses=args.license,
+        min_side=args.min_side,
+        max_pixels=args.max_pixels,
+        dedup=not args.no_dedup,
+        overwrite=args.overwrite,
+        append=args.append,
+    )
+    print(init_ray(args.address), file=sys.stderr)
+    manifest = run_build(plan)
+    print(format_summary(manifest, plan))

@@ -7,6 +7,7 @@ and only the sampled ones.
 
 from __future__ import annotations
 
+import argparse
 import math
 import posixpath
 from collections import Counter
@@ -152,3 +153,18 @@ def contact_sheet(directory: str, out_png: str, *, samples: int = 64, thumb: int
     except OSError as exc:
         raise UserError(f"{out_png}: cannot write the contact sheet here ({exc})") from exc
     return drawn
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument("dir", type=resolve_path, help="the shard set: a folder or a bucket URI")
+    p.add_argument("--grid", type=resolve_path, help="write a contact sheet PNG of sample images here")
+    p.add_argument("--samples", type=int, default=64, help="images on the contact sheet (default 64)")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    print(format_inspect(inspect_shards(args.dir)))
+    if args.grid:
+        n = contact_sheet(args.dir, args.grid, samples=args.samples)
+        print(f"contact sheet: {n} images -> {args.grid}")

@@ -4,6 +4,7 @@ baseline (write, read and plan exactly as raysl did before the index)."""
 
 from __future__ import annotations
 
+import argparse
 import posixpath
 from dataclasses import dataclass, field
 
@@ -87,3 +88,14 @@ def migrate(directory: str) -> Manifest:
     )
     write_manifest(directory, manifest)
     return manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument("dir", type=resolve_path, help="the shard set to rewrite in place")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    m = migrate(args.dir)
+    print(f"migrated {args.dir}: {len(m.shards):,} shard(s), {m.rows:,} images; the shard list is now in its index")

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
-from raysl.config import Config
+from raysl.config import Config, resolve_path
 from raysl.data.view_plans import EVAL_CROP_FRACTION
 from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from raysl.errors import UserError
@@ -90,3 +91,22 @@ def export(run_dir: str, out_dir: str, *, shards: str | None = None) -> dict:
         "img_size": img_size,
         **card,
     }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ckpt", type=resolve_path, required=True, help="the run directory (its latest checkpoint is exported)"
+    )
+    p.add_argument(
+        "--out",
+        type=resolve_path,
+        required=True,
+        help="folder for model.safetensors, config.json, README.md, ATTRIBUTIONS.csv",
+    )
+    p.add_argument(
+        "--shards", type=resolve_path, help="where the training shard set lives now, if it moved since training"
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    print(json.dumps(export(args.ckpt, args.out, shards=args.shards)))

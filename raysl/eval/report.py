@@ -6,6 +6,7 @@ anything external."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import glob
 import html
@@ -180,3 +181,16 @@ def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8)
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument("run", type=resolve_path, help="the run directory")
+    p.add_argument(
+        "--eval", type=resolve_path, help="a labeled shard set for the embedding plot and the attention samples"
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    print(build_report(args.run, args.eval))

@@ -4,6 +4,7 @@ before Ray starts; the result is one JSON object, also written to RUN/eval_<kind
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -205,3 +206,86 @@ def evaluate(
     with open(os.path.join(ckpt, f"eval_{kind}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def _numbers(text: str, typ, flag: str) -> list:
+    try:
+        return [typ(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected a comma list of {typ.__name__}s, e.g. 20,200") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from raysl.config import resolve_path
+
+    p.add_argument(
+        "kind",
+        choices=KINDS,
+        help="knn: k-nearest-neighbour vote; linear: a linear probe on frozen features; "
+        "fewshot: a probe on a few labeled images per class; finetune: train the whole backbone",
+    )
+    p.add_argument(
+        "--ckpt", type=resolve_path, required=True, help="a pretraining run directory (its latest checkpoint is used)"
+    )
+    p.add_argument(
+        "--train", type=resolve_path, required=True, help="labeled shard set to fit on (memory bank for knn)"
+    )
+    p.add_argument("--val", type=resolve_path, required=True, help="labeled shard set to score on")
+    p.add_argument("--backbone", help="refuse the run unless it trained this timm backbone")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="knn/linear/fewshot: also score the same backbone at random init (the run's seed), as random_init",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=0, help="eval resolution (default: the run's data.image_size, else 224)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs each worker reserves (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker reserves (default 0: CPU only)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="linear, finetune: head init and batch order; fewshot: the draws (default 0)",
+    )
+    p.add_argument("--k", default="20,200", help="knn: neighbour counts (comma list)")
+    p.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
+    p.add_argument("--lrs", default="0.01,0.1,1.0", help="linear: the lr sweep (comma list), best on --val is reported")
+    p.add_argument("--shots", default="1,5,10", help="fewshot: labeled images per class (comma list)")
+    p.add_argument("--draws", type=int, default=5, help="fewshot: seeded draws per shot count")
+    p.add_argument("--epochs", type=int, default=0, help="linear (default 100) and finetune (default 10) epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="finetune: AdamW lr per 256 images")
+    p.add_argument("--layer-decay", type=float, default=0.75, help="finetune: layer-wise lr decay (1: none)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="finetune: DropPath rate")
+    p.add_argument("--mixup", type=float, default=0.8, help="finetune: mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="finetune: cutmix alpha (0: off)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="finetune: label smoothing")
+    p.add_argument("--batch-size", type=int, default=64, help="finetune: images per worker and step")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    if args.kind == "finetune":
+        names = ("lr", "layer_decay", "drop_path", "mixup", "cutmix", "smoothing", "batch_size", "seed")
+        options = {k: getattr(args, k) for k in names} | {"epochs": args.epochs or 10}
+    elif args.kind == "linear":
+        options = {"lrs": _numbers(args.lrs, float, "--lrs"), "epochs": args.epochs or 100, "seed": args.seed}
+    elif args.kind == "fewshot":
+        options = {"shots": _numbers(args.shots, int, "--shots"), "draws": args.draws, "seed": args.seed}
+    else:
+        options = {"ks": _numbers(args.k, int, "--k"), "temperature": args.temperature}
+    result = evaluate(
+        args.kind,
+        args.ckpt,
+        args.train,
+        args.val,
+        options=options,
+        backbone=args.backbone,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        image_size=args.image_size,
+        address=args.address,
+        baseline=args.baseline,
+    )
+    print(json.dumps(result))

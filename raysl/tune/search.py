@@ -19,7 +19,9 @@ Train checkpoints, resume_from.txt when it started from a checkpoint), `results.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import math
 import os
 import threading
@@ -27,7 +29,7 @@ import threading
 from ray.train import UserCallback
 from ray.tune import Trainable
 
-from raysl.config import Config, from_dict
+from raysl.config import Config, from_dict, load_config, resolve_path
 from raysl.errors import UserError
 from raysl.train import storage as store  # `storage` is tune_recipe's argument
 from raysl.tune import space as space_mod
@@ -400,3 +402,58 @@ def format_table(rows: list[dict], keys: list[str], metric: str) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a shipped recipe name or a YAML path")
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied before the search space")
+    p.add_argument(
+        "--space",
+        type=resolve_path,
+        required=True,
+        help="SPACE.yaml: section.key -> {loguniform|uniform: [a, b]} | {choice: [...]} | {randint: [a, b]}",
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="asha",
+        help="asha: stop weak trials early; pbt: copy the best trials' checkpoints and perturb their values "
+        "(default asha)",
+    )
+    p.add_argument("--samples", type=int, default=4, help="trials (PBT: the population)")
+    p.add_argument(
+        "--metric", default="loss", help="loss, val_loss (needs eval.val_shards) or knn_top1 (needs eval.knn_shards)"
+    )
+    p.add_argument("--mode", choices=["min", "max"], default=None, help="default: min for loss, max for knn_*")
+    p.add_argument(
+        "--search", choices=["optuna"], default=None, help="Optuna TPE instead of random search (needs optuna)"
+    )
+    p.add_argument("--concurrent", type=int, default=1, help="trials at once (each takes train.num_workers workers)")
+    p.add_argument(
+        "--grace-steps", type=int, default=None, help="ASHA: steps before a trial can be stopped (default: a quarter)"
+    )
+    p.add_argument("--name", default="tune", help="experiment name (a folder under --storage)")
+    p.add_argument("--storage", type=resolve_path, default="runs", help="local dir, NFS path or bucket URI")
+    p.add_argument("--resume", action="store_true", help="continue the experiment --storage/--name")
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    cfg = load_config(args.recipe, args.overrides)
+    result = tune_recipe(
+        cfg,
+        space_mod.load_space(args.space, cfg.method.name),
+        scheduler=args.scheduler,
+        samples=args.samples,
+        metric=args.metric,
+        mode=args.mode,
+        search=args.search,
+        name=args.name,
+        storage=args.storage,
+        resume=args.resume,
+        max_concurrent=args.concurrent,
+        grace_steps=args.grace_steps,
+        address=args.address,
+    )
+    print(result["table"])
+    keys = ("experiment_dir", "metric", "mode", "results_csv", "best_yaml", "errors")
+    print(json.dumps({k: result[k] for k in keys}))
