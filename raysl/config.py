@@ -23,12 +23,7 @@ import yaml
 from raysl.checks import between, one_of
 from raysl.errors import UserError
 from raysl.methods.keys import MethodConfig
-
-
-def resolve_path(path: str) -> str:
-    """A path the user gave, made absolute against their working directory before it goes to
-    Ray (whose workers run elsewhere); URIs ("scheme://...") and "" (off) are left as they are."""
-    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
+from raysl.paths import resolve_path
 
 
 class _Loader(yaml.SafeLoader):

@@ -144,7 +144,7 @@ def next_commands(out: str, run_dir: str, train: str, val: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument(
         "--out", type=resolve_path, default="demo_out", help="folder for the demo's images, shards and pictures"

@@ -148,7 +148,7 @@ def run_checks(address: str | None, storage: str) -> list[Check]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument(
         "--storage", type=resolve_path, default="runs", help="where runs will be stored (train.storage_path)"

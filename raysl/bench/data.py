@@ -307,8 +307,8 @@ def run_data_bench(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
     from raysl.data.view_plans import PRESETS
+    from raysl.paths import resolve_path
 
     p.add_argument("--shards", type=resolve_path, required=True, help="the shard set every side reads")
     p.add_argument("--views", default="dino", help=f"view preset: {', '.join(PRESETS)} (default dino)")

@@ -275,7 +275,7 @@ def format_table(rows: list[dict], header: bool = True) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument(
         "--methods",

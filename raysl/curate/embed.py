@@ -251,7 +251,7 @@ def run_embed(plan: EmbedPlan, *, actors: int = 0, batch_size: int = 32) -> dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument("--shards", type=resolve_path, required=True, help="the shard set to embed")
     p.add_argument("--model", required=True, help="a raysl run directory, or a timm model name (random init)")

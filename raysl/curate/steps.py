@@ -129,7 +129,7 @@ def run_balance(
 
 
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument("--emb", type=resolve_path, required=True, help="embeddings of the set (raysl curate embed)")
     p.add_argument("--out", type=resolve_path, required=True, help="folder for the selection (a shard set)")
@@ -148,7 +148,7 @@ def add_dedup_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_decontaminate_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     _add_common_arguments(p)
     p.add_argument("--eval", nargs="+", type=resolve_path, required=True, help="embedding sets of eval shard sets")

@@ -510,7 +510,7 @@ def _csv_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument("src", nargs="+", type=resolve_path, help="image folders, .tar files or .parquet files")
     p.add_argument("--out", type=resolve_path, required=True, help="output shard directory")

@@ -156,7 +156,7 @@ def contact_sheet(directory: str, out_png: str, *, samples: int = 64, thumb: int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument("dir", type=resolve_path, help="the shard set: a folder or a bucket URI")
     p.add_argument("--grid", type=resolve_path, help="write a contact sheet PNG of sample images here")

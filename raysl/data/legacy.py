@@ -91,7 +91,7 @@ def migrate(directory: str) -> Manifest:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument("dir", type=resolve_path, help="the shard set to rewrite in place")
 

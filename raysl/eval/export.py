@@ -7,10 +7,11 @@ import argparse
 import json
 import os
 
-from raysl.config import Config, resolve_path
+from raysl.config import Config
 from raysl.data.view_plans import EVAL_CROP_FRACTION
 from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD
 from raysl.errors import UserError
+from raysl.paths import resolve_path
 
 WEIGHTS = "model.safetensors"
 TIMM_CONFIG = "config.json"

@@ -184,7 +184,7 @@ def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument("run", type=resolve_path, help="the run directory")
     p.add_argument(

@@ -156,8 +156,8 @@ def evaluate(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raysl.config import resolve_path
     from raysl.eval.weights import run_config
+    from raysl.paths import resolve_path
     from raysl.runtime import init_ray, train_logging
 
     ckpt, train, val = resolve_path(ckpt), resolve_path(train), resolve_path(val)  # the workers run elsewhere
@@ -216,7 +216,7 @@ def _numbers(text: str, typ, flag: str) -> list:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysl.config import resolve_path
+    from raysl.paths import resolve_path
 
     p.add_argument(
         "kind",

@@ -29,8 +29,9 @@ import threading
 from ray.train import UserCallback
 from ray.tune import Trainable
 
-from raysl.config import Config, from_dict, load_config, resolve_path
+from raysl.config import Config, from_dict, load_config
 from raysl.errors import UserError
+from raysl.paths import resolve_path
 from raysl.train import storage as store  # `storage` is tune_recipe's argument
 from raysl.tune import space as space_mod
 
