@@ -8,6 +8,7 @@ trained data-parallel through a DeepSpeed engine on the Ray Train workers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from raysl.data.views import normalize
 from raysl.eval.supervised import accuracy, engine_config, epoch_batches, per_worker_batch
 from raysl.optim.schedules import apply, cosine, scaled_lr
 from raysl.train.engine import initialize
+
+if TYPE_CHECKING:
+    from raysl.models.backbone import TimmModel
 
 
 @dataclass
@@ -42,7 +46,7 @@ def augment(images: torch.Tensor, randaug, generator: torch.Generator) -> torch.
     return out
 
 
-def finetune(backbone: torch.nn.Module, train_x, train_y, val_x, val_y, opts: FinetuneOptions) -> dict:
+def finetune(backbone: TimmModel, train_x, train_y, val_x, val_y, opts: FinetuneOptions) -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import param_groups_layer_decay
