@@ -446,8 +446,12 @@ def run_build(plan: BuildPlan) -> Manifest:
     # Rows reach the shard writers in input order, not in the order tasks finish: the same
     # inputs give the same shards, row for row, on every rebuild.
     ds.context.execution_options.preserve_order = True
-    # Ray's type for the function leaves out fn_kwargs
-    ds = ds.map_batches(_read_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=options)  # type: ignore[arg-type]
+    ds = ds.map_batches(
+        _read_batch,  # type: ignore[arg-type]  # Ray's type for the function leaves out fn_kwargs
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs=options,
+    )
     ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
     ds = ds.map_batches(
         _write_batch,  # type: ignore[arg-type]  # Ray's type for the function leaves out fn_kwargs

@@ -149,8 +149,14 @@ class MAEDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=False)
         self.blocks = nn.Sequential(
             *[
-                # timm types norm_layer as a class; its own models pass a partial like this one
-                Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]
+                Block(
+                    dim,
+                    heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    # timm types norm_layer as a class; its own models pass a partial like this one
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
+                )
                 for _ in range(depth)
             ]
         )
