@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import shutil
@@ -105,7 +106,7 @@ def check_ray(address: str | None, timeout_s: float = 5.0) -> Check:
     import ray
 
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         try:
             res = ray.cluster_resources()
             nodes = len([n for n in ray.nodes() if n.get("Alive")])

@@ -43,6 +43,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
 
 import pyarrow.parquet as pq
 import torch
@@ -240,10 +241,10 @@ def run_data_bench(
     warmup = 8 * batch_size if warmup is None else warmup
     torch.manual_seed(seed)
     rows = read_images(shards)
-    loaders = {"baseline": _PerView(spec)}
+    transforms: dict[str, Callable] = {"baseline": _PerView(spec)}
     lightly = lightly_transform(views)
     if lightly is not None:
-        loaders["lightly"] = lightly
+        transforms["lightly"] = lightly
     started_ray = not ray.is_initialized()
     if started_ray:
         from raysl.runtime import worker_pool
@@ -263,12 +264,14 @@ def run_data_bench(
             # (their start-up is in the untimed warm-up).
             multiprocessing_context="spawn" if workers else None,
         )
-        for side, t in loaders.items()
+        for side, t in transforms.items()
     }  # each cycles over the rows; a pass stops early
     timed: dict[str, list[dict]] = {side: [] for side in [*loaders, "raysl"]}
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        make = {side: (lambda loader=loader: iter(loader)) for side, loader in loaders.items()}
+        make: dict[str, Callable[[], Iterator]] = {
+            side: functools.partial(iter, loader) for side, loader in loaders.items()
+        }
         make["raysl"] = lambda: _raysl_batches(shards, spec, workers=workers, batch_size=batch_size, seed=seed)
         cold = _turn(make["raysl"], warmup, images)
         for _ in range(repeats):

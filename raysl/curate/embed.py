@@ -88,18 +88,24 @@ def resolve_model(
     """A run directory (it has config.yaml) or a timm model name; checked on the driver."""
     if input_norm not in INPUT_NORMS:
         raise UserError(f"--input-norm {input_norm}: one of {', '.join(INPUT_NORMS)}")
-    extra = dict(stage=stage, input_norm=input_norm)
     if os.path.isdir(model):
         from raysl.eval.weights import latest_checkpoint, run_config
 
         cfg = run_config(model)
         step, _ = latest_checkpoint(model)
-        return ModelSpec("run", os.path.abspath(model), image_size or cfg.data.image_size or 224, step=step, **extra)
+        return ModelSpec(
+            "run",
+            os.path.abspath(model),
+            image_size or cfg.data.image_size or 224,
+            step=step,
+            stage=stage,
+            input_norm=input_norm,
+        )
     import timm
 
     if not timm.list_models(model):
         raise UserError(f"--model {model}: neither a run directory nor a timm model name (see timm.list_models())")
-    return ModelSpec("timm", model, image_size or 224, seed=seed, **extra)
+    return ModelSpec("timm", model, image_size or 224, seed=seed, stage=stage, input_norm=input_norm)
 
 
 class EmbedShard:
@@ -142,8 +148,8 @@ class EmbedShard:
                     kept_rows.append(int(r))
                     kept_keys.append(keys[int(r)])
                 if views:
-                    x = self.torch.from_numpy(np.stack(views)).to(self.device)
-                    feats.append(self.spec.features(self.model, x).cpu().numpy())
+                    imgs = self.torch.from_numpy(np.stack(views)).to(self.device)
+                    feats.append(self.spec.features(self.model, imgs).cpu().numpy())
             x = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
             dim = x.shape[1]
             part = pa.table(

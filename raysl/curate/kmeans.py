@@ -26,4 +26,5 @@ def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np
     )
     km.train(x)
     _, assign = km.index.search(x, 1)
+    assert km.centroids is not None  # set by train
     return km.centroids, assign[:, 0].astype(np.int64)

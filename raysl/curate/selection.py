@@ -48,6 +48,7 @@ def candidates_count(emb: str, sel: str | None) -> int:
     meta = embeddings.read_meta(emb)
     if sel:
         _, lineage = prior(sel, emb)
+        assert lineage is not None  # sel is given
         return int(np.sum(np.asarray(lineage.column("decision").to_pylist()) == "keep"))
     return sum(
         pq.read_metadata(os.path.join(emb, embeddings.part_name(s))).num_rows

@@ -42,7 +42,9 @@ import re
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import PIL.Image
 import pyarrow as pa
@@ -86,7 +88,7 @@ def _rows_table(rows: list[dict], counts: Counter) -> pa.Table:
     return pa.Table.from_pylist(rows + stats, schema=ROW_SCHEMA)
 
 
-def _check(item: Item, *, licenses: set[str] | None, min_side: int, max_pixels: int):
+def _check(item: Item, *, licenses: set[str] | None, min_side: int, max_pixels: int | None):
     """(reason, ImageInfo): reason is "" for an image to keep."""
     if item.reason:
         return item.reason, None
@@ -101,14 +103,17 @@ def _check(item: Item, *, licenses: set[str] | None, min_side: int, max_pixels: 
     return "", info
 
 
-def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixels: int):
+def _read_batch(refs: pa.Table, *, meta: dict, licenses, min_side: int, max_pixels: int | None):
     """Rows of the images in `refs` that pass the filters, plus stat rows counting the rest
     (keys in a `_drop` column, found by the dedup pass, count as duplicates)."""
     drop = set(pc.list_flatten(refs["_drop"]).to_pylist()) if "_drop" in refs.column_names else set()
-    if max_pixels > PIL.Image.MAX_IMAGE_PIXELS:
+    limit = PIL.Image.MAX_IMAGE_PIXELS  # None: PIL checks nothing
+    if limit is not None and (max_pixels is None or max_pixels > limit):
         # decode._open turns PIL's own bomb warning into "too_large"; let the user's limit rule
         PIL.Image.MAX_IMAGE_PIXELS = max_pixels
-    rows, counts, size = [], Counter(), 0
+    rows: list[dict] = []
+    counts: Counter[str] = Counter()
+    size = 0
     for ref in refs.to_pylist():
         for item in read_ref(ref):
             extra = meta.get(item.key)
@@ -189,8 +194,8 @@ def with_duplicates(
     if existing:
         hashes = hashes.union(existing_hashes(existing))
     dups = hashes.groupby("sha256", num_partitions=partitions).map_groups(_duplicates, batch_format="pyarrow")
-    drop = [[] for _ in range(refs.num_rows)]
-    for t in dups.iter_batches(batch_size=None, batch_format="pyarrow"):
+    drop: list[list[str]] = [[] for _ in range(refs.num_rows)]
+    for t in cast(Iterator[pa.Table], dups.iter_batches(batch_size=None, batch_format="pyarrow")):
         for key, ref in zip(t["key"].to_pylist(), t["_ref"].to_pylist()):
             if ref >= 0:  # an existing row is never a duplicate (its key "" is the smallest)
                 drop[ref].append(key)
@@ -206,7 +211,8 @@ def _blocks(refs: pa.Table) -> list[pa.Table]:
 def shuffled_bytes(ds: ray.data.Dataset) -> int:
     """Bytes an executed dataset's hash shuffles moved: the output of their map side, from
     Ray Data's stats (operators named HashShuffleMap(...), in the dataset or its parents)."""
-    total, summaries = 0, [ds.get_stats_summary()]
+    total: float = 0
+    summaries = [ds.get_stats_summary()]
     while summaries:
         summary = summaries.pop()
         summaries += summary.parents
@@ -222,7 +228,7 @@ def _split(block: pa.Table) -> tuple[pa.Table, Counter]:
     """(image rows, summed stat rows) of a block."""
     is_image = pc.equal(block["_stat"], "")
     stats = block.filter(pc.invert(is_image))
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for name, n in zip(stats["_stat"].to_pylist(), stats["_n"].to_pylist()):
         counts[name] += n
     return block.filter(is_image), counts
@@ -363,7 +369,7 @@ class BuildPlan:
     metadata: str | None
     allow: set[str] | None
     min_side: int
-    max_pixels: int
+    max_pixels: int | None  # None: no limit
     dedup: bool
     shuffled_bytes: int = 0  # set by run_build: what the dedup shuffle moved (Ray Data's stats)
     existing: Manifest | None = None  # --append: the set as it was
@@ -379,7 +385,7 @@ def plan_build(
     metadata: str | None = None,
     licenses: list[str] | None = None,
     min_side: int = 0,
-    max_pixels: int = PIL.Image.MAX_IMAGE_PIXELS,
+    max_pixels: int | None = PIL.Image.MAX_IMAGE_PIXELS,
     dedup: bool = True,
     overwrite: bool = False,
     append: bool = False,
@@ -438,20 +444,28 @@ def run_build(plan: BuildPlan) -> Manifest:
         )
         old = shard_paths(out, plan.existing) if plan.existing else None
         refs, plan.shuffled_bytes = with_duplicates(refs, options, partitions, old)
-    ds = ray.data.from_arrow(_blocks(refs))
+    ds: ray.data.Dataset = ray.data.from_arrow(_blocks(refs))
     # Rows reach the shard writers in input order, not in the order tasks finish: the same
     # inputs give the same shards, row for row, on every rebuild.
     ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(_read_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=options)
+    ds = ds.map_batches(
+        _read_batch,  # type: ignore[arg-type]  # Ray's type for the function leaves out fn_kwargs
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs=options,
+    )
     ds = ds.repartition(target_num_rows_per_block=shard_size, strict=True)
     ds = ds.map_batches(
-        _write_batch,
+        _write_batch,  # type: ignore[arg-type]  # Ray's type for the function leaves out fn_kwargs
         batch_size=shard_size,
         batch_format="pyarrow",
         fn_kwargs=dict(staging=staging, fail_after=int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)),
     )
     manifest = Manifest(sources=list(inputs.roots.values()), ignored_files=inputs.ignored_files)
-    results, skipped, lics, by_source = [], Counter(), Counter(), Counter()
+    results: list[dict] = []
+    skipped: Counter[str] = Counter()
+    lics: Counter[str] = Counter()
+    by_source: Counter[str] = Counter()
     # tars count as an estimated 1,000 images until they are read
     with bar(inputs.estimated_images, "shards build") as progress:
         for r in ds.iter_rows():  # one row per shard written, as the writers finish

@@ -14,6 +14,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import simplejpeg
@@ -222,7 +223,9 @@ class PixelTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]
         rows = list(
-            decodable_rows(len(images), batch.get("key"), lambda i: decode_pixels(images[i], min_side=self.min_side))
+            decodable_rows(
+                len(images), batch.get("key"), lambda i: decode_pixels(cast(bytes, images[i]), min_side=self.min_side)
+            )
         )
         keep = np.zeros(len(images), dtype=bool)
         keep[[i for i, _ in rows]] = True

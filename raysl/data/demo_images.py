@@ -85,7 +85,9 @@ def digit_pngs(size: int = 32, limit: int | None = None) -> list[tuple[bytes, in
     digits = load_digits()
     out = []
     for pixels, label in zip(digits.images[:limit], digits.target[:limit]):
-        img = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        img = Image.fromarray((pixels * 16).clip(0, 255).astype(np.uint8)).resize(
+            (size, size), Image.Resampling.BICUBIC
+        )
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         out.append((buf.getvalue(), int(label)))

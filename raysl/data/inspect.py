@@ -33,7 +33,9 @@ def _spread(values: np.ndarray) -> dict:
 def inspect_shards(directory: str) -> dict:
     manifest = read_manifest(directory)
     widths, heights = [], []
-    formats, licenses, sources = Counter(), Counter(), Counter()
+    formats: Counter[str] = Counter()
+    licenses: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
     labeled = total_bytes = image_bytes = 0
     for path, mask in zip(shard_paths(directory, manifest), manifest.shards.masks()):
         fs, local = filesystem_and_path(path)

@@ -33,7 +33,7 @@ def _label(value, where: str) -> int | None:
 
 def _clean(row: dict, where: str) -> dict:
     """{"path" or "key": ..., and the FIELDS that have a value}. Unknown columns are ignored."""
-    out = {}
+    out: dict[str, str | int] = {}
     for name in ("path", "key", "license", "attribution", "source"):
         value = row.get(name)
         if value is None or value == "":

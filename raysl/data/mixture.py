@@ -125,7 +125,7 @@ class Mixture:
         runs out. One permutation per set (reader.rows_per_worker)."""
         if self.single:
             return np.array(reader.rows_per_worker(self.manifest(0), seed=seed, epoch=epoch, world_size=world_size))
-        rounds = None
+        rounds: np.ndarray | None = None
         for i, s in enumerate(self.sets):
             if not s.share:
                 continue
@@ -134,6 +134,7 @@ class Mixture:
             except UserError as exc:
                 raise UserError(f"config key data.shards: {s.path}: {exc}") from exc
             rounds = rows // s.share if rounds is None else np.minimum(rounds, rows // s.share)
+        assert rounds is not None  # shares() gives a positive weight a positive share
         return rounds * self.round
 
     def steps_per_epoch(self, *, batch_size: int, seed: int, epoch: int, world_size: int) -> int:
@@ -271,9 +272,11 @@ class _SetRows:
 
     def __init__(self, open_ds, prefetch_batches: int, batch_size: int):
         self.open_ds, self.prefetch_batches, self.batch_size = open_ds, prefetch_batches, batch_size
-        self.it, self.buf, self.at = None, None, 0
+        self.it: Started | None = None
+        self.buf: dict | None = None
+        self.at = 0
 
-    def open(self, lo: int) -> None:
+    def open(self, lo: int) -> Started:
         """Start the set's pipeline at position `lo` (its first batch in a background thread)."""
         if self.it is None:
             rows = self.open_ds(lo).iter_batches(
@@ -283,16 +286,17 @@ class _SetRows:
                 prefetch_batches=self.prefetch_batches,
             )
             self.it = Started(rows)
+        return self.it
 
     def take(self, lo: int, hi: int) -> dict | None:
         """The rows of this stream with `pos` in [lo, hi), in order: fewer than hi - lo where
         images did not decode (read_views drops them). None when there are none."""
-        self.open(lo)
+        it = self.open(lo)
         pieces = []
         while True:
             if self.buf is None or self.at == len(self.buf["pos"]):
                 try:
-                    self.buf, self.at = next(self.it), 0
+                    self.buf, self.at = next(it), 0
                 except StopIteration:
                     break
             end = self.at + int(np.searchsorted(self.buf["pos"][self.at :], hi))

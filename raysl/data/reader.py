@@ -15,6 +15,7 @@ can live on CPU-only nodes.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -140,7 +141,7 @@ def read_rows(
         first_pos += rows
     if not items:
         raise UserError(f"start position {start} is past the end of epoch {epoch} ({first_pos} rows for worker {rank})")
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _read_windows,
         batch_size=1,
@@ -150,7 +151,7 @@ def read_rows(
         # windows started 8 of them. Never above the window count (Ray Data warns).
         compute=ray.data.TaskPoolStrategy(size=min(concurrency, len(items))) if concurrency else None,
         num_cpus=num_cpus,
-        **({"resources": resources} if resources else {}),
+        resources=resources or None,
     )
     ds.context.execution_options.preserve_order = True  # the stream order is part of the contract
     return ds
@@ -238,17 +239,18 @@ def read_views(
     # Ray Data fuses the split into the read task only when both reserve the same resources
     # and take the same task bound; unfused, the split would be a task of 1 CPU, which never
     # runs while training workers hold every CPU (num_cpus=0). Give it the read task's own.
-    split = ds._logical_plan.dag
+    # The plan's root is the split, a map operator; Ray types it as any logical operator.
+    split: Any = ds._logical_plan.dag
     split.ray_remote_args.update(num_cpus=num_cpus, **({"resources": resources} if resources else {}))
     object.__setattr__(split, "compute", split.input_dependencies[0].compute)
     return ds.map_batches(
-        _decode if pixels_only else _augment,
+        _decode if pixels_only else _augment,  # type: ignore[arg-type]  # Ray's type for fn leaves out fn_kwargs
         fn_kwargs={"spec": spec},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
         num_cpus=num_cpus,
-        **({"resources": resources} if resources else {}),
+        resources=resources or None,
     )
 
 

@@ -10,6 +10,7 @@ for the shards a caller asks for.
 from __future__ import annotations
 
 import posixpath
+from typing import overload
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +90,10 @@ def pack_rows(rows, n: int) -> bytes:
     return np.packbits(bits).tobytes()
 
 
+@overload
+def mask_rows(mask: bytes) -> np.ndarray: ...
+@overload
+def mask_rows(mask: bytes | None) -> np.ndarray | None: ...
 def mask_rows(mask: bytes | None) -> np.ndarray | None:
     """Row numbers a mask selects, ascending (None: all rows)."""
     return None if mask is None else np.flatnonzero(np.unpackbits(np.frombuffer(mask, np.uint8)))

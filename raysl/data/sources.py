@@ -257,7 +257,8 @@ def _read_tar(ref: dict):
     """WebDataset: members with the same key (path up to the first dot of the name) are
     one sample, and a sample's members are consecutive in the tar."""
     fs, path = _path(ref)
-    current, members = None, {}
+    current: str | None = None
+    members: dict[str, bytes] = {}
     try:
         with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for m in tar:
@@ -267,13 +268,15 @@ def _read_tar(ref: dict):
                 stem, _, ext = base.partition(".")
                 key = posixpath.join(folder, stem)
                 if key != current:
-                    if members and (item := _tar_sample(ref, current, members)):
+                    if current is not None and members and (item := _tar_sample(ref, current, members)):
                         yield item
                     current, members = key, {}
-                members[ext.lower()] = tar.extractfile(m).read()
+                member = tar.extractfile(m)
+                assert member is not None  # a regular file (m.isfile())
+                members[ext.lower()] = member.read()
     except (OSError, tarfile.TarError):
         yield Item(ref["key"], None, ref["source"], reason="unreadable")  # the rest of the tar
-    if members and (item := _tar_sample(ref, current, members)):
+    if current is not None and members and (item := _tar_sample(ref, current, members)):
         yield item
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -83,11 +84,11 @@ class ViewSpec:
 
 # --- presets -----------------------------------------------------------------------
 
-_FLIP_ONLY = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+_FLIP_ONLY: dict[str, Any] = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0)
 _SIMCLR_JITTER = (0.8, 0.8, 0.8, 0.2)  # colour distortion strength s = 1
 _BYOL_1 = Crop(224, (0.08, 1.0), blur_p=1.0)
 _BYOL_2 = Crop(224, (0.08, 1.0), blur_p=0.1, solarize_p=0.2)
-_DINO_GLOBAL = dict(size=224, scale=(0.4, 1.0), interpolation="bicubic")
+_DINO_GLOBAL: dict[str, Any] = dict(size=224, scale=(0.4, 1.0), interpolation="bicubic")
 
 PRESETS: dict[str, ViewSpec] = {
     "simclr": ViewSpec("simclr", (Crop(224, (0.08, 1.0), count=2, jitter=_SIMCLR_JITTER),)),
@@ -136,7 +137,7 @@ PRESETS: dict[str, ViewSpec] = {
     ),
 }
 # Template for local crops added to a preset that has none (multi-crop for SimCLR etc.).
-_DEFAULT_LOCAL = dict(size=96, scale=(0.05, 0.4), blur_p=0.5, solarize_p=0.0)
+_DEFAULT_LOCAL: dict[str, Any] = dict(size=96, scale=(0.05, 0.4), blur_p=0.5, solarize_p=0.0)
 
 
 def _check_size(field: str, value) -> int:
@@ -246,7 +247,8 @@ JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")  # Crop.jitter's 
 class ViewPlan:
     """Every random decision for one view, drawn before any pixel is touched."""
 
-    box: tuple[int, int, int, int]  # left, top, right, bottom in source pixels
+    # left, top, right, bottom in source pixels: whole pixels for random crops, fractional for the eval box
+    box: tuple[float, float, float, float]
     flip: bool
     jitter: tuple[tuple[str, float], ...]  # (op, factor) in the order applied; empty = no jitter
     gray: bool
@@ -300,7 +302,7 @@ def plan_view(rng: np.random.Generator, crop: Crop, width: int, height: int, eva
             rng.uniform(-h, h) if h else None,
         )
         order = rng.permutation(len(JITTER_NAMES))
-        jitter = tuple((JITTER_NAMES[i], float(factors[i])) for i in order if factors[i] is not None)
+        jitter = tuple((JITTER_NAMES[i], float(f)) for i in order if (f := factors[i]) is not None)
     gray = bool(rng.random() < crop.gray_p)
     blur = float(rng.uniform(*crop.blur_sigma)) if rng.random() < crop.blur_p else None
     solarize = bool(rng.random() < crop.solarize_p)
@@ -342,9 +344,9 @@ def decode_plans(array: np.ndarray) -> list[list[ViewPlan]]:
     for row in np.asarray(array).tolist():
         plans = []
         for left, top, right, bottom, flip, gray, blur, solarize, n, *jitter in row:
-            box = (left, top, right, bottom)
+            box: tuple[float, float, float, float] = (left, top, right, bottom)
             if all(float(x).is_integer() for x in box):
-                box = tuple(int(x) for x in box)
+                box = (int(left), int(top), int(right), int(bottom))
             ops = tuple((JITTER_NAMES[int(jitter[2 * i])], jitter[2 * i + 1]) for i in range(int(n)))
             plans.append(ViewPlan(box, bool(flip), ops, bool(gray), None if math.isnan(blur) else blur, bool(solarize)))
         rows.append(plans)

@@ -8,6 +8,7 @@ trained data-parallel through a DeepSpeed engine on the Ray Train workers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from raysl.eval.supervised import accuracy, engine_config, epoch_batches, per_wo
 from raysl.optim.schedules import apply, cosine, scaled_lr
 from raysl.train.build import worker_seed
 from raysl.train.engine import initialize
+
+if TYPE_CHECKING:
+    from raysl.models.backbone import TimmModel
 
 
 @dataclass
@@ -43,7 +47,7 @@ def augment(images: torch.Tensor, randaug, generator: torch.Generator) -> torch.
     return out
 
 
-def finetune(backbone: torch.nn.Module, train_x, train_y, val_x, val_y, opts: FinetuneOptions) -> dict:
+def finetune(backbone: TimmModel, train_x, train_y, val_x, val_y, opts: FinetuneOptions) -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import param_groups_layer_decay

@@ -19,6 +19,9 @@ DEFAULT_LRS = (0.01, 0.1, 1.0)
 class Heads(torch.nn.Module):
     """One linear classifier per swept lr, over the same standardised features."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, dim: int, classes: int, n: int, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.register_buffer("mean", mean)
@@ -64,5 +67,5 @@ def linear_probe(
             step += 1
     model.eval()
     sweep = {str(lr): accuracy(lambda i, h=h: model(val_f[i])[h], len(val_y), val_y) for h, lr in enumerate(lrs)}
-    best = max(sweep, key=sweep.get)
+    best = max(sweep, key=sweep.__getitem__)
     return {"top1": sweep[best], "best_lr": float(best), "sweep": sweep, "epochs": epochs, "steps": step}

@@ -5,9 +5,14 @@ coloured by label. Each *_figure function writes one PNG and returns a caption."
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from raysl.models.backbone import TimmModel
 
 
 def _pyplot():
@@ -63,7 +68,7 @@ def sample_images(shards: str, n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 3, size, size, dtype=torch.uint8)
 
 
-def _last_attention(backbone) -> torch.nn.Module | None:
+def _last_attention(backbone) -> TimmModel | None:
     blocks = getattr(backbone, "blocks", None)
     attn = getattr(blocks[-1], "attn", None) if blocks is not None and len(blocks) else None
     usable = attn is not None and hasattr(attn, "attn_drop") and hasattr(attn, "fused_attn")
@@ -71,7 +76,7 @@ def _last_attention(backbone) -> torch.nn.Module | None:
 
 
 @torch.no_grad()
-def patch_maps(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> tuple[torch.Tensor, str]:
+def patch_maps(backbone: TimmModel, images_uint8: torch.Tensor) -> tuple[torch.Tensor, str]:
     """(maps (N, h, w) on the backbone's own grid, kind): "attention" for a ViT (CLS row of
     the last block's attention over the patches, mean over heads), else "feature norm" (L2
     norm over channels of the last feature map)."""
@@ -152,7 +157,7 @@ def has_patch_tokens(backbone: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def patch_tokens(backbone: torch.nn.Module, images_uint8: torch.Tensor) -> torch.Tensor:
+def patch_tokens(backbone: TimmModel, images_uint8: torch.Tensor) -> torch.Tensor:
     """A ViT's last-layer patch tokens (after its final norm, prefix tokens dropped) as
     float32 (N, h, w, C) on the patch grid."""
     from raysl.data.views import normalize

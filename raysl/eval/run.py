@@ -186,9 +186,15 @@ def evaluate(
                 use_gpu=gpus_per_worker > 0,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
             ),
-            run_config=ray.train.RunConfig(name=f"eval_{kind}", storage_path=storage, logging_config=train_logging()),
+            run_config=ray.train.RunConfig(
+                name=f"eval_{kind}",
+                storage_path=storage,
+                logging_config=train_logging(),  # type: ignore[call-arg]  # Ray 2.60 has it; its stubs lag
+            ),
         )
-        with trainer.fit().checkpoint.as_directory() as d, open(os.path.join(d, "result.json")) as f:
+        checkpoint = trainer.fit().checkpoint
+        assert checkpoint is not None  # the eval worker reports its result in one
+        with checkpoint.as_directory() as d, open(os.path.join(d, "result.json")) as f:
             metrics = json.load(f)
     finally:
         shutil.rmtree(storage, ignore_errors=True)

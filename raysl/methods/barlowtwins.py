@@ -41,6 +41,8 @@ class BarlowTwins(Method):
         self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3)
         self.embedding_dim = m.proj_dim
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
         return {"loss": barlow_twins_loss(z1, z2, self.lambd), "embedding_std": embedding_std(z1)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from raysl.methods.base import Method, register
 from raysl.methods.common import embedding_std, make_backbone
@@ -36,6 +37,9 @@ class BYOL(Method):
     )
     legacy_teacher_prefixes = ("target_",)  # before raysl.methods.teacher
 
+    teacher_backbone: nn.Module  # add_teacher's copies
+    teacher_projector: nn.Module
+
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method
@@ -50,7 +54,9 @@ class BYOL(Method):
         add_teacher(self, "projector", projector)
         self.embedding_dim = m.proj_dim
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         x1, x2 = views[:2]
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         p1, p2 = self.predictor(z1), self.predictor(z2)

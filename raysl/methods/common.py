@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysl.models.backbone import create_backbone
+from raysl.models.backbone import TimmModel, create_backbone
 from raysl.models.heads import DINOHead
+from raysl.models.tokens import ViT
 
 
 def is_vit(backbone: nn.Module) -> bool:
@@ -43,7 +44,7 @@ def make_backbone(cfg, *, multi_crop: bool = False) -> nn.Module:
     return backbone
 
 
-def meta_vit(cfg, method: str) -> nn.Module:
+def meta_vit(cfg, method: str) -> ViT:
     """`cfg.model.backbone` built on the meta device (no memory, no weights), for its patch
     size and grid; a UserError naming model.backbone unless it is a timm ViT."""
     from raysl.models.mae import check_vit
@@ -54,7 +55,7 @@ def meta_vit(cfg, method: str) -> nn.Module:
     return backbone
 
 
-def grad_checkpointing(backbone: nn.Module, name: str) -> None:
+def grad_checkpointing(backbone: TimmModel, name: str) -> None:
     """`model.grad_checkpointing=true`: timm's activation checkpointing of the backbone's
     blocks (each block's activations are recomputed in backward instead of kept)."""
     from raysl.errors import UserError

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from raysl.checks import between
 from raysl.methods.base import Method, register
@@ -70,6 +71,10 @@ class DINO(Method):
     min_crops = 2  # a teacher crop and another student crop
     local_smaller = True  # DINO tells global from local crops by their size
 
+    teacher_backbone: nn.Module  # add_teacher's copies
+    teacher_head: nn.Module
+    center: torch.Tensor  # a buffer
+
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method
@@ -87,7 +92,9 @@ class DINO(Method):
         self.embedding_dim = m.proj_dim
         self.register_buffer("center", torch.zeros(1, m.num_prototypes))
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         step = step_of(values)
         teacher_temp = float(values.get("teacher_temp", 0.04))
         freeze = step < self.freeze_last_layer_steps
@@ -113,5 +120,5 @@ class DINO(Method):
         }
 
     @classmethod
-    def schedules(cls, m: DINOConfig, total_steps: int) -> dict[str, np.ndarray]:
+    def schedules(cls, m: MethodConfig, total_steps: int) -> dict[str, np.ndarray]:
         return {**super().schedules(m, total_steps), "teacher_temp": teacher_temp_schedule(m, total_steps)}

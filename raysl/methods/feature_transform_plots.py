@@ -10,8 +10,6 @@ import numpy as np
 
 
 def _np(x) -> np.ndarray:
-    if x is None:
-        return None
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float64).ravel()
@@ -26,8 +24,10 @@ def plot_score_histograms(pos, neg, step: int, out_png: str, *, pos_raw=None, ne
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pos, neg, pos_raw, neg_raw = _np(pos), _np(neg), _np(pos_raw), _np(neg_raw)
-    bins = np.linspace(-1.0, 1.0, 81)
+    pos, neg = _np(pos), _np(neg)
+    pos_raw = _np(pos_raw) if pos_raw is not None else None
+    neg_raw = _np(neg_raw) if neg_raw is not None else None
+    bins = np.linspace(-1.0, 1.0, 81).tolist()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(
         np.clip(neg, -1, 1), bins=bins, density=True, alpha=0.55, color="tab:red", label=f"negatives (n={neg.size})"

@@ -30,7 +30,7 @@ from raysl.methods.keys import EMAKeys, MethodConfig, ProjectorKeys, key
 from raysl.methods.losses import dino_center_update, masked_patch_loss, self_distillation_loss
 from raysl.methods.teacher import add_teacher
 from raysl.models.mae import check_vit, patch_size
-from raysl.models.tokens import num_prefix, vit_tokens
+from raysl.models.tokens import ViT, num_prefix, vit_tokens
 
 # `raysl bench methods` settings of iBOT and DINOv2: 64 px, 16 patches of 16 px, room for block masks
 VIT_BENCH = (
@@ -97,7 +97,7 @@ class IBOT(Method):
 
     config_class: type[MethodConfig] = IBOTConfig
     default_views = "ibot"
-    bench_overrides = (
+    bench_overrides: tuple[str, ...] = (
         *VIT_BENCH,
         # On test_vit the running centres drift to the uniform output (DINO does too: its
         # teacher_entropy reaches 1 and kNN ends below random init); a low lr, clipping and a
@@ -137,6 +137,12 @@ class IBOT(Method):
         return BlockMasks(
             grid, views=spec.n_global, probability=m.mask_probability, ratio=(m.mask_ratio_min, m.mask_ratio_max)
         )
+
+    teacher_backbone: ViT  # add_teacher's copies
+    teacher_head: nn.Module
+    teacher_patch_head: nn.Module
+    center: torch.Tensor  # buffers
+    patch_center: torch.Tensor
 
     def __init__(self, cfg):
         super().__init__()

@@ -20,7 +20,7 @@ from raysl.methods.losses import masked_regression_loss
 from raysl.methods.teacher import add_teacher
 from raysl.models.jepa import JEPAPredictor
 from raysl.models.mae import check_vit, patch_size
-from raysl.models.tokens import indices_of, num_prefix, vit_tokens, vit_tokens_of
+from raysl.models.tokens import ViT, indices_of, num_prefix, vit_tokens, vit_tokens_of
 
 
 @dataclass
@@ -119,6 +119,8 @@ class IJEPA(Method):
             context_scale=(m.context_scale_min, m.context_scale_max),
             min_keep=m.min_keep,
         )
+
+    teacher_backbone: ViT  # add_teacher's copy
 
     def __init__(self, cfg):
         super().__init__()

@@ -81,7 +81,9 @@ class MAE(Method):
         self.embedding_dim = self.backbone.num_features
         register_external_params(self, self.backbone)  # cls_token, pos_embed: read outside the ViT's forward
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         imgs = views[0]
         tokens, mask, ids_restore = encode_visible(self.backbone, imgs, self.mask_ratio)
         pred = self.decoder(tokens, ids_restore, self.num_prefix)

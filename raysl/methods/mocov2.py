@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from raysl.checks import between
 from raysl.methods.base import Method, register
@@ -55,6 +56,11 @@ class MoCoV2(Method):
         "method.ema_momentum_end=0.99",
     )
     legacy_teacher_prefixes = ("key_",)  # before raysl.methods.teacher
+
+    teacher_backbone: nn.Module  # add_teacher's copies
+    teacher_projector: nn.Module
+    queue: torch.Tensor  # buffers
+    queue_ptr: torch.Tensor
 
     def __init__(self, cfg):
         super().__init__()
@@ -122,7 +128,9 @@ class MoCoV2(Method):
     def draw(self, out: dict, step: int, folder: str) -> None:
         draw_score_histograms(out, step, folder)
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         x1, x2 = views[:2]
         q1, q2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         k1, k2 = self.keys(x1), self.keys(x2)

@@ -93,6 +93,7 @@ class SimCLR(Method):
         "data.views=mocov2",
         "method.temperature=0.2",
     )
+    _captured: torch.Tensor | None  # the last block's input, when quality_weighting hooks it
 
     def __init__(self, cfg):
         super().__init__()
@@ -107,7 +108,7 @@ class SimCLR(Method):
         self.quality_weighting = m.quality_weighting
         self.quality_temp = m.quality_temp
         self.extra_views = load_callable(m.extra_views) if m.extra_views else None
-        self._captured: torch.Tensor | None = None
+        self._captured = None
         if self.quality_weighting:  # forward_features bypasses the backbone's own forward
             register_external_params(self, self.backbone)
         if self.quality_weighting and is_vit(self.backbone) and getattr(self.backbone, "cls_token", None) is not None:
@@ -153,6 +154,7 @@ class SimCLR(Method):
         """Attention of the CLS token over the patch tokens in the last block, mean over heads."""
         attn = self.backbone.blocks[-1].attn
         x = self._captured
+        assert x is not None  # set by the hook on the last block's norm1
         if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
             return None
         b, n, _ = x.shape
@@ -220,7 +222,9 @@ class SimCLR(Method):
     def draw(self, out: dict, step: int, folder: str) -> None:
         draw_score_histograms(out, step, folder)
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         views = list(views[:2])
         if self.extra_views is not None:
             with torch.no_grad():

@@ -54,7 +54,9 @@ class SimSiam(Method):
         self.predictor = mlp(m.proj_dim, m.pred_hidden_dim, m.proj_dim, layers=2)
         self.embedding_dim = m.proj_dim
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = simsiam_loss(p1, z2) / 2 + simsiam_loss(p2, z1) / 2

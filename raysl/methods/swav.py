@@ -57,6 +57,9 @@ class SwAV(Method):
     global_crops = (2, None)  # codes come from the first two crops
     uses_local_crops = True
 
+    queue: torch.Tensor  # buffers
+    queue_count: torch.Tensor
+
     def __init__(self, cfg):
         super().__init__()
         m = cfg.method
@@ -90,7 +93,9 @@ class SwAV(Method):
             self.queue[i, :b] = new
         self.queue_count.copy_(torch.clamp(self.queue_count + new.shape[0], max=size))
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         step = step_of(values)
         z = multicrop(self._embed, views)
         b = z[0].shape[0]

@@ -47,8 +47,8 @@ def _copy_into(teacher: nn.Module, student: nn.Module) -> None:
         raise RuntimeError("the teacher's builder made a module of another shape than the student")
     for t, s in zip(t_params, s_params):
         _data(t).copy_(_data(s))
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+    for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
+        t_buf.copy_(s_buf)
 
 
 def make_teacher(student: nn.Module, build: Callable[[], nn.Module] | None = None) -> nn.Module:

@@ -42,7 +42,9 @@ class VICReg(Method):
         self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 3)
         self.embedding_dim = m.proj_dim
 
-    def forward(self, views: list[torch.Tensor], values: dict[str, float]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[torch.Tensor], values: dict[str, float], masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
         loss, terms = vicreg_loss(z1, z2, *self.coeffs)
         return {"loss": loss, "embedding_std": embedding_std(z1), **{k: v.detach() for k, v in terms.items()}}

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 import timm
 import torch
 
 from raysl.errors import UserError
+
+# A timm model: its own methods (forward_features, reset_classifier, set_grad_checkpointing,
+# ...) are called by name, and nn.Module's type knows none of them.
+TimmModel = Any
 
 
 def check_backbone_name(name: str) -> None:

@@ -19,6 +19,8 @@ class JEPAPredictor(nn.Module):
     encoder's width, are the predictions. Each target block is its own sequence (the
     context repeated), as in I-JEPA; padding is hidden from attention."""
 
+    pos: torch.Tensor  # a buffer
+
     def __init__(self, embed_dim: int, grid: tuple[int, int], *, dim: int = 384, depth: int = 6, heads: int = 12):
         super().__init__()
         self.embed = nn.Linear(embed_dim, dim)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from raysl.errors import UserError
+from raysl.models.tokens import ViT
 
 
 def check_vit(backbone: nn.Module, name: str = "", method: str = "mae") -> None:
@@ -23,7 +24,7 @@ def check_vit(backbone: nn.Module, name: str = "", method: str = "mae") -> None:
         )
 
 
-def patch_size(vit: nn.Module) -> int:
+def patch_size(vit: ViT) -> int:
     p = vit.patch_embed.patch_size
     p = p if isinstance(p, int) else tuple(p)
     if not isinstance(p, int):
@@ -79,7 +80,7 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([emb(xs), emb(ys)], dim=1).float().unsqueeze(0)
 
 
-def encode_visible(vit: nn.Module, imgs: torch.Tensor, mask_ratio: float):
+def encode_visible(vit: ViT, imgs: torch.Tensor, mask_ratio: float):
     """Run the ViT on a random subset of its patches.
     Returns (tokens (B, prefix + n_keep, D) after the final norm, mask (B, L), ids_restore (B, L))."""
     x = vit.patch_embed(imgs)
@@ -98,13 +99,13 @@ def encode_visible(vit: nn.Module, imgs: torch.Tensor, mask_ratio: float):
     x = x + (pos if no_embed_class else pos[:, npt:])
     ids_keep, mask, ids_restore = random_masking(b, length, mask_ratio, x.device)
     x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    prefix = []
+    prefixes = []
     if getattr(vit, "cls_token", None) is not None:
-        prefix.append(vit.cls_token.expand(b, -1, -1))
+        prefixes.append(vit.cls_token.expand(b, -1, -1))
     if getattr(vit, "reg_token", None) is not None:
-        prefix.append(vit.reg_token.expand(b, -1, -1))
-    if prefix:
-        prefix = torch.cat(prefix, dim=1)
+        prefixes.append(vit.reg_token.expand(b, -1, -1))
+    if prefixes:
+        prefix = torch.cat(prefixes, dim=1)
         if not no_embed_class:
             prefix = prefix + pos[:, :npt]
         x = torch.cat([prefix, x], dim=1)
@@ -123,6 +124,8 @@ class MAEDecoder(nn.Module):
     """MAE decoder: embed to `dim`, fill masked positions with a learned mask token,
     unshuffle, add fixed sin-cos positions, `depth` Transformer blocks, predict p*p*3 pixels
     per patch. Prefix tokens (CLS, registers) pass through and are dropped at the end."""
+
+    pos_embed: torch.Tensor  # a buffer
 
     def __init__(
         self,
@@ -146,7 +149,14 @@ class MAEDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=False)
         self.blocks = nn.Sequential(
             *[
-                Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                Block(
+                    dim,
+                    heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    # timm types norm_layer as a class; its own models pass a partial like this one
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
+                )
                 for _ in range(depth)
             ]
         )
@@ -172,11 +182,12 @@ class MAEDecoder(nn.Module):
         return self.pred(x[:, num_prefix:])
 
 
-def grid_of(vit: nn.Module, image_size: int) -> tuple[int, int]:
+def grid_of(vit: ViT, image_size: int) -> tuple[int, int]:
     p = patch_size(vit)
     grid = getattr(vit.patch_embed, "grid_size", None)
     if grid is not None:
-        return tuple(int(g) for g in grid)
+        gh, gw = grid
+        return int(gh), int(gw)
     side = image_size // p
     return side, side
 

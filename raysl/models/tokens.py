@@ -6,16 +6,22 @@ embedding, dynamic image size), blocks and norm."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# A timm VisionTransformer, or any model with its attributes (raysl.models.mae.check_vit
+# checks them): read by name, so typed as Any rather than as nn.Module, whose attributes
+# mypy only knows as Tensor | Module.
+ViT = Any
 
-def num_prefix(vit: nn.Module) -> int:
+
+def num_prefix(vit: ViT) -> int:
     return int(getattr(vit, "num_prefix_tokens", 1 if getattr(vit, "cls_token", None) is not None else 0))
 
 
-def _embed(vit: nn.Module, imgs: torch.Tensor, mask: torch.Tensor | None, mask_token: torch.Tensor | None):
+def _embed(vit: ViT, imgs: torch.Tensor, mask: torch.Tensor | None, mask_token: torch.Tensor | None):
     x = vit.patch_embed(imgs)  # (B, H, W, C) with dynamic_img_size, else (B, L, C)
     if mask is not None:
         if mask_token is None:
@@ -25,7 +31,7 @@ def _embed(vit: nn.Module, imgs: torch.Tensor, mask: torch.Tensor | None, mask_t
     return vit._pos_embed(x)
 
 
-def _blocks(vit: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+def _blocks(vit: ViT, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     checkpointed = getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled()
     for blk in vit.blocks:
         if checkpointed:  # model.grad_checkpointing, as the ViT's own forward does
@@ -36,7 +42,7 @@ def _blocks(vit: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None) -> 
 
 
 def vit_tokens(
-    vit: nn.Module,
+    vit: ViT,
     imgs: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
@@ -50,7 +56,7 @@ def vit_tokens(
     return vit.norm(_blocks(vit, x, None))
 
 
-def vit_tokens_of(vit: nn.Module, imgs: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def vit_tokens_of(vit: ViT, imgs: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The prefix tokens and the patches `keep` (B, n) (indices into the L patches, padded;
     `valid` (B, n) marks the real ones) of each image, after the final norm: (B, prefix + n,
     D). Padded tokens are hidden from every real token's attention, so each image's output

@@ -78,8 +78,8 @@ def build_optimizer(
             f"optimizer {name!r} needs a CUDA GPU (paged state lives in CUDA unified memory); "
             f"on this machine use {name.removeprefix('paged_')!r}, e.g. optimizer: adamw8bit"
         )
-    adam_betas = tuple(betas) if betas is not None else (0.9, 0.999)
-    lion_betas = tuple(betas) if betas is not None else (0.9, 0.99)
+    adam_betas = betas if betas is not None else (0.9, 0.999)
+    lion_betas = betas if betas is not None else (0.9, 0.99)
     # LARS/LAMB adapt a group when its weight_decay != 0 or always_adapt: adapt weights always
     # (even if wd is 0 or scheduled to 0), never norms/biases (their weight_decay is 0).
     groups = [

@@ -23,7 +23,7 @@ ATTEMPTS = "attempts.jsonl"
 def newest_complete(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
     """(the newest complete checkpoint of the run, or None; (name, problem) of each newer
     one that is not complete and was passed over)."""
-    skipped = []
+    skipped: list[tuple[str, str]] = []
     for name in reversed(storage.subdirs(run_dir, "checkpoint_")):
         path = f"{run_dir.rstrip('/')}/{name}"
         problem = storage.checkpoint_problem(path)

@@ -104,15 +104,16 @@ class RecipeTrial(Trainable):
     `cleanup` aborts a Train run still going (ASHA stop, PBT pause), so its workers and
     placement group are freed before the next trial starts."""
 
-    def setup(self, config, *, base: dict, train_root: str, metric: str, report_every: int):
+    # tune.with_parameters passes the keyword arguments; Trainable's type leaves them out
+    def setup(self, config, *, base: dict, train_root: str, metric: str, report_every: int):  # type: ignore[override]
         self._base, self._train_root, self._metric, self._report_every = base, train_root, metric, report_every
-        self._resume_from = None
+        self._resume_from: str | None = None
         self._thread = None
         self._controller = None
         self._last_checkpoint = None
         self._last_metric = None
         self._last_out = None
-        self._error = []
+        self._error: list[BaseException] = []
 
     def _start(self):
         from ray.util.queue import Queue
@@ -185,7 +186,8 @@ class RecipeTrial(Trainable):
             f.write(path)
         return checkpoint_dir
 
-    def load_checkpoint(self, checkpoint_dir: str):
+    # Ray passes what save_checkpoint returned, here a directory; Trainable types it as a dict
+    def load_checkpoint(self, checkpoint_dir: str):  # type: ignore[override]
         with open(os.path.join(checkpoint_dir, POINTER)) as f:
             self._resume_from = f.read().strip()
 
@@ -326,7 +328,7 @@ def tune_recipe(
     grid = tuner.fit()
     rows = _rows(grid, [p.key for p in params], metric, mode)
     if not rows:
-        errors = [str(r.error) for r in grid if r.error]
+        errors = [str(e) for e in grid.errors]
         raise UserError(
             f"tune {exp_dir}: no trial reported {metric}" + (f"; first error: {errors[0]}" if errors else "")
         )
@@ -350,7 +352,7 @@ def tune_recipe(
         "table": format_table(rows, [p.key for p in params], metric),
         "results_csv": results_csv,
         "best_yaml": best_yaml,
-        "errors": sum(1 for r in grid if r.error),
+        "errors": len(grid.errors),
     }
 
 
