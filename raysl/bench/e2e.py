@@ -37,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any, cast
 
 import numpy as np
 
@@ -59,7 +60,8 @@ def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
         side = int(rng.integers(20, 29))  # the digit's size inside its 28 x 28 frame
         digit = small.resize((side, side), Image.Resampling.BICUBIC)
         frame = Image.new("L", (28, 28))
-        frame.paste(digit, tuple(int(v) for v in rng.integers(0, 28 - side + 1, size=2)))
+        x, y = (int(v) for v in rng.integers(0, 28 - side + 1, size=2))
+        frame.paste(digit, (x, y))
         img = Image.new("L", (32, 32))
         img.paste(frame, (2, 2))
         buf = io.BytesIO()
@@ -186,14 +188,14 @@ def _run_plain(cfg, steps: int, workers: int) -> dict:
         method, schedules, optimizer = built.method, built.schedules, built.optimizer
         name, transform = _plain_transform()
         loader = torch.utils.data.DataLoader(
-            _Rows(read_images(cfg.data.shards), transform),
+            cast("torch.utils.data.Dataset[Any]", _Rows(read_images(cfg.data.shards), transform)),
             batch_size=cfg.data.batch_size,
             shuffle=True,
             drop_last=True,
             num_workers=workers,
             persistent_workers=True,
         )
-        step, step_times, waits, loss = 0, [], [], None
+        step, step_times, waits, loss = 0, [], [], float("nan")
         while step < steps:
             it = iter(loader)
             while step < steps:
@@ -243,7 +245,7 @@ def run_e2e_bench(
     runs: dict[str, list[dict]] = {"plain": [], "raysl": []}
     with tempfile.TemporaryDirectory(dir=out) as runs_dir:
         for r in range(repeats):
-            kw = dict(model=model, batch_size=batch_size, steps=steps, seed=seed)
+            kw: dict[str, Any] = dict(model=model, batch_size=batch_size, steps=steps, seed=seed)
             runs["plain"].append(run_plain(_config(shards, runs_dir, name=f"plain{r}", **kw), steps, nice=nice))
             print(json.dumps({"plain": runs["plain"][-1]}), file=sys.stderr, flush=True)  # kept if raysl fails
             runs["raysl"].append(run_raysl(_config(shards, runs_dir, name=f"raysl{r}", augment_on=augment_on, **kw)))

@@ -254,14 +254,16 @@ def run_memory_bench(
         (r for r in rows if r["zero_stage"] == 0 and r["optimizer"] == "adamw" and r["offload"] == "none"), None
     )
     for r in rows:
-        ok = base and base.get("peak_mib") and r.get("peak_mib") and "error" not in r
-        r["ratio_vs_zero0_adamw"] = round(r["peak_mib"] / base["peak_mib"], 3) if ok else None
+        r["ratio_vs_zero0_adamw"] = r["ratio_above_base"] = None
+        if base is None or not base.get("peak_mib") or not r.get("peak_mib") or "error" in r:
+            continue
+        r["ratio_vs_zero0_adamw"] = round(r["peak_mib"] / base["peak_mib"], 3)
         # The same ratio without the interpreter, torch, DeepSpeed and timm that every worker
         # holds before it builds a model (what the bytes-per-parameter arithmetic counts).
-        above = ok and r.get("base_rss_mib") and base.get("base_rss_mib")
-        r["ratio_above_base"] = (
-            round((r["peak_mib"] - r["base_rss_mib"]) / (base["peak_mib"] - base["base_rss_mib"]), 3) if above else None
-        )
+        if r.get("base_rss_mib") and base.get("base_rss_mib"):
+            r["ratio_above_base"] = round(
+                (r["peak_mib"] - r["base_rss_mib"]) / (base["peak_mib"] - base["base_rss_mib"]), 3
+            )
     emit(table(rows))
     return rows
 

@@ -85,7 +85,10 @@ class _Baseline:
         self.method, self.schedules, self.optimizer = built.method, built.schedules, built.optimizer
         self.views = [torch.from_numpy(v) for v in views]
         torch.manual_seed(worker_seed(cfg.train.seed, 0))  # as the loop seeds worker 0
-        self.step, self.times, self.cpu, self.losses = 0, [], [], []
+        self.step = 0
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self.losses: list[float] = []
 
     def run(self, n: int, *, timed: bool) -> None:
         from raysl.data.views import normalize
@@ -197,7 +200,7 @@ def _run_raysl(cfg, views: list, *, total: int, warmup: int) -> dict:
 
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
-            _raysl_worker,
+            _raysl_worker,  # type: ignore[arg-type]  # Ray's stub: a loop may return a value (Result.return_value)
             train_loop_config={"config": cfg.to_dict(), "views": views, "total": total, "warmup": warmup},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
@@ -207,7 +210,7 @@ def _run_raysl(cfg, views: list, *, total: int, warmup: int) -> dict:
         result = trainer.fit()
     if result.error:
         raise result.error
-    return result.return_value
+    return result.return_value  # type: ignore[attr-defined]  # Ray Train V2's Result; its stub lags
 
 
 def run_step_bench(

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import logging
 import warnings
+from typing import cast
 
 import cv2
 import numpy as np
@@ -117,7 +118,10 @@ _SOLARIZE = np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)
 
 def apply_view(img: Image.Image | None, plan: ViewPlan, crop: Crop, pixels: torch.Tensor | None = None) -> np.ndarray:
     """RGB PIL image (or its `pixels_of`) + plan -> uint8 (3, size, size) (a view of HWC memory)."""
-    out = _crop(img, pixels if pixels is not None else pixels_of(img), plan.box, crop)
+    if pixels is None:
+        assert img is not None, "apply_view needs the image or its pixels"
+        pixels = pixels_of(img)
+    out = _crop(img, pixels, plan.box, crop)
     if plan.flip:
         out = cv2.flip(out, 1)
     for op, factor in plan.jitter:
@@ -172,7 +176,9 @@ class ViewTransform:
         views = [np.empty((n, 3, c.size, c.size), np.uint8) for c in self.crops]
         keep = np.zeros(n, dtype=bool)
         with _one_thread():
-            made = decodable_rows(n, batch.get("key"), lambda i: make_views(images[i], seeds[i], self.spec), log)
+            made = decodable_rows(
+                n, batch.get("key"), lambda i: make_views(cast(bytes, images[i]), seeds[i], self.spec), log
+            )
             for i, row in made:
                 keep[i] = True
                 for v, arr in zip(views, row):

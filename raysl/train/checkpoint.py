@@ -94,7 +94,7 @@ def rng_state() -> dict:
     visible GPU's (dropout, drop-path and masks draw from the generator of their device).
     raysl's loop and methods draw from no numpy or Python generator (the views are seeded
     per image in Ray Data tasks), so those are not saved."""
-    rng = {"torch_rng": torch.get_rng_state()}
+    rng: dict[str, torch.Tensor | list[torch.Tensor]] = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()  # a list of uint8 tensors: weights_only loads it
     return rng

@@ -141,7 +141,7 @@ def no_cpu_inference_kernel() -> None:
 
     if get_accelerator().device_name() == "cpu":
         # import_module: the attribute deepspeed.comm.torch is the torch package itself
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config):

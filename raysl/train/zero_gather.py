@@ -17,7 +17,7 @@ def local_numel(module: torch.nn.Module) -> tuple[int, int]:
     for p in module.parameters():
         if hasattr(p, "ds_tensor"):
             mine += p.ds_tensor.numel()
-            whole += p.ds_numel
+            whole += p.ds_numel  # type: ignore[attr-defined]  # set by DeepSpeed on partitioned parameters
         else:
             mine += p.numel()
             whole += p.numel()
