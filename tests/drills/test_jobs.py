@@ -19,7 +19,7 @@ import pytest
 from procs import wait_gone
 from shardfactory import digit_images, write_shards
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 
 
@@ -147,7 +147,6 @@ def cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.ray
 def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_path):
     shards = str(tmp_path / "shards")
     write_shards(shards, digit_images(32), shard_size=8)
@@ -242,7 +241,6 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     )
 
 
-@pytest.mark.ray
 def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, tmp_path):
     """A third node ({"trainer_node": 1}, 1 CPU) joins; the run's two workers are spread over
     it and the head. After step 5 the whole node is killed (its raylet and every process it

@@ -26,7 +26,6 @@ def write_tiny_shards(directory: str, per_shard: int = 3) -> int:
     return len(images)
 
 
-@pytest.mark.ray
 def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
     from raysl.bench.data import main, run_data_bench
 

@@ -1,28 +1,21 @@
-"""raysl curate: embed (resumable Ray Data job), dedup, decontaminate, balance, and the
-selection they write, read back by the reader, `shards inspect` and the model card."""
+"""raysl curate on the local Ray: embed (a Ray Data job), dedup, decontaminate, balance, and
+the selection they write, read back by the reader, `shards inspect` and the model card."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from procs import wait_gone
 
 from raysl.cli import main
-from raysl.curate import balance, dedup, embeddings
-from raysl.curate.embed import PAUSE_ENV, plan_embed, run_embed
-from raysl.curate.planted import entropy_fraction, planted_duplicates
+from raysl.curate import dedup, embeddings
+from raysl.curate.embed import plan_embed, run_embed
+from raysl.curate.planted import planted_duplicates
 from raysl.curate.steps import run_balance, run_decontaminate, run_dedup
 from raysl.data import reader
 from raysl.data.schema import read_manifest, write_shard_set
-from raysl.data.shard_index import INDEX_SCHEMA, mask_rows, pack_rows, read_index
 
 FEATURES = dict(image_size=112, stage=0, input_norm="per-image")  # what raysl bench curate measures
 MODEL = "resnet18"
@@ -54,15 +47,6 @@ def emb(ray_local, photos, tmp_path_factory):
     return out
 
 
-def test_mask_round_trip_and_old_indexes_read_as_whole_files(tmp_path):
-    assert mask_rows(pack_rows([0, 3, 9], 10)).tolist() == [0, 3, 9]
-    assert mask_rows(None) is None
-    old = pa.table({"file": ["a.parquet"], "rows": [4], "bytes": [1], "sources": [["s"]]})  # no mask column
-    pq.write_table(old, tmp_path / "index.parquet")
-    index = read_index(pafs.LocalFileSystem(), str(tmp_path / "index.parquet"))
-    assert index.masks() == [None] and INDEX_SCHEMA.names[-1] == "mask"
-
-
 def test_embed_writes_one_part_per_shard_with_the_model(emb, photos, planted):
     meta = embeddings.read_meta(emb)
     assert meta["model"] == f"timm:{MODEL}@random-init,seed=0,size=112,stage=0,grid=2,input=per-image"
@@ -74,31 +58,6 @@ def test_embed_writes_one_part_per_shard_with_the_model(emb, photos, planted):
         assert t.column("key").to_pylist() == [r["key"] for r in planted[5 * s : 5 * s + 5]]
     _, table, x = embeddings.load(emb, MODEL)
     assert x.shape == (30, 256) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-3)
-
-
-def test_killed_embed_job_resumes_without_redoing_done_shards(ray_local, photos, tmp_path):
-    out = str(tmp_path / "emb")
-    cmd = [sys.executable, "-m", "raysl.cli", "curate", "embed", "--shards", photos, "--model", MODEL, "--out", out]
-    cmd += ["--image-size", "64", "--actors", "1"]
-    env = dict(os.environ, **{PAUSE_ENV: "3"})  # the actor sleeps 3 s after each part: time to kill it
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    parts = lambda: sorted(f for f in os.listdir(out) if f.startswith("part-")) if os.path.isdir(out) else []  # noqa: E731
-    while not parts() and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    assert not wait_gone([proc.pid])
-    done = parts()
-    assert 1 <= len(done) < 6
-    stamps = {f: (os.stat(os.path.join(out, f)).st_ino, os.stat(os.path.join(out, f)).st_mtime_ns) for f in done}
-    result = run_embed(plan_embed(photos, MODEL, out, image_size=64), actors=1)
-    assert result["shards_skipped_done"] == len(done) and result["shards_embedded"] == 6 - len(done)
-    assert {
-        f: (os.stat(os.path.join(out, f)).st_ino, os.stat(os.path.join(out, f)).st_mtime_ns) for f in done
-    } == stamps
-    assert len(parts()) == 6 and embeddings.load(out)[2].shape[0] == 30
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_dedup_drops_the_planted_copies_and_keeps_one_per_photo(emb, planted, tmp_path):
@@ -174,31 +133,6 @@ def test_decontaminate_then_balance_chain_with_lineage(ray_local, emb, photos, p
     assert all(len(r["clusters"]) == 2 for r in rows if r["key"] not in contaminated)
 
 
-def test_balanced_sample_evens_out_a_long_tail():
-    rng = np.random.default_rng(0)
-    centres = embeddings.normalize(rng.standard_normal((10, 32)))
-    labels = np.concatenate([np.zeros(500, int), np.repeat(np.arange(1, 10), 50)])  # class 0: 500 of 950
-    x = embeddings.normalize(centres[labels] + 0.1 * rng.standard_normal((950, 32)))
-    ids = balance.hierarchical_kmeans(x, [20, 10], seed=0)
-    picked = balance.balanced_sample(ids, 200, seed=0)
-    assert len(picked) == len(set(picked)) == 200
-    before, after = entropy_fraction(labels), entropy_fraction(labels[picked])
-    assert before < 0.85 and after > 0.95, (before, after)
-    assert balance.split_evenly(10, np.array([1, 8, 8])).tolist() == [1, 5, 4]
-
-
-def test_semdedup_finds_planted_near_copies_in_random_vectors():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2000, 64)).astype(np.float32)
-    src = rng.choice(2000, 100, replace=False)
-    x[:100] = x[src] + 0.02 * rng.standard_normal((100, 64))  # rows 0..99 copy other rows
-    found = dedup.semdedup(embeddings.normalize(x), clusters=20, threshold=0.95)
-    dropped = np.flatnonzero(found["duplicate_of"] >= 0)
-    pairs = {frozenset((i, int(s))) for i, s in zip(range(100), src)}
-    assert all(frozenset((int(i), int(found["duplicate_of"][i]))) in pairs for i in dropped)
-    assert len(dropped) >= 95
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -224,7 +158,6 @@ def test_embed_refuses_an_embedding_folder_of_another_model(photos, emb, capsys,
     assert json.load(open(os.path.join(emb, embeddings.META)))["model"].startswith("timm:resnet18@")
 
 
-@pytest.mark.ray
 def test_pretrain_reads_a_selection_and_its_model_card_lists_the_curation(ray_local, tmp_path):
     """A real 2-step run on a balanced selection of digits; its exported card shows the steps,
     and the run's own backbone can embed (--model RUN_DIR)."""

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from shardfactory import digit_images, write_shards
 
 from raysl.cli import main
 from raysl.data.schema import read_manifest, shard_paths
@@ -20,53 +19,15 @@ from raysl.eval.export import export
 from raysl.eval.knn import extract_features
 from raysl.eval.weights import backbone_state, load_backbone, method_state
 
-SIZE = 64  # not test_vit's default 160: the export must carry the image size
-_RUN: dict = {}  # one training run for the session (tests/test_report.py shares it)
+SIZE = 64  # the size the session's vit_run trains at (tests/integration/conftest.py); not test_vit's 160
 
 
-@pytest.fixture(scope="session")
-def vit_run(ray_local, tmp_path_factory):
-    """A real 3-step SimCLR run of timm's test_vit at 64 px on labeled digits (with Feature
-    Transformation score histograms); (run dir, shard dir)."""
-    if not _RUN:
-        from raysl.config import load_config
-        from raysl.pretrain import pretrain
-
-        root = tmp_path_factory.mktemp("export_run")
-        shards = str(root / "shards")
-        write_shards(shards, digit_images(48), shard_size=16)
-        cfg = load_config(
-            "quickstart",
-            [
-                f"data.shards={shards}",
-                f"data.image_size={SIZE}",
-                "data.batch_size=8",
-                "model.backbone=test_vit",
-                "method.proj_hidden_dim=32",
-                "method.proj_dim=16",
-                "method.ft_extrapolate=2.0",
-                "method.ft_every=3",
-                "optim.name=adamw",
-                "deepspeed.zero_stage=0",
-                "train.num_workers=1",
-                "train.max_steps=3",
-                "train.log_every=1",
-                "train.checkpoint_every=3",
-                f"train.storage_path={root / 'runs'}",
-                "train.name=vit",
-            ],
-        )
-        _RUN.update(run=pretrain(cfg)["run_dir"], shards=shards)
-    return _RUN["run"], _RUN["shards"]
-
-
-def _digits_uint8(n=12):
+def _digits_uint8(shards, n=12):
     from raysl.eval.pictures import sample_images
 
-    return sample_images(_RUN["shards"], n, SIZE)
+    return sample_images(shards, n, SIZE)
 
 
-@pytest.mark.ray
 def test_export_loads_in_timm_with_the_checkpoint_weights(vit_run, tmp_path):
     import timm
 
@@ -90,7 +51,7 @@ def test_export_loads_in_timm_with_the_checkpoint_weights(vit_run, tmp_path):
     for k, v in ckpt.items():
         assert torch.equal(loaded[k], v), k
     reference, _, _ = load_backbone(run)
-    images = _digits_uint8()
+    images = _digits_uint8(shards)
     f_export, f_ref = extract_features(model, images), extract_features(reference, images)
     torch.testing.assert_close(f_export, f_ref)
     assert f_export.std(0).mean() > 0  # real, varied features
@@ -111,7 +72,6 @@ def test_export_loads_in_timm_with_the_checkpoint_weights(vit_run, tmp_path):
     assert "license" not in pre and pre["tag"] == "raysl_simclr"
 
 
-@pytest.mark.ray
 def test_model_card_and_attributions_trace_every_training_image(vit_run, tmp_path):
     run, shards = vit_run
     out = tmp_path / "export"
@@ -135,9 +95,8 @@ def test_model_card_and_attributions_trace_every_training_image(vit_run, tmp_pat
     assert {r["license"] for r in rows} == {"cc0-1.0"} and {r["source"] for r in rows} == {"test"}
 
 
-@pytest.mark.ray
 def test_export_refuses_bad_runs_with_one_clear_error(vit_run, tmp_path, capsys):
-    run, _ = vit_run
+    run, shards = vit_run
     # not a run at all
     assert main(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o1")]) == 2
     assert "no config.yaml there" in capsys.readouterr().err
@@ -163,4 +122,4 @@ def test_export_refuses_bad_runs_with_one_clear_error(vit_run, tmp_path, capsys)
     (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError, match="pass --shards DIR"):
         export(str(moved), str(tmp_path / "o4"))
-    assert export(str(moved), str(tmp_path / "o4"), shards=_RUN["shards"])["images_seen"] == 24
+    assert export(str(moved), str(tmp_path / "o4"), shards=shards)["images_seen"] == 24

@@ -1,9 +1,11 @@
+"""The streaming reader on the local Ray: seeded, shuffled, resumable, disjoint across workers,
+through pyarrow filesystems, and flowing while training workers hold every CPU."""
+
 import numpy as np
 import pytest
 from shardfactory import digit_images, write_shards
 
 from raysl.data import reader
-from raysl.data.schema import read_manifest
 from raysl.errors import UserError
 
 
@@ -16,27 +18,6 @@ def shards(tmp_path_factory):
 
 def _stream(shards, **kw):
     return reader.read_rows(shards, **kw).take_all()
-
-
-def test_plan_partitions_every_shard_once_per_epoch(shards):
-    m = read_manifest(shards)
-    for epoch in range(3):
-        plans = [reader.worker_shards(m, seed=1, epoch=epoch, rank=r, world_size=2) for r in range(2)]
-        assert sorted(plans[0] + plans[1]) == list(range(6))
-    assert reader.worker_shards(m, seed=1, epoch=0, rank=0, world_size=2) != reader.worker_shards(
-        m, seed=1, epoch=1, rank=0, world_size=2
-    ) or reader.worker_shards(m, seed=1, epoch=2, rank=0, world_size=2) != reader.worker_shards(
-        m, seed=1, epoch=0, rank=0, world_size=2
-    ), "shard order must be reshuffled across epochs"
-    assert (
-        reader.steps_per_epoch(m, batch_size=4, seed=1, epoch=0, world_size=2)
-        == min(reader.rows_per_worker(m, seed=1, epoch=0, world_size=2)) // 4
-    )
-
-
-def test_more_workers_than_shards_is_a_clear_error(shards):
-    with pytest.raises(UserError, match="6 shard"):
-        reader.worker_shards(read_manifest(shards), seed=0, epoch=0, rank=0, world_size=7)
 
 
 def test_stream_is_seeded_shuffled_and_resumable(ray_local, shards):
@@ -168,19 +149,6 @@ def test_reads_are_bounded_like_the_augment_step_and_stay_fused(ray_local, shard
     read = split.input_dependencies[0]
     assert (augment.compute.size, split.compute.size, read.compute.size) == (4, 2, 2)  # 2 windows of 3 shards
     assert "MapBatches(_read_windows)->StreamingRepartition" in ds.stats()
-
-
-def test_an_augment_task_makes_whole_training_batches_up_to_64_mib():
-    from raysl.data.views import view_spec
-
-    simclr32_batch = 128 * 2 * 3 * 32 * 32  # 786 KB: 8 batches a block (the cap)
-    assert reader.block_rows(view_spec("simclr", size=32), 128) == 128 * reader.MAX_BATCHES_PER_BLOCK
-    simclr_batch = 32 * 2 * 3 * 224 * 224  # 9.6 MB: 6 batches in 64 MiB
-    assert reader.block_rows(view_spec("simclr"), 32) == 32 * (reader.MAX_BLOCK_BYTES // simclr_batch) == 192
-    assert simclr32_batch * reader.MAX_BATCHES_PER_BLOCK < reader.MAX_BLOCK_BYTES
-    dino_row = 2 * 3 * 224 * 224 + 8 * 3 * 96 * 96  # 522 KB of uint8 views
-    assert reader.block_rows(view_spec("dino"), 128) == 128  # 66.8 MB: one batch just fits
-    assert reader.block_rows(view_spec("dino"), 512) == reader.MAX_BLOCK_BYTES // dino_row == 128  # part of one
 
 
 def test_a_pixel_stream_decodes_as_the_views_do_and_drops_what_does_not_decode(ray_local, tmp_path):

@@ -75,25 +75,3 @@ def test_the_next_epoch_opens_two_fills_before_the_end_but_not_before_half_the_e
     assert rule.due(20, 1000)
     fresh = NextEpoch()  # nothing measured yet: only the last few steps
     assert not fresh.due(OPEN_AHEAD_STEPS + 1, 1000) and fresh.due(OPEN_AHEAD_STEPS, 1000)
-
-
-def test_an_opened_view_stream_gives_the_same_batches_and_moves_only_when_taken(ray_local, tmp_path):
-    from shardfactory import digit_images, write_shards
-
-    from raysl.data import reader
-    from raysl.data.views import view_spec
-
-    d = str(tmp_path / "s")
-    write_shards(d, digit_images(20), shard_size=5)
-    spec = view_spec("simclr", size=16)
-
-    def batches():
-        return reader.ViewBatches(reader.read_views(d, spec, seed=1, epoch=2), batch_size=4)
-
-    plain = [b["key"].tolist() for b in batches()]
-    opened = batches()
-    opened.open()
-    assert opened.position == 0 and opened.skipped == 0
-    got = list(opened)
-    assert [b["key"].tolist() for b in got] == plain and opened.position == 20
-    assert got[0]["view_0"].shape == (4, 3, 16, 16)

@@ -17,7 +17,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from raysl.config import load_config
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "cluster")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "cluster")
 DATA_RESOURCE = "data_node"
 
 

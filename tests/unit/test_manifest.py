@@ -1,10 +1,8 @@
 """The compact manifest: summary counts in manifest.json, the shard list in index.parquet,
-old (version 1) sets refused with a way out, and `raysl shards migrate`."""
+old (version 1) sets refused with a way out, and migration."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -123,21 +121,3 @@ def test_migrate_names_a_missing_shard_file(shards):
     with pytest.raises(UserError, match=r"shard-00003.parquet: listed in manifest.json but not there"):
         legacy.migrate(shards)
     assert legacy.read_v1(shards).schema_version == 1  # nothing was rewritten
-
-
-def test_cli_migrate(shards):
-    _as_v1(shards)
-    env = dict(os.environ)
-    run = lambda: subprocess.run(
-        [sys.executable, "-m", "raysl.cli", "shards", "migrate", shards],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    done = run()
-    assert done.returncode == 0, done.stderr
-    assert "6 shard(s), 40 images" in done.stdout
-    assert read_manifest(shards).rows == 40
-    again = run()
-    assert again.returncode == 2 and "nothing to migrate" in again.stderr

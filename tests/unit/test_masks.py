@@ -1,5 +1,5 @@
 """Patch masks (raysl.data.masks): per-row deterministic, the shapes iBOT/DINOv2 and I-JEPA
-expect, and carried next to unchanged views through the streaming pipeline."""
+expect."""
 
 from __future__ import annotations
 
@@ -226,25 +226,3 @@ def test_spec_for_attaches_the_methods_masks_on_both_paths():
         spec = spec_for(cfg, masked_cls)
         assert spec.masks == want
         assert dataclasses.replace(spec, masks=None) == spec_for(cfg, cls)
-
-
-def test_masks_come_through_the_streaming_reader(ray_local, tmp_path):
-    """read_views + ViewBatches on a small shard set: each batch row's masks are those of
-    its row's aug_seed, also around a dropped row."""
-    from shardfactory import digit_images, write_shards
-
-    from raysl.data import reader
-
-    images = digit_images(10)
-    images[4] = ("digits/broken.png", images[4][1][:40], 0)
-    d = str(tmp_path / "s")
-    write_shards(d, images, shard_size=5)
-    spec = dataclasses.replace(V.view_spec("mae", size=32), masks=MultiBlockMasks((8, 8), min_keep=4))
-    seeds = {r["key"]: r["aug_seed"] for r in reader.read_rows(d, seed=1).take_all()}
-    batches = list(reader.ViewBatches(reader.read_views(d, spec, seed=1, batch_size=4), batch_size=3))
-    assert len(batches) == 3  # 9 good rows
-    for batch in batches:
-        assert batch["masks"].shape == (3, 5, 8, 8) and batch["masks"].dtype == np.uint8
-        for key, got in zip(batch["key"], batch["masks"]):
-            assert np.array_equal(got, draw_masks(spec.masks, seeds[key])), key
-    assert "digits/broken.png" not in {k for b in batches for k in b["key"]}

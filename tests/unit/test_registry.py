@@ -94,6 +94,6 @@ def test_every_method_declares_what_the_engine_needs():
 
 
 def test_the_readme_key_table_is_the_one_the_dataclasses_write():
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")) as f:
         text = f.read()
     assert docs.rewrite(text) == text, "README's method keys are stale: run python -m raysl.methods.docs README.md"
