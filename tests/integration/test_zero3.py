@@ -110,9 +110,19 @@ def test_knn_monitor_features_are_those_of_the_whole_backbone(drills):
 
 
 def test_val_loss_is_collective_and_leaves_nothing_behind(drills):
+    """Every worker gets the same value, twice (nothing it changed carries over): the mean of
+    the plain method's losses on both workers' held-out views, at the weights of that step."""
+    from raysl.train.trainer import make_schedules
+
     out, _ = drills
     a, b = out[0]["val_loss"], out[1]["val_loss"]
-    assert a == b and a[0] == a[1] and 0 < a[0] < 20
+    assert a == b and a[0] == a[1]
+    plain = _plain("byol")
+    plain.load_state_dict(out[0]["ema/after"])  # the weights when the drill took its val_loss
+    values = {**make_schedules(w.cfg_for("byol"), 10, 2).at(2), "step": 2}
+    with torch.no_grad():
+        losses = [float(plain([*w.views(100 + i, rank)], values)["loss"]) for rank in range(2) for i in range(2)]
+    assert a[0] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_resume_continues_exactly(drills):
@@ -122,12 +132,36 @@ def test_resume_continues_exactly(drills):
         assert o["resumed"] == o["expected"]
 
 
-@pytest.mark.parametrize("name", ["dino", "mae", *w.MASKED])
-def test_dino_and_mae_train_partitioned(drills, name):
+# Under ZeRO-3, train_step leaves an EMA teacher where it was: after one step the student
+# moved as under ZeRO-0, the teacher not at all (ZeRO-0 moves it by the formula). The
+# methods whose second loss depends on their teacher show it; I-JEPA's momentum of 0.996
+# hides it in the loss.
+EMA_TEACHER_STANDS_STILL = pytest.mark.xfail(
+    strict=True, reason="ZeRO-3 train_step does not move the EMA teacher (ZeRO-0 does)"
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("dino", marks=EMA_TEACHER_STANDS_STILL),
+        "mae",
+        pytest.param("ibot", marks=EMA_TEACHER_STANDS_STILL),
+        pytest.param("dinov2", marks=EMA_TEACHER_STANDS_STILL),
+        "ijepa",
+    ],
+)
+def test_partitioned_training_follows_the_unpartitioned_one(drills, name):
+    """Two steps under ZeRO-3 give each worker the losses the same method gives under
+    ZeRO-0 from the same weights and inputs: the first checks the partitioned forward
+    (to float32 rounding), the second that the partitioned gradients, optimizer step and
+    EMA update moved the weights alike (AdamW's first step is the gradient's sign, so
+    reductions in another order move the smallest components differently: 1e-3)."""
     out, _ = drills
     for o in out:
-        losses = o[f"{name}/losses"]
-        assert len(losses) == 2 and all(0 < x < 50 for x in losses)
+        partitioned, plain = o[f"{name}/losses/zero3"], o[f"{name}/losses/zero0"]
+        assert partitioned[0] == pytest.approx(plain[0], rel=1e-5)
+        assert partitioned[1] == pytest.approx(plain[1], rel=1e-3)
 
 
 @pytest.mark.parametrize("name", w.MASKED)
@@ -150,5 +184,5 @@ def test_masked_methods_step_0_loss_is_one_process_on_the_global_batch(drills, n
     values = {**make_schedules(w.cfg_for(name), 10, 2).at(0), "step": 0}  # as the drill's first step
     with torch.no_grad():
         want = float(forward(plain, Batch(views, masks), values)["loss"])
-    got = sum(o[f"{name}/losses"][0] for o in out) / len(out)
+    got = sum(o[f"{name}/losses/zero3"][0] for o in out) / len(out)
     assert got == pytest.approx(want, rel=1e-5)
