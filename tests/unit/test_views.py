@@ -566,6 +566,22 @@ def test_probe_reasons():
     assert probe(imagefactory.encode(imagefactory.photo(), "PNG"), max_pixels=128 * 96).width == 128
 
 
+SMALL_HEADS = {
+    "proj_hidden_dim": 64,
+    "proj_dim": 32,
+    "pred_hidden_dim": 64,
+    "num_prototypes": 64,
+    "patch_prototypes": 64,
+    "queue_size": 64,
+    "decoder_dim": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+    "predictor_dim": 32,
+    "predictor_depth": 1,
+    "predictor_heads": 2,
+}
+
+
 @pytest.mark.parametrize("method", _registered_methods())
 def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp_path):
     """data.views left out of a recipe means the method's views: DINO gets its 2 global + 8
@@ -579,15 +595,18 @@ def test_a_recipe_without_data_views_trains_on_the_methods_own_views(method, tmp
     from raysl.train.batch import Batch, forward
 
     backbone = _backbone_for(method)
+    cls = method_class(method)
+    # small heads, decoders and queues: the views are the point here, not the heads' sizes
+    small = {f.name: SMALL_HEADS[f.name] for f in dataclasses.fields(cls.config_class) if f.name in SMALL_HEADS}
     recipe = tmp_path / "recipe.yaml"
     size = "data:\n  image_size: 224\n" if method == "dinov2" else ""  # *_dinov2 ViTs default to 518 px
-    recipe.write_text(f"method:\n  name: {method}\nmodel:\n  backbone: {backbone}\n{size}")
+    keys = "".join(f"  {k}: {v}\n" for k, v in small.items())
+    recipe.write_text(f"method:\n  name: {method}\n{keys}model:\n  backbone: {backbone}\n{size}")
     cfg = load_config(str(recipe))
-    cls = method_class(method)
     spec = spec_for(cfg, cls)
     assert dataclasses.replace(spec, masks=None) == V.PRESETS[cls.default_views]
     expected = {"dino": 10, "swav": 8, "mae": 1, "ibot": 12, "dinov2": 10, "ijepa": 1}.get(method, 2)
-    batch = V.ViewTransform(spec)(batch_of(PHOTOS[:2] * 2))
+    batch = V.ViewTransform(spec)(batch_of(PHOTOS[:2]))
     views = [V.normalize(torch.from_numpy(batch[f"view_{i}"])) for i in range(spec.n_views)]
     assert len(views) == spec.n_views == expected
     torch.manual_seed(0)
