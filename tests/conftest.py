@@ -28,11 +28,15 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    gpu = None
+    tiers = {}
     for item in items:
-        tier = _tier(item.path)
+        tier = tiers[item] = _tier(item.path)
         if tier is None:
             raise pytest.UsageError(f"{item.nodeid}: a test belongs in tests/unit, tests/integration or tests/drills")
+    items.sort(key=lambda item: TIERS.index(tiers[item]))  # the fast tier first; each tier in its own order
+    gpu = None
+    for item in items:
+        tier = tiers[item]
         item.add_marker(tier)
         if tier == "drills" and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DRILL_TIMEOUT_S))
