@@ -60,8 +60,11 @@ def ray_local():
     """One real local Ray for the whole session (integration and drills)."""
     import ray
 
+    from raysl.runtime import worker_pool
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # idle workers kept, as `raysl` keeps them: each Ray Data job reuses the last one's
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=worker_pool(2))
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
