@@ -8,7 +8,7 @@ def test_an_opened_view_stream_gives_the_same_batches_and_moves_only_when_taken(
     from shardfactory import digit_images, write_shards
 
     from raysl.data import reader
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     d = str(tmp_path / "s")
     write_shards(d, digit_images(20), shard_size=5)

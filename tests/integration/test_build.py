@@ -298,6 +298,3 @@ def test_crash_midway_leaves_no_manifest(tmp_path, ray_local, monkeypatch):
     assert again.index_file == "index-1.parquet" != INDEX
     assert sorted(os.listdir(out)) == sorted([MANIFEST, again.index_file] + [s["file"] for s in again.shards])
     assert set(_rows(out)) == {f"few/{i}.png" for i in range(6)}  # "again.png" sorts after "0.png"
-
-
-# ---------------------------------------------------------------- user errors (no Ray job runs)

@@ -59,6 +59,3 @@ def test_pool_and_digits_build_into_shards(tmp_path, ray_local):
     assert {r["license"] for r in labeled} == {"cc-by-4.0"}
     img = np.asarray(decode_rgb(labeled[0]["image"]))
     assert img.shape == (32, 32, 3) and img.std() > 20  # a real stroke, not a blank
-
-
-# Lines of third-party noise that `raysl demo` used to print (issue 16)

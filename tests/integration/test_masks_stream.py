@@ -6,17 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from raysl.data import views as V
+from raysl.data import view_plans as VP
 from raysl.data.masks import MultiBlockMasks, draw_masks
-
-# ---------------------------------------------------------------- BEiT / iBOT / DINOv2 block masks
-
-
-# ---------------------------------------------------------------- I-JEPA multi-block masks
-
-
-# ---------------------------------------------------------------- validation
-
 
 # ---------------------------------------------------------------- views + masks
 
@@ -32,7 +23,7 @@ def test_masks_come_through_the_streaming_reader(ray_local, tmp_path):
     images[4] = ("digits/broken.png", images[4][1][:40], 0)
     d = str(tmp_path / "s")
     write_shards(d, images, shard_size=5)
-    spec = dataclasses.replace(V.view_spec("mae", size=32), masks=MultiBlockMasks((8, 8), min_keep=4))
+    spec = dataclasses.replace(VP.view_spec("mae", size=32), masks=MultiBlockMasks((8, 8), min_keep=4))
     seeds = {r["key"]: r["aug_seed"] for r in reader.read_rows(d, seed=1).take_all()}
     batches = list(reader.ViewBatches(reader.read_views(d, spec, seed=1, batch_size=4), batch_size=3))
     assert len(batches) == 3  # 9 good rows

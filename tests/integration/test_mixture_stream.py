@@ -82,7 +82,7 @@ def test_undecodable_images_are_skipped_and_the_batch_shape_kept(ray_local, tmp_
     broken = [(f"a/{i}.png", png[:40] if i == 2 else png, lab) for i, (_, png, lab) in enumerate(images[:12])]
     write_shards(a, broken, 6)
     write_shards(b, [(f"b/{i}.png", png, lab) for i, (_, png, lab) in enumerate(images[12:])], 6)
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     spec = view_spec("eval", size=32)
     mix = mixture.from_config(_data([a, b], [1, 1]))

@@ -61,7 +61,7 @@ def test_view_batches_tracks_position_and_skips(ray_local, tmp_path):
     images[3] = ("digits/broken.png", images[3][1][:40], 0)  # truncated PNG
     d = str(tmp_path / "s")
     write_shards(d, images, shard_size=6)
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     spec = view_spec("eval", size=32)
     batches = reader.ViewBatches(reader.read_views(d, spec, seed=0), batch_size=4)
@@ -80,7 +80,7 @@ def test_view_batches_shorten_ray_datas_wait_for_finished_tasks(ray_local, shard
     view stream lowers that wait. An AttributeError here: Ray moved it, see TASK_WAIT_S."""
     from ray.data._internal.execution import streaming_executor_state as executor
 
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     saved = executor.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
     executor.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = 0.1  # Ray 2.60's own value
@@ -102,7 +102,7 @@ def test_a_window_reaches_the_augment_step_in_batch_sized_blocks(ray_local, shar
     """One shuffle window (here all 40 rows) must not reach the augment step as one block,
     which one task would augment alone: it is split into blocks of one augment batch, in
     stream order, so `concurrency` tasks can work on it side by side."""
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     spec = view_spec("mae", size=16)
     ds = reader.read_views(shards, spec, seed=3, window=6, batch_size=8, concurrency=2).materialize()
@@ -115,7 +115,7 @@ def test_a_window_reaches_the_augment_step_in_batch_sized_blocks(ray_local, shar
 def test_views_flow_while_training_workers_hold_every_cpu(ray_local, shards):
     """Training on one machine: the workers hold every CPU and the data tasks reserve none
     (data.task_cpus 0). Splitting a window into blocks must not add a task that needs one."""
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     @ray_local.remote(num_cpus=2)
     class Holder:
@@ -137,7 +137,7 @@ def test_reads_are_bounded_like_the_augment_step_and_stay_fused(ray_local, shard
     would warn about), and the block split stays fused into the read task."""
     import warnings
 
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,20 +1,6 @@
 """What a fresh data worker imports for the views (each costs every new worker CPU time):
 checked in a fresh interpreter."""
 
-import os
-
-import skimage.data
-
-DATA = os.path.dirname(skimage.data.__file__)
-
-
-def real(name: str) -> bytes:
-    with open(os.path.join(DATA, name), "rb") as f:
-        return f.read()
-
-
-# chelsea: RGB PNG; rocket: portrait JPEG; camera: greyscale PNG; horse: RGBA PNG
-
 
 def test_the_view_workers_do_not_import_torchvision():
     """A fresh data worker imports what the views need; torchvision (and torch._dynamo,
@@ -47,12 +33,3 @@ def test_a_decoding_task_draws_the_plans_without_torch_or_opencv():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "(2, 10, 17) False False"
-
-
-# ---------------------------------------------------------------- recipe keys (data.*) -> views
-
-
-# ---------------------------------------------------------------- decoding: pixels, not just sizes
-
-
-# ---------------------------------------------------------------- fast path vs the PIL reference

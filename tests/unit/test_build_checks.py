@@ -5,13 +5,11 @@ import hashlib
 import os
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from imagefactory import bad_files, encode, good_files, photo, red_then_blue_gif
+from imagefactory import encode, photo
 
 from raysl.data import build
 from raysl.data.metadata import read_rows
-from raysl.data.schema import SCHEMA, read_manifest, shard_paths
 from raysl.errors import UserError
 
 
@@ -19,51 +17,6 @@ def _write(path, data):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
-
-
-def _rows(out):
-    m = read_manifest(out)
-    tables = [pq.read_table(p) for p in shard_paths(out, m)]
-    assert all(t.schema == SCHEMA for t in tables)
-    return {r["key"]: r for t in tables for r in t.to_pylist()}
-
-
-# ---------------------------------------------------------------- a folder of images
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, ray_local):
-    tmp = tmp_path_factory.mktemp("folder")
-    src = tmp / "imgs"
-    files = {}
-    for name, data in good_files().items():
-        files[name] = data
-    for name, (data, _) in bad_files().items():
-        files[f"sub/{name}"] = data
-    files["aaa_copy.jpg"] = good_files()["good.jpg"]  # sorts before good.jpg: it is the one kept
-    files["frames.gif"] = red_then_blue_gif()
-    files["sub/broken.tar"] = b"not a tar archive at all" * 40  # a tar that cannot be read: "unreadable"
-    for name, data in files.items():
-        _write(str(src / name), data)
-    _write(str(src / "README.txt"), b"not an input")
-    _write(str(src / "sub" / "labels.md"), b"not an input either")
-    meta = tmp / "meta.csv"
-    meta.write_text(
-        "path,key,license,attribution,label,source,extra\n"
-        "good.webp,,CC-BY-4.0,Ann,1,,ignored\n"  # by path, relative to the SRC
-        f"{src / 'rotated.jpg'},,CC0-1.0,,2,,\n"  # by absolute path
-        "missing.jpg,,CC0-1.0,,,,\n"  # matches nothing
-        ",imgs/good.bmp,CC0-1.0,Bob,3,https://example.org/good.bmp,\n"  # by key, with a source
-    )
-    out = str(tmp / "out")
-    manifest = build.build_shards([str(src)], out, shard_size=4, metadata=str(meta))
-    return dict(src=str(src), out=out, files=files, manifest=manifest, rows=_rows(out))
-
-
-# ---------------------------------------------------------------- --max-pixels, JSONL by path
-
-
-# ---------------------------------------------------------------- WebDataset tar + parquet
 
 
 # ---------------------------------------------------------------- dedup moves hashes, not images
@@ -88,9 +41,6 @@ def test_dedup_pass_keeps_only_hash_key_and_input(monkeypatch):
     rows = pa.concat_tables(build._read_batch(refs, **options))
     images, counts = build._split(rows)
     assert images["key"].to_pylist() == ["a.png"] and counts == {"duplicate": 1, "too_small": 1}
-
-
-# ---------------------------------------------------------------- a crash midway
 
 
 # ---------------------------------------------------------------- user errors (no Ray job runs)

@@ -48,6 +48,3 @@ def test_digits_are_split_and_labeled(tmp_path):
         assert [os.path.basename(r["path"]) for r in rows] == [f"{i:04d}.png" for i in idx]
         assert [int(r["label"]) for r in rows] == [int(target[i]) for i in idx]
         assert all(os.path.dirname(r["path"]) == folder for r in rows)
-
-
-# Lines of third-party noise that `raysl demo` used to print (issue 16)

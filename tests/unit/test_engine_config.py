@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from raysl.config import from_dict
-from raysl.data.views import normalize
 from raysl.errors import UserError
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
-from raysl.train.engine import DTYPES, initialize
-from raysl.train.trainer import compile_backbone, make_optimizer, make_schedules, train_step
 
 BATCH, SIZE, TOTAL = 4, 32, 10
 
@@ -30,57 +27,6 @@ def _cfg(
             "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
         }
     )
-
-
-def _build(cfg, seed=0):
-    """As the loop builds a worker: method, schedules, optimizer, DeepSpeed engine."""
-    torch.manual_seed(seed)
-    method = build_method(cfg)
-    if cfg.model.compile:
-        compile_backbone(method.backbone, backend=cfg.model.compile_backend)
-    schedules = make_schedules(cfg, TOTAL, 1)
-    optimizer = make_optimizer(cfg, method, schedules)
-    engine = initialize(method, optimizer, cfg)
-    return engine, method, optimizer, schedules
-
-
-def _views(cfg, key: int) -> list[torch.Tensor]:
-    """The two views of micro-batch `key`: fixed random uint8 pixels, normalised as the loop does."""
-    g = torch.Generator().manual_seed(1000 + key)
-    return [
-        normalize(torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)).to(
-            DTYPES[cfg.deepspeed.precision]
-        )
-        for _ in range(2)
-    ]
-
-
-def _step(built, cfg, step: int) -> float:
-    engine, method, optimizer, schedules = built
-    values = {**schedules.at(step), "step": step}
-    micro = (_views(cfg, step * cfg.deepspeed.grad_accum + i) for i in range(cfg.deepspeed.grad_accum))
-    out = train_step(engine, method, optimizer, micro, values)
-    return float(out["loss"].detach().float())
-
-
-def _save(built, directory: str, step: int) -> None:
-    checkpoint.save(
-        directory,
-        built[0],
-        rank=0,
-        world_size=1,
-        state={"step": step, "epoch": 0, "position": step * BATCH, "skipped": 0},
-    )
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("ckpt"))
-    cfg = _cfg()
-    built = _build(cfg)
-    _step(built, cfg, 0)
-    _save(built, d, 1)
-    return d, cfg
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])

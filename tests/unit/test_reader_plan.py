@@ -38,7 +38,7 @@ def test_more_workers_than_shards_is_a_clear_error(shards):
 
 
 def test_an_augment_task_makes_whole_training_batches_up_to_64_mib():
-    from raysl.data.views import view_spec
+    from raysl.data.view_plans import view_spec
 
     simclr32_batch = 128 * 2 * 3 * 32 * 32  # 786 KB: 8 batches a block (the cap)
     assert reader.block_rows(view_spec("simclr", size=32), 128) == 128 * reader.MAX_BATCHES_PER_BLOCK
