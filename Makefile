@@ -9,14 +9,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/raysl demo
 
+# Every tier (tests/unit, tests/integration, tests/drills). The log, each test named as it starts
+# and the 30 slowest at the end, is also kept in test-durations.txt; the exit code is pytest's.
+test: SHELL := /bin/bash
+test: .SHELLFLAGS := -o pipefail -c
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -v --durations=30 2>&1 | tee test-durations.txt
+
+# The unit tier alone: one process, no Ray, a few minutes.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q tests/unit
 
 # Format, lint, import layers and type checks (ruff, import-linter, mypy; configured in pyproject.toml).
 lint: $(VENV)/.installed

@@ -1,9 +1,21 @@
+"""Shared by every tier. The tier of a test is the folder it lives in (tests/unit, tests/integration,
+tests/drills); it is also its marker, so `pytest -m unit` and `pytest tests/unit` select the same tests."""
+
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # for imagefactory
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)  # the helper modules: imagefactory, shardfactory, procs, zero3_worker
+
+TIERS = ("unit", "integration", "drills")
+DRILL_TIMEOUT_S = 900  # a drill starts clusters, kills workers and resumes: longer than the default timeout
+
+
+def _tier(path) -> str | None:
+    rel = os.path.relpath(str(path), HERE).split(os.sep)
+    return rel[0] if len(rel) > 1 and rel[0] in TIERS else None
 
 
 def _has_cuda() -> bool:
@@ -16,12 +28,22 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    tiers = {}
     for item in items:
+        tier = tiers[item] = _tier(item.path)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in tests/unit, tests/integration or tests/drills")
+    items.sort(key=lambda item: TIERS.index(tiers[item]))  # the fast tier first; each tier in its own order
+    gpu = None
+    for item in items:
+        tier = tiers[item]
+        item.add_marker(tier)
+        if tier == "drills" and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DRILL_TIMEOUT_S))
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            gpu = _has_cuda() if gpu is None else gpu
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture
@@ -35,11 +57,14 @@ def restore_environ():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray for the whole session (the integration tier)."""
+    """One real local Ray for the whole session (integration and drills)."""
     import ray
 
+    from raysl.runtime import worker_pool
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # idle workers kept, as `raysl` keeps them: each Ray Data job reuses the last one's
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=worker_pool(2))
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

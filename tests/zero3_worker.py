@@ -86,6 +86,7 @@ def step(built, cfg, s: int, rank: int) -> float:
 
     engine, method, schedules = built
     values = {**schedules.at(s), "step": s}
+    torch.manual_seed(10_000 * (rank + 1) + s)  # MAE's masks: the same draws at every ZeRO stage
     out = train_step(engine, method, engine.optimizer, [inputs(cfg, s, rank)], values)
     return float(out["loss"].detach().float())
 
@@ -144,11 +145,13 @@ def drill_train(rank: int, out: dict, directory: str) -> None:
 
 def drill_methods(rank: int, out: dict) -> None:
     """DINO, MAE, iBOT, DINOv2 and I-JEPA (heads, decoders, predictors, external cls/pos
-    params read outside the ViT's forward) train 2 steps partitioned."""
+    params read outside the ViT's forward) train 2 steps partitioned, and the same 2 steps
+    unpartitioned (ZeRO-0) from the same weights on the same inputs."""
     for name in ("dino", "mae", *MASKED):
-        cfg = cfg_for(name)
-        built = build(cfg)
-        out[f"{name}/losses"] = [step(built, cfg, s, rank) for s in range(2)]
+        for zero in (3, 0):
+            cfg = cfg_for(name, zero=zero)
+            built = build(cfg)
+            out[f"{name}/losses/zero{zero}"] = [step(built, cfg, s, rank) for s in range(2)]
         out[f"{name}/inputs"] = inputs(cfg, 0, rank)
 
 

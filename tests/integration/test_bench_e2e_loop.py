@@ -1,0 +1,16 @@
+"""`raysl bench e2e`'s plain loop on a tiny size (no timed asserts): a DataLoader with a worker
+process, and its wall time accounted for. The raysl side is `raysl pretrain`."""
+
+import numpy as np
+
+from raysl.bench import e2e
+
+
+def test_plain_loop_takes_the_steps_and_accounts_for_its_wall_time(tmp_path):
+    d = e2e.write_digit_shards(str(tmp_path / "d"), 24, seed=0)
+    cfg = e2e._config(d, str(tmp_path / "runs"), model="test_resnet", batch_size=8, steps=4, seed=0, name="p")
+    out = e2e.run_plain(cfg, 4, workers=1)
+    assert out["steps"] == 4 and np.isfinite(out["final_loss"])
+    parts = out["startup_s"] + out["data_wait_s"] + out["compute_s"]
+    assert abs(parts - out["wall_s"]) < 0.05
+    assert abs(sum(out["shares"].values()) - 1) < 0.01

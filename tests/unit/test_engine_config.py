@@ -1,0 +1,137 @@
+"""The engine's configuration without building an engine: ZeRO offload keys, configs
+DeepSpeed cannot run, grad checkpointing where timm has none, drop-path rates, and the
+GPU RNG state a checkpoint saves."""
+
+import pytest
+import torch
+
+from raysl.config import from_dict
+from raysl.errors import UserError
+from raysl.methods.base import build_method
+from raysl.train import checkpoint
+
+BATCH, SIZE, TOTAL = 4, 32, 10
+
+
+def _cfg(
+    *, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None, method=None
+):
+    heads = {} if (method or {}).get("name") == "mae" else {"proj_hidden_dim": 32, "proj_dim": 16}  # MAE has none
+    return from_dict(
+        {
+            "data": {"batch_size": BATCH, "image_size": SIZE},
+            "model": {"backbone": "test_resnet", **(model or {})},
+            "method": {"name": "simclr", **heads, **(method or {})},
+            # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
+            "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
+            "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
+        }
+    )
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_drop_path_rate_reaches_the_timm_backbone(backbone):
+    """timm spreads model.drop_path_rate over the blocks (stochastic depth: 0 at the first,
+    the full rate at the last); every DropPath of the backbone is within it."""
+    from timm.layers import DropPath
+
+    def rates(rate):
+        torch.manual_seed(0)
+        method = build_method(_cfg(model={"backbone": backbone, "drop_path_rate": rate}))
+        return [m.drop_prob for m in method.backbone.modules() if isinstance(m, DropPath)]
+
+    got = rates(0.3)
+    assert got and max(got) == pytest.approx(0.3, rel=1e-6)  # timm's rates are float32
+    assert all(0 <= r <= 0.3 + 1e-6 for r in got)
+    assert not rates(0.0)  # no DropPath at all (timm uses Identity)
+
+
+def test_checkpoint_saves_and_restores_every_gpus_rng(monkeypatch):
+    """The CUDA part of the RNG state, with torch.cuda stood in for (no GPU here): saved as
+    a list of uint8 tensors that weights_only=True loads, restored per visible device."""
+    import io
+
+    gpu_states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in gpu_states])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed where one GPU is visible
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s))
+    buf = io.BytesIO()
+    torch.save({"step": 3, **checkpoint.rng_state()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    checkpoint.set_rng_state(state)
+    assert state == {"step": 3}
+    assert list(restored) == [0] and torch.equal(restored[0], gpu_states[0])
+
+
+def test_grad_checkpointing_where_timm_has_none_is_a_config_error():
+    from raysl.train.engine import check_config
+
+    with pytest.raises(UserError, match="model.grad_checkpointing: timm model 'cspresnet50' has no activation"):
+        check_config(_cfg(model={"backbone": "cspresnet50", "grad_checkpointing": True}))
+    check_config(_cfg(model={"backbone": "test_vit", "grad_checkpointing": True}))
+
+
+def test_offload_keys_map_to_zero_offload_and_infinity():
+    from raysl.train.engine import check_config, deepspeed_config
+
+    zero = deepspeed_config(_cfg(zero=3))["zero_optimization"]
+    assert zero == {"stage": 3}
+    cfg = from_dict(
+        {
+            "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "nvme", "nvme_path": "/nvme/x"},
+        }
+    )
+    zero = deepspeed_config(cfg)["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme/x"}
+    check_config(cfg)
+    small = deepspeed_config(
+        from_dict(
+            {
+                "deepspeed": {
+                    "zero_stage": 3,
+                    "reduce_bucket_size": 50_000_000,
+                    "grad_accum_dtype": "bf16",
+                    "sub_group_size": 50_000_000,
+                    "max_live_parameters": 10_000_000,
+                }
+            }
+        )
+    )
+    assert small["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert small["zero_optimization"]["sub_group_size"] == 50_000_000
+    assert small["zero_optimization"]["stage3_max_live_parameters"] == 10_000_000
+    assert small["zero_optimization"]["stage3_max_reuse_distance"] == 10_000_000
+    assert small["data_types"] == {"grad_accum_dtype": "bf16"}
+    assert "data_types" not in deepspeed_config(_cfg(zero=3))  # DeepSpeed's own defaults
+
+
+@pytest.mark.parametrize(
+    "deepspeed,optimizer,match",
+    [
+        (
+            {"zero_stage": 2, "offload_optimizer": "cpu"},
+            "adamw8bit",
+            "offload_optimizer: optim.name=adamw8bit .* use optim.name=adamw",
+        ),
+        (
+            {"zero_stage": 2, "offload_optimizer": "cpu"},
+            "lion8bit",
+            "offload_optimizer: optim.name=lion8bit .* use optim.name=adamw",
+        ),
+        ({"zero_stage": 2, "offload_optimizer": "cpu"}, "sgd", "offload_optimizer: optim.name=sgd cannot be offloaded"),
+        ({"zero_stage": 0, "offload_optimizer": "cpu"}, "adamw", "offload_optimizer: .*zero_stage to 1, 2 or 3"),
+        ({"zero_stage": 2, "offload_param": "cpu"}, "adamw", "offload_param: only ZeRO-3"),
+        ({"zero_stage": 3, "offload_param": "nvme"}, "adamw", "deepspeed.nvme_path"),
+    ],
+)
+def test_offload_configs_deepspeed_cannot_run_are_config_errors(deepspeed, optimizer, match):
+    from raysl.train.engine import check_config
+
+    cfg = from_dict({"optim": {"name": optimizer}, "deepspeed": deepspeed})
+    with pytest.raises(UserError, match=match):
+        check_config(cfg)
