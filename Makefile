@@ -15,12 +15,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/raysl demo
 
-# Every tier (tests/unit, tests/integration, tests/drills). The log, each test named as it starts
-# and the 30 slowest at the end, is also kept in test-durations.txt; the exit code is pytest's.
+# Every tier (tests/unit, tests/integration, tests/drills) in two pytest-xdist workers: the
+# integration tier runs in one, the drills in the other, the unit tests wherever there is room.
+# The log, each test named as it starts and the 30 slowest at the end, is also kept in
+# test-durations.txt; the exit code is pytest's.
 test: SHELL := /bin/bash
 test: .SHELLFLAGS := -o pipefail -c
 test: $(VENV)/.installed
-	$(PY) -m pytest -v --durations=30 2>&1 | tee test-durations.txt
+	$(PY) -m pytest -n 2 -v --durations=30 2>&1 | tee test-durations.txt
 
 # The unit tier alone: one process, no Ray, a few minutes.
 test-fast: $(VENV)/.installed

@@ -1,5 +1,10 @@
 """Shared by every tier. The tier of a test is the folder it lives in (tests/unit, tests/integration,
-tests/drills); it is also its marker, so `pytest -m unit` and `pytest tests/unit` select the same tests."""
+tests/drills); it is also its marker, so `pytest -m unit` and `pytest tests/unit` select the same tests.
+
+Under pytest-xdist (`make test` runs `-n 2`), the integration tests share one worker and the
+drills another, each tier in its own order: a tier's tests share one local Ray and run one
+after another, while the two tiers overlap (both mostly wait on Ray's processes). The unit
+tests, one work unit per file, fill in wherever there is room."""
 
 import os
 import sys
@@ -44,6 +49,18 @@ def pytest_collection_modifyitems(config, items):
             gpu = _has_cuda() if gpu is None else gpu
             if not gpu:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist: one work unit per tier for integration and drills, one per file for unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TierScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            tier = nodeid.split("/")[1] if nodeid.startswith("tests/") else None
+            return tier if tier in ("integration", "drills") else super()._split_scope(nodeid)
+
+    return TierScheduling(config, log)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ the row's `aug_seed` at the decoded size, and the plans are applied on the devic
 
 The arithmetic stays in float32 on [0, 1] between the crop and the normalisation, where
 the CPU path truncates to uint8 after every op (as PIL does): the two agree within a grey level
-per op and three for a whole DINO view on average (tests/test_gpu_views.py measures
+per op and three for a whole DINO view on average (tests/unit/test_gpu_views.py measures
 each op), not bit for bit.
 
 Only JPEGs decode here: other formats and damaged files are dropped, counted

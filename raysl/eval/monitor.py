@@ -6,7 +6,7 @@ metrics as knn_top1_k20, knn_top5_k20, knn_top1_k200, ... and knn_top1 (the firs
 
 The labeled set is loaded once per worker (decoded, eval-resized uint8). Under ZeRO-3 the
 backbone's partitioned parameters are gathered layer by layer by DeepSpeed's forward hooks
-as the features are extracted, as in training (tests/test_zero3.py)."""
+as the features are extracted, as in training (tests/integration/test_zero3.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SSL loss functions: pure, tested numerically against plain reference implementations
-(tests/test_losses.py) and across 2 workers on gloo (tests/test_losses_distributed.py).
+(tests/unit/test_losses.py) and across 2 workers on gloo (tests/integration/test_losses_distributed.py).
 
 Distributed convention: every worker calls a loss on its local batch. The mean over
 workers of the returned losses is the loss of the global batch, and the gradients match

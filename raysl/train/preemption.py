@@ -7,7 +7,7 @@ Ray's main loop, on the main thread; the training loop runs in another thread, w
 `signal.signal` is refused). While a training loop runs inside `sigterm_as_request`,
 that exit becomes a request the loop sees after its step; elsewhere Ray's exit stands.
 This leans on one name in `ray._private.worker`, pinned with ray==2.60.0 and covered by
-tests/test_train.py, which sends a real SIGTERM to a worker."""
+tests/drills/test_train_faults.py, which sends a real SIGTERM to a worker."""
 
 from __future__ import annotations
 

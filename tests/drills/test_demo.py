@@ -9,6 +9,10 @@ NOISE = {
     "numpy": "array is not writable",
     "ray data": "execution finished",
     "setuptools": "project.license",
+    "raylet": "maximum expected startup concurrency",
+    "ray train": "PlacementGroupCleaner",
+    "ray": "Found multiple active Ray instances",  # under make test, the integration tier's Ray runs beside it
+    "torch": "all_gather_into_tensor",
 }
 NOISE_STDOUT_ONLY = {"ray core": "PreemptionWatcher"}  # Ray Train's C++ line on stderr: see raysl.runtime
 
