@@ -3,7 +3,7 @@ prints work as printed."""
 
 import os
 
-# Lines of third-party noise that `raysl demo` used to print (issue 16)
+# Lines of third-party noise that `raysl demo` used to print
 NOISE = {
     "bitsandbytes": "Failed to load CPU gemm_4bit_forward",
     "numpy": "array is not writable",

@@ -49,7 +49,7 @@ def _cfg(root, *extra):
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_worker_monitor_matches_single_process_knn(ray_local, sets, zero):
-    """Also under ZeRO-3 (issue 11): the method built partitioned, the monitor and val_loss
+    """Also under ZeRO-3: the method built partitioned, the monitor and val_loss
     on partitioned weights, weights.safetensors gathered for the single-process check."""
     held_out = [f"eval.val_shards={sets / 'knn'}", "eval.val_every=3", "eval.val_batches=2"]
     held_out += [f"deepspeed.zero_stage={zero}", f"train.name=monitored{zero}"]

@@ -1,4 +1,4 @@
-"""ZeRO-3 builds the method partitioned (issue 11 point 1), on 2 gloo workers.
+"""ZeRO-3 builds the method partitioned, on 2 gloo workers.
 
 The drills run once per module in two spawned processes (tests/zero3_worker.py), through
 `raysl.train.zero.build_method`, the engine, `train_step`, `checkpoint.save/load`,

@@ -125,7 +125,7 @@ def test_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch)
     ],
 )
 def test_large_backbone_recipes_state_their_memory_arithmetic(name, backbone, zero, checkpointing):
-    """Issue 11: bf16, AdamW8bit, the ZeRO stage and checkpointing each recipe argues for in
+    """bf16, AdamW8bit, the ZeRO stage and checkpointing each recipe argues for in
     its header, which gives the bytes per parameter of weights, grads, master and state."""
     cfg = load_config(name)
     assert (cfg.model.backbone, cfg.deepspeed.zero_stage, cfg.model.grad_checkpointing) == (
