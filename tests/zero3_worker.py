@@ -118,12 +118,18 @@ def drill_train(rank: int, out: dict, directory: str) -> None:
     built = build(cfg)
     engine, method, schedules = built
     out["losses"] = [step(built, cfg, s, rank) for s in range(2)]
-    # one EMA update by hand: teacher before, student after the optimizer step, teacher after
+    # one EMA update by hand: teacher before, student after the optimizer step, teacher after.
+    # Only the students are gathered in between (DeepSpeed releases what it gathered), so the
+    # update meets teachers held whole next to students held as partitions only.
     values = {**schedules.at(2), "step": 2}
+    teachers = full_state_dict(method, keep=rank == 0)  # not moved by the optimizer step
     loss = engine(views(2, rank), values)["loss"]
     engine.backward(loss)
     engine.step()
-    out["ema/before"] = full_state_dict(method, keep=rank == 0)
+    out["ema/before"] = {k: v for k, v in teachers.items() if k.startswith("teacher_")}
+    for name, child in method.named_children():
+        if not name.startswith("teacher_"):
+            out["ema/before"].update({f"{name}.{k}": v for k, v in full_state_dict(child, keep=rank == 0).items()})
     method.after_step({**values, "ema_momentum": 0.7})
     out["ema/after"] = full_state_dict(method, keep=rank == 0)
     # val_loss: twice the same, the same on every worker
@@ -133,14 +139,19 @@ def drill_train(rank: int, out: dict, directory: str) -> None:
     g = torch.Generator().manual_seed(7)
     images = torch.randint(0, 256, (10, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
     out["knn_features"] = gathered_features(method.backbone, images, batch_size=4)
+    # step 3 as the training loop takes it (train_step: the EMA update right after the
+    # optimizer step, nothing gathered in between), then the checkpoint
+    out["train_step/before"] = full_state_dict(method, keep=rank == 0)
+    step(built, cfg, 3, rank)
     checkpoint.save(
-        directory, engine, rank=rank, world_size=2, state={"step": 3, "epoch": 0, "position": 0, "skipped": 0}
+        directory, engine, rank=rank, world_size=2, state={"step": 4, "epoch": 0, "position": 0, "skipped": 0}
     )
-    out["expected"] = [step(built, cfg, s, rank) for s in (3, 4)]
+    out["train_step/after"] = full_state_dict(method, keep=rank == 0)
+    out["expected"] = [step(built, cfg, s, rank) for s in (4, 5)]
     fresh = build(cfg, seed=1)
     state = checkpoint.load(directory, fresh[0], rank=rank, world_size=2)
     out["resumed_step"] = state["step"]
-    out["resumed"] = [step(fresh, cfg, s, rank) for s in (3, 4)]
+    out["resumed"] = [step(fresh, cfg, s, rank) for s in (4, 5)]
 
 
 def drill_methods(rank: int, out: dict) -> None:

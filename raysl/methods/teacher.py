@@ -88,17 +88,41 @@ def _data(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
 
+def _held_whole(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose whole value is gathered in `p.data` right now."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.AVAILABLE  # type: ignore[attr-defined]  # set by DeepSpeed
+
+
+def _lerp(t: torch.Tensor, s: torch.Tensor, m: float) -> None:
+    t.mul_(m).add_(s.to(t.dtype), alpha=1.0 - m)
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter
-    (buffers, e.g. BN statistics, stay the teacher's own, as in MoCo/BYOL/DINO)."""
+    (buffers, e.g. BN statistics, stay the teacher's own, as in MoCo/BYOL/DINO).
+
+    Under ZeRO-3 each worker moves its partitions (`ds_tensor`), which DeepSpeed gathers
+    from and checkpoints. Its persistent parameters (the small ones, under
+    `param_persistence_threshold`) are also held whole: `engine.step()` gathers them, and
+    forward, `GatheredParameters` and the module state dict read that whole copy until
+    DeepSpeed releases it (the next step, or the exit of a `GatheredParameters`). Such a
+    copy is moved by the same formula (the student's is gathered from its updated
+    partitions, so the two stay equal element for element), or, if the student's is not
+    held whole, dropped, so the next forward gathers the moved partitions."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     if len(t_params) != len(s_params):
         raise RuntimeError("EMA teacher and student have different parameter lists")
     m = float(momentum)
     for t, s in zip(t_params, s_params):
-        td, sd = _data(t), _data(s)
-        td.mul_(m).add_(sd.to(td.dtype), alpha=1.0 - m)
+        _lerp(_data(t), _data(s), m)
+        if hasattr(t, "ds_tensor") and _held_whole(t):
+            if hasattr(s, "ds_tensor") and _held_whole(s):
+                _lerp(t.data, s.data, m)
+            else:
+                t.partition()  # type: ignore[attr-defined]  # DeepSpeed's release: frees the whole copy
 
 
 def ema_update_all(method: nn.Module, momentum: float) -> None:

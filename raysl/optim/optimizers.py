@@ -39,7 +39,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip:
+        # a ZeRO-3 partitioned parameter's p.data is an empty 1-D tensor: its shape is ds_shape
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+        if ndim <= 1 or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -73,6 +73,17 @@ def test_param_groups_timm_vit_and_wrapped():
     assert len(decay["params"]) + len(nodecay["params"]) == len(list(wrapped.parameters()))
 
 
+def test_param_groups_split_partitioned_parameters_by_their_whole_shape():
+    """Under ZeRO-3 the optimizer is built over partitioned parameters: p.data is an empty
+    1-D tensor and the shape is in `ds_shape`; weights must still be decayed."""
+    m = Tiny()
+    want = [_names(m, grp) for grp in param_groups(m, 0.05)]
+    for p in m.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    assert [_names(m, grp) for grp in param_groups(m, 0.05)] == want
+
+
 def test_param_groups_frozen_params_left_out():
     m = Tiny()
     m.conv.requires_grad_(False)
