@@ -12,7 +12,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(__file__)
-sys.path.insert(0, HERE)  # the helper modules: imagefactory, shardfactory, procs, zero3_worker
+sys.path.insert(0, HERE)  # the helper modules: imagefactory, shardfactory, runfactory, procs, zero3_worker
 
 TIERS = ("unit", "integration", "drills")
 DRILL_TIMEOUT_S = 900  # a drill starts clusters, kills workers and resumes: longer than the default timeout
@@ -87,3 +87,11 @@ def ray_local():
         DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def eval_sets(tmp_path_factory):
+    """Labelled digit shards and two run directories for `raysl eval` (runfactory.write_eval_sets)."""
+    from runfactory import write_eval_sets
+
+    return write_eval_sets(tmp_path_factory.mktemp("eval"))
