@@ -95,3 +95,16 @@ def eval_sets(tmp_path_factory):
     from runfactory import write_eval_sets
 
     return write_eval_sets(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def monitor_sets(tmp_path_factory):
+    """Digit shards for the online kNN monitor: pretrain, knn (bank 120, queries 30) and unlabeled."""
+    from shardfactory import digit_images, write_shards
+
+    root = tmp_path_factory.mktemp("monitor")
+    write_shards(str(root / "pretrain"), digit_images(64), shard_size=8)
+    write_shards(str(root / "knn"), digit_images(150), shard_size=50)  # bank 120, queries 30
+    unlabeled = [(k, b, None) for k, b, _ in digit_images(8)]
+    write_shards(str(root / "unlabeled"), unlabeled, shard_size=8)
+    return root

@@ -50,3 +50,30 @@ def write_eval_sets(root):
     os.makedirs(root / "edited")
     write_run(root / "edited", "test_resnet", config_backbone="test_vit")
     return root
+
+
+def monitor_config(root, *extra):
+    """A 2-worker, 6-step quickstart config on `root`'s digit shards, with the online kNN monitor every 3 steps."""
+    return load_config(
+        "quickstart",
+        [
+            f"data.shards={root / 'pretrain'}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=64",
+            "method.proj_dim=32",
+            "optim.name=adamw",
+            "deepspeed.zero_stage=2",
+            "train.num_workers=2",
+            "train.max_steps=6",
+            "train.checkpoint_every=6",
+            "train.log_every=3",
+            f"train.storage_path={root / 'runs'}",
+            "train.name=monitored",
+            f"eval.knn_shards={root / 'knn'}",
+            "eval.knn_every=3",
+            "eval.knn_k=[20, 200]",
+            *extra,
+        ],
+    )

@@ -2,58 +2,21 @@
 and the cross-worker numbers equal a single-process kNN of the checkpoint's backbone."""
 
 import pytest
-from shardfactory import digit_images, write_shards
+from runfactory import monitor_config
 
-from raysl.config import load_config
 from raysl.eval.monitor import KnnMonitor, knn_metrics
 from raysl.eval.weights import load_backbone
 from raysl.pretrain import pretrain
 from raysl.train.metrics import read_metrics
 
 
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("monitor")
-    write_shards(str(root / "pretrain"), digit_images(64), shard_size=8)
-    write_shards(str(root / "knn"), digit_images(150), shard_size=50)  # bank 120, queries 30
-    unlabeled = [(k, b, None) for k, b, _ in digit_images(8)]
-    write_shards(str(root / "unlabeled"), unlabeled, shard_size=8)
-    return root
-
-
-def _cfg(root, *extra):
-    return load_config(
-        "quickstart",
-        [
-            f"data.shards={root / 'pretrain'}",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "model.backbone=test_resnet",
-            "method.proj_hidden_dim=64",
-            "method.proj_dim=32",
-            "optim.name=adamw",
-            "deepspeed.zero_stage=2",
-            "train.num_workers=2",
-            "train.max_steps=6",
-            "train.checkpoint_every=6",
-            "train.log_every=3",
-            f"train.storage_path={root / 'runs'}",
-            "train.name=monitored",
-            f"eval.knn_shards={root / 'knn'}",
-            "eval.knn_every=3",
-            "eval.knn_k=[20, 200]",
-            *extra,
-        ],
-    )
-
-
 @pytest.mark.parametrize("zero", [2, 3])
-def test_two_worker_monitor_matches_single_process_knn(ray_local, sets, zero):
+def test_two_worker_monitor_matches_single_process_knn(ray_local, monitor_sets, zero):
     """Also under ZeRO-3: the method built partitioned, the monitor and val_loss
     on partitioned weights, weights.safetensors gathered for the single-process check."""
-    held_out = [f"eval.val_shards={sets / 'knn'}", "eval.val_every=3", "eval.val_batches=2"]
+    held_out = [f"eval.val_shards={monitor_sets / 'knn'}", "eval.val_every=3", "eval.val_batches=2"]
     held_out += [f"deepspeed.zero_stage={zero}", f"train.name=monitored{zero}"]
-    run = pretrain(_cfg(sets, *held_out))["run_dir"]
+    run = pretrain(monitor_config(monitor_sets, *held_out))["run_dir"]
     rows = {r["step"]: r for r in read_metrics(run)}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
     for step, row in rows.items():  # the held-out SSL loss, on its own schedule
@@ -70,7 +33,7 @@ def test_two_worker_monitor_matches_single_process_knn(ray_local, sets, zero):
         assert r["knn_top1_k20"] > 10.0  # 10 digit classes: better than chance even at random init
 
     # the same backbone (final checkpoint = weights at step 6) in one process, no torch.distributed
-    cfg = _cfg(sets)
+    cfg = monitor_config(monitor_sets)
     backbone, _, step = load_backbone(run)
     assert step == 6
     monitor = KnnMonitor(cfg, 32)
