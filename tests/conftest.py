@@ -108,3 +108,13 @@ def monitor_sets(tmp_path_factory):
     unlabeled = [(k, b, None) for k, b, _ in digit_images(8)]
     write_shards(str(root / "unlabeled"), unlabeled, shard_size=8)
     return root
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory):
+    """64 digit images in shards of 8, for short pretraining runs."""
+    from shardfactory import digit_images, write_shards
+
+    d = str(tmp_path_factory.mktemp("train_shards"))
+    write_shards(d, digit_images(64), shard_size=8)
+    return d

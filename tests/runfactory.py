@@ -1,4 +1,5 @@
-"""Run directories as `raysl pretrain` leaves them, and the labelled shard sets `raysl eval` reads."""
+"""Pretraining runs for tests: the configs they start from, the run directories they leave, and the shard sets
+`raysl eval` reads."""
 
 import json
 import os
@@ -74,6 +75,32 @@ def monitor_config(root, *extra):
             f"eval.knn_shards={root / 'knn'}",
             "eval.knn_every=3",
             "eval.knn_k=[20, 200]",
+            *extra,
+        ],
+    )
+
+
+def train_config(shards, storage, name, *extra):
+    """A 2-worker ZeRO-2 AdamW8bit quickstart config on digit shards: 14 steps, a checkpoint every 4 (2 kept)."""
+    return load_config(
+        "quickstart",
+        [
+            f"data.shards={shards}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=64",
+            "method.proj_dim=32",
+            "optim.name=adamw8bit",
+            "deepspeed.zero_stage=2",
+            "train.num_workers=2",
+            "train.epochs=2",
+            "train.max_steps=14",
+            "train.checkpoint_every=4",
+            "train.keep_checkpoints=2",
+            "train.log_every=1",
+            f"train.storage_path={storage}",
+            f"train.name={name}",
             *extra,
         ],
     )

@@ -12,45 +12,12 @@ import time
 import pytest
 import torch
 from procs import wait_gone
-from shardfactory import digit_images, write_shards
+from runfactory import train_config
 
-from raysl.config import load_config
 from raysl.errors import RunFailed, UserError
 from raysl.pretrain import pretrain
 from raysl.train import checkpoint, recovery, storage
 from raysl.train.metrics import read_metrics
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("train_shards"))
-    write_shards(d, digit_images(64), shard_size=8)
-    return d
-
-
-def _cfg(shards, storage, name, *extra):
-    return load_config(
-        "quickstart",
-        [
-            f"data.shards={shards}",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "model.backbone=test_resnet",
-            "method.proj_hidden_dim=64",
-            "method.proj_dim=32",
-            "optim.name=adamw8bit",
-            "deepspeed.zero_stage=2",
-            "train.num_workers=2",
-            "train.epochs=2",
-            "train.max_steps=14",
-            "train.checkpoint_every=4",
-            "train.keep_checkpoints=2",
-            "train.log_every=1",
-            f"train.storage_path={storage}",
-            f"train.name={name}",
-            *extra,
-        ],
-    )
 
 
 def _losses(run_dir):
@@ -125,11 +92,11 @@ def _ckpt_step(run_dir, name):
     return storage.checkpoint_step(os.path.join(run_dir, name))
 
 
-def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_local, shards, tmp_path):
+def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_local, train_shards, tmp_path):
     storage_path = str(tmp_path / "runs")
     # 1. uninterrupted: 14 steps over 2 epochs (64 images / 2 workers / batch 4 = 8 steps an epoch),
     # checkpoints at 4, 8, 12, 14
-    base = pretrain(_cfg(shards, storage_path, "base"))
+    base = pretrain(train_config(train_shards, storage_path, "base"))
     ref = _losses(base["run_dir"])
     assert sorted(ref) == list(range(1, 15))
     assert all(torch.isfinite(torch.tensor(v)) for v in ref.values())
@@ -153,7 +120,7 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
 
     # 2. rank 0 SIGKILLed one step after the step-4 checkpoint (the window in which Ray Train
     # had not yet registered it), then three steps after the step-8 one
-    cfg = _cfg(shards, storage_path, "killed", "train.max_failures=2")
+    cfg = train_config(train_shards, storage_path, "killed", "train.max_failures=2")
     with _Killer(os.path.join(storage_path, "killed"), [(1, 5, signal.SIGKILL), (2, 11, signal.SIGKILL)]) as killer:
         killed = pretrain(cfg)
     assert killer.error is None, killer.error
@@ -170,7 +137,7 @@ def test_killed_and_preempted_workers_resume_from_the_latest_checkpoint(ray_loca
 
     # 3. a preemption notice: SIGTERM to rank 1 after step 6; with no retries allowed the run
     # stops after a checkpoint of the step in flight, with a one-line summary
-    cfg = _cfg(shards, storage_path, "preempted")
+    cfg = train_config(train_shards, storage_path, "preempted")
     with _Killer(os.path.join(storage_path, "preempted"), [(1, 6, signal.SIGTERM)]) as killer:
         with pytest.raises(RunFailed) as failed:
             pretrain(cfg)

@@ -7,55 +7,22 @@ import pickle
 
 import pytest
 import torch
-from shardfactory import digit_images, write_shards
+from runfactory import train_config
 
-from raysl.config import load_config
 from raysl.errors import UserError
 from raysl.pretrain import validate
 from raysl.train import checkpoint
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("train_shards"))
-    write_shards(d, digit_images(64), shard_size=8)
-    return d
-
-
-def _cfg(shards, storage, name, *extra):
-    return load_config(
-        "quickstart",
-        [
-            f"data.shards={shards}",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "model.backbone=test_resnet",
-            "method.proj_hidden_dim=64",
-            "method.proj_dim=32",
-            "optim.name=adamw8bit",
-            "deepspeed.zero_stage=2",
-            "train.num_workers=2",
-            "train.epochs=2",
-            "train.max_steps=14",
-            "train.checkpoint_every=4",
-            "train.keep_checkpoints=2",
-            "train.log_every=1",
-            f"train.storage_path={storage}",
-            f"train.name={name}",
-            *extra,
-        ],
-    )
-
-
-def test_validation_happens_before_ray(shards, tmp_path):
+def test_validation_happens_before_ray(train_shards, tmp_path):
     with pytest.raises(UserError, match="model.backbone: 'resnet_eighteen' is not a timm model"):
-        validate(_cfg(shards, tmp_path, "x", "model.backbone=resnet_eighteen"))
+        validate(train_config(train_shards, tmp_path, "x", "model.backbone=resnet_eighteen"))
     with pytest.raises(UserError, match="method.name: 'simclr2'"):
-        validate(_cfg(shards, tmp_path, "x", "method.name=simclr2"))
+        validate(train_config(train_shards, tmp_path, "x", "method.name=simclr2"))
     with pytest.raises(UserError, match="no manifest.json"):
-        validate(_cfg(str(tmp_path), tmp_path, "x"))
+        validate(train_config(str(tmp_path), tmp_path, "x"))
     with pytest.raises(UserError, match="fewer than data.batch_size"):
-        validate(_cfg(shards, tmp_path, "x", "data.batch_size=64"))
+        validate(train_config(train_shards, tmp_path, "x", "data.batch_size=64"))
 
 
 class _Evil:
