@@ -118,3 +118,22 @@ def train_shards(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("train_shards"))
     write_shards(d, digit_images(64), shard_size=8)
     return d
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """curatefactory.PHOTOS photographs, each with 4 planted copies (raysl.curate.planted)."""
+    from curatefactory import PHOTOS
+
+    from raysl.curate.planted import planted_duplicates
+
+    return planted_duplicates(size=128, limit=PHOTOS)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, planted):
+    """The planted images as a shard set: 30 images in 6 shards of 5."""
+    from curatefactory import write_rows
+
+    d = str(tmp_path_factory.mktemp("photos"))
+    return write_rows(d, [{"key": r["key"], "image": r["image"]} for r in planted], 5)

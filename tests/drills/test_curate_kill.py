@@ -7,42 +7,11 @@ import subprocess
 import sys
 import time
 
-import pytest
+from curatefactory import MODEL
 from procs import wait_gone
 
 from raysl.curate import embeddings
 from raysl.curate.embed import PAUSE_ENV, plan_embed, run_embed
-from raysl.curate.planted import planted_duplicates
-from raysl.data.schema import write_shard_set
-
-FEATURES = dict(image_size=112, stage=0, input_norm="per-image")  # what raysl bench curate measures
-MODEL = "resnet18"
-PHOTOS = 6  # photographs, each with 4 planted copies: 30 images in 6 shards of 5
-
-
-def _write(directory, rows, shard_size):
-    base = dict(width=1, height=1, format="png", source="test", license="cc0-1.0", attribution="", label=None)
-    write_shard_set(directory, [base | r for r in rows], shard_size=shard_size, sources=["test"])
-    return directory
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return planted_duplicates(size=128, limit=PHOTOS)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory, planted):
-    d = str(tmp_path_factory.mktemp("photos"))
-    return _write(d, [{"key": r["key"], "image": r["image"]} for r in planted], 5)
-
-
-@pytest.fixture(scope="module")
-def emb(ray_local, photos, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("emb") / "emb")
-    result = run_embed(plan_embed(photos, MODEL, out, **FEATURES), actors=1, batch_size=8)
-    assert result["shards_embedded"] == 6 and result["images_embedded"] == 30
-    return out
 
 
 def test_killed_embed_job_resumes_without_redoing_done_shards(ray_local, photos, tmp_path):

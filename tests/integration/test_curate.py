@@ -8,35 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from curatefactory import FEATURES, MODEL, write_rows
 
 from raysl.cli import main
 from raysl.curate import dedup, embeddings
 from raysl.curate.embed import plan_embed, run_embed
-from raysl.curate.planted import planted_duplicates
 from raysl.curate.steps import run_balance, run_decontaminate, run_dedup
 from raysl.data import reader
-from raysl.data.schema import read_manifest, write_shard_set
-
-FEATURES = dict(image_size=112, stage=0, input_norm="per-image")  # what raysl bench curate measures
-MODEL = "resnet18"
-PHOTOS = 6  # photographs, each with 4 planted copies: 30 images in 6 shards of 5
-
-
-def _write(directory, rows, shard_size):
-    base = dict(width=1, height=1, format="png", source="test", license="cc0-1.0", attribution="", label=None)
-    write_shard_set(directory, [base | r for r in rows], shard_size=shard_size, sources=["test"])
-    return directory
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return planted_duplicates(size=128, limit=PHOTOS)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory, planted):
-    d = str(tmp_path_factory.mktemp("photos"))
-    return _write(d, [{"key": r["key"], "image": r["image"]} for r in planted], 5)
+from raysl.data.schema import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +91,7 @@ def test_selection_is_read_by_the_reader_inspect_and_the_model_card(emb, photos,
 def test_decontaminate_then_balance_chain_with_lineage(ray_local, emb, photos, planted, tmp_path):
     # an "eval set" that holds copies of two of the photographs
     eval_rows = [r for r in planted if r["original"]][:2]
-    eval_shards = _write(
+    eval_shards = write_rows(
         str(tmp_path / "eval"), [{"key": f"eval/{i}", "image": r["image"]} for i, r in enumerate(eval_rows)], 5
     )
     eval_emb = str(tmp_path / "eval_emb")

@@ -5,18 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pytest
 
 from raysl.curate import balance, dedup, embeddings
-from raysl.curate.planted import entropy_fraction, planted_duplicates
+from raysl.curate.planted import entropy_fraction
 from raysl.data.shard_index import INDEX_SCHEMA, mask_rows, pack_rows, read_index
-
-PHOTOS = 6  # photographs, each with 4 planted copies: 30 images in 6 shards of 5
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return planted_duplicates(size=128, limit=PHOTOS)
 
 
 def test_mask_round_trip_and_old_indexes_read_as_whole_files(tmp_path):
