@@ -137,3 +137,13 @@ def photos(tmp_path_factory, planted):
 
     d = str(tmp_path_factory.mktemp("photos"))
     return write_rows(d, [{"key": r["key"], "image": r["image"]} for r in planted], 5)
+
+
+@pytest.fixture(scope="module")
+def tune_shards(tmp_path_factory):
+    """32 digit images in shards of 8, for `raysl tune` trials."""
+    from shardfactory import digit_images, write_shards
+
+    d = str(tmp_path_factory.mktemp("tune_shards"))
+    write_shards(d, digit_images(32), shard_size=8)
+    return d

@@ -104,3 +104,25 @@ def train_config(shards, storage, name, *extra):
             *extra,
         ],
     )
+
+
+def tune_trial_config(shards, *extra):
+    """A tiny 1-worker quickstart config for `raysl tune` trials on digit shards."""
+    return load_config(
+        "quickstart",
+        [
+            f"data.shards={shards}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "model.backbone=test_resnet",
+            "method.proj_hidden_dim=64",
+            "method.proj_dim=32",
+            "optim.name=adamw",
+            "deepspeed.zero_stage=0",
+            "optim.warmup_steps=0",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            "train.log_every=1",
+            *extra,
+        ],
+    )

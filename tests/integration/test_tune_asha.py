@@ -5,7 +5,7 @@ import csv
 import os
 
 import pytest
-from shardfactory import digit_images, write_shards
+from runfactory import tune_trial_config
 
 from raysl.config import load_config
 from raysl.errors import UserError
@@ -14,37 +14,9 @@ from raysl.tune.search import tune_recipe
 from raysl.tune.space import parse_space
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tune_shards"))
-    write_shards(d, digit_images(32), shard_size=8)
-    return d
-
-
-def _tiny(shards, *extra):
-    return load_config(
-        "quickstart",
-        [
-            f"data.shards={shards}",
-            "data.image_size=32",
-            "data.batch_size=8",
-            "model.backbone=test_resnet",
-            "method.proj_hidden_dim=64",
-            "method.proj_dim=32",
-            "optim.name=adamw",
-            "deepspeed.zero_stage=0",
-            "optim.warmup_steps=0",
-            "train.num_workers=1",
-            "train.cpus_per_worker=1",
-            "train.log_every=1",
-            *extra,
-        ],
-    )
-
-
-def test_asha_search_writes_results_and_a_loadable_best_recipe(ray_local, shards, tmp_path):
+def test_asha_search_writes_results_and_a_loadable_best_recipe(ray_local, tune_shards, tmp_path):
     space = parse_space({"optim.lr": {"loguniform": [1e-4, 1e-2]}, "method.temperature": {"choice": [0.1, 0.5]}})
-    cfg = _tiny(shards, "train.max_steps=3", "train.checkpoint_every=3", "train.name=tiny")
+    cfg = tune_trial_config(tune_shards, "train.max_steps=3", "train.checkpoint_every=3", "train.name=tiny")
     result = tune_recipe(
         cfg,
         space,
