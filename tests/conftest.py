@@ -147,3 +147,13 @@ def tune_shards(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tune_shards"))
     write_shards(d, digit_images(32), shard_size=8)
     return d
+
+
+@pytest.fixture
+def small_shards(tmp_path):
+    """40 digit images in 6 shards (7,7,7,7,7,5), fresh for each test."""
+    from shardfactory import digit_images, write_shards
+
+    d = str(tmp_path / "shards")
+    write_shards(d, digit_images(40), shard_size=7)  # 6 shards: 7,7,7,7,7,5
+    return d

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 
 from PIL import Image
 
-from raysl.data.schema import Manifest, write_shard_set
+from raysl.data import legacy
+from raysl.data.schema import Manifest, read_manifest, write_shard_set
+from raysl.data.shard_index import INDEX
 
 
 def _size(data: bytes) -> tuple[int, int]:
@@ -41,3 +44,18 @@ def digit_images(n: int = 40) -> list[tuple[str, bytes, int]]:
     from raysl.data.demo_images import digit_pngs
 
     return [(f"digits/{i:04d}.png", png, label) for i, (png, label) in enumerate(digit_pngs(32, n))]
+
+
+def as_v1(d: str) -> Manifest:
+    """Turn a current set into the version 1 layout: the shard list inside manifest.json."""
+    m = read_manifest(d)
+    old = legacy.ManifestV1(
+        shards=[{"file": s["file"], "rows": s["rows"]} for s in m.shards],
+        written=m.written,
+        skipped=m.skipped,
+        licenses=m.licenses,
+        sources=m.sources,
+    )
+    os.remove(os.path.join(d, INDEX))
+    legacy.write_v1(d, old)
+    return m
