@@ -1,4 +1,4 @@
-"""Real-shaped image files of every kind the builder must handle, made in memory.
+"""Real-shaped image files of every kind the builder must handle, made in memory, and written as folders.
 
 The pixels come from a real photograph shipped inside scikit-image, so these are
 real JPEG/PNG/... encodings, not placeholder bytes.
@@ -7,6 +7,7 @@ real JPEG/PNG/... encodings, not placeholder bytes.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -86,3 +87,23 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         # a real image in a format PIL reads but shards do not take (PPM), behind an image extension
         "portable.png": (encode(photo(), "PPM"), "unsupported_format"),
     }
+
+
+def write_file(path, data: bytes) -> None:
+    """Write `data` at `path`, creating the folders above it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_folder(path, images: dict) -> str:
+    """A folder of image files: name (may hold subfolders) -> bytes."""
+    for name, data in images.items():
+        write_file(os.path.join(path, name), data)
+    return str(path)
+
+
+def read_file(path, mode="r"):
+    """The whole file, as text or (mode "rb") bytes."""
+    with open(path, mode) as f:
+        return f.read()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import os
 
+import pyarrow.parquet as pq
 from PIL import Image
 
 from raysl.data import legacy
-from raysl.data.schema import Manifest, read_manifest, write_shard_set
+from raysl.data.schema import Manifest, read_manifest, shard_paths, write_shard_set
 from raysl.data.shard_index import INDEX
 
 
@@ -59,3 +60,10 @@ def as_v1(d: str) -> Manifest:
     os.remove(os.path.join(d, INDEX))
     legacy.write_v1(d, old)
     return m
+
+
+def set_content(out: str, index=None) -> dict:
+    """Every row of the set (or of one index version), as key -> (sha256, image bytes)."""
+    m = read_manifest(out, index)
+    rows = [r for p in shard_paths(out, m) for r in pq.read_table(p).to_pylist()]
+    return {r["key"]: (r["sha256"], r["image"]) for r in rows}

@@ -7,43 +7,21 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
-from imagefactory import encode, photo
+from imagefactory import encode, photo, read_file, write_folder
 from procs import wait_gone
+from shardfactory import set_content
 
 from raysl.data import build, reader
-from raysl.data.schema import MANIFEST, read_manifest, shard_paths
-
-
-def _write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _folder(path, images: dict) -> str:
-    for name, data in images.items():
-        _write(os.path.join(path, name), data)
-    return str(path)
-
-
-def _content(out, index=None):
-    """Every row of the set (or of one index version), as key -> (sha256, image bytes)."""
-    m = read_manifest(out, index)
-    rows = [r for p in shard_paths(out, m) for r in pq.read_table(p).to_pylist()]
-    return {r["key"]: (r["sha256"], r["image"]) for r in rows}
-
-
-def _read(path, mode="r"):
-    with open(path, mode) as f:
-        return f.read()
+from raysl.data.schema import MANIFEST
 
 
 def test_killed_append_leaves_the_previous_set(tmp_path, ray_local):
     out = str(tmp_path / "set")
-    build.build_shards([_folder(tmp_path / "old", {f"{i}.png": encode(photo(200 + i), "PNG") for i in range(4)})], out)
-    before_json, before_rows = _read(os.path.join(out, MANIFEST)), _content(out)
-    many = _folder(tmp_path / "many", {f"{i:03d}.png": encode(photo(32 + i), "PNG") for i in range(80)})
+    build.build_shards(
+        [write_folder(tmp_path / "old", {f"{i}.png": encode(photo(200 + i), "PNG") for i in range(4)})], out
+    )
+    before_json, before_rows = read_file(os.path.join(out, MANIFEST)), set_content(out)
+    many = write_folder(tmp_path / "many", {f"{i:03d}.png": encode(photo(32 + i), "PNG") for i in range(80)})
     address = ray_local.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [sys.executable, "-m", "raysl.cli", "shards", "build", many, "--out", out, "--append"]
@@ -64,8 +42,8 @@ def test_killed_append_leaves_the_previous_set(tmp_path, ray_local):
     assert not wait_gone([proc.pid])
     assert os.listdir(staging)  # it did die mid-write
     # the previous set is intact: same manifest.json, same rows, readable through the reader
-    assert _read(os.path.join(out, MANIFEST)) == before_json
-    assert _content(out) == before_rows
+    assert read_file(os.path.join(out, MANIFEST)) == before_json
+    assert set_content(out) == before_rows
     assert sorted(r["key"] for r in reader.read_rows(out).take_all()) == sorted(before_rows)
     # the next append cleans up and completes
     m = build.build_shards([many], out, shard_size=40, append=True)

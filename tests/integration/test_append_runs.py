@@ -4,11 +4,10 @@ run keeps reading the version it started with."""
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
 import ray
-from imagefactory import encode, photo
-from shardfactory import digit_images, write_shards
+from imagefactory import encode, photo, read_file, write_folder
+from shardfactory import digit_images, set_content, write_shards
 
 from raysl.data import build, mixture, reader
 from raysl.data.schema import MANIFEST, read_manifest, shard_paths
@@ -16,42 +15,18 @@ from raysl.data.shard_index import INDEX
 from raysl.errors import UserError
 
 
-def _write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _folder(path, images: dict) -> str:
-    for name, data in images.items():
-        _write(os.path.join(path, name), data)
-    return str(path)
-
-
-def _content(out, index=None):
-    """Every row of the set (or of one index version), as key -> (sha256, image bytes)."""
-    m = read_manifest(out, index)
-    rows = [r for p in shard_paths(out, m) for r in pq.read_table(p).to_pylist()]
-    return {r["key"]: (r["sha256"], r["image"]) for r in rows}
-
-
 def _files(out):
-    return {f: _read(os.path.join(out, f), "rb") for f in os.listdir(out) if f.endswith(".parquet")}
-
-
-def _read(path, mode="r"):
-    with open(path, mode) as f:
-        return f.read()
+    return {f: read_file(os.path.join(out, f), "rb") for f in os.listdir(out) if f.endswith(".parquet")}
 
 
 def test_append_adds_shards_and_a_new_index_version(tmp_path, ray_local, monkeypatch):
     pngs = [encode(photo(40 + 4 * i), "PNG") for i in range(9)]
-    first = _folder(tmp_path / "batch1", {f"{i}.png": pngs[i] for i in range(5)})
+    first = write_folder(tmp_path / "batch1", {f"{i}.png": pngs[i] for i in range(5)})
     out = str(tmp_path / "out")
     build.build_shards([first], out, shard_size=2)
-    before_files, before_rows = _files(out), _content(out)
+    before_files, before_rows = _files(out), set_content(out)
     # 3 new images, 2 already in the set under other names, 1 copy of a new one
-    second = _folder(
+    second = write_folder(
         tmp_path / "batch2",
         {"a.png": pngs[5], "b.png": pngs[6], "c.png": pngs[7], "old0.png": pngs[0], "old3.png": pngs[3]}
         | {"z_copy.png": pngs[7]},
@@ -71,12 +46,12 @@ def test_append_adds_shards_and_a_new_index_version(tmp_path, ray_local, monkeyp
     after = _files(out)
     assert all(after[f] == data for f, data in before_files.items())
     assert set(after) - set(before_files) == {"index-1.parquet"} | {s for s in m.shards.files() if "-v1-" in s}
-    raw = json.loads(_read(os.path.join(out, MANIFEST)))
+    raw = json.loads(read_file(os.path.join(out, MANIFEST)))
     assert (raw["index"], raw["index_version"], raw["shards"], raw["rows"]) == ("index-1.parquet", 1, 5, 8)
-    rows = _content(out)
+    rows = set_content(out)
     assert set(rows) == set(before_rows) | {"batch2/a.png", "batch2/b.png", "batch2/c.png"}
     assert all(rows[k] == v for k, v in before_rows.items())
-    assert _content(out, INDEX) == before_rows  # index version 0 still reads the set as it was
+    assert set_content(out, INDEX) == before_rows  # index version 0 still reads the set as it was
     summary = build.format_summary(m, plan)
     assert summary.startswith("appended 3 images in 2 new shard(s); the set now has 8 images in 5 shard(s)")
     assert "duplicate 3" in summary
@@ -97,12 +72,12 @@ def test_a_run_keeps_reading_the_set_it_started_with(tmp_path, ray_local, monkey
     run_dir = str(tmp_path / "runs" / "r")
     pins = mixture.pin(cfg.data, run_dir)  # what make_trainer does when the run first starts
     assert pins == {shards: INDEX}
-    recorded = json.loads(_read(os.path.join(run_dir, mixture.PINS)))["sets"]
+    recorded = json.loads(read_file(os.path.join(run_dir, mixture.PINS)))["sets"]
     assert [(s["path"], s["index"], s["shards"], s["rows"]) for s in recorded] == [(shards, INDEX, 6, 24)]
     stream = [r["key"] for r in reader.read_rows(shards, seed=1, rank=1, world_size=2, index=pins[shards]).take_all()]
     steps = loop.epoch_steps(cfg, 2, 3, pins)
 
-    new = _folder(tmp_path / "more", {f"{i}.png": encode(photo(40 + i), "PNG") for i in range(8)})
+    new = write_folder(tmp_path / "more", {f"{i}.png": encode(photo(40 + i), "PNG") for i in range(8)})
     assert build.build_shards([new], shards, shard_size=4, append=True).rows == 32  # appended mid-run
 
     again = mixture.pin(cfg.data, run_dir)  # a resumed attempt of the same run

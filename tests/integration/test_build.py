@@ -14,19 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from imagefactory import bad_files, encode, good_files, photo, red_then_blue_gif
+from imagefactory import bad_files, encode, good_files, photo, red_then_blue_gif, write_file
 
 from raysl.data import build
 from raysl.data.decode import decode_rgb
 from raysl.data.schema import MANIFEST, SCHEMA, SKIP_REASONS, read_manifest, shard_paths
 from raysl.data.shard_index import INDEX
 from raysl.errors import UserError
-
-
-def _write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _rows(out):
@@ -52,9 +46,9 @@ def folder(tmp_path_factory, ray_local):
     files["frames.gif"] = red_then_blue_gif()
     files["sub/broken.tar"] = b"not a tar archive at all" * 40  # a tar that cannot be read: "unreadable"
     for name, data in files.items():
-        _write(str(src / name), data)
-    _write(str(src / "README.txt"), b"not an input")
-    _write(str(src / "sub" / "labels.md"), b"not an input either")
+        write_file(str(src / name), data)
+    write_file(str(src / "README.txt"), b"not an input")
+    write_file(str(src / "sub" / "labels.md"), b"not an input either")
     meta = tmp / "meta.csv"
     meta.write_text(
         "path,key,license,attribution,label,source,extra\n"
@@ -143,7 +137,7 @@ def limits(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("limits")
     src = tmp / "lim"
     for name, size in (("big.png", 96), ("mid.jpg", 60), ("small.png", 48)):
-        _write(str(src / name), encode(photo(size), "JPEG" if name.endswith("jpg") else "PNG"))
+        write_file(str(src / name), encode(photo(size), "JPEG" if name.endswith("jpg") else "PNG"))
     meta = tmp / "meta.jsonl"
     meta.write_text(
         "\n".join(
@@ -263,7 +257,7 @@ def test_dedup_shuffles_no_image_bytes(tmp_path, ray_local):
     images = {f"{i}.png": encode(photo(160 + 8 * i), "PNG") for i in range(4)}
     images["z_copy.png"] = images["1.png"]
     for name, data in images.items():
-        _write(str(src / name), data)
+        write_file(str(src / name), data)
     plan = build.plan_build([str(src)], str(tmp_path / "out"), shard_size=2)
     m = build.run_build(plan)
     assert m.written == 4 and m.skipped["duplicate"] == 1
@@ -279,8 +273,8 @@ def test_dedup_shuffles_no_image_bytes(tmp_path, ray_local):
 def test_crash_midway_leaves_no_manifest(tmp_path, ray_local, monkeypatch):
     src = tmp_path / "few"
     for i, size in enumerate((64, 72, 80, 88, 96, 104)):
-        _write(str(src / f"{i}.png"), encode(photo(size), "PNG"))
-    _write(str(src / "again.png"), encode(photo(64), "PNG"))  # same bytes as 0.png
+        write_file(str(src / f"{i}.png"), encode(photo(size), "PNG"))
+    write_file(str(src / "again.png"), encode(photo(64), "PNG"))  # same bytes as 0.png
     out = str(tmp_path / "out")
     first = build.build_shards([str(src)], out, shard_size=2, dedup=False)
     assert first.written == 7 and first.skipped["duplicate"] == 0

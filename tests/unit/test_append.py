@@ -7,7 +7,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from imagefactory import encode, photo
+from imagefactory import encode, photo, read_file, write_folder
 from shardfactory import digit_images, write_shards
 
 from raysl.data import build, mixture
@@ -15,25 +15,8 @@ from raysl.data.shard_index import INDEX
 from raysl.errors import UserError
 
 
-def _write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _folder(path, images: dict) -> str:
-    for name, data in images.items():
-        _write(os.path.join(path, name), data)
-    return str(path)
-
-
-def _read(path, mode="r"):
-    with open(path, mode) as f:
-        return f.read()
-
-
 def test_append_needs_a_set_and_excludes_overwrite(tmp_path):
-    src = _folder(tmp_path / "src", {"a.png": encode(photo(40), "PNG")})
+    src = write_folder(tmp_path / "src", {"a.png": encode(photo(40), "PNG")})
     with pytest.raises(UserError, match=r"--append: .*empty: no manifest.json here"):
         build.plan_build([src], str(tmp_path / "empty"), append=True)
     with pytest.raises(UserError, match="pass one of them"):
@@ -55,7 +38,7 @@ def test_mixture_pins_every_set(tmp_path):
     with open(os.path.join(run_dir, mixture.PINS), "w") as f:
         json.dump({"sets": [{"path": a, "index": "index-3.parquet"}]}, f)
     assert mixture.pin(data, run_dir) == {a: "index-3.parquet", b: INDEX}  # recorded pins win; new sets are added
-    assert [s["path"] for s in json.loads(_read(os.path.join(run_dir, mixture.PINS)))["sets"]] == [a, b]
+    assert [s["path"] for s in json.loads(read_file(os.path.join(run_dir, mixture.PINS)))["sets"]] == [a, b]
 
 
 def test_existing_and_new_hash_rows_share_one_schema(monkeypatch):

@@ -6,18 +6,11 @@ import os
 
 import pyarrow as pa
 import pytest
-from imagefactory import encode, photo
+from imagefactory import encode, photo, write_file
 
 from raysl.data import build
 from raysl.data.metadata import read_rows
 from raysl.errors import UserError
-
-
-def _write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
 
 # ---------------------------------------------------------------- dedup moves hashes, not images
 
@@ -50,17 +43,17 @@ def test_missing_src_and_duplicate_names(tmp_path):
     with pytest.raises(UserError, match="nope"):
         build.build_shards([str(tmp_path / "nope")], str(tmp_path / "out"))
     for d in ("a/imgs", "b/imgs"):
-        _write(str(tmp_path / d / "x.png"), encode(photo(), "PNG"))
+        write_file(str(tmp_path / d / "x.png"), encode(photo(), "PNG"))
     with pytest.raises(UserError, match="same name"):
         build.build_shards([str(tmp_path / "a/imgs"), str(tmp_path / "b/imgs")], str(tmp_path / "out"))
-    _write(str(tmp_path / "notes" / "a.txt"), b"text")
+    write_file(str(tmp_path / "notes" / "a.txt"), b"text")
     with pytest.raises(UserError, match="no images found"):
         build.build_shards([str(tmp_path / "notes")], str(tmp_path / "out"))
 
 
 def test_unwritable_out(tmp_path):
-    _write(str(tmp_path / "imgs" / "x.png"), encode(photo(), "PNG"))
-    _write(str(tmp_path / "afile"), b"")
+    write_file(str(tmp_path / "imgs" / "x.png"), encode(photo(), "PNG"))
+    write_file(str(tmp_path / "afile"), b"")
     out = str(tmp_path / "afile" / "out")  # a path below a regular file: unwritable even for root
     with pytest.raises(UserError, match="afile"):
         build.build_shards([str(tmp_path / "imgs")], out)
@@ -80,7 +73,7 @@ def test_unwritable_out(tmp_path):
     ],
 )
 def test_malformed_metadata_names_the_line(tmp_path, name, text, match):
-    _write(str(tmp_path / "a" / "x.png"), encode(photo(), "PNG"))
+    write_file(str(tmp_path / "a" / "x.png"), encode(photo(), "PNG"))
     (tmp_path / name).write_text(text)
     with pytest.raises(UserError, match=match):
         build.build_shards([str(tmp_path / "a")], str(tmp_path / "out"), metadata=str(tmp_path / name))
@@ -103,8 +96,8 @@ def test_cli_checks_src_out_and_metadata_before_starting_ray(tmp_path, monkeypat
         raise AssertionError("Ray was started before the arguments were checked")
 
     monkeypatch.setattr(raysl.runtime, "init_ray", no_ray)
-    _write(str(tmp_path / "imgs" / "x.png"), encode(photo(), "PNG"))
-    _write(str(tmp_path / "afile"), b"")
+    write_file(str(tmp_path / "imgs" / "x.png"), encode(photo(), "PNG"))
+    write_file(str(tmp_path / "afile"), b"")
     (tmp_path / "m.csv").write_text("path,label\nx.png,cat\n")
     argv = {
         "missing_src": [str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")],
