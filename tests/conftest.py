@@ -157,3 +157,16 @@ def small_shards(tmp_path):
     d = str(tmp_path / "shards")
     write_shards(d, digit_images(40), shard_size=7)  # 6 shards: 7,7,7,7,7,5
     return d
+
+
+@pytest.fixture(scope="module")
+def mixture_sets(tmp_path_factory):
+    """Two digit shard sets to mix: curated (4 shards of 5 rows) and web (8 shards of 5 rows)."""
+    from shardfactory import digit_images, write_shards
+
+    root = tmp_path_factory.mktemp("mix")
+    images = digit_images(60)
+    curated, web = str(root / "curated"), str(root / "web")
+    write_shards(curated, [(f"curated/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[:20])], 5)
+    write_shards(web, [(f"web/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[20:])], 5)
+    return curated, web  # 4 shards of 5 rows, 8 shards of 5 rows

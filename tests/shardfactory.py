@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -67,3 +68,8 @@ def set_content(out: str, index=None) -> dict:
     m = read_manifest(out, index)
     rows = [r for p in shard_paths(out, m) for r in pq.read_table(p).to_pylist()]
     return {r["key"]: (r["sha256"], r["image"]) for r in rows}
+
+
+def mixture_data(shards, weights=()):
+    """The `data` section of a config as the mixture code reads it: data.shards and data.weights."""
+    return SimpleNamespace(shards=shards, weights=list(weights))

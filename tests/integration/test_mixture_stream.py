@@ -6,28 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
-import pytest
-from shardfactory import digit_images, write_shards
+from shardfactory import digit_images, mixture_data, write_shards
 
 from raysl.config import load_config
 from raysl.data import mixture, reader
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mix")
-    images = digit_images(60)
-    curated, web = str(root / "curated"), str(root / "web")
-    write_shards(curated, [(f"curated/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[:20])], 5)
-    write_shards(web, [(f"web/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[20:])], 5)
-    return curated, web  # 4 shards of 5 rows, 8 shards of 5 rows
-
-
-def _data(shards, weights=()):
-    return SimpleNamespace(shards=shards, weights=list(weights))
 
 
 def _rows(mix, **kw):
@@ -41,9 +25,9 @@ def _batches(mix, *, seed=0, epoch=0, rank=0, world_size=1, batch_size=4, start=
     return stream, [[str(k) for k in b["key"]] for b in stream]
 
 
-def test_mixed_stream_is_weighted_deterministic_and_resumable(ray_local, sets):
-    curated, web = sets
-    mix = mixture.from_config(_data([curated, web], [0.25, 0.75]))
+def test_mixed_stream_is_weighted_deterministic_and_resumable(ray_local, mixture_sets):
+    curated, web = mixture_sets
+    mix = mixture.from_config(mixture_data([curated, web], [0.25, 0.75]))
     drawn = {}
     stream, keys = _batches(mix, seed=3, drawn=drawn)
     assert len(keys) == 13 and all(len(b) == 4 for b in keys)  # 52 rows: 13 batches of 4
@@ -67,9 +51,9 @@ def test_mixed_stream_is_weighted_deterministic_and_resumable(ray_local, sets):
     assert first["pos"].tolist() == [0, 1, 2, 3] and sorted(first["set"].tolist()) == [0, 1, 1, 1]
 
 
-def test_ranks_read_disjoint_parts_of_each_set(ray_local, sets):
-    curated, web = sets
-    mix = mixture.from_config(_data([curated, web], [1, 1]))
+def test_ranks_read_disjoint_parts_of_each_set(ray_local, mixture_sets):
+    curated, web = mixture_sets
+    mix = mixture.from_config(mixture_data([curated, web], [1, 1]))
     parts = [{k for b in _batches(mix, seed=1, rank=r, world_size=2, batch_size=2)[1] for k in b} for r in range(2)]
     assert parts[0] and parts[1] and not parts[0] & parts[1]
     steps = mix.steps_per_epoch(batch_size=2, seed=1, epoch=0, world_size=2)
@@ -85,7 +69,7 @@ def test_undecodable_images_are_skipped_and_the_batch_shape_kept(ray_local, tmp_
     from raysl.data.view_plans import view_spec
 
     spec = view_spec("eval", size=32)
-    mix = mixture.from_config(_data([a, b], [1, 1]))
+    mix = mixture.from_config(mixture_data([a, b], [1, 1]))
 
     def views(s, start):
         return reader.read_views(s.path, spec, seed=0, start=start, index=s.index)
@@ -99,8 +83,8 @@ def test_undecodable_images_are_skipped_and_the_batch_shape_kept(ray_local, tmp_
     assert stream.position == 21 and drawn == {"a": 10, "b": 10}
 
 
-def test_cli_reports_a_bad_weight_before_starting_ray(sets):
-    curated, web = sets
+def test_cli_reports_a_bad_weight_before_starting_ray(mixture_sets):
+    curated, web = mixture_sets
     done = subprocess.run(
         [sys.executable, "-m", "raysl.cli", "pretrain", "quickstart", f"data.shards=[{curated}, {web}]"]
         + ["data.weights=[0, 0]"],
@@ -147,7 +131,7 @@ def _damage_newest_checkpoint(run: str) -> str:
     return newest
 
 
-def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_path):
+def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, mixture_sets, tmp_path):
     """A real run (Ray Train, 1 worker): drawn/<set> in metrics.jsonl follows the weights exactly,
     the run records the index file of each set it reads, and a run resumed from its step-2
     checkpoint draws the same images (same losses, same counts) as the run that went on."""
@@ -155,7 +139,7 @@ def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_pa
     from raysl.train import storage
     from raysl.train.metrics import read_metrics
 
-    curated, web = sets
+    curated, web = mixture_sets
     cfg = _run_config([curated, web], "[0.25, 0.75]", tmp_path, "mix")
     out = pretrain(cfg)
     rows = read_metrics(out["run_dir"])
@@ -181,9 +165,9 @@ def test_pretrain_on_a_mixture_logs_images_drawn_per_set(ray_local, sets, tmp_pa
     ]
 
 
-def test_an_opened_mixture_gives_the_same_batches_and_counts_only_what_is_taken(ray_local, sets):
-    curated, web = sets
-    mix = mixture.from_config(_data([curated, web], [0.25, 0.75]))
+def test_an_opened_mixture_gives_the_same_batches_and_counts_only_what_is_taken(ray_local, mixture_sets):
+    curated, web = mixture_sets
+    mix = mixture.from_config(mixture_data([curated, web], [0.25, 0.75]))
     kw = dict(seed=3, epoch=1, rank=0, world_size=1)
     _, plain = _batches(mix, **kw)
     drawn = {"curated": 7, "web": 21}  # a run's counts so far

@@ -3,31 +3,16 @@ plans, epoch ends, images drawn per set, the model card's lineage, and bad input
 error naming the key."""
 
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from shardfactory import digit_images, write_shards
+from shardfactory import mixture_data
 
 from raysl.config import load_config
 from raysl.data import mixture, reader
 from raysl.data.schema import read_manifest
 from raysl.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mix")
-    images = digit_images(60)
-    curated, web = str(root / "curated"), str(root / "web")
-    write_shards(curated, [(f"curated/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[:20])], 5)
-    write_shards(web, [(f"web/{i:03d}.png", png, lab) for i, (_, png, lab) in enumerate(images[20:])], 5)
-    return curated, web  # 4 shards of 5 rows, 8 shards of 5 rows
-
-
-def _data(shards, weights=()):
-    return SimpleNamespace(shards=shards, weights=list(weights))
 
 
 @pytest.mark.parametrize(
@@ -50,21 +35,21 @@ def test_a_round_interleaves_evenly_and_consumed_is_exact():
     assert mix.sources(37, 10).tolist() == stream[37:47].tolist()
 
 
-def test_a_single_string_is_one_set_planned_as_before(sets):
-    curated, _ = sets
-    mix = mixture.from_config(_data(curated))
+def test_a_single_string_is_one_set_planned_as_before(mixture_sets):
+    curated, _ = mixture_sets
+    mix = mixture.from_config(mixture_data(curated))
     assert mix.single and mix.sets[0].path == curated
     m = read_manifest(curated)
     for epoch in range(3):
         assert mix.steps_per_epoch(batch_size=3, seed=1, epoch=epoch, world_size=2) == reader.steps_per_epoch(
             m, batch_size=3, seed=1, epoch=epoch, world_size=2
         )
-    assert mixture.from_config(_data([curated], [0.4])).single
+    assert mixture.from_config(mixture_data([curated], [0.4])).single
 
 
-def test_an_epoch_ends_when_the_first_set_runs_out(sets):
-    curated, web = sets
-    mix = mixture.from_config(_data([curated, web], [1, 3]))
+def test_an_epoch_ends_when_the_first_set_runs_out(mixture_sets):
+    curated, web = mixture_sets
+    mix = mixture.from_config(mixture_data([curated, web], [1, 3]))
     assert [s.name for s in mix.sets] == ["curated", "web"] and mix.shares.tolist() == [1, 3]
     for world, epoch in [(1, 0), (2, 0), (2, 1), (4, 2)]:
         kw = dict(seed=5, epoch=epoch, world_size=world)
@@ -102,8 +87,8 @@ def test_drawn_per_set_in_the_metrics():
         ("EMPTY", [], r"config key data.shards is empty"),
     ],
 )
-def test_bad_mixtures_are_one_error_naming_the_key(sets, tmp_path, shards, weights, match):
-    curated, web = sets
+def test_bad_mixtures_are_one_error_naming_the_key(mixture_sets, tmp_path, shards, weights, match):
+    curated, web = mixture_sets
     value = {
         "LIST": [curated, web],
         "ONE": curated,
@@ -112,14 +97,14 @@ def test_bad_mixtures_are_one_error_naming_the_key(sets, tmp_path, shards, weigh
         "EMPTY": "",
     }[shards]
     with pytest.raises(UserError, match=match) as err:
-        mixture.from_config(_data(value, weights))
+        mixture.from_config(mixture_data(value, weights))
     assert "\n" not in str(err.value)
 
 
-def test_config_keys_and_validation_before_ray(sets, tmp_path):
+def test_config_keys_and_validation_before_ray(mixture_sets, tmp_path):
     from raysl.pretrain import validate
 
-    curated, web = sets
+    curated, web = mixture_sets
     cfg = load_config("quickstart", [f"data.shards=[{curated}, {web}]", "data.weights=[0.3, 0.7]"])
     assert cfg.data.shards == [curated, web] and cfg.data.weights == [0.3, 0.7]
     assert load_config("quickstart", [f"data.shards={curated}"]).data.shards == curated  # a string stays one
@@ -138,10 +123,10 @@ def test_config_keys_and_validation_before_ray(sets, tmp_path):
     ]
 
 
-def test_model_card_lineage_lists_every_set_of_a_mixture(sets, tmp_path):
+def test_model_card_lineage_lists_every_set_of_a_mixture(mixture_sets, tmp_path):
     from raysl.eval.model_card import lineage
 
-    curated, web = sets
+    curated, web = mixture_sets
     data = lineage([curated, web], str(tmp_path))
     assert data["rows"] == data["written"] == 60 and data["shards"] == f"{curated}, {web}"
     assert len((tmp_path / "ATTRIBUTIONS.csv").read_text().strip().splitlines()) == 61  # header + 60 rows
