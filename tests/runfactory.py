@@ -9,7 +9,7 @@ import torch
 import yaml
 from shardfactory import digit_images, write_shards
 
-from raysl.config import load_config
+from raysl.config import from_dict, load_config
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
 
@@ -125,4 +125,24 @@ def tune_trial_config(shards, *extra):
             "train.log_every=1",
             *extra,
         ],
+    )
+
+
+ENGINE_BATCH, ENGINE_SIZE = 4, 32  # the engine tests: batch and image size
+
+
+def engine_config(
+    *, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None, method=None
+):
+    """A tiny simclr (or `method`) config for building an engine in-process, DeepSpeed settings as given."""
+    heads = {} if (method or {}).get("name") == "mae" else {"proj_hidden_dim": 32, "proj_dim": 16}  # MAE has none
+    return from_dict(
+        {
+            "data": {"batch_size": ENGINE_BATCH, "image_size": ENGINE_SIZE},
+            "model": {"backbone": "test_resnet", **(model or {})},
+            "method": {"name": "simclr", **heads, **(method or {})},
+            # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
+            "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
+            "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
+        }
     )

@@ -13,6 +13,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from runfactory import ENGINE_BATCH as BATCH
+from runfactory import ENGINE_SIZE as SIZE
+from runfactory import engine_config
 
 from raysl.config import from_dict
 from raysl.data.views import normalize
@@ -23,7 +26,7 @@ from raysl.train.build import compile_backbone, make_optimizer, make_schedules
 from raysl.train.engine import DTYPES, initialize
 from raysl.train.trainer import train_step
 
-BATCH, SIZE, TOTAL = 4, 32, 10
+TOTAL = 10
 
 
 def _free_port() -> int:
@@ -51,22 +54,6 @@ def gloo_world_of_one():
             import deepspeed.comm.comm as ds_comm
 
             ds_comm.cdb = None  # DeepSpeed's handle on the destroyed group
-
-
-def _cfg(
-    *, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None, method=None
-):
-    heads = {} if (method or {}).get("name") == "mae" else {"proj_hidden_dim": 32, "proj_dim": 16}  # MAE has none
-    return from_dict(
-        {
-            "data": {"batch_size": BATCH, "image_size": SIZE},
-            "model": {"backbone": "test_resnet", **(model or {})},
-            "method": {"name": "simclr", **heads, **(method or {})},
-            # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
-            "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
-            "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
-        }
-    )
 
 
 def _build(cfg, seed=0):
@@ -122,7 +109,7 @@ def zero0_losses():
 
     def get(precision: str) -> list[float]:
         if precision not in losses:
-            cfg = _cfg(precision=precision, optimizer="sgd")
+            cfg = engine_config(precision=precision, optimizer="sgd")
             built = _build(cfg)
             losses[precision] = [_step(built, cfg, s) for s in range(2)]
         return losses[precision]
@@ -136,7 +123,7 @@ def test_zero_stages_and_precisions_train(zero, precision, zero0_losses):
     one optimizer step) are those of ZeRO-0 in the same precision. SGD: its step is proportional
     to the gradient, so rounding in another reduction order moves it only a little (AdamW's first
     step is the gradient's sign, which rounding flips on the smallest components)."""
-    cfg = _cfg(zero=zero, precision=precision, optimizer="sgd")
+    cfg = engine_config(zero=zero, precision=precision, optimizer="sgd")
     built = _build(cfg)
     engine = built[0]
     assert engine.zero_optimization_stage() == zero
@@ -158,7 +145,7 @@ def test_cpu_engine_builds_no_cpp_kernel(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     ds_comm.cdb = None  # a new comm backend, as in a fresh worker
-    cfg = _cfg()
+    cfg = engine_config()
     built = _build(cfg)
     assert ds_comm.cdb.shm_comm_op is None
     assert _step(built, cfg, 0) == pytest.approx(_reference_loss(cfg, _views(cfg, 0), built[3].at(0)), rel=1e-6)
@@ -174,7 +161,7 @@ def _reference_loss(cfg, views, values) -> float:
 
 @pytest.mark.parametrize("zero", [0, 2])
 def test_gradient_accumulation_steps_the_optimizer_every_second_micro_batch(zero):
-    cfg = _cfg(zero=zero, grad_accum=2)
+    cfg = engine_config(zero=zero, grad_accum=2)
     engine, _, optimizer, schedules = built = _build(cfg)
     values = {**schedules.at(0), "step": 0}
     start = _weights(engine)
@@ -208,7 +195,7 @@ def test_gradient_clipping_limits_the_update(zero):
     # SGD's first step is p -= lr * g (momentum buffer = g, no weight decay), so the
     # update's norm is lr x the norm of the gradient DeepSpeed actually applied.
     clip = 1e-3
-    cfg = _cfg(zero=zero, optimizer="sgd", clip=clip, weight_decay=0.0)
+    cfg = engine_config(zero=zero, optimizer="sgd", clip=clip, weight_decay=0.0)
     engine, _, optimizer, schedules = built = _build(cfg)
     lr = schedules.at(0)["lr"]
     values = {**schedules.at(0), "step": 0}
@@ -226,7 +213,7 @@ def test_gradient_clipping_limits_the_update(zero):
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit", "lion8bit", "sgd", "lars", "lamb"])
 def test_every_cpu_optimizer_steps(name):
     # ZeRO-2 for all but the per-layer optimizers, which raysl runs without ZeRO
-    cfg = _cfg(zero=0 if name in ("lars", "lamb") else 2, optimizer=name)
+    cfg = engine_config(zero=0 if name in ("lars", "lamb") else 2, optimizer=name)
     built = _build(cfg)
     engine = built[0]
     before = _weights(engine)
@@ -242,8 +229,8 @@ def test_every_cpu_optimizer_steps(name):
 def test_layerwise_optimizers_are_refused_under_zero(name):
     # ZeRO >= 1 flattens each param group, so LARS/LAMB would get one trust ratio per group
     with pytest.raises(UserError, match="zero_stage"):
-        _build(_cfg(zero=2, optimizer=name))
-    built = _build(_cfg(zero=0, optimizer=name))  # per layer without ZeRO
+        _build(engine_config(zero=2, optimizer=name))
+    built = _build(engine_config(zero=0, optimizer=name))  # per layer without ZeRO
     seen = sum(len(g["params"]) for g in built[2].param_groups)
     assert seen == len(list(built[1].parameters()))
 
@@ -260,7 +247,7 @@ def _save(built, directory: str, step: int) -> None:
 
 @pytest.mark.parametrize("zero", [0, 2, 3])
 def test_checkpoint_round_trip_continues_exactly(zero, tmp_path):
-    cfg = _cfg(zero=zero, optimizer="adamw8bit")
+    cfg = engine_config(zero=zero, optimizer="adamw8bit")
     original = _build(cfg)
     for s in range(2):
         _step(original, cfg, s)
@@ -313,7 +300,7 @@ def test_masked_methods_train_and_resume_exactly(name, zero, precision, tmp_path
 def test_ema_teacher_round_trip_continues_exactly(tmp_path):
     """BYOL's EMA target network is its own state in the checkpoint, and a run restored
     from it continues bit-exactly (the teacher's next EMA update included)."""
-    cfg = _cfg(
+    cfg = engine_config(
         zero=2,
         optimizer="adamw8bit",
         method={"name": "byol", "pred_hidden_dim": 32, "ema_momentum": 0.9, "ema_momentum_end": 0.9},
@@ -362,7 +349,7 @@ def _assert_whole_weights_saved(built, cfg, directory: str, zero: int) -> None:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("ckpt"))
-    cfg = _cfg()
+    cfg = engine_config()
     built = _build(cfg)
     _step(built, cfg, 0)
     _save(built, d, 1)
@@ -395,7 +382,7 @@ def test_held_out_loss_leaves_training_untouched():
     without it."""
     from raysl.train.val_loss import held_out_loss
 
-    cfg = _cfg()
+    cfg = engine_config()
     plain, checked = _build(cfg), _build(cfg)
     for s in range(2):
         assert _step(plain, cfg, s) == _step(checked, cfg, s)
@@ -420,8 +407,8 @@ def test_compiled_backbone_trains_like_eager_with_the_same_state_dict_keys(tmp_p
     a 2-core CPU (measured for test_resnet at 32 px, cold cache: 48 s idle, 300 s under load)."""
     from safetensors.torch import load_file
 
-    cfg_eager = _cfg(optimizer="sgd")
-    cfg_compiled = _cfg(optimizer="sgd", model={"compile": True, "compile_backend": "aot_eager"})
+    cfg_eager = engine_config(optimizer="sgd")
+    cfg_compiled = engine_config(optimizer="sgd", model={"compile": True, "compile_backend": "aot_eager"})
     eager, compiled = _build(cfg_eager), _build(cfg_compiled)
     assert hasattr(compiled[1].backbone, "_compiled_call_impl") and compiled[1].backbone._compiled_call_impl is not None
     keys = list(eager[0].module.state_dict())
@@ -518,7 +505,7 @@ def test_grad_checkpointing_same_losses_less_activation_memory(method, backbone)
     same losses through the engine for 2 steps."""
     extra = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2} if method == "mae" else {}
     cfgs = [
-        _cfg(model={"backbone": backbone, "grad_checkpointing": on}, method={"name": method, **extra})
+        engine_config(model={"backbone": backbone, "grad_checkpointing": on}, method={"name": method, **extra})
         for on in (False, True)
     ]
     views = _views(cfgs[0], 0)[: 1 if method == "mae" else 2]
@@ -547,7 +534,7 @@ def test_cpu_offload_trains_like_the_device_optimizer(zero, offload_param):
     built on first use, about 50 s here), stepping the host copy; the losses follow plain AdamW."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    base = _cfg(zero=zero)
+    base = engine_config(zero=zero)
     offloaded = from_dict(
         {
             **base.to_dict(),

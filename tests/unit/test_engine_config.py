@@ -4,29 +4,12 @@ GPU RNG state a checkpoint saves."""
 
 import pytest
 import torch
+from runfactory import engine_config
 
 from raysl.config import from_dict
 from raysl.errors import UserError
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
-
-BATCH, SIZE, TOTAL = 4, 32, 10
-
-
-def _cfg(
-    *, zero=0, precision="fp32", grad_accum=1, optimizer="adamw", clip=0.0, weight_decay=0.05, model=None, method=None
-):
-    heads = {} if (method or {}).get("name") == "mae" else {"proj_hidden_dim": 32, "proj_dim": 16}  # MAE has none
-    return from_dict(
-        {
-            "data": {"batch_size": BATCH, "image_size": SIZE},
-            "model": {"backbone": "test_resnet", **(model or {})},
-            "method": {"name": "simclr", **heads, **(method or {})},
-            # lr 1.0 per 256 images -> 1/64 at batch 4: steps big enough to move bf16 weights
-            "optim": {"name": optimizer, "lr": 1.0, "clip_grad": clip, "weight_decay": weight_decay},
-            "deepspeed": {"zero_stage": zero, "precision": precision, "grad_accum": grad_accum},
-        }
-    )
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
@@ -37,7 +20,7 @@ def test_drop_path_rate_reaches_the_timm_backbone(backbone):
 
     def rates(rate):
         torch.manual_seed(0)
-        method = build_method(_cfg(model={"backbone": backbone, "drop_path_rate": rate}))
+        method = build_method(engine_config(model={"backbone": backbone, "drop_path_rate": rate}))
         return [m.drop_prob for m in method.backbone.modules() if isinstance(m, DropPath)]
 
     got = rates(0.3)
@@ -71,14 +54,14 @@ def test_grad_checkpointing_where_timm_has_none_is_a_config_error():
     from raysl.train.engine import check_config
 
     with pytest.raises(UserError, match="model.grad_checkpointing: timm model 'cspresnet50' has no activation"):
-        check_config(_cfg(model={"backbone": "cspresnet50", "grad_checkpointing": True}))
-    check_config(_cfg(model={"backbone": "test_vit", "grad_checkpointing": True}))
+        check_config(engine_config(model={"backbone": "cspresnet50", "grad_checkpointing": True}))
+    check_config(engine_config(model={"backbone": "test_vit", "grad_checkpointing": True}))
 
 
 def test_offload_keys_map_to_zero_offload_and_infinity():
     from raysl.train.engine import check_config, deepspeed_config
 
-    zero = deepspeed_config(_cfg(zero=3))["zero_optimization"]
+    zero = deepspeed_config(engine_config(zero=3))["zero_optimization"]
     assert zero == {"stage": 3}
     cfg = from_dict(
         {
@@ -107,7 +90,7 @@ def test_offload_keys_map_to_zero_offload_and_infinity():
     assert small["zero_optimization"]["stage3_max_live_parameters"] == 10_000_000
     assert small["zero_optimization"]["stage3_max_reuse_distance"] == 10_000_000
     assert small["data_types"] == {"grad_accum_dtype": "bf16"}
-    assert "data_types" not in deepspeed_config(_cfg(zero=3))  # DeepSpeed's own defaults
+    assert "data_types" not in deepspeed_config(engine_config(zero=3))  # DeepSpeed's own defaults
 
 
 @pytest.mark.parametrize(
