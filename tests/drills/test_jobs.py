@@ -147,6 +147,13 @@ def cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _submit_argv(cluster, overrides: list[str], *options: str) -> list[str]:
+    """jobs/submit.py running `raysl pretrain quickstart <overrides>` on the cluster, 400 s at most."""
+    submit = [sys.executable, os.path.join(REPO, "jobs", "submit.py"), "--address", cluster["address"]]
+    submit += ["--working-dir", REPO, "--runtime-env", os.path.join(REPO, "jobs", "runtime_env.yaml"), *options]
+    return [*submit, "--timeout", "400", "--", "raysl", "pretrain", "quickstart", *overrides]
+
+
 def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_path):
     shards = str(tmp_path / "shards")
     write_shards(shards, digit_images(32), shard_size=8)
@@ -172,25 +179,7 @@ def test_job_on_a_real_cluster_puts_data_tasks_on_the_data_node(cluster, tmp_pat
     ]
     t0 = time.monotonic()
     job = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "jobs", "submit.py"),
-            "--address",
-            cluster["address"],
-            "--working-dir",
-            REPO,
-            "--runtime-env",
-            os.path.join(REPO, "jobs", "runtime_env.yaml"),
-            "--placement",
-            placement_file,
-            "--timeout",
-            "400",
-            "--",
-            "raysl",
-            "pretrain",
-            "quickstart",
-            *overrides,
-        ],
+        _submit_argv(cluster, overrides, "--placement", placement_file),
         cwd=REPO,
         env=cluster["env"],
         capture_output=True,
@@ -295,23 +284,7 @@ def test_a_lost_node_costs_only_the_steps_after_the_latest_checkpoint(cluster, t
     ]
     log = open(tmp_path / "submit.log", "w")
     job = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(REPO, "jobs", "submit.py"),
-            "--address",
-            cluster["address"],
-            "--working-dir",
-            REPO,
-            "--runtime-env",
-            os.path.join(REPO, "jobs", "runtime_env.yaml"),
-            "--timeout",
-            "400",
-            "--",
-            "raysl",
-            "pretrain",
-            "quickstart",
-            *overrides,
-        ],
+        _submit_argv(cluster, overrides),
         cwd=REPO,
         env=cluster["env"],
         # a file, not a pipe: nobody reads a pipe while the job runs, and once its 64 KiB
