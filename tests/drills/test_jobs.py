@@ -73,6 +73,20 @@ def _stop_cluster(temp_dir: str) -> None:
         wait_gone(pids, wait)
 
 
+def _agent_ports(listen: int, grpc: int, runtime_env: int, metrics: int) -> list[str]:
+    """`ray start` options for a node's dashboard agent, runtime-env agent and metrics ports."""
+    return [
+        "--dashboard-agent-listen-port",
+        str(listen),
+        "--dashboard-agent-grpc-port",
+        str(grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--metrics-export-port",
+        str(metrics),
+    ]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head node ({"trainer_node": 2}, 2 CPUs, dashboard/job server) and a worker node
@@ -108,14 +122,7 @@ def cluster():
         str(dash),
         "--ray-client-server-port",
         str(client),
-        "--dashboard-agent-listen-port",
-        str(agent[0]),
-        "--dashboard-agent-grpc-port",
-        str(agent[1]),
-        "--runtime-env-agent-port",
-        str(agent[2]),
-        "--metrics-export-port",
-        str(agent[3]),
+        *_agent_ports(*agent[:4]),
         *common,
     ]
     worker = [
@@ -127,14 +134,7 @@ def cluster():
         "1",
         "--resources",
         json.dumps({"data_node": 2}),
-        "--dashboard-agent-listen-port",
-        str(agent[4]),
-        "--dashboard-agent-grpc-port",
-        str(agent[5]),
-        "--runtime-env-agent-port",
-        str(agent[6]),
-        "--metrics-export-port",
-        str(agent[7]),
+        *_agent_ports(*agent[4:8]),
         *common,
     ]
     try:
