@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from raysl.doc_markers import replace_between
+
 BEGIN = "<!-- headline results: begin (python -m raysl.bench.results README.md) -->"
 END = "<!-- headline results: end -->"
 REQUIRED = ("benchmark", "command", "date", "commit", "machine", "versions", "headline", "tables")
@@ -104,10 +106,11 @@ def headline_table(folder: Path, link_from: Path) -> str:
 
 def rewrite(text: str, folder: Path, link_from: Path) -> str:
     """`text` with the table between BEGIN and END written afresh."""
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{link_from}: no {BEGIN!r} ... {END!r} markers")
-    head, rest = text.split(BEGIN, 1)
-    return f"{head}{BEGIN}\n{headline_table(folder, link_from)}\n{END}{rest.split(END, 1)[1]}"
+    table = headline_table(folder, link_from)
+    try:
+        return replace_between(text, BEGIN, END, table)
+    except ValueError as error:
+        raise ValueError(f"{link_from}: {error}") from None
 
 
 def main(argv: list[str]) -> None:
