@@ -73,15 +73,39 @@ def restore_environ():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray for the whole session (integration and drills)."""
+def s3():
+    """A real S3 API (moto's server, tests/s3server.py) for the session, its endpoint and test
+    credentials in this process's environment (and so in every process it starts)."""
+    from s3server import S3Server
+
+    server = S3Server().start()
+    saved = server.put_env()
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """One real local Ray for the whole session (integration and drills); its workers reach the
+    S3 server through the job's runtime env."""
     import ray
 
     from raysl.runtime import worker_pool
 
     if not ray.is_initialized():
         # idle workers kept, as `raysl` keeps them: each Ray Data job reuses the last one's
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=worker_pool(2))
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": dict(s3.env)},
+            _system_config=worker_pool(2),
+        )
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,82 @@
+"""A real S3 API on this machine: moto's server mode in its own process on 127.0.0.1.
+
+raysl's storage code talks to it as to any bucket: pyarrow's S3 filesystem finds it through
+AWS_ENDPOINT_URL, the test credentials through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+ACCESS_KEY = "raysl-test-key"
+SECRET_KEY = "raysl-test-secret-do-not-log"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server: `start()`, `stop()`, `env` (what a process needs to reach it) and
+    `bucket()` (a new, empty bucket; returns its s3:// URI)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",  # never ask a cloud's metadata service for credentials
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "S3Server":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on {self.endpoint}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def filesystem(self):
+        import pyarrow.fs
+
+        return pyarrow.fs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            region="us-east-1",
+            allow_bucket_creation=True,
+            allow_bucket_deletion=True,
+        )
+
+    def bucket(self, prefix: str = "lake") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.filesystem().create_dir(name)
+        return f"s3://{name}"
+
+    def put_env(self) -> dict:
+        """Set `env` in this process (its children inherit it); returns what it replaced."""
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        return saved
