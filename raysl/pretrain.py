@@ -21,11 +21,21 @@ def run_dir(cfg: Config) -> str:
 def validate(cfg: Config) -> None:
     """Everything that can be checked before Ray starts."""
     from raysl.data import mixture
+    from raysl.data.buckets import check_buckets
     from raysl.methods.base import method_class
     from raysl.models.backbone import check_backbone_name
     from raysl.train.run_views import spec_for
     from raysl.train.steps import rows_per_step, total_steps, val_steps
 
+    check_buckets(  # one look at each bucket, so a wrong name, key or endpoint is one line before Ray starts
+        {
+            "data.shards": mixture.set_paths(cfg.data.shards),
+            "train.storage_path": cfg.train.storage_path,
+            "eval.knn_shards": cfg.eval.knn_shards,
+            "eval.knn_val_shards": cfg.eval.knn_val_shards,
+            "eval.val_shards": cfg.eval.val_shards,
+        }
+    )
     sets = mixture.from_config(cfg.data)  # data.shards (one set or a list) and data.weights, each set read
     from raysl.train.engine import check_config
 

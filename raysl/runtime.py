@@ -44,6 +44,17 @@ QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": 
 # second already). A slow poll is not an error: Ray waits 10 minutes on one.
 LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 _JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` in the job's driver
+# How pyarrow (and boto) find a bucket and its credentials. A local Ray's workers inherit
+# them from this process; the workers of a cluster raysl joins get the ones set here.
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 SETUP_HOOK = "raysl.runtime.setup_worker"
 
 
@@ -111,6 +122,19 @@ def _quiet_runtime_env() -> dict | None:
     return {"env_vars": env, "worker_process_setup_hook": SETUP_HOOK}
 
 
+def cluster_runtime_env() -> dict | None:
+    """The runtime env of a job that joins a running cluster: quiet (`_quiet_runtime_env`) and
+    with the storage variables (STORAGE_ENV) this process has, so every worker reaches the
+    same buckets as the driver. A `ray job submit` job brings its own runtime_env: none."""
+    if _JOB_ENV in os.environ:
+        return None
+    storage = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    env = _quiet_runtime_env() or {}
+    if storage:
+        env["env_vars"] = {**env.get("env_vars", {}), **storage}
+    return env or None
+
+
 def train_logging():
     """Ray Train's RunConfig(logging_config=...): its INFO lines (resources requested, worker
     group started, each checkpoint and report) only with --verbose."""
@@ -152,7 +176,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     if not verbose():
         options["logging_level"] = logging.WARNING  # Ray's own INFO lines on this process
     if address:
-        ray.init(address=address, **options)
+        ray.init(address=address, **{**options, "runtime_env": cluster_runtime_env()})
         return f"Ray: joined cluster at {address}"
     runtime_env = options["runtime_env"] or {}
     local = {k: v for k, v in LOCAL_ENV.items() if k not in os.environ}  # the user's own setting wins

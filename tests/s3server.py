@@ -3,13 +3,17 @@
 raysl's storage code talks to it as to any bucket: pyarrow's S3 filesystem finds it through
 AWS_ENDPOINT_URL, the test credentials through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
+from contextlib import contextmanager
 
 ACCESS_KEY = "raysl-test-key"
 SECRET_KEY = "raysl-test-secret-do-not-log"
@@ -36,12 +40,14 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",  # never ask a cloud's metadata service for credentials
         }
         self.proc: subprocess.Popen | None = None
+        self.recording_file = os.path.join(tempfile.mkdtemp(prefix="moto_"), "recording.jsonl")
 
     def start(self, timeout: float = 60.0) -> "S3Server":
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "MOTO_RECORDER_FILEPATH": self.recording_file},  # see `recording`
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -80,3 +86,36 @@ class S3Server:
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
         return saved
+
+    def _api(self, path: str, data: bytes = b"") -> bytes:
+        req = urllib.request.Request(
+            f"{self.endpoint}/moto-api/{path}", data=data, method="POST", headers={"Content-Type": "text/plain"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    @contextmanager
+    def recording(self):
+        """The S3 requests the server answers inside the block, as (method, bucket/key, query)
+        tuples appended to the yielded list when the block ends (moto's request recorder)."""
+        requests: list[tuple[str, str, str]] = []
+        self._api("recorder/reset-recording")
+        self._api("recorder/start-recording")
+        try:
+            yield requests
+        finally:
+            self._api("recorder/stop-recording")
+            with open(self.recording_file) as f:
+                for line in f:
+                    url = urllib.parse.urlsplit(json.loads(line)["url"])
+                    requests.append((json.loads(line)["method"], urllib.parse.unquote(url.path).lstrip("/"), url.query))
+
+    @contextmanager
+    def credentials_checked(self):
+        """Inside the block the server checks every request's credentials, as a cloud's S3
+        does (by default moto accepts any); its IAM knows no key, so every request is refused."""
+        self._api("reset-auth", b"0")
+        try:
+            yield
+        finally:
+            self._api("reset-auth", b"inf")

@@ -88,14 +88,19 @@ def resolve_model(
     """A run directory (it has config.yaml) or a timm model name; checked on the driver."""
     if input_norm not in INPUT_NORMS:
         raise UserError(f"--input-norm {input_norm}: one of {', '.join(INPUT_NORMS)}")
-    if os.path.isdir(model):
+    if "://" in model or os.path.isdir(
+        model
+    ):  # a run in a bucket: each actor fetches its weights (weights.local_files)
+        from raysl.data.buckets import check_bucket
         from raysl.eval.weights import latest_checkpoint, run_config
+        from raysl.paths import resolve_path
 
+        check_bucket(model, "--model")
         cfg = run_config(model)
         step, _ = latest_checkpoint(model)
         return ModelSpec(
             "run",
-            os.path.abspath(model),
+            resolve_path(model).rstrip("/"),
             image_size or cfg.data.image_size or 224,
             step=step,
             stage=stage,

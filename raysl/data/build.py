@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raysl.data import decode
+from raysl.data.buckets import check_buckets
 from raysl.data.metadata import load_metadata
 from raysl.data.schema import (
     MANIFEST,
@@ -397,6 +398,7 @@ def plan_build(
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if not sources:
         raise UserError("give at least one SRC (a folder of images, a .tar or a .parquet)")
+    check_buckets({"--out": out, "SRC": sources})
     existing = None
     if append:
         if overwrite:

@@ -166,6 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
+    from raysl.data.buckets import check_bucket
+
+    check_bucket(args.dir, "raysl shards inspect")
     print(format_inspect(inspect_shards(args.dir)))
     if args.grid:
         n = contact_sheet(args.dir, args.grid, samples=args.samples)

@@ -97,5 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
+    from raysl.data.buckets import check_bucket
+
+    check_bucket(args.dir, "raysl shards migrate")
     m = migrate(args.dir)
     print(f"migrated {args.dir}: {len(m.shards):,} shard(s), {m.rows:,} images; the shard list is now in its index")

@@ -39,17 +39,38 @@ def takes_img_size(backbone) -> bool:
     return hasattr(backbone, "patch_embed")  # ViT-like timm models are built for one image size
 
 
+# what export reads of a run in a bucket, besides config.yaml and the checkpoint's weights
+RUN_FILES = ("metrics.jsonl", "eval_*.json")
+
+
 def export(run_dir: str, out_dir: str, *, shards: str | None = None) -> dict:
     """Write the latest checkpoint's student backbone to `out_dir` (see module doc); refuses
     a directory that is not a run, a run with no checkpoint and weights that do not fit the
-    backbone config.yaml names. `shards` overrides where the training shard set now lives."""
+    backbone config.yaml names. `shards` overrides where the training shard set now lives.
+    A run in a bucket is read through a temporary copy of only the files export needs
+    (weights.local_run)."""
+    from raysl.data.buckets import check_bucket
+    from raysl.eval.weights import local_run
+    from raysl.train.storage import is_uri
+
+    run_dir = run_dir.rstrip("/")
+    if is_uri(out_dir):
+        raise UserError(
+            f"--out {out_dir}: export writes a local folder (its model card names the weights' path); "
+            "give a folder here and copy it to the bucket after"
+        )
+    check_bucket(run_dir, "--ckpt")
+    with local_run(run_dir, RUN_FILES) as local:
+        return _export(local, out_dir, shards=shards, source=run_dir if is_uri(run_dir) else os.path.abspath(run_dir))
+
+
+def _export(run_dir: str, out_dir: str, *, shards: str | None, source: str) -> dict:
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
     from raysl.eval.model_card import write_card
     from raysl.eval.weights import load_backbone
 
-    run_dir = run_dir.rstrip("/")
     backbone, cfg, step = load_backbone(run_dir)
     size = eval_image_size(cfg)
     if os.path.isfile(out_dir):
@@ -58,7 +79,7 @@ def export(run_dir: str, out_dir: str, *, shards: str | None = None) -> dict:
     save_file(
         {k: v.contiguous() for k, v in backbone.state_dict().items()},
         os.path.join(out_dir, WEIGHTS),
-        metadata={"format": "pt", "raysl_run": os.path.abspath(run_dir), "step": str(step)},
+        metadata={"format": "pt", "raysl_run": source, "step": str(step)},
     )
     config_path = os.path.join(out_dir, TIMM_CONFIG)
     data_config = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=EVAL_CROP_FRACTION, interpolation="bicubic")

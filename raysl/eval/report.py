@@ -111,14 +111,38 @@ def _backbone_pictures(
             notes.append("No patch-feature PCA: the backbone is not a ViT, it has no patch tokens.")
 
 
+# what the report reads of a run in a bucket, besides config.yaml and the checkpoint's weights
+RUN_FILES = ("metrics.jsonl", "eval_*.json", "score_histograms/step_*.png")
+
+
 def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8) -> str:
-    """Write RUN/report.html (see module doc) and return its path."""
+    """Write RUN/report.html (see module doc) and return its path. A run in a bucket is read
+    through a temporary copy of only the files the report needs (weights.local_run); the page
+    and its pictures are written back into the run."""
+    from raysl.data.buckets import check_bucket
+    from raysl.eval.weights import local_run
+    from raysl.train import storage
+
+    run_dir = run_dir.rstrip("/")
+    if not storage.is_uri(run_dir):
+        return _build_report(run_dir, eval_dir, samples, shown=os.path.abspath(run_dir))
+    check_bucket(run_dir, "raysl report")
+    if not storage.exists(f"{run_dir}/config.yaml"):
+        raise UserError(f"raysl report {run_dir}: no config.yaml there; give a run directory written by raysl pretrain")
+    with local_run(run_dir, RUN_FILES) as local:
+        _build_report(local, eval_dir, samples, shown=run_dir)
+        storage.upload(os.path.join(local, REPORT), f"{run_dir}/{REPORT}")
+        for name in sorted(os.listdir(os.path.join(local, PICTURES))):
+            storage.upload(os.path.join(local, PICTURES, name), f"{run_dir}/{PICTURES}/{name}")
+    return f"{run_dir}/{REPORT}"
+
+
+def _build_report(run_dir: str, eval_dir: str | None, samples: int, *, shown: str) -> str:
     from raysl.eval.model_card import eval_results, final_metrics, training_facts
     from raysl.eval.pictures import knn_curve
     from raysl.eval.weights import latest_checkpoint, run_config
     from raysl.train.metrics import plot_curves, read_metrics
 
-    run_dir = run_dir.rstrip("/")
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         raise UserError(f"raysl report {run_dir}: no config.yaml there; give a run directory written by raysl pretrain")
     cfg = run_config(run_dir)
@@ -152,7 +176,7 @@ def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8)
         )
     _backbone_pictures(run_dir, cfg, eval_dir, samples, out_dir, figures, notes)
 
-    sections = [f"<h1>raysl run {html.escape(cfg.train.name)}</h1>", f"<p>{html.escape(os.path.abspath(run_dir))}</p>"]
+    sections = [f"<h1>raysl run {html.escape(cfg.train.name)}</h1>", f"<p>{html.escape(shown)}</p>"]
     try:
         step, _ = latest_checkpoint(run_dir)
         sections += ["<h2>Training</h2>", _table(training_facts(run_dir, cfg, step).items())]

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
 from raysl.errors import UserError
 
@@ -57,6 +58,7 @@ def validate(
 ) -> tuple[int, int, int]:
     """(train images, val images, checkpoint step); a UserError for a wrong run, backbone,
     set or option."""
+    from raysl.data.buckets import check_buckets
     from raysl.eval.labeled import check_labeled
     from raysl.eval.weights import load_backbone
 
@@ -67,6 +69,7 @@ def validate(
             "--baseline: scores frozen features (knn, linear, fewshot); fine-tune a random init as its own run"
         )
     check_options(options or {})
+    check_buckets({"--ckpt": ckpt, "--train": train, "--val": val})  # before anything else reads them
     _, _, step = load_backbone(ckpt, expect_backbone=backbone)  # refuses another backbone, or weights that do not fit
     return check_labeled(train, "--train"), check_labeled(val, "--val"), step
 
@@ -159,14 +162,19 @@ def evaluate(
     from raysl.eval.weights import run_config
     from raysl.paths import resolve_path
     from raysl.runtime import init_ray, train_logging
+    from raysl.train import storage as run_storage
 
     ckpt, train, val = resolve_path(ckpt), resolve_path(train), resolve_path(val)  # the workers run elsewhere
     n_train, n_val, step = validate(kind, ckpt, train, val, backbone, options, baseline)
     cfg = run_config(ckpt)
     size = image_size or cfg.data.image_size or 224
     print(init_ray(address, quiet=False), flush=True)  # the workers' progress lines
-    # Ray Train's storage inside the run dir, which every worker reads anyway (shared FS on a cluster)
-    storage = tempfile.mkdtemp(prefix=".eval_", dir=ckpt)
+    # Ray Train's storage inside the run dir, which every worker reads anyway (shared FS on a
+    # cluster, or the bucket; there each worker fetches the weights for itself, weights.method_state)
+    if run_storage.is_uri(ckpt):
+        storage = f"{ckpt.rstrip('/')}/.eval_{uuid.uuid4().hex[:8]}"
+    else:
+        storage = tempfile.mkdtemp(prefix=".eval_", dir=ckpt)
     try:
         trainer = TorchTrainer(
             eval_loop_per_worker,
@@ -197,7 +205,10 @@ def evaluate(
         with checkpoint.as_directory() as d, open(os.path.join(d, "result.json")) as f:
             metrics = json.load(f)
     finally:
-        shutil.rmtree(storage, ignore_errors=True)
+        if run_storage.is_uri(storage):
+            run_storage.delete_dir(storage)
+        else:
+            shutil.rmtree(storage, ignore_errors=True)
     result = {
         "eval": kind,
         "ckpt": ckpt,
@@ -209,8 +220,7 @@ def evaluate(
         "workers": workers,
         **metrics,
     }
-    with open(os.path.join(ckpt, f"eval_{kind}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    run_storage.write_text(f"{ckpt.rstrip('/')}/eval_{kind}.json", json.dumps(result, indent=2))
     return result
 
 

@@ -1,10 +1,18 @@
 """A finished (or running) pretraining run, read back: its recipe, its latest checkpoint
-and its trained backbone. Only YAML, JSON and safetensors are read; nothing is unpickled."""
+and its trained backbone. Only YAML, JSON and safetensors are read; nothing is unpickled.
+
+The run may be a local (or NFS) directory or a bucket URI. From a bucket only what is needed
+is read: config.yaml, each checkpoint's rank-0 state and listing (to find the latest
+complete one) and that checkpoint's weights.safetensors, copied into a temporary folder that
+is removed after loading; never the optimizer and engine files, never other ranks' files."""
 
 from __future__ import annotations
 
-import json
+import io
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -12,31 +20,30 @@ from raysl.config import Config, from_dict, load_yaml
 from raysl.errors import UserError
 from raysl.train import checkpoint, storage
 
+CONFIG = "config.yaml"
+
+
+def _join(run_dir: str, name: str) -> str:
+    return f"{run_dir.rstrip('/')}/{name}" if storage.is_uri(run_dir) else os.path.join(run_dir, name)
+
 
 def run_config(run_dir: str) -> Config:
     """The recipe the run was started with (`config.yaml` in the run dir)."""
-    if storage.is_uri(run_dir):
-        raise UserError(
-            f"--ckpt {run_dir}: eval, export and report read a run directory on this machine (local disk or NFS); "
-            "copy the run's config.yaml and the checkpoint_* you want from the bucket into a folder and pass that"
-        )
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
+    path = _join(run_dir, CONFIG)
+    if not storage.exists(path):
         raise UserError(
             f"--ckpt {run_dir}: no config.yaml there; point it at a run directory written by raysl pretrain"
         )
-    with open(path) as f:
-        return from_dict(load_yaml(f) or {}, origin=path)
+    return from_dict(load_yaml(io.StringIO(storage.read_text(path))) or {}, origin=path)
 
 
 def checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """(step, directory) of the run's complete checkpoints, oldest first."""
     found = []
     for name, complete in storage.checkpoint_dirs(run_dir, only=(checkpoint.WEIGHTS,)):
-        d = os.path.join(run_dir, name)
         if complete:
-            with open(os.path.join(d, checkpoint.RUN_STATE)) as f:
-                found.append((int(json.load(f)["step"]), d))
+            d = _join(run_dir, name)
+            found.append((storage.checkpoint_step(d), d))
     return sorted(found)
 
 
@@ -53,7 +60,35 @@ def method_state(run_dir: str) -> tuple[Config, int, dict[str, torch.Tensor]]:
 
     cfg = run_config(run_dir)
     step, directory = latest_checkpoint(run_dir)
-    return cfg, step, load_file(os.path.join(directory, checkpoint.WEIGHTS))
+    with local_files(directory, (checkpoint.WEIGHTS,)) as local:
+        return cfg, step, load_file(os.path.join(local, checkpoint.WEIGHTS))
+
+
+@contextmanager
+def local_files(directory: str, names: tuple[str, ...]) -> Iterator[str]:
+    """`directory` itself when it is local; for a URI a temporary folder holding just the
+    files `names` matches (storage.fetch patterns), removed on exit."""
+    if not storage.is_uri(directory):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="raysl_fetch_") as local:
+        storage.fetch(directory, local, names)
+        yield local
+
+
+@contextmanager
+def local_run(run_dir: str, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """The run as a local directory: itself, or for a URI a temporary copy (removed on exit) of
+    config.yaml, the latest complete checkpoint's weights and rank-0 state, and the files
+    `extra` matches (e.g. "metrics.jsonl", "eval_*.json")."""
+    if not storage.is_uri(run_dir):
+        yield run_dir
+        return
+    run_config(run_dir)  # a clear error for a URI that is not a run
+    _, directory = latest_checkpoint(run_dir)
+    name = directory.rstrip("/").rsplit("/", 1)[1]
+    with local_files(run_dir, (CONFIG, f"{name}/{checkpoint.WEIGHTS}", f"{name}/{checkpoint.RUN_STATE}", *extra)) as d:
+        yield d
 
 
 def backbone_state(state: dict[str, torch.Tensor], module: str = "backbone") -> dict[str, torch.Tensor]:

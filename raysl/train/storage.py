@@ -201,3 +201,53 @@ class RunFiles:
         self.sync()
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+def read_text(path: str) -> str:
+    """A text file at a local path or a URI."""
+    fs, p = filesystem_and_path(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def fetch(src: str, into: str, patterns: tuple[str, ...]) -> dict[str, int]:
+    """Copy the files of `src` (a local dir or a URI) whose path relative to it matches one of
+    `patterns` (fnmatch; "a/b*.png" lists folder a only, never the whole tree) into the local
+    folder `into`; returns {relative path: bytes copied}. What is not named is not read: eval,
+    export and report take config.yaml and one checkpoint's weights from a run whose engine
+    and optimizer files may be many times larger."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    fs, root = filesystem_and_path(src)
+    local = pyarrow.fs.LocalFileSystem()
+    copied: dict[str, int] = {}
+    for folder in sorted({_folder(p) for p in patterns}):
+        base = f"{root}/{folder}" if folder else root
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        except (FileNotFoundError, OSError):
+            continue
+        for info in infos:
+            rel = f"{folder}/{info.base_name}" if folder else info.base_name
+            if info.type != pyarrow.fs.FileType.File or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+                continue
+            target = os.path.join(into, *rel.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            pyarrow.fs.copy_files(info.path, target, source_filesystem=fs, destination_filesystem=local)
+            copied[rel] = info.size
+    return copied
+
+
+def _folder(rel: str) -> str:
+    return rel.rsplit("/", 1)[0] if "/" in rel else ""
+
+
+def delete_dir(path: str) -> None:
+    """Remove a folder (local or URI) and everything in it; nothing when it is not there."""
+    import pyarrow.fs
+
+    fs, p = filesystem_and_path(path)
+    if fs.get_file_info(p).type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(p)

@@ -258,6 +258,7 @@ def tune_recipe(
 ) -> dict:
     import ray.tune
 
+    from raysl.data.buckets import check_bucket
     from raysl.pretrain import validate
     from raysl.runtime import init_ray
     from raysl.train.steps import total_steps
@@ -268,6 +269,7 @@ def tune_recipe(
         raise UserError(f"--samples {samples}: must be >= 1")
     if scheduler == "pbt" and samples < 2:
         raise UserError("--scheduler pbt needs --samples >= 2 (a population)")
+    check_bucket(storage, "--storage")
     metric, mode = resolve_metric(cfg, metric, mode)
     base = cfg.to_dict()
     for p in params:  # every trial's recipe must pass the same checks as `raysl pretrain`

@@ -244,7 +244,7 @@ def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
 
     loggers = [logging.getLogger(name) for name in ("bitsandbytes", "DeepSpeed")]
     saved = [(lg.level, list(lg.filters)) for lg in loggers]
-    for key in (runtime.VERBOSE_ENV, *runtime.QUIET_ENV, *runtime.LOCAL_ENV):
+    for key in (runtime.VERBOSE_ENV, *runtime.QUIET_ENV, *runtime.LOCAL_ENV, *runtime.STORAGE_ENV):
         monkeypatch.delenv(key, raising=False)
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
