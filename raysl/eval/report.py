@@ -125,19 +125,19 @@ def build_report(run_dir: str, eval_dir: str | None = None, *, samples: int = 8)
 
     run_dir = run_dir.rstrip("/")
     if not storage.is_uri(run_dir):
-        return _build_report(run_dir, eval_dir, samples, shown=os.path.abspath(run_dir))
+        return _build_report(run_dir, eval_dir, samples, source=os.path.abspath(run_dir))
     check_bucket(run_dir, "raysl report")
     if not storage.exists(f"{run_dir}/config.yaml"):
         raise UserError(f"raysl report {run_dir}: no config.yaml there; give a run directory written by raysl pretrain")
     with local_run(run_dir, RUN_FILES) as local:
-        _build_report(local, eval_dir, samples, shown=run_dir)
+        _build_report(local, eval_dir, samples, source=run_dir)
         storage.upload(os.path.join(local, REPORT), f"{run_dir}/{REPORT}")
         for name in sorted(os.listdir(os.path.join(local, PICTURES))):
             storage.upload(os.path.join(local, PICTURES, name), f"{run_dir}/{PICTURES}/{name}")
     return f"{run_dir}/{REPORT}"
 
 
-def _build_report(run_dir: str, eval_dir: str | None, samples: int, *, shown: str) -> str:
+def _build_report(run_dir: str, eval_dir: str | None, samples: int, *, source: str) -> str:
     from raysl.eval.model_card import eval_results, final_metrics, training_facts
     from raysl.eval.pictures import knn_curve
     from raysl.eval.weights import latest_checkpoint, run_config
@@ -176,7 +176,7 @@ def _build_report(run_dir: str, eval_dir: str | None, samples: int, *, shown: st
         )
     _backbone_pictures(run_dir, cfg, eval_dir, samples, out_dir, figures, notes)
 
-    sections = [f"<h1>raysl run {html.escape(cfg.train.name)}</h1>", f"<p>{html.escape(shown)}</p>"]
+    sections = [f"<h1>raysl run {html.escape(cfg.train.name)}</h1>", f"<p>{html.escape(source)}</p>"]
     try:
         step, _ = latest_checkpoint(run_dir)
         sections += ["<h2>Training</h2>", _table(training_facts(run_dir, cfg, step).items())]
