@@ -56,6 +56,8 @@ def check_bucket(uri: str, what: str) -> None:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
     try:
         info = _probe_filesystem(uri).get_file_info(bucket)
+    except UserError as exc:  # pyarrow cannot open the URI at all
+        raise UserError(f"{what} {exc}") from None
     except OSError as exc:
         text = str(exc)
         if any(s in text for s in _DENIED):

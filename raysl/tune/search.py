@@ -278,12 +278,11 @@ def tune_recipe(
     validate(cfg)
     total = total_steps(cfg, cfg.train.num_workers)
     exp_dir = store.run_dir(storage, name)
-    if not store.is_uri(exp_dir):
-        exists = os.path.isdir(exp_dir) and ray.tune.Tuner.can_restore(exp_dir)
-        if exists and not resume:
-            raise UserError(f"tune experiment {exp_dir} exists: pass --resume to continue it, or --name NEW")
-        if resume and not exists:
-            raise UserError(f"--resume: {exp_dir} has no Tune experiment to continue")
+    exists = store.exists(exp_dir) and ray.tune.Tuner.can_restore(exp_dir)  # a local folder or a bucket URI
+    if exists and not resume:
+        raise UserError(f"tune experiment {exp_dir} exists: pass --resume to continue it, or --name NEW")
+    if resume and not exists:
+        raise UserError(f"--resume: {exp_dir} has no Tune experiment to continue")
     if metric.startswith("knn_"):
         report_every = cfg.eval.knn_every
     elif metric == "val_loss":

@@ -17,6 +17,7 @@ from shardfactory import as_v1, digit_images, write_shards
 
 from raysl.cli import main
 from raysl.data.schema import read_manifest, shard_paths
+from raysl.errors import UserError
 from raysl.train import checkpoint
 
 STEPS = 4  # the shared run: a checkpoint at 2 and at 4, then resumed to 6
@@ -286,6 +287,10 @@ def test_tune_writes_its_experiment_into_the_bucket(s3, lake):
         attempt = f"train/{row['trial_id']}/attempt_0"
         assert f"{attempt}/metrics.jsonl" in keys and f"{attempt}/config.yaml" in keys
         assert any(k.startswith(f"{attempt}/checkpoint_") and k.endswith(checkpoint.WEIGHTS) for k in keys)
+    with pytest.raises(UserError, match="exists: pass --resume"):  # found in the bucket, as in a local folder
+        tune_recipe(cfg, space, samples=2, metric="loss", name="search", storage=storage)
+    with pytest.raises(UserError, match="has no Tune experiment"):
+        tune_recipe(cfg, space, samples=2, metric="loss", name="other", storage=storage, resume=True)
 
 
 def test_a_mixture_of_a_local_and_a_bucket_set_trains(s3, lake, mixture_sets, tmp_path):
