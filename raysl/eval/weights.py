@@ -88,7 +88,10 @@ def local_run(run_dir: str, extra: tuple[str, ...] = ()) -> Iterator[str]:
     _, directory = latest_checkpoint(run_dir)
     name = directory.rstrip("/").rsplit("/", 1)[1]
     with local_files(run_dir, (CONFIG, f"{name}/{checkpoint.WEIGHTS}", f"{name}/{checkpoint.RUN_STATE}", *extra)) as d:
-        yield d
+        try:
+            yield d
+        except UserError as exc:  # an error about the copy names the run the user gave
+            raise UserError(str(exc).replace(d, run_dir.rstrip("/"))) from exc
 
 
 def backbone_state(state: dict[str, torch.Tensor], module: str = "backbone") -> dict[str, torch.Tensor]:
