@@ -112,10 +112,23 @@ class S3Server:
 
     @contextmanager
     def credentials_checked(self):
-        """Inside the block the server checks every request's credentials, as a cloud's S3
-        does (by default moto accepts any); its IAM knows no key, so every request is refused."""
-        self._api("reset-auth", b"0")
+        """Inside the block the server checks every request's credentials, as a cloud's S3 does
+        (by default moto accepts any). Yields the access key id of a user it knows (moto's IAM):
+        with any secret key but that user's, a request is refused."""
+        import boto3
+
+        self._api("reset-auth", b"2")  # the next two requests (the user and its key) are not checked
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+        user = f"raysl-{uuid.uuid4().hex[:8]}"
+        iam.create_user(UserName=user)
+        key = iam.create_access_key(UserName=user)["AccessKey"]["AccessKeyId"]
         try:
-            yield
+            yield key
         finally:
             self._api("reset-auth", b"inf")
