@@ -191,8 +191,10 @@ class EmbedPlan:
 
 def plan_embed(shards: str, model: str, out: str, *, image_size: int = 0, seed: int = 0, **features) -> EmbedPlan:
     """Everything checked on the driver before Ray starts; writes EMB/embed.json (first)."""
+    from raysl.data.buckets import check_buckets
     from raysl.data.schema import read_manifest, shard_paths
 
+    check_buckets({"--shards": shards})
     manifest = read_manifest(shards)
     spec = resolve_model(model, image_size, seed, **features)
     meta = {"shards": len(manifest.shards), "source": os.path.abspath(shards), "model": spec.identity}
