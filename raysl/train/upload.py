@@ -33,6 +33,10 @@ class Uploads:
         self._idle.set()
         self.last_bytes, self.last_s = 0, 0.0
 
+    @property
+    def running(self) -> bool:
+        return not self._idle.is_set()
+
     def wait(self) -> None:
         """Until the previous checkpoint's upload has ended (at once when none is running)."""
         self._idle.wait()
