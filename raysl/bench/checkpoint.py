@@ -68,7 +68,7 @@ def _step(engine, x) -> float:
     return time.perf_counter() - t0
 
 
-def _train_worker(raw: dict) -> dict | None:
+def _train_worker(raw: dict) -> list[dict] | None:
     """One Ray Train worker: idle steps, then a checkpoint uploaded synchronously, then one
     uploaded in the background while it keeps training."""
     import ray.train
@@ -228,6 +228,13 @@ def _new_bucket() -> str:
     return f"s3://{name}"
 
 
+def _delete(path: str) -> None:
+    from raysl.data.schema import filesystem_and_path
+
+    fs, p = filesystem_and_path(path)
+    fs.delete_dir(p)
+
+
 def run_checkpoint_bench(
     *,
     params: int = 86_000_000,
@@ -248,7 +255,11 @@ def run_checkpoint_bench(
         root = (storage or _new_bucket()).rstrip("/")
         init_ray(address)
         ranks = _run_training(params, workers, steps, warmup, f"{root}/train")
-        restores = {w: restore_bytes(params, w, f"{root}/restore_{w}/checkpoint") for w in restore_workers}
+        _delete(f"{root}/train")  # what the bench wrote: a local S3 server holds it in memory
+        restores = {}
+        for w in restore_workers:
+            restores[w] = restore_bytes(params, w, f"{root}/restore_{w}/checkpoint")
+            _delete(f"{root}/restore_{w}")
     finally:
         if server is not None:
             server.terminate()

@@ -126,6 +126,7 @@ def test_a_checkpoint_cut_off_mid_upload_is_never_resumed_from(s3, train_shards,
     assert problem is not None, f"{cut_name} was complete: the cut came too late"
     previous = [n for n in storage.subdirs(run, "checkpoint_") if n < cut_name]
     assert previous and storage.checkpoint_problem(f"{run}/{previous[-1]}") is None
+    previous_step = storage.checkpoint_step(f"{run}/{previous[-1]}")  # keep_checkpoints deletes it later
     # the bucket stayed out of reach until the run gave up: it could not finish
     assert first.returncode != 0 and storage.subdirs(run, "checkpoint_")[-1] == cut_name
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
@@ -134,7 +135,7 @@ def test_a_checkpoint_cut_off_mid_upload_is_never_resumed_from(s3, train_shards,
     attempts = _attempts(run)
     assert attempts[-1]["checkpoint"] == previous[-1], attempts
     assert attempts[-1]["skipped"] == [cut_name]
-    assert attempts[-1]["first_step"] == storage.checkpoint_step(f"{run}/{previous[-1]}") + 1
+    assert attempts[-1]["first_step"] == previous_step + 1
     warnings = [
         line for line in (resumed.stdout + resumed.stderr).splitlines() if "skipping damaged checkpoint" in line
     ]
