@@ -68,6 +68,15 @@ def _step(engine, x) -> float:
     return time.perf_counter() - t0
 
 
+def _any(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _train_worker(raw: dict) -> list[dict] | None:
     """One Ray Train worker: idle steps, then a checkpoint uploaded synchronously, then one
     uploaded in the background while it keeps training."""
@@ -99,9 +108,8 @@ def _train_worker(raw: dict) -> list[dict] | None:
     background = upload.Uploads(rank, in_background=True)
     async_s = checkpoint_step(background, 2)
     during = []
-    while background.running:
+    while _any(background.running):  # steps are collective: every worker steps until all uploads end
         during.append(_step(engine, x))
-    background.wait()
     mine = {
         "idle": statistics.mean(idle),
         "sync": sync_s,
