@@ -68,3 +68,24 @@ def test_upload_puts_everything_and_download_moves_the_bytes_asked_for(tmp_path)
     assert storage.download_files(str(dest), ["engine/a.pt", "worker_0.pt"], str(got)) == 3_000_007
     assert (got / "engine" / "a.pt").read_bytes() == (src / "engine" / "a.pt").read_bytes()
     assert not (got / "engine" / "b.pt").exists()
+
+
+def test_the_listing_is_uploaded_only_after_every_other_file(tmp_path):
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    opened: list[str] = []
+
+    class Recording(FSSpecHandler):
+        def open_output_stream(self, path, metadata):
+            opened.append(path.rsplit("/", 1)[-1])
+            return super().open_output_stream(path, metadata)
+
+    src = tmp_path / "src"
+    (src / "engine").mkdir(parents=True)
+    for name in ("engine/a.pt", "engine/b.pt", "worker_0.pt", "worker_0.json", "z.bin"):
+        (src / name).write_bytes(os.urandom(100_000))
+    fs = PyFileSystem(Recording(fsspec.filesystem("file")))
+    storage.upload_dir(str(src), fs, str(tmp_path / "dest"), last="worker_0.json")
+    assert sorted(opened) == ["a.pt", "b.pt", "worker_0.json", "worker_0.pt", "z.bin"]
+    assert opened[-1] == "worker_0.json"
