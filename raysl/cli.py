@@ -179,6 +179,13 @@ TREE: tuple[Command | Group, ...] = (
                 run=_print_json,
             ),
             Command(
+                "checkpoint",
+                "checkpoints on a bucket: step seconds during sync vs background uploads, bytes per worker to resume",
+                "raysl.bench.checkpoint",
+                ray=True,
+                run=_bench_step,
+            ),
+            Command(
                 "e2e",
                 "wall time of a SimCLR run: raysl pretrain (Ray start included) vs a plain DataLoader loop",
                 "raysl.bench.e2e",

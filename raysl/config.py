@@ -239,6 +239,12 @@ class TrainConfig:
     max_failures: int = _key(
         0, "times Ray Train restarts the worker group over the whole run; -1: no limit", **between(-1)
     )
+    checkpoint_upload: str = _key(
+        "auto",
+        "how a checkpoint reaches the run's storage: async (training goes on while it uploads, the next checkpoint "
+        "waits for it), sync (each worker waits for its upload), auto: async for a bucket URI, sync for a local path",
+        **one_of("auto", "async", "sync"),
+    )
     worker_resources: dict[str, float] = _key(
         {}, "custom Ray resources each training worker requests besides CPU/GPU, e.g. `{gpu_node: 1}`", **between(0.0)
     )

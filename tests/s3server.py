@@ -132,3 +132,81 @@ class S3Server:
             yield key
         finally:
             self._api("reset-auth", b"inf")
+
+
+class CutProxy:
+    """A TCP proxy from 127.0.0.1:`port` to the S3 server, for cutting the network to the
+    bucket without losing the server's state: `cut()` closes every open connection and
+    refuses new ones, `restore()` lets them through again. `endpoint` is what a process's
+    AWS_ENDPOINT_URL names to go through it."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target_port = target_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if not self._open.is_set():
+                _reset(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                _reset(s)
+                with self._lock:
+                    self._conns.discard(s)
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for s in conns:
+            _reset(s)
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with a TCP reset, as a network cut shows to the other side."""
+    import struct
+
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    s.close()

@@ -3,13 +3,18 @@ Train, and loaded without ever unpickling arbitrary objects (weights_only=True).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import tempfile
+from collections.abc import Iterator
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from raysl.errors import UserError
+from raysl.train import storage
 from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
 from raysl.train.zero_gather import save_full_state
 
@@ -41,6 +46,48 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
 
 def worker_file(rank: int) -> str:
     return f"worker_{rank}.pt"
+
+
+# A DeepSpeed file that belongs to one data-parallel rank: its ZeRO optimizer partition
+# (ZeRO-1/2/3; "bf16_" in bf16 runs) and, under ZeRO-3, its partition of the weights.
+_RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt")
+_WORKER_FILE = re.compile(r"worker_(\d+)\.(?:pt|json)")
+_NOT_FOR_LOAD = {WEIGHTS, "zero_to_fp32.py", "zero_to_torch.py"}  # eval/export's weights; DeepSpeed's scripts
+
+
+def files_for_rank(names: list[str], meta: dict, rank: int, world_size: int) -> list[str]:
+    """The files of a stored checkpoint (`names`: every relpath in it; `meta`: its
+    raysl_state.json) that `load` reads on this rank: the run state, this worker's state, the
+    files every rank shares (DeepSpeed's `latest`, `mp_rank_00_model_states.pt` with the
+    weights under ZeRO-0/1/2) and this rank's own DeepSpeed partition. Not the other ranks'
+    partitions, so a restore moves the same bytes per worker at any number of workers.
+    Written by another number of workers: every file."""
+    if int(meta["world_size"]) != world_size:
+        return sorted(names)
+    mine = []
+    for rel in names:
+        base = rel.rsplit("/", 1)[-1]
+        owner = _RANK_FILE.fullmatch(base) or _WORKER_FILE.fullmatch(base)
+        if base in _NOT_FOR_LOAD or (owner and int(owner.group(1)) != rank) or base == f"worker_{rank}.json":
+            continue
+        mine.append(rel)
+    return sorted(mine)
+
+
+@contextlib.contextmanager
+def fetched(path: str, *, rank: int, world_size: int) -> Iterator[tuple[str, int]]:
+    """(a local directory to `load` the checkpoint at `path` from on this rank, the bytes
+    downloaded for it). On a local disk: the checkpoint itself, read in place; for a URI:
+    a temporary copy of just the files this rank reads (`files_for_rank`)."""
+    if not storage.is_uri(path):
+        yield path, 0
+        return
+    with tempfile.TemporaryDirectory(prefix="raysl_restore_") as d:
+        moved = storage.download_files(path, [RUN_STATE], d)
+        with open(os.path.join(d, RUN_STATE)) as f:
+            meta = json.load(f)
+        names = [n for n in files_for_rank(storage.listing(path), meta, rank, world_size) if n != RUN_STATE]
+        yield d, moved + storage.download_files(path, names, d)
 
 
 def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> None:

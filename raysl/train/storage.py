@@ -161,6 +161,71 @@ def upload(local: str, uri: str) -> None:
     pyarrow.fs.copy_files(local, uri)
 
 
+TRANSFER_THREADS = 8  # files moved at once; each large one also goes up in parallel parts (pyarrow's S3 writes)
+_CHUNK = 64 * 1024 * 1024
+
+
+def listing(path: str) -> list[str]:
+    """Every file under the directory `path` (local or URI), as relpaths."""
+    import pyarrow.fs
+
+    fs, root = filesystem_and_path(path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    return sorted(i.path[len(root) :].lstrip("/") for i in infos if i.type == pyarrow.fs.FileType.File)
+
+
+def download_files(path: str, names: list[str], local: str) -> int:
+    """Copy these files (relpaths) of the directory `path` (local or URI) into the local
+    directory `local`, several at a time; returns the bytes moved."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs
+
+    fs, root = filesystem_and_path(path)
+    into = pyarrow.fs.LocalFileSystem()
+
+    def one(rel: str) -> int:
+        dst = os.path.join(local, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        pyarrow.fs.copy_files(
+            f"{root}/{rel}", dst, source_filesystem=fs, destination_filesystem=into, chunk_size=_CHUNK
+        )
+        return os.path.getsize(dst)
+
+    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
+        return sum(pool.map(one, names))
+
+
+def upload_dir(local: str, fs, dest: str, *, last: str) -> int:
+    """Copy the local directory `local` to `dest` on the pyarrow filesystem `fs`, several
+    files at a time, and the file `last` (a relpath) only once all others are there: a
+    copy cut short never has it. Returns the bytes moved. (Each file is its own copy in
+    its own Python thread: one multi-threaded copy_files to S3 can hang, apache/arrow#32372.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs
+
+    names = [
+        os.path.relpath(os.path.join(folder, n), local).replace(os.sep, "/")
+        for folder, _, files in os.walk(local)
+        for n in files
+    ]
+    for folder in sorted({f"{dest}/{rel}".rsplit("/", 1)[0] for rel in names}):
+        fs.create_dir(folder, recursive=True)
+    src = pyarrow.fs.LocalFileSystem()
+
+    def one(rel: str) -> int:
+        path = os.path.join(local, *rel.split("/"))
+        pyarrow.fs.copy_files(
+            path, f"{dest}/{rel}", source_filesystem=src, destination_filesystem=fs, chunk_size=_CHUNK
+        )
+        return os.path.getsize(path)
+
+    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
+        moved = sum(pool.map(one, [rel for rel in names if rel != last]))
+    return moved + (one(last) if last in names else 0)
+
+
 class RunFiles:
     """Rank 0's run directory. `local` is where files are written: the run dir itself
     when it is a local path, else a staging dir that `sync()` mirrors to the URI."""

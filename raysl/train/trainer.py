@@ -23,7 +23,7 @@ from raysl.data.gpu_views import GPUViews
 from raysl.data.views import block_tensor, normalize
 from raysl.methods.base import Method, collapse_warning
 from raysl.optim.schedules import apply
-from raysl.train import checkpoint, host_memory, preemption, recovery, storage
+from raysl.train import checkpoint, host_memory, preemption, recovery, storage, upload
 from raysl.train.batch import Batch, forward
 from raysl.train.build import build, worker_seed
 from raysl.train.callback import Callback
@@ -81,6 +81,9 @@ class Trainer:
         cfg = self.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.uploads = upload.Uploads(
+            self.rank, in_background=upload.background(cfg.train.checkpoint_upload, self.run_dir)
+        )
         torch.set_num_threads(cfg.train.cpus_per_worker)
         data_context = ray.data.DataContext.get_current()
         data_context.enable_progress_bars = False  # raysl prints its own progress
@@ -114,7 +117,7 @@ class Trainer:
             start = recovery.choose_start(self.run_dir, registered.path if registered else None, self.resume_from)
         start = ray.train.collective.broadcast_from_rank_zero(start)
         if start["checkpoint"]:
-            with ray.train.Checkpoint(start["checkpoint"]).as_directory() as d:
+            with checkpoint.fetched(start["checkpoint"], rank=rank, world_size=self.world) as (d, _):
                 self.state = checkpoint.load(d, self.engine, rank=rank, world_size=self.world)
             self.state.setdefault("drawn", {})  # images per set of a mixture (checkpoints before mixtures: none)
         else:
@@ -249,9 +252,10 @@ class Trainer:
     def checkpoint(self, metrics: dict) -> None:
         """Every worker saves its part and reports it with the step's metrics."""
         state = dict(self.state, skipped=self.state["skipped"] + self.stream.skipped)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint.save(d, self.engine, rank=self.rank, world_size=self.world, state=state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        self.uploads.wait()  # the previous checkpoint's upload (train.checkpoint_upload)
+        d = tempfile.mkdtemp(prefix="raysl_ckpt_")  # deleted once uploaded
+        checkpoint.save(d, self.engine, rank=self.rank, world_size=self.world, state=state)
+        self.uploads.report(metrics, d)
         if self.files:
             self.files.sync()  # URI runs: metrics.jsonl, TensorBoard, pictures up to this checkpoint
 
@@ -318,6 +322,7 @@ class Trainer:
         return batches
 
     def _stop_for_preemption(self, workers: int) -> None:
+        self.uploads.wait()  # the checkpoint just written reaches storage before the worker stops
         step = self.state["step"]
         if self.log:
             say(

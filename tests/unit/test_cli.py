@@ -26,6 +26,7 @@ RAY_COMMANDS = [
     ["bench", "data", "--shards", "shards"],
     ["bench", "methods"],
     ["bench", "step"],
+    ["bench", "checkpoint"],
 ]
 
 
