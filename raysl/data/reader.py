@@ -8,8 +8,10 @@ seeded plan: the shard order is permuted by (seed, epoch), worker `rank` takes e
 consecutive shards (the local shuffle buffer). A worker's stream is then a pure
 function of (seed, epoch, rank, world_size), every row carries its position `pos` in
 that stream, and resuming at a saved position skips whole shards and rows *before*
-any image is decoded. Reading and augmenting still run as Ray Data tasks, so they
-can live on CPU-only nodes.
+any image is decoded. A run resumed on another number of workers reads the streams
+of the worker count its epoch started with, each worker only its rows of them
+(`keep`, raysl.data.plan), also filtered before decode. Reading and augmenting still
+run as Ray Data tasks, so they can live on CPU-only nodes.
 """
 
 from __future__ import annotations
