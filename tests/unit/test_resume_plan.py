@@ -3,6 +3,7 @@ batching per worker, the steps left and the schedules' length, for the same work
 another one, under both train.on_resize settings."""
 
 import pytest
+import torch
 from runfactory import train_config
 from shardfactory import digit_images, write_shards
 
@@ -88,3 +89,16 @@ def test_a_mixture_resumes_only_on_its_worker_count(tmp_path):
     base = planned(cfg, 2, None)
     with pytest.raises(UserError, match="train.num_workers=2 \\(this attempt has 1\\)"):
         planned(cfg, 1, after_steps(base, 1))
+
+
+def test_every_step_of_every_worker_has_its_own_seed(monkeypatch):
+    """Nothing random is checkpointed: each step reseeds torch (CPU and every GPU) from
+    (train.seed, step, rank), so any attempt on any worker count draws the same."""
+    from raysl.train.trainer import step_seed
+
+    seeds = {step_seed(s, t, r) for s in (0, 1) for t in range(100) for r in range(8)}
+    assert len(seeds) == 2 * 100 * 8 and step_seed(1, 5, 3) == step_seed(1, 5, 3)
+    gpus: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", gpus.append)
+    torch.manual_seed(step_seed(0, 7, 1))
+    assert gpus == [step_seed(0, 7, 1)]
