@@ -44,10 +44,6 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         return safe_load(path, map_location=map_location)
 
 
-def worker_file(rank: int) -> str:
-    return f"worker_{rank}.pt"
-
-
 def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> None:
     """Every worker calls this (DeepSpeed's save is collective); each writes its own files.
     Rank 0 also writes the whole model as safetensors, which eval and export read
@@ -97,6 +93,6 @@ def run_state(ckpt: str) -> dict:
     if "state" not in meta:
         raise UserError(
             f"checkpoint {ckpt} was written by an older raysl, which kept each worker's data position in "
-            f"{worker_file(0)} ...; resume it with that version (same train.num_workers), or start a new run"
+            "worker_<rank>.pt; resume it with that version (same train.num_workers), or start a new run"
         )
     return meta["state"]
