@@ -228,7 +228,20 @@ class TrainConfig:
     )
     max_steps: int = _key(0, "stop after this many optimizer steps; 0: run all epochs", **between(0))
     seed: int = _key(0, "seeds the initial weights, the shard order, the augmentations and the kNN monitor's split")
-    num_workers: int = _key(1, "Ray Train workers (data-parallel ranks); fixed for the whole run", **between(1))
+    num_workers: int = _key(
+        1,
+        "Ray Train workers (data-parallel ranks); a run resumed at another count continues its epoch, schedules "
+        "and random streams (see `train.on_resize`)",
+        **between(1),
+    )
+    on_resize: str = _key(
+        "keep_global_batch",
+        "a run resumed on another number of workers: keep_global_batch trains the same images per step "
+        "(each worker's share as micro-batches of data.batch_size with gradient accumulation; where it does not "
+        "split evenly, the nearest smaller global batch that does); keep_worker_batch keeps each worker's batch, "
+        "so the global batch changes and the lr is rescaled to it (linear rule)",
+        **one_of("keep_global_batch", "keep_worker_batch"),
+    )
     cpus_per_worker: int = _key(1, "logical CPUs each training worker reserves", **between(1))
     gpus_per_worker: float = _key(0.0, "GPUs each training worker reserves; 0: train on the CPU", **between(0.0))
     log_every: int = _key(

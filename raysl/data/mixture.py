@@ -255,7 +255,7 @@ def pin(data, run_dir: str) -> dict[str, str]:
     return pins
 
 
-def _concat(columns: list[np.ndarray]) -> np.ndarray:
+def concat_rows(columns: list[np.ndarray]) -> np.ndarray:
     """The rows of `columns` in one array; decoded images of different sizes (the "pixels"
     of views made on the worker) as an object array of them."""
     try:
@@ -267,7 +267,7 @@ def _concat(columns: list[np.ndarray]) -> np.ndarray:
         return out
 
 
-class _SetRows:
+class StreamRows:
     """One set's stream in a mixture, opened at its first use and read in order."""
 
     def __init__(self, open_ds, prefetch_batches: int, batch_size: int):
@@ -307,7 +307,7 @@ class _SetRows:
                 break
         if not pieces:
             return None
-        return {k: _concat([p[k] for p in pieces]) for k in pieces[0]}
+        return {k: concat_rows([p[k] for p in pieces]) for k in pieces[0]}
 
 
 class MixedBatches:
@@ -335,11 +335,11 @@ class MixedBatches:
         for s in mix.sets:
             self.drawn.setdefault(s.name, 0)
         self.prefetch_batches = prefetch_batches
-        self._opened: list[_SetRows] | None = None
+        self._opened: list[StreamRows] | None = None
 
-    def _streams(self) -> list[_SetRows]:
+    def _streams(self) -> list[StreamRows]:
         return [
-            _SetRows(lambda lo, s=s: self.open_set(s, lo), self.prefetch_batches, self.batch_size)
+            StreamRows(lambda lo, s=s: self.open_set(s, lo), self.prefetch_batches, self.batch_size)
             for s in self.mix.sets
         ]
 
@@ -373,7 +373,7 @@ class MixedBatches:
                 got += delivered
                 self.skipped += need - delivered  # positions whose image did not decode
                 self.position += need
-            batch = {k: _concat([p[k] for p in parts]) for k in parts[0]}
+            batch = {k: concat_rows([p[k] for p in parts]) for k in parts[0]}
             order = np.argsort(batch["pos"], kind="stable")
             batch = {k: v[order] for k, v in batch.items()}
             for i, n in zip(*np.unique(batch["set"], return_counts=True)):

@@ -8,8 +8,10 @@ seeded plan: the shard order is permuted by (seed, epoch), worker `rank` takes e
 consecutive shards (the local shuffle buffer). A worker's stream is then a pure
 function of (seed, epoch, rank, world_size), every row carries its position `pos` in
 that stream, and resuming at a saved position skips whole shards and rows *before*
-any image is decoded. Reading and augmenting still run as Ray Data tasks, so they
-can live on CPU-only nodes.
+any image is decoded. A run resumed on another number of workers reads the streams
+of the worker count its epoch started with, each worker only its rows of them
+(`keep`, raysl.data.plan), also filtered before decode. Reading and augmenting still
+run as Ray Data tasks, so they can live on CPU-only nodes.
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ def aug_seeds(keys: list[str], seed: int, epoch: int) -> np.ndarray:
     )
 
 
+def window_order(seed: int, epoch: int, window: int, rows: int) -> np.ndarray:
+    """The order of the `rows` rows of a shuffle window (its shards' rows concatenated) in the stream."""
+    return np.random.default_rng([seed, epoch, window]).permutation(rows)
+
+
+def kept(pos: np.ndarray, start: int, keep: tuple[int, int, int]) -> np.ndarray:
+    """Which of the stream positions `pos` read_rows keeps with `keep` = (lo, hi, period):
+    those whose offset from `start` modulo `period` is in [lo, hi)."""
+    lo, hi, period = keep
+    offset = (pos - start) % period
+    return (offset >= lo) & (offset < hi)
+
+
 def _read_window(item: dict) -> pa.Table:
     """Read the shards of one shuffle window, shuffle their rows, drop what was consumed."""
     tables = []
@@ -76,8 +91,11 @@ def _read_window(item: dict) -> pa.Table:
         fs, local = filesystem_and_path(path)
         tables.append(select_rows(pq.read_table(local, columns=READ_COLUMNS, filesystem=fs), mask))
     table = pa.concat_tables(tables)
-    order = np.random.default_rng([item["seed"], item["epoch"], item["window"]]).permutation(table.num_rows)
-    order = order[item["skip"] :]
+    order = window_order(item["seed"], item["epoch"], item["window"], table.num_rows)[item["skip"] :]
+    pos = np.arange(item["skip"], item["skip"] + len(order)) + item["first_pos"]
+    if item["keep_period"]:  # this worker's rows of each step only (data.plan), dropped before decode
+        mine = kept(pos, item["start"], (int(item["keep_lo"]), int(item["keep_hi"]), int(item["keep_period"])))
+        order, pos = order[mine], pos[mine]
     table = table.take(pa.array(order))
     keys = table.column("key").to_pylist()
     labels = table.column("label").fill_null(-1)
@@ -86,7 +104,7 @@ def _read_window(item: dict) -> pa.Table:
             "key": table.column("key"),
             "image": table.column("image"),
             "label": labels,
-            "pos": pa.array(np.arange(item["skip"], item["skip"] + table.num_rows) + item["first_pos"], pa.int64()),
+            "pos": pa.array(pos, pa.int64()),
             "aug_seed": pa.array(aug_seeds(keys, item["seed"], item["epoch"])),
         }
     )
@@ -110,11 +128,15 @@ def read_rows(
     resources: dict | None = None,
     index: str | None = None,
     concurrency: int | None = None,
+    keep: tuple[int, int, int] | None = None,
 ) -> ray.data.Dataset:
     """Rows (key, image bytes, label, pos, aug_seed) of worker `rank`'s stream for `epoch`,
     starting at position `start` (rows of this stream already consumed). `index`: the
     set's index file to read (one a run pinned, see mixture); None: the current one.
-    `concurrency`: at most that many read tasks at once (None: as many as Ray runs)."""
+    `concurrency`: at most that many read tasks at once (None: as many as Ray runs).
+    `keep` = (lo, hi, period): only the rows whose offset from `start` modulo `period` is
+    in [lo, hi) (a worker's part of each step of an epoch resumed at another worker
+    count, raysl.data.plan)."""
     if window < 1:
         raise UserError(f"shuffle window must be >= 1 shard, got {window}")
     manifest = read_manifest(shards, index)
@@ -136,6 +158,8 @@ def read_rows(
                     "first_pos": first_pos,
                     "seed": seed,
                     "epoch": epoch,
+                    "start": start,  # Ray Data's numpy batches: ints, no None
+                    **dict(zip(("keep_lo", "keep_hi", "keep_period"), keep or (0, 0, 0))),
                 }
             )
         first_pos += rows
@@ -208,11 +232,12 @@ def read_views(
     resources: dict | None = None,
     index: str | None = None,
     pixels_only: bool = False,
+    keep: tuple[int, int, int] | None = None,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a view_plans.ViewSpec) as Ray Data tasks.
     Rows whose image does not decode are dropped there; `pos` shows the gap. `pixels_only`:
     the tasks decode and stop there (decode.PixelTransform), for views made on the
-    training worker's device.
+    training worker's device. `keep`: see read_rows.
 
     `num_cpus` is what each task reserves. Training workers that hold every CPU of a
     machine leave nothing for tasks that reserve one, so single-machine training uses
@@ -231,6 +256,7 @@ def read_views(
         resources=resources,
         index=index,
         concurrency=concurrency,
+        keep=keep,
     )
     # A window's rows leave the read task as one block, and Ray Data gives a whole block
     # to one task: split it into blocks of one augment batch (fused into the read task,

@@ -1,5 +1,7 @@
-"""Checkpoints: DeepSpeed's files plus one small state file per worker, reported to Ray
-Train, and loaded without ever unpickling arbitrary objects (weights_only=True)."""
+"""Checkpoints: DeepSpeed's files plus the run's state (rank 0's raysl_state.json: where
+the data stands, in rows per stream, and the images seen; nothing per worker, so a run
+resumes on any number of workers), reported to Ray Train, and loaded without ever
+unpickling arbitrary objects (weights_only=True)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ from collections.abc import Iterator
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from raysl.data.schema import filesystem_and_path
 from raysl.errors import UserError
 from raysl.train import storage
 from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
 from raysl.train.zero_gather import save_full_state
 
-FORMAT = 2  # 2: every worker lists its files (worker_<rank>.json); 1 (no "format" key): no listings
+# 3: the run's state in raysl_state.json, no worker_<rank>.pt; 2: every worker lists its files
+# (worker_<rank>.json), its data position in worker_<rank>.pt; 1 (no "format" key): no listings
+FORMAT = 3
 
 ENGINE_TAG = "engine"
 WEIGHTS = "weights.safetensors"  # the method's full state (backbone, heads, teachers), fp32, rank 0
@@ -44,21 +49,17 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         return safe_load(path, map_location=map_location)
 
 
-def worker_file(rank: int) -> str:
-    return f"worker_{rank}.pt"
-
-
 # A DeepSpeed file that belongs to one data-parallel rank: its ZeRO optimizer partition
 # (ZeRO-1/2/3; "bf16_" in bf16 runs) and, under ZeRO-3, its partition of the weights.
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt")
-_WORKER_FILE = re.compile(r"worker_(\d+)\.(?:pt|json)")
+_WORKER_FILE = re.compile(r"worker_(\d+)\.json")
 _NOT_FOR_LOAD = {WEIGHTS, "zero_to_fp32.py", "zero_to_torch.py"}  # eval/export's weights; DeepSpeed's scripts
 
 
 def files_for_rank(names: list[str], meta: dict, rank: int, world_size: int) -> list[str]:
     """The files of a stored checkpoint (`names`: every relpath in it; `meta`: its
-    raysl_state.json) that `load` reads on this rank: the run state, this worker's state, the
-    files every rank shares (DeepSpeed's `latest`, `mp_rank_00_model_states.pt` with the
+    raysl_state.json) that `load` reads on this rank: the run state, the files every rank
+    shares (DeepSpeed's `latest`, `mp_rank_00_model_states.pt` with the
     weights under ZeRO-0/1/2) and this rank's own DeepSpeed partition. Not the other ranks'
     partitions, so a restore moves the same bytes per worker at any number of workers.
     Written by another number of workers: every file."""
@@ -97,10 +98,9 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
     engine.save_checkpoint(directory, tag=ENGINE_TAG)
     # streamed by rank 0, gathered one parameter at a time under ZeRO-3 (every rank takes part)
     save_full_state(engine.module, os.path.join(directory, WEIGHTS), keep=rank == 0)
-    torch.save({**state, **rng_state()}, os.path.join(directory, worker_file(rank)))
     if rank == 0:
         with open(os.path.join(directory, RUN_STATE), "w") as f:
-            json.dump({"step": state["step"], "world_size": world_size, "format": FORMAT}, f)
+            json.dump({"step": state["step"], "world_size": world_size, "format": FORMAT, "state": state}, f)
     # Last, this worker's listing: name and size of every file it wrote here (each worker
     # saves into its own directory, which Ray Train uploads into the shared checkpoint).
     # storage.checkpoint_problem compares the listings with what reached storage.
@@ -114,44 +114,32 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
 
 
 def load(directory: str, engine, *, rank: int, world_size: int) -> dict:
-    """Restore engine (model, optimizer incl. 8-bit state) and this worker's state."""
+    """Restore the engine (model, optimizer incl. 8-bit state); rank 0's raysl_state.json."""
     meta_path = os.path.join(directory, RUN_STATE)
     if not os.path.exists(meta_path):
         raise UserError(f"checkpoint {directory} is incomplete (no {RUN_STATE}); it cannot be resumed from")
     with open(meta_path) as f:
         meta = json.load(f)
-    if meta["world_size"] != world_size:
+    if meta["world_size"] != world_size and engine.zero_optimization_stage() > 0:
         raise UserError(
             f"checkpoint {directory} was written by {meta['world_size']} workers; resume with "
             f"train.num_workers={meta['world_size']} (this run has {world_size})"
         )
-    mine = os.path.join(directory, worker_file(rank))
-    if not os.path.exists(mine):
-        raise UserError(f"checkpoint {directory} is incomplete (no {worker_file(rank)}); it cannot be resumed from")
     path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG)
     if path is None:
         raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")
-    state = safe_load(mine)
-    set_rng_state(state)
-    return state
+    return meta
 
 
-def rng_state() -> dict:
-    """This process's random generators: torch's CPU generator and, when CUDA is up, every
-    visible GPU's (dropout, drop-path and masks draw from the generator of their device).
-    raysl's loop and methods draw from no numpy or Python generator (the views are seeded
-    per image in Ray Data tasks), so those are not saved."""
-    rng: dict[str, torch.Tensor | list[torch.Tensor]] = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()  # a list of uint8 tensors: weights_only loads it
-    return rng
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` saved, popping its keys from `state`. GPU states are
-    restored for the GPUs this process sees (a checkpoint written on CPU has none)."""
-    torch.set_rng_state(state.pop("torch_rng"))
-    cuda = state.pop("cuda_rng", None)
-    if cuda is not None and torch.cuda.is_available():
-        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
+def run_state(ckpt: str) -> dict:
+    """The run's state a complete checkpoint (a local directory or a URI) was written with:
+    step, epoch, the epoch's streams and the rows consumed of each, images seen, ..."""
+    fs, path = filesystem_and_path(f"{ckpt.rstrip('/')}/{RUN_STATE}")
+    with fs.open_input_stream(path) as f:
+        meta = json.loads(f.read())
+    if "state" not in meta:
+        raise UserError(
+            f"checkpoint {ckpt} was written by an older raysl, which kept each worker's data position in "
+            "worker_<rank>.pt; resume it with that version (same train.num_workers), or start a new run"
+        )
+    return meta["state"]

@@ -19,18 +19,28 @@ def global_batch(cfg: Config, world_size: int) -> int:
 
 
 def epoch_steps(
-    cfg: Config, world_size: int, epochs: int, pins: dict | None = None, *, sets: mixture.Mixture | None = None
+    cfg: Config,
+    world_size: int,
+    epochs: int,
+    pins: dict | None = None,
+    *,
+    sets: mixture.Mixture | None = None,
+    rows: int | None = None,
+    first: int = 0,
+    done: int = 0,
 ) -> list[int]:
     """Steps of each epoch, planned only as far as the run goes: with train.max_steps, up to
     the epoch where the steps reach it. One permutation of the shards per epoch planned
     (about 25 ms at 1 M shards: 2.5 s for 100 epochs without max_steps, `raysl bench plan`);
     a mixture permutes each of its sets. `pins`: the index file of each set (mixture.pin);
-    `sets`: the sets already read (their indexes are not read again)."""
+    `sets`: the sets already read (their indexes are not read again). `rows`: images per
+    worker and step (default rows_per_step); `first`, `done`: plan epochs from `first` on,
+    `done` steps already taken before it (a resumed run)."""
     sets = sets if sets is not None else mixture.from_config(cfg.data, pins)
-    rows = rows_per_step(cfg)
+    rows = rows or rows_per_step(cfg)
     steps: list[int] = []
-    for e in range(epochs):
-        if cfg.train.max_steps and sum(steps) >= cfg.train.max_steps:
+    for e in range(first, epochs):
+        if cfg.train.max_steps and done + sum(steps) >= cfg.train.max_steps:
             break
         steps.append(sets.steps_per_epoch(batch_size=rows, seed=cfg.train.seed, epoch=e, world_size=world_size))
     return steps

@@ -5,32 +5,37 @@ every method runs through the same engine and train/ depends on neither eval/ no
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import ray.data
 import ray.train
 import ray.train.collective
 import torch
+import torch.distributed as dist
 
 from raysl.config import Config
-from raysl.data import mixture, reader
+from raysl.data import mixture, plan, reader
 from raysl.data.ahead import NextEpoch
 from raysl.data.gpu_views import GPUViews
 from raysl.data.views import block_tensor, normalize
+from raysl.errors import UserError
 from raysl.methods.base import Method, collapse_warning
 from raysl.optim.schedules import apply
 from raysl.train import checkpoint, host_memory, preemption, recovery, storage, upload
 from raysl.train.batch import Batch, forward
-from raysl.train.build import build, worker_seed
+from raysl.train.build import build
 from raysl.train.callback import Callback
 from raysl.train.engine import DTYPES
 from raysl.train.metrics import MetricsLog, global_metrics, say
 from raysl.train.run_views import spec_for
-from raysl.train.steps import epoch_steps, global_batch, rows_per_step, val_steps
+from raysl.train.steps import epoch_steps, val_steps
 
 
 def train_step(engine, method: Method, optimizer, micro_batches, values: dict) -> dict:
@@ -38,22 +43,35 @@ def train_step(engine, method: Method, optimizer, micro_batches, values: dict) -
     schedule values onto the optimizer's groups, then forward / backward / `engine.step()`
     for each micro-batch (a Batch or a list of views; DeepSpeed steps the optimizer on the
     last of its grad_accum), then the method's `after_step` (EMA teachers, queues). Returns
-    the last micro-batch's outputs."""
+    the last micro-batch's outputs, its scalars (the loss, ...) the mean over the micro-batches."""
     apply(optimizer, values)
     out: dict = {}
+    sums: dict = {}
+    n = 0
     for batch in micro_batches:
         out = forward(engine, batch, values)
         engine.backward(out["loss"])
         engine.step()
+        n += 1
+        for k, v in out.items():
+            if v.numel() == 1:
+                sums[k] = sums.get(k, 0) + v.detach()
     method.after_step(values)
-    return out
+    return {**out, **{k: v / n for k, v in sums.items()}} if n > 1 else out
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of worker `rank`'s generators (torch CPU and CUDA: drop-path, masks) in
+    optimizer step `step`: a run resumed from any checkpoint, on any number of workers,
+    draws what an uninterrupted run at that worker count draws."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint32)[0])
 
 
 class Trainer:
     """One attempt of a run on this worker. `fit()` = `setup()`, `restore()`, then
     `step()` until the run's last step, with `checkpoint()` and `report()` on the way."""
 
-    stream: reader.ViewBatches | mixture.MixedBatches  # this epoch's batches, from the position trained to
+    stream: reader.ViewBatches | mixture.MixedBatches | plan.PlanBatches  # this epoch's batches, from where it stands
     _it: Iterator[dict]
 
     def __init__(
@@ -69,7 +87,13 @@ class Trainer:
         self.cfg, self.run_dir, self.callbacks = cfg, run_dir, list(callbacks)
         self.resume_from, self.report_every = resume_from, report_every
         self.pins = pins  # the index file of each shard set (mixture.pin): appends do not change them
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "skipped": 0, "drawn": {}}
+        # The run's state, the same on every worker and saved by rank 0 (raysl_state.json): step and
+        # epoch; the epoch's `streams` (the worker count it started with, raysl.data.plan),
+        # `consumed` (rows of each stream trained on, as of the attempt's start or the epoch's),
+        # `per_stream` (rows each stream gives a step), `epoch_step` of `epoch_steps`; `images`
+        # trained on in the run and the run's first `global_batch` (schedules run on their
+        # ratio); `skipped` and `drawn` (counts summed over workers: rank 0 carries the run's).
+        self.state: dict[str, Any] = {}
         self.next_epoch = NextEpoch()  # when to open the next epoch's stream
         self.first_step = 0  # the step this attempt started from
         self.log: MetricsLog | None = None  # rank 0's
@@ -95,11 +119,10 @@ class Trainer:
             host_memory.return_freed_memory()
 
         self.sets = mixture.from_config(cfg.data, self.pins)
-        self.steps = epoch_steps(cfg, self.world, cfg.train.epochs, sets=self.sets)
-        self.total = min(sum(self.steps), cfg.train.max_steps) if cfg.train.max_steps else sum(self.steps)
-        self.rows_per_step = rows_per_step(cfg)
-        self.global_batch = global_batch(cfg, self.world)
-        built = build(cfg, world_size=self.world, total_steps=self.total)
+        self.start = self.choose_start()
+        self.plan_run(self.start["state"])
+        cfg = self.cfg  # the attempt's batch size and accumulation (plan_run)
+        built = build(cfg, world_size=self.world, total_steps=self.schedule_steps)
         self.method, self.schedules = built.method, built.schedules
         self.optimizer, self.engine = built.optimizer, built.engine
         self.spec = spec_for(cfg, type(self.method))
@@ -107,21 +130,89 @@ class Trainer:
         for callback in self.callbacks:
             callback.setup(self)
 
-    def restore(self) -> None:
-        """Start from the newest complete checkpoint (Ray Train's, or one only the run's
-        storage holds: rank 0 decides, every worker loads its own partition of it)."""
-        cfg, rank = self.cfg, self.rank
+    def choose_start(self) -> dict:
+        """The checkpoint this attempt starts from and the run's state in it (None: a new run):
+        rank 0 decides, every worker gets the same."""
         start = None
-        if rank == 0:
+        if self.rank == 0:
             registered = ray.train.get_checkpoint()
             start = recovery.choose_start(self.run_dir, registered.path if registered else None, self.resume_from)
+            try:
+                start["state"] = checkpoint.run_state(start["checkpoint"]) if start["checkpoint"] else None
+            except UserError as exc:
+                start = {"error": str(exc)}
         start = ray.train.collective.broadcast_from_rank_zero(start)
+        if "error" in start:
+            raise UserError(start["error"])
+        return start
+
+    def plan_run(self, saved: dict | None) -> None:
+        """The attempt's batching (raysl.data.plan; the configured one unless the worker count
+        changed), the state to go on from, the steps of each epoch left and the run's total."""
+        cfg, world = self.cfg, self.world
+        if saved is None:
+            self.batching = plan.Batching(world, cfg.data.batch_size, cfg.deepspeed.grad_accum)
+            g = self.batching.global_batch
+            saved = {"step": 0, "epoch": 0, "streams": world, "consumed": [0] * world, "per_stream": g // world}
+            saved |= {"epoch_step": 0, "epoch_steps": None, "images": 0, "global_batch": g, "skipped": 0, "drawn": {}}
+        else:
+            streams = saved["streams"]
+            if streams != world and not self.sets.single:
+                raise UserError(
+                    f"this run reads a mixture of shard sets and its epoch {saved['epoch']} started on {streams} "
+                    f"worker(s); a mixture resumes only on the same number: set train.num_workers={streams} "
+                    f"(this attempt has {world})"
+                )
+            if cfg.train.on_resize == "keep_worker_batch":
+                self.batching = plan.keep_worker_batch(streams, world, cfg.data.batch_size, cfg.deepspeed.grad_accum)
+            else:
+                self.batching = plan.keep_global_batch(saved["global_batch"], streams, world, cfg.data.batch_size)
+            smaller = self.batching.global_batch < saved["global_batch"]
+            if smaller and cfg.train.on_resize == "keep_global_batch" and self.rank == 0:
+                say(
+                    f"raysl: a global batch of {saved['global_batch']} does not split over {world} worker(s) "
+                    f"reading {streams} data stream(s) in whole micro-batches; training with "
+                    f"{self.batching.global_batch}, the nearest smaller one that does (lr scaled to it)"
+                )
+            saved = dict(saved, skipped=saved["skipped"] if self.rank == 0 else 0)
+            saved["drawn"] = {k: v if self.rank == 0 else 0 for k, v in saved["drawn"].items()}
+        b = self.batching
+        self.cfg = replace(
+            cfg,
+            data=replace(cfg.data, batch_size=b.micro),
+            deepspeed=replace(cfg.deepspeed, grad_accum=b.accum),
+        )
+        self.state = state = saved
+        per_stream = b.global_batch // state["streams"]
+        if state["epoch_steps"] is None or state["per_stream"] != per_stream:  # a new run, or another batch
+            rows = self.sets.rows_per_worker(seed=cfg.train.seed, epoch=state["epoch"], world_size=state["streams"])
+            left = plan.steps_left([int(n) for n in rows], state["consumed"], per_stream)
+            state.update(epoch_steps=state["epoch_step"] + left, per_stream=per_stream)
+        before = state["step"] - state["epoch_step"]  # steps of the earlier epochs
+        later = epoch_steps(
+            self.cfg,
+            world,
+            cfg.train.epochs,
+            sets=self.sets,
+            first=state["epoch"] + 1,
+            done=before + state["epoch_steps"],
+        )
+        self.steps = {state["epoch"]: state["epoch_steps"]} | {state["epoch"] + 1 + i: n for i, n in enumerate(later)}
+        total = before + sum(self.steps.values())
+        self.total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        # the schedules run on images seen / the run's first global batch, to the run's last image
+        images = state["images"] + (self.total - state["step"]) * b.global_batch
+        self.schedule_steps = max(1, math.ceil(images / state["global_batch"]))
+        self.global_batch = b.global_batch
+
+    def restore(self) -> None:
+        """Start from the newest complete checkpoint (Ray Train's, or one only the run's
+        storage holds: rank 0 decided in `choose_start`, every worker loads its own
+        partition of it)."""
+        cfg, rank, start = self.cfg, self.rank, self.start
         if start["checkpoint"]:
             with checkpoint.fetched(start["checkpoint"], rank=rank, world_size=self.world) as (d, _):
-                self.state = checkpoint.load(d, self.engine, rank=rank, world_size=self.world)
-            self.state.setdefault("drawn", {})  # images per set of a mixture (checkpoints before mixtures: none)
-        else:
-            torch.manual_seed(worker_seed(cfg.train.seed, rank))  # per-worker randomness (drop-path, masks)
+                checkpoint.load(d, self.engine, rank=rank, world_size=self.world)
         if rank != 0:
             return
         # rank 0's files: written in the run dir, or staged locally and synced to a bucket URI
@@ -147,20 +238,39 @@ class Trainer:
             f"global batch {self.global_batch}"
         )
         say(recovery.start_line(attempt, what))
+        written_by = start["state"] and start["state"]["workers"]
+        if written_by and written_by != self.world:
+            b = self.batching
+            say(
+                f"raysl: resumed on {self.world} worker(s) from a checkpoint written by {written_by}; global batch "
+                f"{b.global_batch} ({b.accum} micro-batch(es) of {b.micro} per worker)"
+            )
         files.sync()  # attempts.jsonl reaches a URI run before the first step
 
     # --- data ----------------------------------------------------------------------------
 
-    def view_data(self, shards: str, epoch: int, position: int, index: str | None = None) -> ray.data.Dataset:
+    def view_data(
+        self,
+        shards: str,
+        epoch: int,
+        position: int,
+        index: str | None = None,
+        *,
+        stream: int | None = None,
+        streams: int | None = None,
+        keep: tuple[int, int, int] | None = None,
+    ) -> ray.data.Dataset:
+        """The views of a stream (default: this worker's of `self.world`) from `position`."""
         cfg = self.cfg
         return reader.read_views(
             shards,
             self.spec,
             seed=cfg.train.seed,
             epoch=epoch,
-            rank=self.rank,
-            world_size=self.world,
+            rank=self.rank if stream is None else stream,
+            world_size=self.world if streams is None else streams,
             start=position,
+            keep=keep,
             window=cfg.data.shuffle_window,
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
             batch_size=reader.block_rows(self.spec, cfg.data.batch_size, pixels=self.device_views is not None),
@@ -174,9 +284,39 @@ class Trainer:
         data = self.view_data(shards, epoch, position)
         return reader.ViewBatches(data, batch_size=self.cfg.data.batch_size, start=position)
 
+    def current_batches(self):
+        """This epoch's training batches from where it stands: this worker's stream, or, when
+        the epoch started on another number of workers, its part of every step (data.plan)."""
+        state = self.state
+        if state["streams"] == self.world:
+            return self.batches_from(state["consumed"][self.rank])
+        self.plan_opened_at = state["epoch_step"]
+        s, per_stream = self.sets.sets[0], state["per_stream"]
+        return plan.PlanBatches(
+            lambda v, start, keep: self.view_data(
+                s.path, state["epoch"], start, s.index, stream=v, streams=state["streams"], keep=keep
+            ),
+            slices=plan.worker_slices(state["streams"], per_stream, self.world, self.rank),
+            consumed=list(state["consumed"]),
+            per_stream=per_stream,
+            micro=self.cfg.data.batch_size,
+        )
+
+    def consumed(self) -> list[int]:
+        """Rows of each of the epoch's streams trained on so far (every worker calls it)."""
+        state = self.state
+        if isinstance(self.stream, plan.PlanBatches):
+            done = (state["epoch_step"] - self.plan_opened_at) * state["per_stream"]
+            return [c + done for c in state["consumed"]]
+        positions = [self.stream.position]
+        if dist.is_initialized() and self.world > 1:
+            positions = [0] * self.world
+            dist.all_gather_object(positions, self.stream.position)
+        return positions
+
     def batches_from(self, position: int, epoch: int | None = None):
-        """An epoch's training batches from `position` (default: this epoch's):
-        reader.ViewBatches for one shard set, mixture.MixedBatches for a mixture."""
+        """An epoch's training batches of this worker's stream from `position` (default: this
+        epoch's): reader.ViewBatches for one shard set, mixture.MixedBatches for a mixture."""
         epoch = self.state["epoch"] if epoch is None else epoch
         return self.sets.batches(
             lambda s, start: self.view_data(s.path, epoch, start, s.index),
@@ -211,11 +351,12 @@ class Trainer:
 
     def _micro_batches(self) -> Iterator[Batch]:
         """The views of this step's grad_accum micro-batches, read as they are trained on."""
-        for _ in range(self.cfg.deepspeed.grad_accum):
+        for _ in range(self.batching.accum):
             t0 = time.perf_counter()
             try:
                 batch = next(self._it)
             except StopIteration:  # corrupt images thinned this worker's share: start it over
+                assert not isinstance(self.stream, plan.PlanBatches)  # it repeats rows instead
                 self.state["skipped"] += self.stream.skipped
                 self.stream = self.batches_from(0)
                 self._it = iter(self.stream)
@@ -230,13 +371,17 @@ class Trainer:
 
     def step(self) -> tuple[dict, dict]:
         """One optimizer step on the stream: (the method's outputs, the step's global metrics)."""
-        self.values = values = {**self.schedules.at(self.state["step"]), "step": self.state["step"]}
+        state = self.state
+        torch.manual_seed(step_seed(self.cfg.train.seed, state["step"], self.rank))  # seeds CUDA's too
+        at = state["images"] // state["global_batch"]  # the schedules' step: images seen / the first global batch
+        self.values = values = {**self.schedules.at(at), "step": state["step"]}
         t0, self.data_wait = time.perf_counter(), 0.0
         out = train_step(self.engine, self.method, self.optimizer, self._micro_batches(), values)
         seconds = time.perf_counter() - t0
         self.next_epoch.saw_step(seconds)
-        self.state["step"] += 1
-        self.state["position"] = self.stream.position
+        state["step"] += 1
+        state["epoch_step"] += 1
+        state["images"] += self.global_batch
         metrics = global_metrics(
             out,
             self.state,
@@ -251,7 +396,10 @@ class Trainer:
 
     def checkpoint(self, metrics: dict) -> None:
         """Every worker saves its part and reports it with the step's metrics."""
-        state = dict(self.state, skipped=self.state["skipped"] + self.stream.skipped)
+        drawn = {k: metrics[f"drawn/{k}"] for k in self.state["drawn"]}
+        state = dict(
+            self.state, consumed=self.consumed(), skipped=metrics["skipped_corrupt"], drawn=drawn, workers=self.world
+        )
         self.uploads.wait()  # the previous checkpoint's upload (train.checkpoint_upload)
         d = tempfile.mkdtemp(prefix="raysl_ckpt_")  # deleted once uploaded
         checkpoint.save(d, self.engine, rank=self.rank, world_size=self.world, state=state)
@@ -279,16 +427,14 @@ class Trainer:
         self.first_step = state["step"]
         with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
             while state["step"] < self.total:
-                step_in_epoch = state["position"] // self.rows_per_step
-                if step_in_epoch >= self.steps[state["epoch"]]:  # resumed at an epoch's last step
-                    state.update(epoch=state["epoch"] + 1, position=0)
+                if state["epoch_step"] >= state["epoch_steps"]:  # resumed at an epoch's last step
+                    self.next_epoch_state()
                     continue
-                self.stream, ahead = ahead or self.batches_from(state["position"]), None
+                self.stream, ahead = ahead or self.current_batches(), None
                 self._it = iter(self.stream)
-                while step_in_epoch < self.steps[state["epoch"]] and state["step"] < self.total:
-                    ahead = ahead or self.open_next_epoch(step_in_epoch)
+                while state["epoch_step"] < state["epoch_steps"] and state["step"] < self.total:
+                    ahead = ahead or self.open_next_epoch(state["epoch_step"])
                     out, metrics = self.step()
-                    step_in_epoch += 1
                     preempted = metrics.pop("preempted_workers", 0)  # SIGTERM on any worker: checkpoint, stop
                     for callback in self.callbacks:
                         callback.on_step(self, out, metrics)
@@ -300,12 +446,18 @@ class Trainer:
                         ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
                     if preempted:
                         self._stop_for_preemption(preempted)
-                if step_in_epoch >= self.steps[state["epoch"]]:
+                if state["epoch_step"] >= state["epoch_steps"]:
                     state["skipped"] += self.stream.skipped
-                    state.update(epoch=state["epoch"] + 1, position=0)
+                    self.next_epoch_state()
         if self.log and self.files:
             self.log.close()
             self.files.close()
+
+    def next_epoch_state(self) -> None:
+        """The next epoch, planned with this attempt's workers as its streams."""
+        epoch, world = self.state["epoch"] + 1, self.world
+        self.state.update(epoch=epoch, epoch_step=0, epoch_steps=self.steps.get(epoch, 0), streams=world)
+        self.state.update(consumed=[0] * world, per_stream=self.batching.per_worker)
 
     def open_next_epoch(self, step_in_epoch: int):
         """The next epoch's batches, opened (pipeline started) once `next_epoch` says it is
@@ -313,7 +465,7 @@ class Trainer:
         epoch, left = self.state["epoch"], self.steps[self.state["epoch"]] - step_in_epoch
         if (
             not self.next_epoch.due(left, self.steps[epoch])
-            or epoch + 1 >= len(self.steps)
+            or epoch + 1 not in self.steps
             or self.state["step"] + left >= self.total
         ):
             return None

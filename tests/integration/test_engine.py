@@ -241,7 +241,7 @@ def _save(built, directory: str, step: int) -> None:
         built[0],
         rank=0,
         world_size=1,
-        state={"step": step, "epoch": 0, "position": step * BATCH, "skipped": 0},
+        state={"step": step, "epoch": 0, "consumed": [step * BATCH], "skipped": 0},
     )
 
 
@@ -256,8 +256,9 @@ def test_checkpoint_round_trip_continues_exactly(zero, tmp_path):
     expected = [_step(original, cfg, s) for s in (2, 3)]
 
     fresh = _build(cfg, seed=1)  # other initial weights: everything must come from the checkpoint
-    state = checkpoint.load(str(tmp_path), fresh[0], rank=0, world_size=1)
-    assert state == {"step": 2, "epoch": 0, "position": 2 * BATCH, "skipped": 0}
+    meta = checkpoint.load(str(tmp_path), fresh[0], rank=0, world_size=1)  # rank 0's raysl_state.json
+    assert meta["state"] == {"step": 2, "epoch": 0, "consumed": [2 * BATCH], "skipped": 0}
+    assert checkpoint.run_state(str(tmp_path)) == meta["state"]
     assert fresh[0].global_steps == 2
     # the next step's loss (restored weights) and the one after (restored 8-bit optimizer state)
     assert [_step(fresh, cfg, s) for s in (2, 3)] == expected
@@ -356,7 +357,7 @@ def saved(tmp_path_factory):
     return d, cfg
 
 
-@pytest.mark.parametrize("missing", ["worker_0.pt", checkpoint.RUN_STATE])
+@pytest.mark.parametrize("missing", [checkpoint.RUN_STATE])
 def test_load_refuses_an_incomplete_checkpoint(saved, tmp_path, missing):
     src, cfg = saved
     d = str(tmp_path / "ckpt")
@@ -366,14 +367,16 @@ def test_load_refuses_an_incomplete_checkpoint(saved, tmp_path, missing):
         checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
 
 
-def test_load_refuses_another_world_size(saved, tmp_path):
-    src, cfg = saved
+def test_a_checkpoint_without_the_runs_state_is_refused_clearly(saved, tmp_path):
+    """A checkpoint of an older raysl kept each worker's data position in its worker_<rank>.pt:
+    raysl_state.json without the run's state is one clear error, not a wrong resume."""
+    src, _ = saved
     d = str(tmp_path / "ckpt")
     shutil.copytree(src, d)
     with open(os.path.join(d, checkpoint.RUN_STATE), "w") as f:
-        json.dump({"step": 1, "world_size": 2}, f)
-    with pytest.raises(UserError, match="train.num_workers=2"):
-        checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
+        json.dump({"step": 1, "world_size": 2, "format": 2}, f)
+    with pytest.raises(UserError, match="older raysl.*same train.num_workers"):
+        checkpoint.run_state(d)
 
 
 def test_held_out_loss_leaves_training_untouched():
@@ -420,20 +423,6 @@ def test_compiled_backbone_trains_like_eager_with_the_same_state_dict_keys(tmp_p
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     _save(compiled, str(tmp_path), 2)
     assert sorted(load_file(os.path.join(tmp_path, checkpoint.WEIGHTS))) == sorted(keys)
-
-
-def test_checkpoint_restores_the_torch_rng(saved):
-    src, cfg = saved
-    saved_state = checkpoint.safe_load(os.path.join(src, checkpoint.worker_file(0)))  # weights_only=True
-    assert set(saved_state) == {"step", "epoch", "position", "skipped", "torch_rng"}  # no CUDA here: no cuda_rng
-    rng = torch.get_rng_state()
-    torch.set_rng_state(saved_state["torch_rng"])
-    expected = torch.rand(8)
-    engine = _build(cfg)[0]
-    torch.manual_seed(123)  # anything else: the checkpoint must put the generator back
-    checkpoint.load(src, engine, rank=0, world_size=1)
-    assert torch.equal(torch.rand(8), expected)
-    torch.set_rng_state(rng)
 
 
 def test_resume_and_eval_take_the_last_complete_checkpoint(saved, tmp_path):

@@ -122,11 +122,11 @@ def _run_config(shards: list[str], weights: str, storage_path, name: str, *extra
 
 
 def _damage_newest_checkpoint(run: str) -> str:
-    """Truncate rank 0's state file in the run's newest checkpoint (so a resume skips it); its path."""
+    """Truncate rank 0's weights file in the run's newest checkpoint (so a resume skips it); its path."""
     from raysl.train import checkpoint, storage
 
     newest = os.path.join(run, storage.subdirs(run, "checkpoint_")[-1])
-    with open(os.path.join(newest, checkpoint.worker_file(0)), "r+b") as f:
+    with open(os.path.join(newest, checkpoint.WEIGHTS), "r+b") as f:
         f.truncate(100)
     return newest
 

@@ -55,7 +55,8 @@ class _Batches:
 )
 def test_the_next_epoch_opens_before_this_one_ends(steps, total, epoch, step, step_in_epoch, opens):
     t = Trainer.__new__(Trainer)
-    t.steps, t.total, t.state, t.next_epoch = steps, total, {"epoch": epoch, "step": step}, NextEpoch()
+    t.steps, t.total = dict(enumerate(steps)), total  # steps of each epoch left in the run
+    t.state, t.next_epoch = {"epoch": epoch, "step": step}, NextEpoch()
     t.batches_from = lambda position, epoch=None: _Batches(epoch)
     got = t.open_next_epoch(step_in_epoch)
     assert (got is not None) == opens

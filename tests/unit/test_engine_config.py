@@ -1,6 +1,5 @@
 """The engine's configuration without building an engine: ZeRO offload keys, configs
-DeepSpeed cannot run, grad checkpointing where timm has none, drop-path rates, and the
-GPU RNG state a checkpoint saves."""
+DeepSpeed cannot run, grad checkpointing where timm has none and drop-path rates."""
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from runfactory import engine_config
 from raysl.config import from_dict
 from raysl.errors import UserError
 from raysl.methods.base import build_method
-from raysl.train import checkpoint
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
@@ -27,27 +25,6 @@ def test_drop_path_rate_reaches_the_timm_backbone(backbone):
     assert got and max(got) == pytest.approx(0.3, rel=1e-6)  # timm's rates are float32
     assert all(0 <= r <= 0.3 + 1e-6 for r in got)
     assert not rates(0.0)  # no DropPath at all (timm uses Identity)
-
-
-def test_checkpoint_saves_and_restores_every_gpus_rng(monkeypatch):
-    """The CUDA part of the RNG state, with torch.cuda stood in for (no GPU here): saved as
-    a list of uint8 tensors that weights_only=True loads, restored per visible device."""
-    import io
-
-    gpu_states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
-    restored = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in gpu_states])
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed where one GPU is visible
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s))
-    buf = io.BytesIO()
-    torch.save({"step": 3, **checkpoint.rng_state()}, buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)
-    checkpoint.set_rng_state(state)
-    assert state == {"step": 3}
-    assert list(restored) == [0] and torch.equal(restored[0], gpu_states[0])
 
 
 def test_grad_checkpointing_where_timm_has_none_is_a_config_error():
