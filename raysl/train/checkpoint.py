@@ -10,6 +10,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from raysl.errors import UserError
+from raysl.train.reshard import layout, restore  # loads a checkpoint of another number of workers
 from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
 from raysl.train.zero_gather import save_full_state
 
@@ -53,7 +54,7 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
     torch.save({**state, **rng_state()}, os.path.join(directory, worker_file(rank)))
     if rank == 0:
         with open(os.path.join(directory, RUN_STATE), "w") as f:
-            json.dump({"step": state["step"], "world_size": world_size, "format": FORMAT}, f)
+            json.dump({"step": state["step"], "world_size": world_size, "format": FORMAT, "zero": layout(engine)}, f)
     # Last, this worker's listing: name and size of every file it wrote here (each worker
     # saves into its own directory, which Ray Train uploads into the shared checkpoint).
     # storage.checkpoint_problem compares the listings with what reached storage.
@@ -73,20 +74,29 @@ def load(directory: str, engine, *, rank: int, world_size: int) -> dict:
         raise UserError(f"checkpoint {directory} is incomplete (no {RUN_STATE}); it cannot be resumed from")
     with open(meta_path) as f:
         meta = json.load(f)
-    if meta["world_size"] != world_size:
-        raise UserError(
-            f"checkpoint {directory} was written by {meta['world_size']} workers; resume with "
-            f"train.num_workers={meta['world_size']} (this run has {world_size})"
-        )
+    resized = meta["world_size"] != world_size
     mine = os.path.join(directory, worker_file(rank))
-    if not os.path.exists(mine):
+    if not os.path.exists(mine) and not resized:
         raise UserError(f"checkpoint {directory} is incomplete (no {worker_file(rank)}); it cannot be resumed from")
-    path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG)
-    if path is None:
-        raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")
+    if resized:  # another number of workers: the partitions are cut anew (raysl.train.reshard)
+        restore(directory, engine, meta, rank=rank, world_size=world_size, tag=ENGINE_TAG, weights=WEIGHTS)
+    else:
+        path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        if path is None:
+            raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")
+    if not os.path.exists(mine):
+        # a worker the old run did not have: rank 0's shared state; this worker keeps the
+        # random generators its own seed gave it (another worker's would repeat its draws)
+        state = safe_load(os.path.join(directory, worker_file(0)))
+        for key in RNG_KEYS:
+            state.pop(key, None)
+        return state
     state = safe_load(mine)
     set_rng_state(state)
     return state
+
+
+RNG_KEYS = ("torch_rng", "cuda_rng")
 
 
 def rng_state() -> dict:
