@@ -30,6 +30,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -108,19 +109,18 @@ def _overlap(start: int, end: int, old_size: int) -> set[int]:
 def restore(directory: str, engine, meta: dict, *, rank: int, world_size: int, tag: str, weights: str) -> None:
     """Load the checkpoint in `directory` (written by meta["world_size"] workers) into this
     worker's freshly built `engine` of a `world_size`-worker run."""
-    stage = engine.zero_optimization_stage()
-    if stage == 0:
+    stage, old_world = engine.zero_optimization_stage(), meta["world_size"]
+    written = (meta.get("zero") or {"stage": stage})["stage"]
+    if written != stage:
+        raise UserError(
+            f"checkpoint {directory} was written by {old_world} workers under deepspeed.zero_stage={written}; resume "
+            f"at another number of workers with that stage (this run has {stage})"
+        )
+    if stage == 0:  # one optimizer file for all workers: DeepSpeed's own load
         path, _ = engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {tag!r}")
         return
-    old_world = meta["world_size"]
-    zero = meta.get("zero") or {"stage": stage}
-    if zero["stage"] != stage:
-        raise UserError(
-            f"checkpoint {directory} was written under deepspeed.zero_stage={zero['stage']}; resume with that stage "
-            f"(this run has {stage})"
-        )
     _check_optimizer(directory, engine, stage, old_world, world_size)
     _load_module(os.path.join(directory, weights), engine.module, rank)
     _load_counters(directory, tag, engine, stage)
@@ -217,6 +217,9 @@ class _Vector:
         return blocks[start : start + count].float()
 
 
+Segment = tuple[int, tuple[int, int], int, int]  # (new offset, (old rank, old flat group), old offset, count)
+
+
 @dataclass
 class _Unit:
     """One old worker's partition of one flat group (ZeRO-1/2 group, ZeRO-3 sub-group):
@@ -256,9 +259,7 @@ def _read_state(state: dict, size: int, where: str) -> tuple[dict[str, _Vector],
     return vectors, scalars
 
 
-def _cut(
-    segments: list[tuple[int, int, int, int]], units: dict, key: str | None, size: int, where: str
-) -> torch.Tensor:
+def _cut(segments: list[Segment], units: dict, key: str | None, size: int, where: str) -> torch.Tensor:
     """A new flat partition of `size` elements (zeros where no old data falls: padding) from
     segments (new offset, old unit, old offset, count) of the old units' state `key`
     (None: the master weights)."""
@@ -280,8 +281,6 @@ def _put_state(base, group_index: int, p: torch.Tensor, keys, cut, scalars: dict
     from bitsandbytes.optim.optimizer import Optimizer8bit
 
     if isinstance(base, Optimizer8bit):
-        import bitsandbytes.functional as F
-
         base.state[p] = {}
         base.init_state(base.param_groups[group_index], p, group_index, 0)
         state = base.state[p]
@@ -294,9 +293,7 @@ def _put_state(base, group_index: int, p: torch.Tensor, keys, cut, scalars: dict
             v, dst = cut(key), state[key]
             if dst.dtype == torch.uint8:
                 n = key.removeprefix("state")
-                q, qs = F.quantize_blockwise(v.to(dst.device), code=state[f"qmap{n}"], blocksize=BLOCKSIZE)
-                dst.copy_(q.view_as(dst))
-                state[f"absmax{n}"].copy_(qs.absmax)
+                quantize_nearest(v, state[f"qmap{n}"], dst.view(-1), state[f"absmax{n}"])
             else:
                 dst.copy_(v.view_as(dst))
             del v
@@ -304,6 +301,29 @@ def _put_state(base, group_index: int, p: torch.Tensor, keys, cut, scalars: dict
         base.state[p] = {key: cut(key).view_as(p).to(p.device) for key in keys}
     for key, v in scalars.items():
         base.state[p][key] = v.clone() if torch.is_tensor(v) else v
+
+
+def quantize_nearest(values: torch.Tensor, code: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor) -> None:
+    """bitsandbytes' blockwise 8-bit format (per 256-element block its absmax; per element
+    the index of the `code` value nearest to value / absmax), as bitsandbytes' reference
+    implementation rounds (backends/triton/kernels_optim.py: _quantize_blockwise_pytorch):
+    each value lands within half a code gap. Its compiled CPU kernel searches the code by
+    bisection and can land several codes off for values near zero (1e-9 of the absmax
+    became 1.6e-5 of it), more than one quantisation step. Done in chunks, so the
+    temporaries stay small."""
+    sorted_code, order = torch.sort(code.float().cpu())
+    chunk = BLOCKSIZE * 65536
+    for start in range(0, values.numel(), chunk):
+        v = values[start : start + chunk].float().cpu()
+        blocks = -(-v.numel() // BLOCKSIZE)
+        padded = torch.nn.functional.pad(v, (0, blocks * BLOCKSIZE - v.numel())).view(blocks, BLOCKSIZE)
+        peak = padded.abs().amax(dim=1)
+        peak[peak == 0] = 1.0  # an all-zero block: every element is code 0 whatever the scale
+        x = (padded / peak[:, None]).reshape(-1)[: v.numel()]
+        i = torch.searchsorted(sorted_code, x).clamp(1, len(sorted_code) - 1)
+        nearest = torch.where(x - sorted_code[i - 1] <= sorted_code[i] - x, i - 1, i)
+        out[start : start + v.numel()].copy_(order[nearest].to(torch.uint8))
+        absmax[start // BLOCKSIZE : start // BLOCKSIZE + blocks].copy_(peak)
 
 
 class _Zero12:
@@ -426,9 +446,10 @@ class _Zero3:
         group_of_sub = [g for g, bg in enumerate(base_groups) for _ in bg["params"]]
 
         # the new sub-groups' segments: (offset in the new flat, (old rank, old sub-group), old offset, count)
-        segments = []
+        segments: list[list[Segment]] = []
         for params in opt.fp16_groups:
-            segs, new_off = [], 0
+            segs: list[Segment] = []
+            new_off = 0
             for p in params:
                 n, q_new, q_old = p.ds_numel, p.ds_tensor.ds_numel, -(-p.ds_numel // self.old_world)
                 old_sub, old_off = old_place[id(p)]
@@ -478,7 +499,7 @@ class _Zero3:
                 part.data = q.data
 
 
-def _zero3_groups(opt) -> list[list[torch.Tensor]]:
+def _zero3_groups(opt) -> list[list[Any]]:
     """ZeRO-3's trainable parameters per base param group, in sub-group order."""
     groups: dict[int, list] = {}
     for s, params in enumerate(opt.fp16_groups):
@@ -490,7 +511,7 @@ class _ZeroFiles:
     """The old workers' ZeRO optimizer files, each read (weights_only) when first asked for."""
 
     def __init__(self, paths: dict[int, str]):
-        self.paths, self.cache = paths, {}
+        self.paths, self.cache = paths, dict[int, dict]()
 
     def where(self, k: int) -> str:
         return self.paths[k]

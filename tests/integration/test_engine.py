@@ -366,13 +366,15 @@ def test_load_refuses_an_incomplete_checkpoint(saved, tmp_path, missing):
         checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
 
 
-def test_load_refuses_another_world_size(saved, tmp_path):
+def test_load_at_another_world_size_refuses_another_zero_stage(saved, tmp_path):
+    """Another number of workers is resharded (tests/integration/test_reshard.py), but only
+    into the ZeRO stage that wrote the partitions."""
     src, cfg = saved
     d = str(tmp_path / "ckpt")
     shutil.copytree(src, d)
     with open(os.path.join(d, checkpoint.RUN_STATE), "w") as f:
-        json.dump({"step": 1, "world_size": 2}, f)
-    with pytest.raises(UserError, match="train.num_workers=2"):
+        json.dump({"step": 1, "world_size": 2, "zero": {"stage": 2, "groups": []}}, f)
+    with pytest.raises(UserError, match="deepspeed.zero_stage=2"):
         checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
 
 
