@@ -30,9 +30,9 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str, map_location="cpu"):
+def safe_load(path: str, map_location="cpu", mmap: bool = False):
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
@@ -68,7 +68,9 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
 
 
 def load(directory: str, engine, *, rank: int, world_size: int) -> dict:
-    """Restore engine (model, optimizer incl. 8-bit state) and this worker's state."""
+    """Restore engine (model, optimizer incl. 8-bit state) and this worker's state. A
+    checkpoint of another number of workers is cut anew (raysl.train.reshard); a worker the
+    old run did not have gets rank 0's state without its random generators."""
     meta_path = os.path.join(directory, RUN_STATE)
     if not os.path.exists(meta_path):
         raise UserError(f"checkpoint {directory} is incomplete (no {RUN_STATE}); it cannot be resumed from")
@@ -79,7 +81,9 @@ def load(directory: str, engine, *, rank: int, world_size: int) -> dict:
     if not os.path.exists(mine) and not resized:
         raise UserError(f"checkpoint {directory} is incomplete (no {worker_file(rank)}); it cannot be resumed from")
     if resized:  # another number of workers: the partitions are cut anew (raysl.train.reshard)
-        restore(directory, engine, meta, rank=rank, world_size=world_size, tag=ENGINE_TAG, weights=WEIGHTS)
+        restore(
+            directory, engine, meta, rank=rank, world_size=world_size, tag=ENGINE_TAG, weights=WEIGHTS, read=safe_load
+        )
     else:
         path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG)
         if path is None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -106,9 +107,12 @@ def _overlap(start: int, end: int, old_size: int) -> set[int]:
     return set(range(start // old_size, (end - 1) // old_size + 1)) if end > start else set()
 
 
-def restore(directory: str, engine, meta: dict, *, rank: int, world_size: int, tag: str, weights: str) -> None:
+def restore(
+    directory: str, engine, meta: dict, *, rank: int, world_size: int, tag: str, weights: str, read: Callable
+) -> None:
     """Load the checkpoint in `directory` (written by meta["world_size"] workers) into this
-    worker's freshly built `engine` of a `world_size`-worker run."""
+    worker's freshly built `engine` of a `world_size`-worker run. `read(path, mmap=...)`
+    loads one of DeepSpeed's files without unpickling (raysl.train.checkpoint.safe_load)."""
     stage, old_world = engine.zero_optimization_stage(), meta["world_size"]
     written = (meta.get("zero") or {"stage": stage})["stage"]
     if written != stage:
@@ -123,11 +127,12 @@ def restore(directory: str, engine, meta: dict, *, rank: int, world_size: int, t
         return
     _check_optimizer(directory, engine, stage, old_world, world_size)
     _load_module(os.path.join(directory, weights), engine.module, rank)
-    _load_counters(directory, tag, engine, stage)
+    _load_counters(directory, tag, engine, stage, read)
+    files = _zero_files(directory, tag, engine, old_world, read)
     if stage == 3:
-        _Zero3(directory, tag, engine, old_world, rank, world_size).restore()
+        _Zero3(directory, files, engine, old_world, rank, world_size).restore()
     else:
-        _Zero12(directory, tag, engine, old_world, rank, world_size).restore()
+        _Zero12(directory, files, engine, old_world, rank, world_size).restore()
 
 
 # ---------------------------------------------------------------- the method's weights
@@ -151,7 +156,8 @@ def _check_optimizer(directory: str, engine, stage: int, old_world: int, world_s
 
 def _load_module(path: str, module: torch.nn.Module, rank: int) -> None:
     """Every tensor of the module's state dict from the fp32 safetensors file; a ZeRO-3
-    parameter gets only this worker's partition (ceil(numel/world) elements, zero padded)."""
+    parameter gets only this worker's partition (ceil(numel/world) elements, zero padded),
+    read as the rows that hold it, so no worker reads a whole partitioned tensor."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
@@ -161,25 +167,30 @@ def _load_module(path: str, module: torch.nn.Module, rank: int) -> None:
         for key, t in module.state_dict(keep_vars=True).items():
             if key not in saved:
                 raise UserError(f"{path}: no tensor {key!r}; the checkpoint is of another model or method")
-            whole = f.get_tensor(key)
+            if not hasattr(t, "ds_tensor") or t.data.numel() == t.ds_numel:  # whole here (ZeRO-3: persistent)
+                t.data.copy_(f.get_tensor(key).view_as(t.data))
             if hasattr(t, "ds_tensor"):
                 part = t.ds_tensor
-                start = rank * part.numel()
-                piece = whole.reshape(-1)[start : start + part.numel()]
                 part.zero_()
-                part[: piece.numel()].copy_(piece)
-                if t.data.numel() == whole.numel():  # held whole (a persistent small parameter)
-                    t.data.copy_(whole.view_as(t.data))
-            else:
-                t.data.copy_(whole.view_as(t.data))
+                start, end = rank * part.numel(), min((rank + 1) * part.numel(), t.ds_numel)
+                if end > start:
+                    part[: end - start].copy_(_flat_range(f.get_slice(key), start, end))
 
 
-def _load_counters(directory: str, tag: str, engine, stage: int) -> None:
-    """The engine's step counters from the model-states file (the same in every worker's)."""
-    from raysl.train.checkpoint import safe_load
+def _flat_range(tensor_slice, start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of a stored tensor in row-major order, reading only its rows
+    (of the first dimension) that hold them."""
+    shape = tensor_slice.get_shape()
+    row = math.prod(shape[1:])
+    first, last = start // row, (end - 1) // row + 1
+    return tensor_slice[first:last].reshape(-1)[start - first * row : end - first * row]
 
+
+def _load_counters(directory: str, tag: str, engine, stage: int, read: Callable) -> None:
+    """The engine's step counters from the model-states file (the same in every worker's),
+    memory-mapped: under ZeRO-1/2 the file also holds the whole module, which is not read."""
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
-    sd = safe_load(_existing(os.path.join(directory, tag, name)))
+    sd = read(_existing(os.path.join(directory, tag, name)), mmap=True)
     engine.global_steps = sd["global_steps"]
     engine.global_samples = sd.get("global_samples", engine.global_steps * engine.train_batch_size())
     engine.skipped_steps = sd["skipped_steps"]
@@ -329,8 +340,8 @@ def quantize_nearest(values: torch.Tensor, code: torch.Tensor, out: torch.Tensor
 class _Zero12:
     """ZeRO-1/2: per param group, the flat partitions cut at the new boundaries."""
 
-    def __init__(self, directory, tag, engine, old_world, rank, world):
-        self.dir, self.tag, self.engine, self.old_world = directory, tag, engine, old_world
+    def __init__(self, directory, files, engine, old_world, rank, world):
+        self.dir, self.files, self.engine, self.old_world = directory, files, engine, old_world
         self.rank, self.world = rank, world
         self.opt = engine.optimizer
 
@@ -347,7 +358,7 @@ class _Zero12:
         n_groups = len(opt.single_partition_of_fp32_groups)
         extents = [_extent(opt, g) for g in range(n_groups)]
         new_sizes = [int(s) for s in opt.partition_size]
-        files = _zero_files(self.dir, self.tag, self.engine, self.old_world)
+        files = self.files
         first = files.get(0)
         old_sizes = [
             first[SINGLE_PARTITION_OF_FP32_GROUPS][g].numel() + first[GROUP_PADDINGS][g] for g in range(n_groups)
@@ -409,8 +420,8 @@ def _segments_flat(start: int, end: int, old_size: int) -> list[tuple[int, int, 
 class _Zero3:
     """ZeRO-3: each parameter's partition cut at the new boundaries, within the sub-groups."""
 
-    def __init__(self, directory, tag, engine, old_world, rank, world):
-        self.dir, self.tag, self.engine, self.old_world = directory, tag, engine, old_world
+    def __init__(self, directory, files, engine, old_world, rank, world):
+        self.dir, self.files, self.engine, self.old_world = directory, files, engine, old_world
         self.rank, self.world = rank, world
         self.opt = engine.optimizer
 
@@ -419,7 +430,7 @@ class _Zero3:
 
         opt = self.opt
         groups = _zero3_groups(opt)  # trainable params per base param group, in DeepSpeed's order
-        files = _zero_files(self.dir, self.tag, self.engine, self.old_world)
+        files = self.files
         first, where0 = files.get(0), files.where(0)
         # where each parameter lies in the old sub-groups: DeepSpeed cut each param group into
         # sub-groups by the old partition sizes; the saved flat groups' sizes say where
@@ -510,26 +521,20 @@ def _zero3_groups(opt) -> list[list[Any]]:
 class _ZeroFiles:
     """The old workers' ZeRO optimizer files, each read (weights_only) when first asked for."""
 
-    def __init__(self, paths: dict[int, str]):
-        self.paths, self.cache = paths, dict[int, dict]()
+    def __init__(self, paths: dict[int, str], read: Callable):
+        self.paths, self.read, self.cache = paths, read, dict[int, dict]()
 
     def where(self, k: int) -> str:
         return self.paths[k]
 
     def get(self, k: int) -> dict:
-        from raysl.train.checkpoint import safe_load
-
         if k not in self.cache:
-            self.cache[k] = safe_load(_existing(self.paths[k]))["optimizer_state_dict"]
+            self.cache[k] = self.read(_existing(self.paths[k]))["optimizer_state_dict"]
         return self.cache[k]
 
 
-def _zero_files(directory: str, tag: str, engine, old_world: int) -> _ZeroFiles:
+def _zero_files(directory: str, tag: str, engine, old_world: int, read: Callable) -> _ZeroFiles:
     """DeepSpeed names them bf16_zero_pp_rank_* under bf16, zero_pp_rank_* otherwise."""
     prefix = "bf16_" if engine.bfloat16_enabled() else ""
-    return _ZeroFiles(
-        {
-            k: os.path.join(directory, tag, f"{prefix}zero_pp_rank_{k}_mp_rank_00_optim_states.pt")
-            for k in range(old_world)
-        }
-    )
+    names = {k: f"{prefix}zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in range(old_world)}
+    return _ZeroFiles({k: os.path.join(directory, tag, name) for k, name in names.items()}, read)
