@@ -13,8 +13,28 @@ import torch
 import torch.distributed as dist
 import zero3_worker as w
 
+# (ZeRO stage, optimizer[+bf16]): under bf16 the fp32 master weights hold more than the parameters
 CASES = [(stage, opt) for stage in (0, 1, 2, 3) for opt in ("adamw", "adamw8bit", "lion8bit")]
+CASES += [(2, "adamw+bf16"), (3, "adamw8bit+bf16")]
+
+
+def config(stage: int, opt: str):
+    name, _, precision = opt.partition("+")
+    return w.cfg_for("byol", zero=stage, optimizer=name, precision=precision or "fp32")
+
+
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def step(built, cfg, s: int, rank: int) -> float:
+    """Step `s` of worker `rank` as the training loop takes it, views in the engine's precision."""
+    from raysl.train.engine import DTYPES
+    from raysl.train.trainer import train_step
+
+    engine, method, schedules = built
+    views = [v.to(DTYPES[cfg.deepspeed.precision]) for v in w.views(s, rank)]
+    out = train_step(engine, method, engine.optimizer, [views], {**schedules.at(s), "step": s})
+    return float(out["loss"].detach().float())
 
 
 def case_dir(directory: str, stage: int, opt: str) -> str:
@@ -42,7 +62,7 @@ def snapshot(engine, method, stage: int, opt: str, rank: int) -> dict:
         if not p.requires_grad:
             continue
         out["master"][name] = safe_get_full_fp32_param(p).detach().cpu().clone()
-        if opt == "adamw":
+        if opt.startswith("adamw+") or opt == "adamw":
             out["adam"][name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in ADAM_KEYS}
     return out
 
@@ -51,10 +71,10 @@ def phase_save(rank: int, world: int, directory: str, out: dict) -> None:
     from raysl.train import checkpoint
 
     for stage, opt in CASES:
-        cfg = w.cfg_for("byol", zero=stage, optimizer=opt)
+        cfg = config(stage, opt)
         built = w.build(cfg)
         for s in range(2):
-            w.step(built, cfg, s, rank)
+            step(built, cfg, s, rank)
         d = os.path.join(case_dir(directory, stage, opt), "ckpt")
         checkpoint.save(d, built[0], rank=rank, world_size=world, state={"step": 2, "epoch": 0, "position": 0})
         out[(stage, opt)] = snapshot(built[0], built[1], stage, opt, rank)
@@ -86,7 +106,7 @@ def phase_load(rank: int, world: int, directory: str, out: dict, cases=CASES) ->
     from raysl.train import checkpoint
 
     for stage, opt in cases:
-        cfg = w.cfg_for("byol", zero=stage, optimizer=opt)
+        cfg = config(stage, opt)
         built = w.build(cfg, seed=1)  # other initial weights: everything must come from the checkpoint
         d = case_dir(directory, stage, opt)
         state = checkpoint.load(own_copy(os.path.join(d, "ckpt"), rank, world), built[0], rank=rank, world_size=world)
@@ -96,7 +116,7 @@ def phase_load(rank: int, world: int, directory: str, out: dict, cases=CASES) ->
         checkpoint.save(
             os.path.join(d, f"resumed{world}"), built[0], rank=rank, world_size=world, state={"step": 2, "epoch": 0}
         )
-        got["next_loss"] = w.step(built, cfg, 2, rank)
+        got["next_loss"] = step(built, cfg, 2, rank)
         out[(stage, opt)] = got
 
 

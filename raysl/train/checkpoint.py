@@ -30,9 +30,9 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str, map_location="cpu", mmap: bool = False):
+def safe_load(path: str, map_location="cpu"):
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

@@ -39,6 +39,8 @@ from raysl.errors import UserError
 
 BLOCKSIZE = 256  # bitsandbytes' blockwise 8-bit optimizers quantise their state per 256 elements
 ZERO_FILE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
+MODEL_STATES = re.compile(r"(?:^|/)(?:(?:bf16_)?zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
+COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # the engine's, restored as saved
 WORKER_FILE = re.compile(r"(?:^|/)worker_\d+\.pt$")  # each worker's data position and generators
 ALIGNMENT = 2  # ZeRO-1/2's nccl_start_alignment_factor: the flat group is padded to 2 * world
 
@@ -46,9 +48,11 @@ ALIGNMENT = 2  # ZeRO-1/2's nccl_start_alignment_factor: the flat group is padde
 def layout(engine) -> dict:
     """What `files_for_rank` needs to know of the checkpoint's partitions, recorded in
     raysl_state.json at save: the ZeRO stage and per param group its sizes (ZeRO-1/2: the
-    flat group's extent and the size DeepSpeed aligns; ZeRO-3: each parameter's numel)."""
+    flat group's extent and the size DeepSpeed aligns; ZeRO-3: each parameter's numel), and
+    the engine's step counters, so a resharding reads no model-states file (under ZeRO-1/2
+    DeepSpeed's holds the whole module)."""
     stage = engine.zero_optimization_stage()
-    out: dict = {"stage": stage}
+    out: dict = {"stage": stage, "counters": {key: getattr(engine, key) for key in COUNTERS}}
     opt = engine.optimizer
     if stage in (1, 2):
         out["groups"] = [
@@ -75,6 +79,8 @@ def files_for_rank(names: list[str], meta: dict, rank: int, world_size: int) -> 
     out = []
     for name in names:
         zero_file, worker = ZERO_FILE.search(name), WORKER_FILE.search(name)
+        if zero["stage"] and "counters" in zero and MODEL_STATES.search(name):
+            continue  # the whole module (ZeRO-1/2) or a partition's empty one (ZeRO-3): not read
         if zero_file is not None:
             k = int(zero_file.group(1))
             if k == 0 or (zero_file.group(2) == "optim" and k in needed):
@@ -111,10 +117,11 @@ def restore(
     directory: str, engine, meta: dict, *, rank: int, world_size: int, tag: str, weights: str, read: Callable
 ) -> None:
     """Load the checkpoint in `directory` (written by meta["world_size"] workers) into this
-    worker's freshly built `engine` of a `world_size`-worker run. `read(path, mmap=...)`
-    loads one of DeepSpeed's files without unpickling (raysl.train.checkpoint.safe_load)."""
+    worker's freshly built `engine` of a `world_size`-worker run. `read(path)` loads one of
+    DeepSpeed's files without unpickling (raysl.train.checkpoint.safe_load)."""
     stage, old_world = engine.zero_optimization_stage(), meta["world_size"]
-    written = (meta.get("zero") or {"stage": stage})["stage"]
+    zero = meta.get("zero") or {"stage": stage}
+    written = zero["stage"]
     if written != stage:
         raise UserError(
             f"checkpoint {directory} was written by {old_world} workers under deepspeed.zero_stage={written}; resume "
@@ -127,7 +134,7 @@ def restore(
         return
     _check_optimizer(directory, engine, stage, old_world, world_size)
     _load_module(os.path.join(directory, weights), engine.module, rank)
-    _load_counters(directory, tag, engine, stage, read)
+    _load_counters(directory, tag, engine, zero, read)
     files = _zero_files(directory, tag, engine, old_world, read)
     if stage == 3:
         _Zero3(directory, files, engine, old_world, rank, world_size).restore()
@@ -186,14 +193,17 @@ def _flat_range(tensor_slice, start: int, end: int) -> torch.Tensor:
     return tensor_slice[first:last].reshape(-1)[start - first * row : end - first * row]
 
 
-def _load_counters(directory: str, tag: str, engine, stage: int, read: Callable) -> None:
-    """The engine's step counters from the model-states file (the same in every worker's),
-    memory-mapped: under ZeRO-1/2 the file also holds the whole module, which is not read."""
-    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
-    sd = read(_existing(os.path.join(directory, tag, name)), mmap=True)
-    engine.global_steps = sd["global_steps"]
-    engine.global_samples = sd.get("global_samples", engine.global_steps * engine.train_batch_size())
-    engine.skipped_steps = sd["skipped_steps"]
+def _load_counters(directory: str, tag: str, engine, zero: dict, read: Callable) -> None:
+    """The engine's step counters: recorded in raysl_state.json, or (older checkpoints) from
+    DeepSpeed's model-states file, the same in every worker's."""
+    if "counters" in zero:
+        saved = zero["counters"]
+    else:
+        name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero["stage"] == 3 else "mp_rank_00_model_states.pt"
+        saved = read(_existing(os.path.join(directory, tag, name)))
+    engine.global_steps = saved["global_steps"]
+    engine.global_samples = saved.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = saved["skipped_steps"]
 
 
 def _existing(path: str) -> str:

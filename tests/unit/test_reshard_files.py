@@ -63,3 +63,15 @@ def test_at_scale_each_worker_reads_about_old_over_new_files():
 def test_without_a_recorded_layout_every_file():
     names = _names(2, 2)
     assert files_for_rank(names, {"world_size": 2}, 0, 1) == names
+
+
+def test_recorded_counters_spare_the_model_states_files():
+    """Under ZeRO-1/2 DeepSpeed's model-states file holds the whole module; with the engine's
+    counters in raysl_state.json a resharding reads none (ZeRO-0 still loads through it)."""
+    counters = {"global_steps": 2, "global_samples": 16, "skipped_steps": 0}
+    for stage in (1, 2, 3):
+        groups = [{"numels": [100]}] if stage == 3 else [{"base": 100, "extent": 100}]
+        meta = {"world_size": 2, "zero": {"stage": stage, "groups": groups, "counters": counters}}
+        assert not [n for n in files_for_rank(_names(2, stage), meta, 0, 1) if n.endswith("model_states.pt")]
+    meta = {"world_size": 2, "zero": {"stage": 0, "counters": counters}}
+    assert "engine/mp_rank_00_model_states.pt" in files_for_rank(_names(2, 0), meta, 0, 1)
