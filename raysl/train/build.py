@@ -83,7 +83,7 @@ def make_optimizer(cfg: Config, method: torch.nn.Module, schedules: Schedules) -
     return build_optimizer(
         cfg.optim.name,
         param_groups(method, cfg.optim.weight_decay),
-        lr=schedules.lr[0],
+        lr=float(schedules.lr[0]),  # a numpy scalar in param_groups would make a checkpoint unloadable (weights_only)
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         momentum=cfg.optim.momentum,
         cpu_offload=cfg.deepspeed.offload_optimizer != "none",  # ZeRO-Offload: DeepSpeedCPUAdam

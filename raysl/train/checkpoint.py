@@ -17,7 +17,10 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from raysl.data.schema import filesystem_and_path
 from raysl.errors import UserError
-from raysl.train import storage
+from raysl.train import (
+    reshard,  # loads a checkpoint of another number of workers
+    storage,
+)
 from raysl.train.storage import RUN_STATE, worker_listing  # rank 0's state file; each worker's file listing
 from raysl.train.zero_gather import save_full_state
 
@@ -62,9 +65,10 @@ def files_for_rank(names: list[str], meta: dict, rank: int, world_size: int) -> 
     shares (DeepSpeed's `latest`, `mp_rank_00_model_states.pt` with the
     weights under ZeRO-0/1/2) and this rank's own DeepSpeed partition. Not the other ranks'
     partitions, so a restore moves the same bytes per worker at any number of workers.
-    Written by another number of workers: every file."""
+    Written by another number of workers: the old partitions that overlap this rank's new
+    ones (raysl.train.reshard)."""
     if int(meta["world_size"]) != world_size:
-        return sorted(names)
+        return sorted(reshard.files_for_rank(names, meta, rank, world_size))
     mine = []
     for rel in names:
         base = rel.rsplit("/", 1)[-1]
@@ -100,7 +104,8 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
     save_full_state(engine.module, os.path.join(directory, WEIGHTS), keep=rank == 0)
     if rank == 0:
         with open(os.path.join(directory, RUN_STATE), "w") as f:
-            json.dump({"step": state["step"], "world_size": world_size, "format": FORMAT, "state": state}, f)
+            meta = {"step": state["step"], "world_size": world_size, "format": FORMAT}
+            json.dump({**meta, "state": state, "zero": reshard.layout(engine)}, f)
     # Last, this worker's listing: name and size of every file it wrote here (each worker
     # saves into its own directory, which Ray Train uploads into the shared checkpoint).
     # storage.checkpoint_problem compares the listings with what reached storage.
@@ -114,17 +119,19 @@ def save(directory: str, engine, *, rank: int, world_size: int, state: dict) -> 
 
 
 def load(directory: str, engine, *, rank: int, world_size: int) -> dict:
-    """Restore the engine (model, optimizer incl. 8-bit state); rank 0's raysl_state.json."""
+    """Restore the engine (model, optimizer incl. 8-bit state); returns rank 0's
+    raysl_state.json. A checkpoint of another number of workers is cut anew
+    (raysl.train.reshard)."""
     meta_path = os.path.join(directory, RUN_STATE)
     if not os.path.exists(meta_path):
         raise UserError(f"checkpoint {directory} is incomplete (no {RUN_STATE}); it cannot be resumed from")
     with open(meta_path) as f:
         meta = json.load(f)
-    if meta["world_size"] != world_size and engine.zero_optimization_stage() > 0:
-        raise UserError(
-            f"checkpoint {directory} was written by {meta['world_size']} workers; resume with "
-            f"train.num_workers={meta['world_size']} (this run has {world_size})"
+    if meta["world_size"] != world_size:  # another number of workers: the partitions are cut anew
+        reshard.restore(
+            directory, engine, meta, rank=rank, world_size=world_size, tag=ENGINE_TAG, weights=WEIGHTS, read=safe_load
         )
+        return meta
     path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG)
     if path is None:
         raise UserError(f"checkpoint {directory}: DeepSpeed found no engine state under tag {ENGINE_TAG!r}")

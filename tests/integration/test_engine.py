@@ -379,6 +379,18 @@ def test_a_checkpoint_without_the_runs_state_is_refused_clearly(saved, tmp_path)
         checkpoint.run_state(d)
 
 
+def test_load_at_another_world_size_refuses_another_zero_stage(saved, tmp_path):
+    """Another number of workers is resharded (tests/integration/test_reshard.py), but only
+    into the ZeRO stage that wrote the partitions."""
+    src, cfg = saved
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(src, d)
+    with open(os.path.join(d, checkpoint.RUN_STATE), "w") as f:
+        json.dump({"step": 1, "world_size": 2, "zero": {"stage": 2, "groups": []}}, f)
+    with pytest.raises(UserError, match="deepspeed.zero_stage=2"):
+        checkpoint.load(d, _build(cfg)[0], rank=0, world_size=1)
+
+
 def test_held_out_loss_leaves_training_untouched():
     """val_loss runs the method's forward on held-out views, then restores its buffers
     (BatchNorm statistics, queues, centers) and the RNG: training goes on exactly as

@@ -48,9 +48,17 @@ def test_the_number_of_files_per_rank_does_not_grow_with_the_workers():
     assert not any("rank_1" in n and "rank_1_" not in n for n in mine)  # not rank 10, 11, ...
 
 
-def test_a_checkpoint_of_another_world_size_is_taken_whole():
+def test_a_checkpoint_of_another_world_size_without_its_layout_is_taken_whole():
     names = _names(4, 2)
     assert checkpoint.files_for_rank(names, {"world_size": 4}, 0, 2) == sorted(names)
+
+
+def test_a_checkpoint_of_another_world_size_gives_the_overlapping_partitions():
+    meta = {"world_size": 4, "zero": {"stage": 2, "groups": [{"base": 1000, "extent": 1000}]}}
+    mine = checkpoint.files_for_rank(_names(4, 2), meta, 1, 2)  # [500, 1000) of 4 x 250
+    assert {n for n in mine if "optim" in n} == {
+        f"engine/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 2, 3)
+    }  # old 0's for the shared state
 
 
 def test_upload_puts_everything_and_download_moves_the_bytes_asked_for(tmp_path):
