@@ -6,8 +6,11 @@ are recorded by a callback that only reads the batches (the run's own loop, unch
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
+from resize_run import recording_loop
 from runfactory import train_config
 
 import raysl.pretrain
@@ -15,43 +18,12 @@ from raysl.pretrain import pretrain
 from raysl.train import recovery, storage
 from raysl.train.metrics import read_metrics
 
-# ZeRO stages whose model and optimizer state load at another world size
-ZERO_STAGES = [0]
-
-
-def _recording_loop(keys_file: str):
-    """The pretrain loop of every worker (raysl.pretrain.train_loop_per_worker), plus a callback
-    writing the keys of each step's batches, per rank, to `keys_file`."""
-
-    def loop(raw: dict) -> None:
-        from raysl.config import from_dict
-        from raysl.train.callback import Callback
-        from raysl.train.trainer import Trainer
-
-        class Keys(Callback):
-            def setup(self, trainer) -> None:
-                self.keys: list[str] = []
-                to_batch = trainer.to_batch
-
-                def recorded(batch):
-                    self.keys += [str(k) for k in batch["key"]]
-                    return to_batch(batch)
-
-                trainer.to_batch = recorded
-
-            def on_step(self, trainer, out, metrics) -> None:
-                with open(keys_file, "a") as f:
-                    f.write(json.dumps({"step": trainer.state["step"], "rank": trainer.rank, "keys": self.keys}) + "\n")
-                self.keys = []
-
-        trainer = Trainer(from_dict(raw["config"]), raw["run_dir"], callbacks=[Keys()], pins=raw.get("shard_pins"))
-        trainer.fit()
-
-    return loop
+ZERO_STAGES = [0, 1, 2, 3]
+HERE = os.path.dirname(os.path.dirname(__file__))
 
 
 def _run(monkeypatch, cfg, keys_file: str, *, resume: bool = False) -> str:
-    monkeypatch.setattr(raysl.pretrain, "train_loop_per_worker", _recording_loop(keys_file))
+    monkeypatch.setattr(raysl.pretrain, "train_loop_per_worker", recording_loop(keys_file))
     return pretrain(cfg, resume=resume)["run_dir"]
 
 
@@ -124,3 +96,72 @@ def test_a_run_resumed_on_fewer_then_more_workers_trains_the_same_images_and_los
     assert [two_keys[s] for s in (13, 14)] == [one_keys[s] for s in (13, 14)]
     for s in (13, 14):
         assert two_losses[s] == pytest.approx(one_losses[s], rel=1e-4), s
+
+
+def _run_apart(cfg, keys_file: str, cpus: int, *, resume: bool = False) -> str:
+    """The run in its own process and local Ray of `cpus` logical CPUs (tests/resize_run.py)."""
+    from raysl.pretrain import run_dir
+
+    config = keys_file + ".yaml"
+    with open(config, "w") as f:
+        f.write(cfg.to_yaml())
+    cmd = [sys.executable, os.path.join(HERE, "resize_run.py"), config, keys_file, str(cpus)]
+    done = subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run_dir(cfg)
+
+
+def _each_image_once(*steps: list[str]) -> list[str]:
+    keys = [k for step in steps for k in step]
+    assert len(keys) == len(set(keys)), "an image trained on twice in one epoch"
+    return keys
+
+
+@pytest.mark.parametrize("zero", ZERO_STAGES)
+def test_adamw8bit_at_every_zero_stage_resumes_on_one_worker_of_two(
+    ray_local, train_shards, tmp_path, monkeypatch, zero
+):
+    """The recipe's 8-bit optimizer, its ZeRO partitions cut anew for 1 worker (the state itself:
+    tests/integration/test_reshard.py): the run goes on from the checkpoint's step and the epoch's
+    images are each trained on once."""
+    storage_path, overrides = str(tmp_path / "runs"), [f"deepspeed.zero_stage={zero}", "train.max_steps=4"]
+    base = _run(monkeypatch, train_config(train_shards, storage_path, "base", *overrides), str(tmp_path / "b.jsonl"))
+    one_cfg = train_config(train_shards, storage_path, "base", *overrides, "train.num_workers=1", "train.max_steps=8")
+    _run(monkeypatch, one_cfg, str(tmp_path / "one.jsonl"), resume=True)
+    assert [(a["start_step"], a["first_step"], a["world_size"]) for a in recovery.read_attempts(base)][1:] == [
+        (4, 5, 1)
+    ]
+    before, after = _keys(str(tmp_path / "b.jsonl")), _keys(str(tmp_path / "one.jsonl"))
+    assert sorted(after) == [5, 6, 7, 8]
+    assert len(_each_image_once(*before.values(), *after.values())) == 64  # all of epoch 0 (8 steps of 8)
+
+
+def test_a_run_of_two_workers_goes_on_with_three_and_one_of_four_with_two(
+    ray_local, train_shards, tmp_path, monkeypatch
+):
+    """More workers than the checkpoint's, and fewer from more, with the recipe (ZeRO-2,
+    AdamW8bit): the 3- and 4-worker runs in their own process and Ray (4 logical CPUs)."""
+    storage_path = str(tmp_path / "runs")
+    # 2 -> 3: a global batch of 8 does not split over 3 workers reading 2 streams: 6 (3 x 2)
+    base = _run(monkeypatch, train_config(train_shards, storage_path, "grow", "train.max_steps=4"), str(tmp_path / "g"))
+    three = train_config(train_shards, storage_path, "grow", "train.num_workers=3", "train.max_steps=7")
+    _run_apart(three, str(tmp_path / "g3"), cpus=4, resume=True)
+    assert [(a["start_step"], a["first_step"], a["world_size"]) for a in recovery.read_attempts(base)][1:] == [
+        (4, 5, 3)
+    ]
+    before, after = _keys(str(tmp_path / "g")), _keys(str(tmp_path / "g3"))
+    assert sorted(after) == [5, 6, 7] and all(len(after[s]) == 6 for s in after)
+    _each_image_once(*before.values(), *after.values())  # steps 5-7 are still epoch 0: 32 + 18 images
+
+    # 4 -> 2: 4 workers x batch 4, an epoch of 4 steps; its step-2 checkpoint resumed on 2
+    four = train_config(train_shards, storage_path, "shrink", "train.num_workers=4", "train.max_steps=2")
+    run = _run_apart(four, str(tmp_path / "s4"), cpus=4)
+    two = train_config(train_shards, storage_path, "shrink", "train.max_steps=4")
+    _run(monkeypatch, two, str(tmp_path / "s2"), resume=True)
+    assert [(a["start_step"], a["first_step"], a["world_size"]) for a in recovery.read_attempts(run)] == [
+        (0, 1, 4),
+        (2, 3, 2),
+    ]
+    before, after = _keys(str(tmp_path / "s4")), _keys(str(tmp_path / "s2"))
+    assert sorted(after) == [3, 4] and all(len(after[s]) == 16 for s in after)
+    assert len(_each_image_once(*before.values(), *after.values())) == 64  # the whole epoch, once
