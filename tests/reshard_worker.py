@@ -1,4 +1,4 @@
-"""Workers for tests/integration/test_reshard.py: spawned processes in a gloo world (as Ray
+"""Workers for tests/drills/test_reshard.py: spawned processes in a gloo world (as Ray
 Train gives its workers) that train and save a checkpoint at one size and resume it at
 another, for every ZeRO stage and optimizer of CASES. Each writes what it saw to
 `<dir>/<phase>_rank<r>.pt` for the test to compare."""

@@ -129,7 +129,9 @@ def test_a_checkpoint_cut_off_mid_upload_is_never_resumed_from(s3, train_shards,
     previous_step = storage.checkpoint_step(f"{run}/{previous[-1]}")  # keep_checkpoints deletes it later
     # the bucket stayed out of reach until the run gave up: it could not finish
     assert first.returncode != 0 and storage.subdirs(run, "checkpoint_")[-1] == cut_name
-    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    # two steps past the checkpoint it resumes from are enough to show where it went on
+    resume = [*cmd, f"train.max_steps={previous_step + 2}", "--resume"]
+    resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
     proxy.close()
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     attempts = _attempts(run)

@@ -380,7 +380,7 @@ def test_a_checkpoint_without_the_runs_state_is_refused_clearly(saved, tmp_path)
 
 
 def test_load_at_another_world_size_refuses_another_zero_stage(saved, tmp_path):
-    """Another number of workers is resharded (tests/integration/test_reshard.py), but only
+    """Another number of workers is resharded (tests/drills/test_reshard.py), but only
     into the ZeRO stage that wrote the partitions."""
     src, cfg = saved
     d = str(tmp_path / "ckpt")
