@@ -154,16 +154,17 @@ def reads(zero: dict, old: int, new: int) -> tuple[int, list[int]]:
     return best, files
 
 
-def _restore(directory: str, numels: list[int], old: int, new: int, rank: int) -> float:
-    """Seconds for worker `rank` of `new` to restore its partition from the old files."""
+def _restore(directory: str, numels: list[int], old: int, new: int, rank: int) -> tuple[float, float]:
+    """Seconds for worker `rank` of `new` to restore its partition from the old files: wall
+    clock, and CPU time of this process (all its threads; what a busy machine does not stretch)."""
     from raysl.train.checkpoint import safe_load
     from raysl.train.reshard import _Zero12, _zero_files
 
     engine = _Engine(_NewZero2(numels, new))
     files = _zero_files(directory, TAG, engine, old, safe_load)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _Zero12(directory, files, engine, old, rank, new).restore()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_reshard_bench(
@@ -180,10 +181,12 @@ def run_reshard_bench(
         write_old(root, numels, old_workers)
         write_s = time.perf_counter() - t0
         sizes = [os.path.getsize(_file(root, k)) for k in range(old_workers)]
-        seconds, read_bytes, read_elements, files_read = [], [], [], []
+        seconds, cpu, read_bytes, read_elements, files_read = [], [], [], [], []
         for new in new_workers:
             rank, old_ranks = reads(zero, old_workers, new)
-            seconds.append(round(_restore(root, numels, old_workers, new, rank), 2))
+            wall, used = _restore(root, numels, old_workers, new, rank)
+            seconds.append(round(wall, 2))
+            cpu.append(round(used, 2))
             read_bytes.append(sum(sizes[k] for k in old_ranks))
             files_read.append(len(old_ranks))
             read_elements.append(len(old_ranks) * _partition(numels, old_workers))
@@ -214,6 +217,7 @@ def run_reshard_bench(
         "optimizer_bytes": sum(sizes),
         "write_s": round(write_s, 2),
         "reshard_s": seconds,
+        "reshard_cpu_s": cpu,
         "files_read_per_new_worker": files_read,
         "bytes_read_per_new_worker": read_bytes,
         "s_per_million_elements_read": round(rate, 4),

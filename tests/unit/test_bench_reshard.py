@@ -19,8 +19,8 @@ def test_bench_reshard_prints_one_consistent_json_line(tmp_path, capsys):
     files = sorted(os.listdir(tmp_path / "engine"))  # --dir keeps the old workers' files
     assert files == [f"zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in range(2)]
     assert r["optimizer_bytes"] == sum(os.path.getsize(tmp_path / "engine" / f) for f in files)
-    assert len(r["reshard_s"]) == len(r["bytes_read_per_new_worker"]) == 2
-    assert all(s > 0 for s in r["reshard_s"])
+    assert len(r["reshard_s"]) == len(r["reshard_cpu_s"]) == len(r["bytes_read_per_new_worker"]) == 2
+    assert all(s > 0 for s in r["reshard_s"] + r["reshard_cpu_s"])
     # one new worker reads every old file; none reads more than all of them
     assert r["files_read_per_new_worker"][0] == 2
     assert r["bytes_read_per_new_worker"][0] == r["optimizer_bytes"]
