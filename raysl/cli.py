@@ -186,6 +186,12 @@ TREE: tuple[Command | Group, ...] = (
                 run=_bench_step,
             ),
             Command(
+                "reshard",
+                "seconds and bytes for a new worker to resume a ZeRO-2 AdamW8bit checkpoint of another worker count",
+                "raysl.bench.reshard",
+                run=_print_json,
+            ),
+            Command(
                 "e2e",
                 "wall time of a SimCLR run: raysl pretrain (Ray start included) vs a plain DataLoader loop",
                 "raysl.bench.e2e",
