@@ -39,6 +39,45 @@ def recording_loop(keys_file: str):
     return loop
 
 
+def run(monkeypatch, cfg, keys_file: str, *, resume: bool = False) -> str:
+    """The run in the test process (the session's Ray), its keys recorded to `keys_file`."""
+    import raysl.pretrain
+
+    monkeypatch.setattr(raysl.pretrain, "train_loop_per_worker", recording_loop(keys_file))
+    return raysl.pretrain.pretrain(cfg, resume=resume)["run_dir"]
+
+
+def run_apart(cfg, keys_file: str, cpus: int, *, resume: bool = False) -> str:
+    """The run in its own process and local Ray of `cpus` logical CPUs (this module's main)."""
+    import os
+    import subprocess
+
+    from raysl.pretrain import run_dir
+
+    config = keys_file + ".yaml"
+    with open(config, "w") as f:
+        f.write(cfg.to_yaml())
+    cmd = [sys.executable, os.path.abspath(__file__), config, keys_file, str(cpus)]
+    done = subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run_dir(cfg)
+
+
+def keys_of(keys_file: str) -> dict[int, list[str]]:
+    """step -> the keys of its global batch (ranks in order)."""
+    rows = [json.loads(line) for line in open(keys_file)]
+    out: dict[int, list[str]] = {}
+    for r in sorted(rows, key=lambda r: (r["step"], r["rank"])):
+        out.setdefault(r["step"], []).extend(r["keys"])
+    return out
+
+
+def each_image_once(*steps: list[str]) -> list[str]:
+    keys = [k for step in steps for k in step]
+    assert len(keys) == len(set(keys)), "an image trained on twice in one epoch"
+    return keys
+
+
 def main(config_yaml: str, keys_file: str, cpus: int, resume: bool) -> None:
     import ray
 
