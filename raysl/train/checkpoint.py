@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 
@@ -52,10 +51,6 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         return safe_load(path, map_location=map_location)
 
 
-# A DeepSpeed file that belongs to one data-parallel rank: its ZeRO optimizer partition
-# (ZeRO-1/2/3; "bf16_" in bf16 runs) and, under ZeRO-3, its partition of the weights.
-_RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt")
-_WORKER_FILE = re.compile(r"worker_(\d+)\.json")
 _NOT_FOR_LOAD = {WEIGHTS, "zero_to_fp32.py", "zero_to_torch.py"}  # eval/export's weights; DeepSpeed's scripts
 
 
@@ -71,11 +66,11 @@ def files_for_rank(names: list[str], meta: dict, rank: int, world_size: int) -> 
         return sorted(reshard.files_for_rank(names, meta, rank, world_size))
     mine = []
     for rel in names:
-        base = rel.rsplit("/", 1)[-1]
-        owner = _RANK_FILE.fullmatch(base) or _WORKER_FILE.fullmatch(base)
-        if base in _NOT_FOR_LOAD or (owner and int(owner.group(1)) != rank) or base == f"worker_{rank}.json":
+        owned = reshard.ZERO_FILE.search(rel)  # one rank's ZeRO partition (optimizer; ZeRO-3 weights too)
+        if rel.rsplit("/", 1)[-1] in _NOT_FOR_LOAD or reshard.WORKER_FILE.search(rel):  # listings: not loaded
             continue
-        mine.append(rel)
+        if owned is None or int(owned.group(1)) == rank:
+            mine.append(rel)
     return sorted(mine)
 
 
