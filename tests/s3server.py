@@ -15,14 +15,10 @@ import urllib.request
 import uuid
 from contextlib import contextmanager
 
+from procs import free_port
+
 ACCESS_KEY = "raysl-test-key"
 SECRET_KEY = "raysl-test-secret-do-not-log"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:

@@ -11,12 +11,12 @@ parameter here, by concatenating each worker's partitions (the 8-bit state dequa
 with its own absmax and qmap)."""
 
 import os
-import socket
 
 import pytest
 import reshard_worker as rw
 import torch
 import torch.multiprocessing as mp
+from procs import free_port
 
 from raysl.train import checkpoint
 
@@ -25,14 +25,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 BLOCK = 256
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(directory: str, phase: str, world: int) -> list[dict]:
-    mp.spawn(rw.worker, args=(world, _free_port(), directory, phase), nprocs=world)
+    mp.spawn(rw.worker, args=(world, free_port(), directory, phase), nprocs=world)
     out = [torch.load(os.path.join(directory, f"{phase}{world}_rank{r}.pt"), weights_only=False) for r in range(world)]
     for r, o in enumerate(out):
         assert "error" not in o, f"{phase} on {world}, rank {r}:\n{o['error']}"

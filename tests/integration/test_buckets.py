@@ -12,7 +12,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from imagefactory import encode, photo, write_folder
-from s3server import SECRET_KEY, free_port
+from procs import free_port
+from s3server import SECRET_KEY
 from shardfactory import as_v1, digit_images, write_shards
 
 from raysl.cli import main

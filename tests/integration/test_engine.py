@@ -8,11 +8,11 @@ import json
 import math
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from procs import free_port
 from runfactory import ENGINE_BATCH as BATCH
 from runfactory import ENGINE_SIZE as SIZE
 from runfactory import engine_config
@@ -29,19 +29,13 @@ from raysl.train.trainer import train_step
 TOTAL = 10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def gloo_world_of_one():
     """torch.distributed on gloo with one rank, as a Ray Train worker of a 1-worker run has;
     DeepSpeed finds it initialised and uses it."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MASTER_ADDR", "127.0.0.1")
-        mp.setenv("MASTER_PORT", str(_free_port()))
+        mp.setenv("MASTER_PORT", str(free_port()))
         mp.setenv("RANK", "0")
         mp.setenv("LOCAL_RANK", "0")
         mp.setenv("WORLD_SIZE", "1")

@@ -10,11 +10,11 @@ One spawn runs every check; the parent computes the single-process references an
 compares, so failures are ordinary pytest assertions."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from procs import free_port
 
 from raysl.methods import distributed as D
 from raysl.methods import losses as L
@@ -182,12 +182,6 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mismatches(workers, ref):
     """Names of the quantities where the data-parallel result differs from the reference."""
     bad = []
@@ -211,7 +205,7 @@ def _mismatches(workers, ref):
 
 
 def test_losses_match_one_process_holding_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     workers = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     refs = {name: run_case(name) for name in CASES}
     for name in CASES:

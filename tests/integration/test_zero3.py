@@ -7,27 +7,21 @@ against a plain single-process build of the same method.
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import zero3_worker as w
+from procs import free_port
 
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def drills(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("zero3"))
-    mp.spawn(w.worker, args=(_free_port(), d, ["build", "train", "methods"]), nprocs=2)
+    mp.spawn(w.worker, args=(free_port(), d, ["build", "train", "methods"]), nprocs=2)
     out = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
     for r, o in enumerate(out):
         assert "error" not in o, f"rank {r}:\n{o['error']}"
