@@ -82,28 +82,31 @@ def monitor_config(root, *extra):
 
 def train_config(shards, storage, name, *extra):
     """A 2-worker ZeRO-2 AdamW8bit quickstart config on digit shards: 14 steps, a checkpoint every 4 (2 kept)."""
-    return load_config(
-        "quickstart",
-        [
-            f"data.shards={shards}",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "model.backbone=test_resnet",
-            "method.proj_hidden_dim=64",
-            "method.proj_dim=32",
-            "optim.name=adamw8bit",
-            "deepspeed.zero_stage=2",
-            "train.num_workers=2",
-            "train.epochs=2",
-            "train.max_steps=14",
-            "train.checkpoint_every=4",
-            "train.keep_checkpoints=2",
-            "train.log_every=1",
-            f"train.storage_path={storage}",
-            f"train.name={name}",
-            *extra,
-        ],
-    )
+    return load_config("quickstart", train_overrides(shards, storage, name, *extra))
+
+
+def train_overrides(shards, storage, name, *extra) -> list[str]:
+    """`train_config`'s overrides of the quickstart recipe, for tests that run the CLI (a later
+    key in `extra` wins)."""
+    return [
+        f"data.shards={shards}",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "model.backbone=test_resnet",
+        "method.proj_hidden_dim=64",
+        "method.proj_dim=32",
+        "optim.name=adamw8bit",
+        "deepspeed.zero_stage=2",
+        "train.num_workers=2",
+        "train.epochs=2",
+        "train.max_steps=14",
+        "train.checkpoint_every=4",
+        "train.keep_checkpoints=2",
+        "train.log_every=1",
+        f"train.storage_path={storage}",
+        f"train.name={name}",
+        *extra,
+    ]
 
 
 def tune_trial_config(shards, *extra):

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from imagefactory import encode, photo, write_folder
 from procs import free_port
+from runfactory import train_overrides
 from s3server import SECRET_KEY
 from shardfactory import as_v1, digit_images, write_shards
 
@@ -52,24 +53,10 @@ def _upload(s3, local: str, uri: str) -> str:
 
 
 def _overrides(shards: str, storage: str, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.shards={shards}",
-        "data.image_size=32",
-        "data.batch_size=4",
-        "model.backbone=test_resnet",
-        "method.proj_hidden_dim=64",
-        "method.proj_dim=32",
-        "optim.name=adamw",
-        "deepspeed.zero_stage=2",
-        "train.num_workers=2",
-        f"train.max_steps={STEPS}",
-        "train.checkpoint_every=2",
-        "train.keep_checkpoints=2",
-        "train.log_every=1",
-        f"train.storage_path={storage}",
-        f"train.name={name}",
-        *extra,
-    ]
+    """runfactory's training overrides with fp32 AdamW, the recipe's epochs, STEPS steps and a
+    checkpoint every 2."""
+    fp32 = ("optim.name=adamw", "train.epochs=20", f"train.max_steps={STEPS}", "train.checkpoint_every=2")
+    return train_overrides(shards, storage, name, *fp32, *extra)
 
 
 @pytest.fixture(scope="module")
