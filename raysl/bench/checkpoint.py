@@ -30,6 +30,8 @@ import time
 import urllib.request
 import uuid
 
+from raysl.train.local_world import free_port
+
 WIDTH, BATCH = 768, 8
 
 
@@ -177,7 +179,7 @@ def restore_bytes(params: int, world: int, uri: str) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
-            _restore_worker, args=(world, _free_port(), params, uri, out), nprocs=world, start_method="spawn"
+            _restore_worker, args=(world, free_port(), params, uri, out), nprocs=world, start_method="spawn"
         )
         ranks = []
         for r in range(world):
@@ -186,19 +188,11 @@ def restore_bytes(params: int, world: int, uri: str) -> list[dict]:
     return ranks
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _moto() -> tuple[subprocess.Popen, dict]:
     """moto's S3 server on a free local port, and the environment that reaches it. It stands
     in for a bucket that lives elsewhere, so it runs at the lowest CPU priority: it gets the
     cores the training leaves idle instead of slowing the steps it measures."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     try:
         proc = subprocess.Popen(

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
+
+from raysl.train.local_world import free_port
 
 DEFAULT_CONFIGS = (
     "0:adamw",
@@ -164,19 +165,13 @@ def _worker(rank: int, port: int, out_dir: str, job: dict) -> None:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(job: dict) -> dict:
     """One configuration in 2 fresh worker processes; the per-worker results."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
         try:
-            mp.spawn(_worker, args=(_free_port(), d, job), nprocs=2)
+            mp.spawn(_worker, args=(free_port(), d, job), nprocs=2)
         except Exception as exc:  # a worker killed (e.g. out of memory)
             return {"error": f"{type(exc).__name__}: {exc}"[:500], "workers": []}
         workers = []

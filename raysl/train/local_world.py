@@ -5,6 +5,14 @@ them): for `raysl bench memory` and the multi-process tests."""
 from __future__ import annotations
 
 import os
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the local world's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def join_local_world(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
