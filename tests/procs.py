@@ -1,15 +1,6 @@
-"""Processes seen through /proc, for tests that kill them from outside; and a free port for
-the process groups and servers tests start."""
+"""Processes seen through /proc, for tests that kill them from outside."""
 
-import socket
 import time
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import urllib.request
 import uuid
 from contextlib import contextmanager
 
-from procs import free_port
+from raysl.train.local_world import free_port
 
 ACCESS_KEY = "raysl-test-key"
 SECRET_KEY = "raysl-test-secret-do-not-log"

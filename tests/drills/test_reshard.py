@@ -16,9 +16,9 @@ import pytest
 import reshard_worker as rw
 import torch
 import torch.multiprocessing as mp
-from procs import free_port
 
 from raysl.train import checkpoint
+from raysl.train.local_world import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

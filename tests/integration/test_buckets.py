@@ -12,7 +12,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from imagefactory import encode, photo, write_folder
-from procs import free_port
 from runfactory import train_overrides
 from s3server import SECRET_KEY
 from shardfactory import as_v1, digit_images, write_shards
@@ -21,6 +20,7 @@ from raysl.cli import main
 from raysl.data.schema import read_manifest, shard_paths
 from raysl.errors import UserError
 from raysl.train import checkpoint
+from raysl.train.local_world import free_port
 
 STEPS = 4  # the shared run: a checkpoint at 2 and at 4, then resumed to 6
 PRINTED: list[str] = []  # what every command of this module printed (none may show the secret key)

@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-from procs import free_port
 from runfactory import ENGINE_BATCH as BATCH
 from runfactory import ENGINE_SIZE as SIZE
 from runfactory import engine_config
@@ -24,6 +23,7 @@ from raysl.methods.base import build_method
 from raysl.train import checkpoint
 from raysl.train.build import compile_backbone, make_optimizer, make_schedules
 from raysl.train.engine import DTYPES, initialize
+from raysl.train.local_world import free_port
 from raysl.train.trainer import train_step
 
 TOTAL = 10

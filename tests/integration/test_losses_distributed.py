@@ -14,10 +14,10 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from procs import free_port
 
 from raysl.methods import distributed as D
 from raysl.methods import losses as L
+from raysl.train.local_world import free_port
 
 WORLD, B, N = 2, 4, 8  # local batch, global batch
 D_IN, D_OUT = 6, 5

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import zero3_worker as w
-from procs import free_port
 
 from raysl.methods.base import build_method
 from raysl.train import checkpoint
+from raysl.train.local_world import free_port
 
 
 @pytest.fixture(scope="module")
