@@ -45,11 +45,10 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+from raysl.data.schema import read_manifest, read_shard, shard_files
 from raysl.data.view_plans import Crop, ViewSpec, view_spec
 from raysl.data.views import IMAGENET_MEAN, IMAGENET_STD, block_tensor, normalize
 from raysl.errors import UserError
@@ -114,11 +113,9 @@ def lightly_transform(views: str):
 
 
 def read_images(shards: str) -> list[bytes]:
-    manifest = read_manifest(shards)
     images: list[bytes] = []
-    for path in shard_paths(shards, manifest):
-        fs, local = filesystem_and_path(path)
-        images += pq.read_table(local, columns=["image"], filesystem=fs).column("image").to_pylist()
+    for path, mask in shard_files(shards):
+        images += read_shard(path, mask, ["image"]).column("image").to_pylist()
     if not images:
         raise UserError(f"{shards}: the shard set has no rows to benchmark")
     return images

@@ -108,7 +108,14 @@ class State:
 
     def write(self, out: str, step: dict) -> dict:
         """The selection shard set in `out`: lineage, then index and manifest.json (last)."""
-        from raysl.data.schema import Manifest, read_manifest, shard_paths, write_manifest
+        from raysl.data.schema import (
+            SOURCE_FINGERPRINT,
+            Manifest,
+            read_manifest,
+            shard_paths,
+            source_fingerprint,
+            write_manifest,
+        )
         from raysl.data.shard_index import ShardIndex, pack_rows
 
         source = self.meta["source"]
@@ -131,6 +138,7 @@ class State:
             counts_by[f"dropped_{reason}"] = int(np.sum(self.reason == reason))
         curation = {
             "source": source,
+            SOURCE_FINGERPRINT: source_fingerprint(source, manifest, files),  # checked whenever the set is read
             "emb": self.emb,
             "model": self.meta["model"],
             "lineage": LINEAGE,

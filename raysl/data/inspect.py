@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from raysl.data.decode import DecodeError, decode_rgb
-from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+from raysl.data.schema import filesystem_and_path, read_manifest, shard_files
 from raysl.data.shard_index import mask_rows, select_rows
 from raysl.errors import UserError
 
@@ -37,7 +37,7 @@ def inspect_shards(directory: str) -> dict:
     licenses: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     labeled = total_bytes = image_bytes = 0
-    for path, mask in zip(shard_paths(directory, manifest), manifest.shards.masks()):
+    for path, mask in shard_files(directory, manifest):
         fs, local = filesystem_and_path(path)
         total_bytes += fs.get_file_info(local).size
         with fs.open_input_file(local) as f:
@@ -126,7 +126,7 @@ def contact_sheet(directory: str, out_png: str, *, samples: int = 64, thumb: int
     cols = math.ceil(math.sqrt(n))
     sheet = Image.new("RGB", (cols * thumb, math.ceil(n / cols) * thumb), (32, 32, 32))
     drawn = cell = 0
-    for s, (path, mask) in enumerate(zip(shard_paths(directory, manifest), manifest.shards.masks())):
+    for s, (path, mask) in enumerate(shard_files(directory, manifest)):
         rows = picks[(picks >= starts[s]) & (picks < starts[s + 1])] - starts[s]
         if mask is not None:
             rows = mask_rows(mask)[rows]  # the n-th selected row -> its row number in the file

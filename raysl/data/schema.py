@@ -12,6 +12,7 @@ run that pinned one (read_manifest's `index`) keeps reading exactly its shards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raysl.data.shard_index import INDEX, ShardIndex, read_index, write_index
+from raysl.data.shard_index import INDEX, ShardIndex, read_index, select_rows, write_index
 from raysl.errors import UserError
 
 SCHEMA_VERSION = 2  # 1: every shard listed in manifest.json (see legacy)
@@ -197,7 +198,43 @@ def read_manifest(directory: str, index: str | None = None) -> Manifest:
     known = {f for f in Manifest.__dataclass_fields__} - {"shards"}
     manifest = Manifest(shards=shards, **{k: v for k, v in raw.items() if k in known})
     manifest.index_version = index_version(name)  # pinned: the summary counts are the set's now
+    if manifest.curation.get(SOURCE_FINGERPRINT):
+        check_selection_source(directory, manifest)
     return manifest
+
+
+# A selection's manifest records this fingerprint of the source shards it points into.
+SOURCE_FINGERPRINT = "source_fingerprint"
+
+
+def source_fingerprint(source: str, manifest: Manifest, paths: list[str]) -> str:
+    """sha256 over each of `paths`' entry in the index of the set `source` (file, rows,
+    bytes, row mask): a selection's row masks stay valid while it is unchanged. Appends
+    never rewrite an old shard, so they keep it; a rebuild of the source changes it."""
+    entries = dict(
+        zip(shard_paths(source, manifest), manifest.shards.table.select(["rows", "bytes", "mask"]).to_pylist())
+    )
+    digest = hashlib.sha256()
+    for path in paths:
+        entry = entries.get(path)
+        digest.update(json.dumps([path, entry and [entry["rows"], entry["bytes"]]]).encode())
+        digest.update((entry and entry["mask"]) or b"")
+    return digest.hexdigest()
+
+
+def check_selection_source(directory: str, manifest: Manifest) -> None:
+    """A UserError when the set a selection was made from changed since: its row masks
+    would then pick other images than the ones curated."""
+    source = manifest.curation["source"]
+    try:
+        now = source_fingerprint(source, read_manifest(source), manifest.shards.files())
+    except UserError as exc:
+        raise UserError(f"{directory}: a selection of {source}, which cannot be read now: {exc}") from exc
+    if now != manifest.curation[SOURCE_FINGERPRINT]:
+        raise UserError(
+            f"{directory}: a selection of {source}, whose shard files changed since it was made (rebuilt?), so its "
+            "row masks would pick other images; curate the set again (raysl curate embed, then the steps)"
+        )
 
 
 def index_version(name: str) -> int:
@@ -221,6 +258,21 @@ def shard_paths(directory: str, manifest: Manifest, indices=None) -> list[str]:
     other sets by absolute path or URI; those are returned as they are."""
     base = directory.rstrip("/")
     return [name if _absolute(name) else f"{base}/{name}" for name in manifest.shards.files(indices)]
+
+
+def shard_files(directory: str, manifest: Manifest | None = None) -> list[tuple[str, bytes | None]]:
+    """(path, row mask) of each shard file of a set, in manifest order; the mask picks the
+    rows a selection keeps (None: every row of the file is in the set)."""
+    manifest = manifest or read_manifest(directory)
+    return list(zip(shard_paths(directory, manifest), manifest.shards.masks()))
+
+
+def read_shard(path: str, mask: bytes | None, columns: list[str]) -> pa.Table:
+    """The set's rows of one shard file (`shard_files`), only `columns`."""
+    import pyarrow.parquet as pq
+
+    fs, local = filesystem_and_path(path)
+    return select_rows(pq.read_table(local, columns=columns, filesystem=fs), mask)
 
 
 def _absolute(name: str) -> bool:

@@ -9,17 +9,17 @@ import pyarrow.parquet as pq
 import torch
 
 from raysl.data.decode import DecodeError
-from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+from raysl.data.schema import filesystem_and_path, read_shard, shard_files
 from raysl.data.view_plans import view_spec
 from raysl.data.views import make_views
 from raysl.errors import UserError
 
 
 def _columns(directory: str, what: str, columns: list[str]) -> list:
-    """The given columns of every shard (pyarrow tables), refusing a set without labels."""
-    manifest = read_manifest(directory)
+    """The given columns of the set's rows, one table per shard (a selection: only the rows it
+    keeps), refusing a set without labels."""
     tables = []
-    for path in shard_paths(directory, manifest):
+    for path, mask in shard_files(directory):
         fs, local = filesystem_and_path(path)
         names = pq.read_schema(local, filesystem=fs).names
         if "label" not in names:
@@ -27,7 +27,7 @@ def _columns(directory: str, what: str, columns: list[str]) -> list:
                 f"{what} {directory}: shard {path} has no 'label' column; evaluation needs a labeled "
                 "shard set (raysl shards build ... --metadata FILE with a label column)"
             )
-        tables.append(pq.read_table(local, columns=columns, filesystem=fs))
+        tables.append(read_shard(path, mask, columns))
     return tables
 
 

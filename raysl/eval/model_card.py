@@ -64,22 +64,19 @@ def write_attributions(shards: str | list[str], out_csv: str) -> tuple[int, Coun
     """ATTRIBUTIONS.csv of a shard set (or of every set of a mixture), shard by shard, reading
     only the text columns (never the image bytes). Returns (rows, images per license)."""
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     from raysl.data.mixture import set_paths
-    from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
-    from raysl.data.shard_index import select_rows
+    from raysl.data.schema import read_manifest, read_shard, shard_files
     from raysl.progress import bar
 
     sets = [(s, read_manifest(s)) for s in set_paths(shards)]
-    paths = [pm for s, m in sets for pm in zip(shard_paths(s, m), m.shards.masks())]  # masks: a selection's rows
+    paths = [pm for s, m in sets for pm in shard_files(s, m)]
     licenses: Counter = Counter()
     rows = 0
     total = sum(m.rows for _, m in sets)
     with pacsv.CSVWriter(out_csv, _schema()) as writer, bar(total, "export: attributions") as progress:
         for path, mask in paths:
-            fs, local = filesystem_and_path(path)
-            table = select_rows(pq.read_table(local, columns=ATTRIBUTION_COLUMNS, filesystem=fs), mask)
+            table = read_shard(path, mask, ATTRIBUTION_COLUMNS)
             writer.write_table(table)
             rows += table.num_rows
             licenses.update(table.column("license").to_pylist())

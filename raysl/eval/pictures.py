@@ -47,18 +47,15 @@ def knn_curve(rows: list[dict], out_path: str) -> str | None:
 
 def sample_images(shards: str, n: int, size: int) -> torch.Tensor:
     """The first `n` decodable images of a shard set, eval-resized to uint8 (n, 3, size, size)."""
-    import pyarrow.parquet as pq
-
     from raysl.data.decode import DecodeError
-    from raysl.data.schema import filesystem_and_path, read_manifest, shard_paths
+    from raysl.data.schema import read_shard, shard_files
     from raysl.data.view_plans import view_spec
     from raysl.data.views import make_views
 
     spec = view_spec("eval", global_size=size)
     out = []
-    for path in shard_paths(shards, read_manifest(shards)):
-        fs, local = filesystem_and_path(path)
-        for data in pq.read_table(local, columns=["image"], filesystem=fs).column("image").to_pylist():
+    for path, mask in shard_files(shards):
+        for data in read_shard(path, mask, ["image"]).column("image").to_pylist():
             try:
                 out.append(make_views(data, 0, spec)[0])
             except DecodeError:
