@@ -137,7 +137,7 @@ def make_trainer(
 
 
 def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -> dict:
-    from raysl.runtime import init_ray
+    from raysl.runtime import check_driver_node, init_ray
     from raysl.train.metrics import plot_curves, read_metrics
 
     validate(cfg)
@@ -148,6 +148,8 @@ def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -
         raise UserError(f"--resume: run {out} has no complete checkpoint to resume from")
     storage.write_text(f"{out}/config.yaml", cfg.to_yaml())
     print(init_ray(address, quiet=False), flush=True)
+    if cfg.train.driver_resources:
+        check_driver_node(cfg.train.driver_resources)
     import ray.train
 
     try:
