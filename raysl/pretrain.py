@@ -102,8 +102,9 @@ def make_trainer(
     from ray.train.torch import TorchTrainer
 
     from raysl.data import mixture
-    from raysl.runtime import train_logging
+    from raysl.runtime import keep_data_stats_here, train_logging
 
+    keep_data_stats_here()
     gpus = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,

@@ -244,3 +244,14 @@ def check_driver_node(wanted: dict[str, float]) -> list[str]:
             flush=True,
         )
     return lacking
+
+
+def keep_data_stats_here() -> None:
+    """Start Ray Data's stats actor on this process's node, unless the cluster has one. Ray Data
+    starts it (detached, pinned to its node) from the first process that runs a dataset: in a
+    raysl run, a training worker. That node then never counts as idle again, so the autoscaler
+    never removes it, and when it is a spot node its reclaim takes the actor along. The run's
+    driver starts it first, on the node train.driver_resources keeps the driver on."""
+    from ray.data._internal.stats import get_or_create_stats_actor  # Ray Data's own get-or-create
+
+    get_or_create_stats_actor()
