@@ -232,7 +232,7 @@ def check_driver_node(wanted: dict[str, float]) -> list[str]:
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    node = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
+    node: dict = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
     lacking = sorted(k for k in driver_resources(wanted) if k not in node)
     if lacking:
         print(

@@ -111,3 +111,21 @@ def test_submit_hands_the_entrypoint_resources_to_the_jobs_api(monkeypatch):
     with pytest.raises(SystemExit) as bad:
         submit.parse_args(["--entrypoint-resources", '{"on_demand": 0}', "--", "raysl"])
     assert bad.value.code == 2
+
+
+def test_a_driver_on_a_node_without_the_resource_says_what_that_costs(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from raysl.runtime import check_driver_node
+
+    nodes = [
+        {"NodeID": "head", "Resources": {"CPU": 0.0, "on_demand": 100.0}},
+        {"NodeID": "spot1", "Resources": {"CPU": 8.0, "GPU": 1.0, "spot": 1.0}},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "on_demand": 100.0, "spot": 1.0})
+    for here, lacking in (("head", []), ("spot1", ["on_demand"])):
+        monkeypatch.setattr(ray, "get_runtime_context", lambda here=here: SimpleNamespace(get_node_id=lambda: here))
+        assert check_driver_node({"on_demand": 1.0}) == lacking
+    err = capsys.readouterr().err
+    assert "this driver's node does not advertise on_demand" in err and "--entrypoint-resources" in err
