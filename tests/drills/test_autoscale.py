@@ -78,7 +78,7 @@ def autoscaling_cluster():
     config = os.path.join(temp_dir, "autoscaling.json")
     with open(config, "w") as f:
         json.dump(_config(f"127.0.0.1:{gcs}"), f)
-    token = os.path.join(temp_dir, "auth_token")
+    token = os.path.join(temp_dir, "auth_token")  # its own token, whatever ~/.ray holds
     with open(token, "w") as f:
         f.write(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
