@@ -34,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--working-dir", default=None, help="upload this folder as the job's working dir (.gitignore respected)")
     p.add_argument("--runtime-env", default=None, help="a runtime_env YAML (e.g. jobs/runtime_env.yaml)")
     p.add_argument("--submission-id", default=None)
+    p.add_argument("--entrypoint-resources", type=_resources, default=None, metavar="JSON",
+                   help="custom resources the job's driver needs, e.g. '{\"on_demand\": 1}': the driver (and Ray "
+                        "Train's controller, which runs on its node) goes only to a node that advertises them, never "
+                        "to a spot node (the value of train.driver_resources)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job before stopping it")
     p.add_argument("--placement", default=None, help="write the node of every task/actor of the job here (JSON)")
     p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. raysl pretrain RECIPE ...")
@@ -43,6 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.entrypoint:
         p.error("give the command to run after --, e.g. -- raysl pretrain quickstart data.shards=DIR")
     return args
+
+
+def _resources(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); e.g. '{{\"on_demand\": 1}}'") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a mapping of resource name to amount > 0, got {text}")
+    return value
 
 
 def runtime_env(path: str | None, working_dir: str | None) -> dict:
@@ -115,7 +129,7 @@ def main(argv=None) -> int:
     client = JobSubmissionClient(args.address)
     entrypoint = shlex.join(args.entrypoint)
     sub_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(args.runtime_env, args.working_dir),
-                               submission_id=args.submission_id)
+                               submission_id=args.submission_id, entrypoint_resources=args.entrypoint_resources)
     print(f"submit: job {sub_id} on {args.address}: {entrypoint}", file=sys.stderr, flush=True)
     deadline = time.monotonic() + args.timeout
     asyncio.run(_follow(client, sub_id, args.timeout))

@@ -261,6 +261,14 @@ class TrainConfig:
     worker_resources: dict[str, float] = _key(
         {}, "custom Ray resources each training worker requests besides CPU/GPU, e.g. `{gpu_node: 1}`", **between(0.0)
     )
+    driver_resources: dict[str, float] = _key(
+        {},
+        "custom Ray resources the driver side of a run requests: each `raysl tune` trial (it drives its Train run, "
+        "whose controller Ray puts on the same node) and its report queue. Name a resource only on-demand nodes "
+        "advertise (the shipped cluster configs' head advertises `on_demand`), so a spot reclaim never takes a "
+        "run's driver; one no node advertises is left out (a laptop)",
+        **between(0.0),
+    )
     placement_strategy: str = _key(
         "PACK",
         "how workers are placed on nodes (Ray placement groups): PACK fills nodes first; SPREAD puts them on as "

@@ -102,8 +102,9 @@ def make_trainer(
     from ray.train.torch import TorchTrainer
 
     from raysl.data import mixture
-    from raysl.runtime import train_logging
+    from raysl.runtime import keep_data_stats_here, train_logging
 
+    keep_data_stats_here()
     gpus = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
@@ -137,7 +138,7 @@ def make_trainer(
 
 
 def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -> dict:
-    from raysl.runtime import init_ray
+    from raysl.runtime import check_driver_node, init_ray
     from raysl.train.metrics import plot_curves, read_metrics
 
     validate(cfg)
@@ -148,6 +149,8 @@ def pretrain(cfg: Config, *, address: str | None = None, resume: bool = False) -
         raise UserError(f"--resume: run {out} has no complete checkpoint to resume from")
     storage.write_text(f"{out}/config.yaml", cfg.to_yaml())
     print(init_ray(address, quiet=False), flush=True)
+    if cfg.train.driver_resources:
+        check_driver_node(cfg.train.driver_resources)
     import ray.train
 
     try:

@@ -17,6 +17,7 @@ RAY_BACKEND_LOG_LEVEL, makes every Ray process print a line that it was set, whi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -197,3 +198,60 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         **options,
     )
     return f"Ray: started locally with {int(ray.cluster_resources().get('CPU', 0))} CPUs"
+
+
+def driver_resources(wanted: dict[str, float], cluster: dict[str, float] | None = None) -> dict[str, float]:
+    """`train.driver_resources` as far as the cluster (`ray.cluster_resources()` unless given)
+    advertises them. One that no node advertises is left out, with a line saying so: a recipe
+    written for a cluster whose head advertises the resource still runs on a laptop."""
+    import sys
+
+    if not wanted:
+        return {}
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    missing = sorted(k for k in wanted if k not in cluster)
+    if missing:
+        print(
+            f"raysl: train.driver_resources: no node advertises {', '.join(missing)}; "
+            "the run's driver side goes wherever Ray places it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {k: v for k, v in wanted.items() if k in cluster}
+
+
+def check_driver_node(wanted: dict[str, float]) -> list[str]:
+    """The resources of `train.driver_resources` that some node advertises but this process's
+    node does not, with a line saying what that costs. Ray Train runs a run's controller on
+    its driver's node, so a driver on a spot node ends the run when that node is reclaimed."""
+    import sys
+
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    node: dict = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
+    lacking = sorted(k for k in driver_resources(wanted) if k not in node)
+    if lacking:
+        print(
+            f"raysl: this driver's node does not advertise {', '.join(lacking)} (train.driver_resources); Ray Train "
+            "runs the controller on the driver's node, so losing this node ends the run. Run the driver where the "
+            "resource is: `ray job submit` puts a job's driver on the head, or give it "
+            f"--entrypoint-resources '{json.dumps({k: wanted[k] for k in lacking})}'",
+            file=sys.stderr,
+            flush=True,
+        )
+    return lacking
+
+
+def keep_data_stats_here() -> None:
+    """Start Ray Data's stats actor on this process's node, unless the cluster has one. Ray Data
+    starts it (detached, pinned to its node) from the first process that runs a dataset: in a
+    raysl run, a training worker. That node then never counts as idle again, so the autoscaler
+    never removes it, and when it is a spot node its reclaim takes the actor along. The run's
+    driver starts it first, on the node train.driver_resources keeps the driver on."""
+    from ray.data._internal.stats import get_or_create_stats_actor  # Ray Data's own get-or-create
+
+    get_or_create_stats_actor()

@@ -116,7 +116,9 @@ class RecipeTrial(Trainable):
         self._error: list[BaseException] = []
 
     def _start(self):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from raysl.pretrain import make_trainer, run_dir
 
@@ -129,7 +131,10 @@ class RecipeTrial(Trainable):
         store.write_text(f"{self._out}/config.yaml", cfg.to_yaml())
         if self._resume_from:  # provenance: which (possibly another trial's) checkpoint this run starts from
             store.write_text(f"{self._out}/resume_from.txt", self._resume_from + "\n")
-        self._queue = Queue(actor_options={"num_cpus": 0})
+        # the queue on this trial's node, as Ray Train puts the run's controller: where the
+        # trial's own resources (train.driver_resources) placed it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         trainer = make_trainer(
             cfg,
             self._out,
@@ -223,6 +228,14 @@ def _scheduler(kind: str, params: list, *, total: int, checkpoint_every: int, gr
     )
 
 
+def trial_resources(driver: dict[str, float]) -> dict[str, float]:
+    """What each trial actor asks Tune for. The trial only drives its Train run, whose workers
+    hold the CPUs/GPUs; Tune needs a non-empty request, so it asks for a little memory, and
+    for `train.driver_resources` (as far as the cluster has them): the node the trial lands on
+    also runs its Train controller and report queue, and should not be a spot node."""
+    return {"cpu": 0, "memory": 64 * 1024**2, **driver}
+
+
 def search_alg(search: str | None, scheduler: str, max_concurrent: int):
     if not search:
         return None
@@ -260,7 +273,7 @@ def tune_recipe(
 
     from raysl.data.buckets import check_bucket
     from raysl.pretrain import validate
-    from raysl.runtime import init_ray
+    from raysl.runtime import driver_resources, init_ray
     from raysl.train.steps import total_steps
 
     if scheduler not in SCHEDULERS:
@@ -297,9 +310,7 @@ def tune_recipe(
         ray.tune.with_parameters(
             RecipeTrial, base=base, train_root=f"{exp_dir}/train", metric=metric, report_every=report_every
         ),
-        # the trial only waits on its Train run, whose workers hold the CPUs/GPUs; Tune
-        # needs a non-empty request, so it asks for a little memory
-        {"cpu": 0, "memory": 64 * 1024**2},
+        trial_resources(driver_resources(cfg.train.driver_resources)),
     )
     if resume:
         tuner = ray.tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
