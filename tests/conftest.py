@@ -140,18 +140,22 @@ def ray_local(s3):
     S3 server through the job's runtime env."""
     import ray
 
-    from raysl.runtime import worker_pool
+    from raysl.runtime import SETUP_HOOK, worker_pool
 
     if not ray.is_initialized():
-        # idle workers kept, as `raysl` keeps them: each Ray Data job reuses the last one's;
-        # address="local": a Ray of its own even when a cluster that `ray start` started runs
-        # on this machine (a drill's), which ray.init() would otherwise join
+        # As `raysl` starts a local Ray (raysl.runtime.init_ray), so that other Rays on the
+        # machine (the other xdist worker's, a CLI run's, a drill's cluster) do not get in the
+        # way: address="local", a Ray of its own (a bare ray.init() joins the cluster `ray start`
+        # started last); its dashboard and raysl's worker setup hook, which has the workers'
+        # state API calls reach this Ray's dashboard (Ray Train's placement-group cleaner asks
+        # it whether the run's controller lives: asked another Ray, it hears no and removes the
+        # run's placement group); idle workers kept, each Ray Data job reusing the last one's
         ray.init(
             address="local",
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
             log_to_driver=False,
-            runtime_env={"env_vars": dict(s3.env)},
+            runtime_env={"env_vars": dict(s3.env), "worker_process_setup_hook": SETUP_HOOK},
             _system_config=worker_pool(2),
         )
         from ray.data import DataContext
