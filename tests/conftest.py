@@ -56,8 +56,9 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
-# The order the drills start in, so that both workers end together: the slowest (minutes each)
-# first, slowest to fastest, then any drill not named here, then the quick ones (under a minute).
+# The order the drills start in, so that both workers end together: a drill not named here first
+# (a new drill may take minutes: started late, it would end late), then these, slowest first,
+# then the quick ones (under a minute).
 SLOW_DRILLS = (
     "test_bucket_faults.py",
     "test_resize_apart.py",
@@ -68,6 +69,7 @@ SLOW_DRILLS = (
     "test_tune_pbt.py",
 )
 QUICK_DRILLS = ("test_bench_checkpoint.py", "test_curate_kill.py", "test_bench_memory.py", "test_append_kill.py")
+DRILL_ORDER = SLOW_DRILLS + QUICK_DRILLS
 
 
 def _unit_rank(scope: str) -> tuple:
@@ -77,9 +79,7 @@ def _unit_rank(scope: str) -> tuple:
         return (0,)
     if scope.startswith("tests/drills/"):
         name = os.path.basename(scope)
-        if name in SLOW_DRILLS:
-            return (1, SLOW_DRILLS.index(name))
-        return (1, len(SLOW_DRILLS) + 1 + QUICK_DRILLS.index(name)) if name in QUICK_DRILLS else (1, len(SLOW_DRILLS))
+        return (1, DRILL_ORDER.index(name) + 1 if name in DRILL_ORDER else 0)
     return (2,)
 
 
