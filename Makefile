@@ -16,7 +16,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/raysl demo
 
 # Every tier (tests/unit, tests/integration, tests/drills) in two pytest-xdist workers: the
-# integration tier runs in one, the drills in the other, the unit tests wherever there is room.
+# integration tier runs in one, the drills in the other, slowest first, and whichever worker is
+# free takes the next drill, then the unit tests (tests/conftest.py), so both end together.
 # The log, each test named as it starts and the 30 slowest at the end, is also kept in
 # test-durations.txt; the exit code is pytest's.
 test: SHELL := /bin/bash

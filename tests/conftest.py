@@ -1,10 +1,12 @@
 """Shared by every tier. The tier of a test is the folder it lives in (tests/unit, tests/integration,
 tests/drills); it is also its marker, so `pytest -m unit` and `pytest tests/unit` select the same tests.
 
-Under pytest-xdist (`make test` runs `-n 2`), the integration tests share one worker and the
-drills another, each tier in its own order: a tier's tests share one local Ray and run one
-after another, while the two tiers overlap (both mostly wait on Ray's processes). The unit
-tests, one work unit per file, fill in wherever there is room."""
+Under pytest-xdist (`make test` runs `-n 2`), the whole integration tier is one work unit
+(its tests share one local Ray and run one after another, in order) and each drill module is
+one; the two workers start on the integration tier and the slowest drills, and each worker
+takes the next unit once it runs its last test: the drills that the integration worker does
+not take run after one another on the other worker. The unit tests, one work unit per file,
+fill in at the end wherever there is room, so that both workers end together."""
 
 import os
 import sys
@@ -15,7 +17,10 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)  # the helper modules: imagefactory, shardfactory, runfactory, procs, zero3_worker
 
 TIERS = ("unit", "integration", "drills")
+# A hung test fails after its tier's timeout (pytest-timeout; integration: pyproject's default)
+UNIT_TIMEOUT_S = 120  # the slowest unit test takes about 30 s on a loaded 2-core machine
 DRILL_TIMEOUT_S = 900  # a drill starts clusters, kills workers and resumes: longer than the default timeout
+TIER_TIMEOUTS = {"unit": UNIT_TIMEOUT_S, "drills": DRILL_TIMEOUT_S}
 
 
 def _tier(path) -> str | None:
@@ -43,22 +48,62 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = tiers[item]
         item.add_marker(tier)
-        if tier == "drills" and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(DRILL_TIMEOUT_S))
+        if tier in TIER_TIMEOUTS and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS[tier]))
         if "gpu" in item.keywords:
             gpu = _has_cuda() if gpu is None else gpu
             if not gpu:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+# The order the drills start in, so that both workers end together: a drill not named here first
+# (a new drill may take minutes: started late, it would end late), then these, slowest first,
+# then the quick ones (under a minute).
+SLOW_DRILLS = (
+    "test_bucket_faults.py",
+    "test_resize_apart.py",
+    "test_demo.py",
+    "test_train_faults.py",
+    "test_jobs.py",
+    "test_reshard.py",
+    "test_tune_pbt.py",
+)
+QUICK_DRILLS = ("test_bench_checkpoint.py", "test_curate_kill.py", "test_bench_memory.py", "test_append_kill.py")
+DRILL_ORDER = SLOW_DRILLS + QUICK_DRILLS
+
+
+def _unit_rank(scope: str) -> tuple:
+    """The order work units are handed out in: the integration tier, the drills (see
+    SLOW_DRILLS), then the unit tier's files; in each, the collection's order otherwise."""
+    if scope == "integration":
+        return (0,)
+    if scope.startswith("tests/drills/"):
+        name = os.path.basename(scope)
+        return (1, DRILL_ORDER.index(name) + 1 if name in DRILL_ORDER else 0)
+    return (2,)
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist: one work unit per tier for integration and drills, one per file for unit."""
+    """pytest-xdist: one work unit for the integration tier, one per file for the others; a
+    worker gets its next unit only when it starts its last test (it must know the test after
+    the one it runs), so a long drill never holds back work that the other worker could do."""
     from xdist.scheduler import LoadScopeScheduling
 
     class TierScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             tier = nodeid.split("/")[1] if nodeid.startswith("tests/") else None
-            return tier if tier in ("integration", "drills") else super()._split_scope(nodeid)
+            return tier if tier == "integration" else super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            units = sorted(self.workqueue.items(), key=lambda unit: _unit_rank(unit[0]))  # stable: in rank, in order
+            self.workqueue.clear()
+            self.workqueue.update(units)
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node) -> None:
+            if self.workqueue and not node.shutting_down and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
 
     return TierScheduling(config, log)
 
@@ -95,15 +140,22 @@ def ray_local(s3):
     S3 server through the job's runtime env."""
     import ray
 
-    from raysl.runtime import worker_pool
+    from raysl.runtime import SETUP_HOOK, worker_pool
 
     if not ray.is_initialized():
-        # idle workers kept, as `raysl` keeps them: each Ray Data job reuses the last one's
+        # As `raysl` starts a local Ray (raysl.runtime.init_ray), so that other Rays on the
+        # machine (the other xdist worker's, a CLI run's, a drill's cluster) do not get in the
+        # way: address="local", a Ray of its own (a bare ray.init() joins the cluster `ray start`
+        # started last); its dashboard and raysl's worker setup hook, which has the workers'
+        # state API calls reach this Ray's dashboard (Ray Train's placement-group cleaner asks
+        # it whether the run's controller lives: asked another Ray, it hears no and removes the
+        # run's placement group); idle workers kept, each Ray Data job reusing the last one's
         ray.init(
+            address="local",
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
             log_to_driver=False,
-            runtime_env={"env_vars": dict(s3.env)},
+            runtime_env={"env_vars": dict(s3.env), "worker_process_setup_hook": SETUP_HOOK},
             _system_config=worker_pool(2),
         )
         from ray.data import DataContext

@@ -1,8 +1,9 @@
 """A pretraining run whose workers record the keys each step trained on, for the resize tests.
 
-In the test process (`recording_loop`, patched into raysl.pretrain), or as its own process with
-its own local Ray of more logical CPUs than the session's (`python resize_run.py CONFIG KEYS
-CPUS [--resume]`): a run of 3 or 4 workers, which the session's Ray of 2 CPUs cannot hold."""
+In the test process (`recording_loop`, patched into raysl.pretrain), or in a process of its own
+with its own local Ray of more logical CPUs than the session's (`python resize_run.py CPUS
+CONFIG KEYS RESUME [CONFIG KEYS RESUME ...]`, the runs one after another): runs of 3 or 4
+workers, which the session's Ray of 2 CPUs cannot hold."""
 
 import json
 import sys
@@ -47,20 +48,23 @@ def run(monkeypatch, cfg, keys_file: str, *, resume: bool = False) -> str:
     return raysl.pretrain.pretrain(cfg, resume=resume)["run_dir"]
 
 
-def run_apart(cfg, keys_file: str, cpus: int, *, resume: bool = False) -> str:
-    """The run in its own process and local Ray of `cpus` logical CPUs (this module's main)."""
+def run_apart(*runs: tuple, cpus: int) -> list[str]:
+    """The runs, each (config, keys file, resume), one after another in one process of their own
+    with a local Ray of `cpus` logical CPUs (this module's main); their run directories."""
     import os
     import subprocess
 
     from raysl.pretrain import run_dir
 
-    config = keys_file + ".yaml"
-    with open(config, "w") as f:
-        f.write(cfg.to_yaml())
-    cmd = [sys.executable, os.path.abspath(__file__), config, keys_file, str(cpus)]
-    done = subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, timeout=400)
+    cmd = [sys.executable, os.path.abspath(__file__), str(cpus)]
+    for cfg, keys_file, resume in runs:
+        config = keys_file + ".yaml"
+        with open(config, "w") as f:
+            f.write(cfg.to_yaml())
+        cmd += [config, keys_file, str(int(resume))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return run_dir(cfg)
+    return [run_dir(cfg) for cfg, _, _ in runs]
 
 
 def keys_of(keys_file: str) -> dict[int, list[str]]:
@@ -78,19 +82,28 @@ def each_image_once(*steps: list[str]) -> list[str]:
     return keys
 
 
-def main(config_yaml: str, keys_file: str, cpus: int, resume: bool) -> None:
+def main(cpus: int, runs: list[tuple[str, str, bool]]) -> None:
     import ray
 
     import raysl.pretrain
     from raysl.config import from_dict, load_yaml
-    from raysl.runtime import worker_pool
+    from raysl.runtime import SETUP_HOOK, worker_pool
 
-    with open(config_yaml) as f:
-        cfg = from_dict(load_yaml(f))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _system_config=worker_pool(cpus))
-    raysl.pretrain.train_loop_per_worker = recording_loop(keys_file)
-    raysl.pretrain.pretrain(cfg, resume=resume)
+    ray.init(  # as tests/conftest.py's ray_local: a Ray of its own, found by its workers' state API calls
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=True,
+        log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
+        _system_config=worker_pool(cpus),
+    )
+    for config_yaml, keys_file, resume in runs:
+        with open(config_yaml) as f:
+            cfg = from_dict(load_yaml(f))
+        raysl.pretrain.train_loop_per_worker = recording_loop(keys_file)
+        raysl.pretrain.pretrain(cfg, resume=resume)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), "--resume" in sys.argv[4:])
+    args = sys.argv[2:]
+    main(int(sys.argv[1]), [(args[i], args[i + 1], args[i + 2] == "1") for i in range(0, len(args), 3)])

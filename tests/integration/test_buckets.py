@@ -267,7 +267,7 @@ def test_tune_writes_its_experiment_into_the_bucket(s3, lake):
     storage = f"{lake['bucket']}/tune"
     cfg = tune_trial_config(lake["shards"], "train.max_steps=2", "train.checkpoint_every=2", "train.name=tiny")
     space = parse_space({"optim.lr": {"choice": [1e-3, 1e-2]}})
-    result = tune_recipe(cfg, space, samples=2, metric="loss", name="search", storage=storage, max_concurrent=1)
+    result = tune_recipe(cfg, space, samples=2, metric="loss", name="search", storage=storage, max_concurrent=2)
     assert result["errors"] == 0 and len(result["rows"]) == 2
     keys = _keys(s3, f"{storage}/search")
     assert {"results.csv", "best.yaml"} <= set(keys)

@@ -76,8 +76,9 @@ def test_a_run_resumed_on_fewer_then_more_workers_trains_the_same_images_and_los
         assert two_losses[s] == pytest.approx(one_losses[s], rel=1e-4), s
 
 
-# ZeRO-2: tests/drills/test_resize_apart.py; every stage's state: tests/drills/test_reshard.py
-@pytest.mark.parametrize("zero", [0, 1, 3])
+# ZeRO-2: tests/drills/test_resize_apart.py (ZeRO-1 cuts and loads its partitions with the same
+# DeepSpeed optimizer and the same files as ZeRO-2); every stage's state: tests/drills/test_reshard.py
+@pytest.mark.parametrize("zero", [0, 3])
 def test_adamw8bit_under_zero_resumes_on_one_worker_of_two(ray_local, train_shards, tmp_path, monkeypatch, zero):
     """The recipe's 8-bit optimizer, its ZeRO partitions cut anew for 1 worker (the state itself:
     tests/drills/test_reshard.py): the run goes on from the checkpoint's step and the epoch's

@@ -26,7 +26,7 @@ def test_asha_search_writes_results_and_a_loadable_best_recipe(ray_local, tune_s
         name="asha",
         storage=str(tmp_path),
         grace_steps=2,
-        max_concurrent=1,
+        max_concurrent=2,
     )
     print("\n" + result["table"])
     rows = list(csv.DictReader(open(result["results_csv"])))
