@@ -166,13 +166,17 @@ def _turn(make_stream, warmup: int, images: int) -> dict:
 
 def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int, seed: int):
     """What a training worker gets, with the training defaults (data.task_cpus 0: the
-    tasks share the cores; data.augment_tasks = workers): each epoch's batches out of
-    one Ray Data execution over many epochs (data.epochs.Streams), then normalize."""
+    tasks share the cores; data.augment_tasks = workers; a small set kept in the object
+    store, data.cache_share): each epoch's batches out of one Ray Data execution over many
+    epochs (data.epochs.Streams), then normalize."""
+    from raysl.config import DataConfig
+    from raysl.data import cache
     from raysl.data.epochs import Streams, epochs_per_execution
-    from raysl.data.reader import block_rows, read_views, steps_per_epoch, windows_per_epoch
+    from raysl.data.reader import READ_COLUMNS, block_rows, read_views, steps_per_epoch, windows_per_epoch
 
     keys = [f"view_{i}" for i in range(spec.n_views)]
     manifest = read_manifest(shards)
+    cached = cache.put_set(shards, manifest, READ_COLUMNS) if cache.fits(manifest, DataConfig().cache_share) else None
     windows = windows_per_epoch(manifest, world_size=1, window=2)
     streams = Streams(
         lambda epoch, start, epochs: read_views(
@@ -185,6 +189,7 @@ def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int
             concurrency=workers,
             batch_size=block_rows(spec, batch_size),
             num_cpus=0.0,
+            cache=cached,
         ),
         lambda epoch: epochs_per_execution(windows, 10**9),  # the bench's stream has no end
         batch_size=batch_size,

@@ -5,8 +5,9 @@ bucket that is a request per shard per epoch. When its files fit `data.cache_sha
 the cluster's object store, one process reads each shard once (the columns the stream
 needs, whole files: a selection's masks apply as they are read) and puts it in the
 store; the read tasks then take a shard from there (zero-copy on the same node) instead
-of from storage. One copy for the run: the refs are passed to every worker, and the
-store frees the tables once the run's workers are gone.
+of from storage. The first worker owns the tables and passes their refs to the others;
+a node's store holds one copy (the owner's node from the start, another node from its
+first read), freed once the run's workers are gone.
 """
 
 from __future__ import annotations
