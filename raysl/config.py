@@ -113,6 +113,12 @@ class DataConfig:
         "augmentation on the nodes that advertise `data_node`",
         **between(0.0),
     )
+    cache_share: float = _key(
+        0.05,
+        "keep a shard set in Ray's object store for the whole run when its files take at most this share of "
+        "the cluster's object store (read once, not every epoch); 0: always read from storage",
+        **between(0.0, 1.0),
+    )
     augment_on: str = _key(
         "tasks",
         "where the views are made. `tasks`: the read/augment tasks make uint8 views. `worker`: the tasks only "

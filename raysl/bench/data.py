@@ -18,8 +18,8 @@ Each turn of a side opens a fresh stream, takes `warmup` images untimed (process
 start-up, imports, Ray's workers, the pipeline's fill: reported as `fill_s`), then times
 the next `images` images of the same stream, as a training worker sees a long run: the
 DataLoaders keep their workers (an iterator over a dataset of endless length), raysl
-crosses its epochs (one dataset per epoch, the next opened a few steps before the
-current one ends, as the trainer does). A stream is timed right after its warm-up, never
+crosses its epochs as the trainer does (one Ray Data execution over many epochs,
+data.epochs). A stream is timed right after its warm-up, never
 after waiting for another side, so no side counts work buffered while another ran.
 The DataLoader workers run at the niceness Ray gives its workers (15 by default), as
 `raysl bench step` does: on a busy shared machine other processes then take CPU from
@@ -166,44 +166,40 @@ def _turn(make_stream, warmup: int, images: int) -> dict:
 
 def _raysl_batches(shards: str, spec: ViewSpec, *, workers: int, batch_size: int, seed: int):
     """What a training worker gets, with the training defaults (data.task_cpus 0: the
-    tasks share the cores; data.augment_tasks = workers): ViewBatches, then normalize;
-    one dataset per epoch, the next opened ahead by the trainer's rule (ahead.NextEpoch)."""
-    from raysl.data.ahead import NextEpoch
-    from raysl.data.reader import ViewBatches, block_rows, read_views, steps_per_epoch
+    tasks share the cores; data.augment_tasks = workers; a small set kept in the object
+    store, data.cache_share): each epoch's batches out of one Ray Data execution over many
+    epochs (data.epochs.Streams), then normalize."""
+    from raysl.config import DataConfig
+    from raysl.data import cache
+    from raysl.data.epochs import Streams, epochs_per_execution
+    from raysl.data.reader import READ_COLUMNS, block_rows, read_views, steps_per_epoch, windows_per_epoch
 
     keys = [f"view_{i}" for i in range(spec.n_views)]
     manifest = read_manifest(shards)
-    rule = NextEpoch()
-
-    def epoch_batches(epoch: int) -> ViewBatches:
-        ds = read_views(
+    cached = cache.put_set(shards, manifest, READ_COLUMNS) if cache.fits(manifest, DataConfig().cache_share) else None
+    windows = windows_per_epoch(manifest, world_size=1, window=2)
+    streams = Streams(
+        lambda epoch, start, epochs: read_views(
             shards,
             spec,
             seed=seed,
             epoch=epoch,
+            start=start,
+            epochs=epochs,
             concurrency=workers,
             batch_size=block_rows(spec, batch_size),
             num_cpus=0.0,
-        )
-        return ViewBatches(ds, batch_size=batch_size)
-
-    epoch, stream, t = 0, epoch_batches(0), time.perf_counter()
+            cache=cached,
+        ),
+        lambda epoch: epochs_per_execution(windows, 10**9),  # the bench's stream has no end
+        batch_size=batch_size,
+    )
+    epoch = 0
     while True:
         steps = steps_per_epoch(manifest, batch_size=batch_size, seed=seed, epoch=epoch, world_size=1)
-        ahead = None
-        for i, batch in enumerate(stream):
-            now = time.perf_counter()
-            if epoch == i == 0:
-                rule.saw_fill(now - t)
-            else:
-                rule.saw_step(now - t)
-            if ahead is None and rule.due(steps - i, steps):
-                ahead = epoch_batches(epoch + 1)
-                ahead.open()
+        for _, batch in zip(range(steps), streams.batches(epoch, 0)):
             yield [normalize(block_tensor(batch[k])) for k in keys]
-            t = time.perf_counter()
         epoch += 1
-        stream = ahead or epoch_batches(epoch)
 
 
 def _nice_worker(nice: int, worker_id: int) -> None:

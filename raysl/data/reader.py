@@ -16,6 +16,7 @@ run as Ray Data tasks, so they can live on CPU-only nodes.
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any
 
@@ -84,12 +85,18 @@ def kept(pos: np.ndarray, start: int, keep: tuple[int, int, int]) -> np.ndarray:
     return (offset >= lo) & (offset < hi)
 
 
-def _read_window(item: dict) -> pa.Table:
+def _read_shard(path: str, cache: dict | None) -> pa.Table:
+    if cache and path in cache:
+        return ray.get(cache[path])  # data.cache: the set's files, read once into the object store
+    fs, local = filesystem_and_path(path)
+    return pq.read_table(local, columns=READ_COLUMNS, filesystem=fs)
+
+
+def _read_window(item: dict, cache: dict | None = None) -> pa.Table:
     """Read the shards of one shuffle window, shuffle their rows, drop what was consumed."""
     tables = []
     for path, mask in zip(item["paths"], item["masks"]):
-        fs, local = filesystem_and_path(path)
-        tables.append(select_rows(pq.read_table(local, columns=READ_COLUMNS, filesystem=fs), mask))
+        tables.append(select_rows(_read_shard(path, cache), mask))
     table = pa.concat_tables(tables)
     order = window_order(item["seed"], item["epoch"], item["window"], table.num_rows)[item["skip"] :]
     pos = np.arange(item["skip"], item["skip"] + len(order)) + item["first_pos"]
@@ -106,45 +113,24 @@ def _read_window(item: dict) -> pa.Table:
             "label": labels,
             "pos": pa.array(pos, pa.int64()),
             "aug_seed": pa.array(aug_seeds(keys, item["seed"], item["epoch"])),
+            "epoch": pa.array(np.full(len(keys), item["epoch"], np.int64)),
         }
     )
 
 
-def _read_windows(batch: dict) -> pa.Table:
+def _read_windows(batch: dict, cache: dict | None = None) -> pa.Table:
     items = [dict(zip(batch.keys(), values)) for values in zip(*batch.values())]
-    return pa.concat_tables([_read_window(item) for item in items])
+    return pa.concat_tables([_read_window(item, cache) for item in items])
 
 
-def read_rows(
-    shards: str,
-    *,
-    seed: int = 0,
-    epoch: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    start: int = 0,
-    window: int = 2,
-    num_cpus: float = 1.0,
-    resources: dict | None = None,
-    index: str | None = None,
-    concurrency: int | None = None,
-    keep: tuple[int, int, int] | None = None,
-) -> ray.data.Dataset:
-    """Rows (key, image bytes, label, pos, aug_seed) of worker `rank`'s stream for `epoch`,
-    starting at position `start` (rows of this stream already consumed). `index`: the
-    set's index file to read (one a run pinned, see mixture); None: the current one.
-    `concurrency`: at most that many read tasks at once (None: as many as Ray runs).
-    `keep` = (lo, hi, period): only the rows whose offset from `start` modulo `period` is
-    in [lo, hi) (a worker's part of each step of an epoch resumed at another worker
-    count, raysl.data.plan)."""
-    if window < 1:
-        raise UserError(f"shuffle window must be >= 1 shard, got {window}")
-    manifest = read_manifest(shards, index)
+def _epoch_items(manifest, shards, items, seed, epoch, rank, world_size, window, start, keep) -> int:
+    """Append the read items (shuffle windows) of worker `rank`'s stream of `epoch` from
+    position `start` to `items`; returns the stream's rows in the epoch."""
     mine = worker_shards(manifest, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     paths = shard_paths(shards, manifest, mine)  # in reading order
     counts = manifest.shards.rows[mine].tolist()
     masks = manifest.shards.masks(mine)  # a selection keeps only some rows of each file
-    items, first_pos = [], 0
+    first_pos = 0
     for w in range(0, len(mine), window):
         rows = sum(counts[w : w + window])
         skip = min(max(start - first_pos, 0), rows)
@@ -163,11 +149,56 @@ def read_rows(
                 }
             )
         first_pos += rows
-    if not items:
-        raise UserError(f"start position {start} is past the end of epoch {epoch} ({first_pos} rows for worker {rank})")
+    return first_pos
+
+
+def windows_per_epoch(manifest: Manifest, *, world_size: int, window: int) -> int:
+    """Read items (shuffle windows) of the longest worker stream of an epoch."""
+    return math.ceil(math.ceil(len(manifest.shards) / world_size) / window)
+
+
+def read_rows(
+    shards: str,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
+    window: int = 2,
+    num_cpus: float = 1.0,
+    resources: dict | None = None,
+    index: str | None = None,
+    concurrency: int | None = None,
+    keep: tuple[int, int, int] | None = None,
+    epochs: int = 1,
+    cache: dict | None = None,
+) -> ray.data.Dataset:
+    """Rows (key, image bytes, label, pos, aug_seed, epoch) of worker `rank`'s stream for
+    `epoch`, starting at position `start` (rows of this stream already consumed), followed
+    by its streams of the next `epochs - 1` epochs from their start, in one dataset (`pos`
+    counts from 0 in each epoch). `index`: the
+    set's index file to read (one a run pinned, see mixture); None: the current one.
+    `concurrency`: at most that many read tasks at once (None: as many as Ray runs).
+    `keep` = (lo, hi, period): only the rows whose offset from `start` modulo `period` is
+    in [lo, hi) (a worker's part of each step of an epoch resumed at another worker
+    count, raysl.data.plan). `cache`: shard path -> object ref of its table
+    (data.cache.put_set), read from there instead of from storage."""
+    if window < 1:
+        raise UserError(f"shuffle window must be >= 1 shard, got {window}")
+    manifest = read_manifest(shards, index)
+    items: list[dict] = []
+    for e in range(epoch, epoch + epochs):
+        first = e == epoch
+        rows = _epoch_items(
+            manifest, shards, items, seed, e, rank, world_size, window, start if first else 0, keep if first else None
+        )
+        if first and rows <= start:
+            raise UserError(f"start position {start} is past the end of epoch {epoch} ({rows} rows for worker {rank})")
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        _read_windows,
+        _read_windows,  # type: ignore[arg-type]  # Ray's type for fn leaves out fn_kwargs
+        fn_kwargs={"cache": cache},
         batch_size=1,
         batch_format="numpy",
         # Each concurrent task holds a worker process, and each worker process imports the
@@ -233,11 +264,13 @@ def read_views(
     index: str | None = None,
     pixels_only: bool = False,
     keep: tuple[int, int, int] | None = None,
+    epochs: int = 1,
+    cache: dict | None = None,
 ) -> ray.data.Dataset:
     """read_rows + decode + augment into the views of `spec` (a view_plans.ViewSpec) as Ray Data tasks.
     Rows whose image does not decode are dropped there; `pos` shows the gap. `pixels_only`:
     the tasks decode and stop there (decode.PixelTransform), for views made on the
-    training worker's device. `keep`: see read_rows.
+    training worker's device. `keep`, `epochs`, `cache`: see read_rows.
 
     `num_cpus` is what each task reserves. Training workers that hold every CPU of a
     machine leave nothing for tasks that reserve one, so single-machine training uses
@@ -257,6 +290,8 @@ def read_views(
         index=index,
         concurrency=concurrency,
         keep=keep,
+        epochs=epochs,
+        cache=cache,
     )
     # A window's rows leave the read task as one block, and Ray Data gives a whole block
     # to one task: split it into blocks of one augment batch (fused into the read task,

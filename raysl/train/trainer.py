@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from raysl.config import Config
-from raysl.data import mixture, plan, reader
+from raysl.data import cache, epochs, mixture, plan, reader
 from raysl.data.ahead import NextEpoch
 from raysl.data.gpu_views import GPUViews
 from raysl.data.views import block_tensor, normalize
@@ -71,7 +71,7 @@ class Trainer:
     """One attempt of a run on this worker. `fit()` = `setup()`, `restore()`, then
     `step()` until the run's last step, with `checkpoint()` and `report()` on the way."""
 
-    stream: reader.ViewBatches | mixture.MixedBatches | plan.PlanBatches  # this epoch's batches, from where it stands
+    stream: epochs.EpochBatches | mixture.MixedBatches | plan.PlanBatches  # this epoch's batches, from where it stands
     _it: Iterator[dict]
 
     def __init__(
@@ -119,6 +119,7 @@ class Trainer:
             host_memory.return_freed_memory()
 
         self.sets = mixture.from_config(cfg.data, self.pins)
+        self.cached = self.cache_set()
         self.start = self.choose_start()
         self.plan_run(self.start["state"])
         cfg = self.cfg  # the attempt's batch size and accumulation (plan_run)
@@ -126,9 +127,26 @@ class Trainer:
         self.method, self.schedules = built.method, built.schedules
         self.optimizer, self.engine = built.optimizer, built.engine
         self.spec = spec_for(cfg, type(self.method))
+        self.epoch_streams = epochs.Streams(  # one set: one Ray Data execution over many epochs
+            lambda epoch, start, n: self.view_data(
+                self.sets.sets[0].path, epoch, start, self.sets.sets[0].index, epochs=n
+            ),
+            self.epochs_per_execution,
+            batch_size=cfg.data.batch_size,
+        )
         self.device_views = GPUViews(self.spec, self.device) if cfg.data.augment_on == "worker" else None
         for callback in self.callbacks:
             callback.setup(self)
+
+    def cache_set(self) -> dict | None:
+        """A small single set read once into the object store (data.cache): rank 0 reads and
+        decides, every worker gets the refs."""
+        refs = None
+        if self.rank == 0 and self.sets.single:
+            s, manifest = self.sets.sets[0], self.sets.manifest(0)
+            if cache.fits(manifest, self.cfg.data.cache_share):
+                refs = cache.put_set(s.path, manifest, reader.READ_COLUMNS)
+        return ray.train.collective.broadcast_from_rank_zero(refs)
 
     def choose_start(self) -> dict:
         """The checkpoint this attempt starts from and the run's state in it (None: a new run):
@@ -259,8 +277,10 @@ class Trainer:
         stream: int | None = None,
         streams: int | None = None,
         keep: tuple[int, int, int] | None = None,
+        epochs: int = 1,
     ) -> ray.data.Dataset:
-        """The views of a stream (default: this worker's of `self.world`) from `position`."""
+        """The views of a stream (default: this worker's of `self.world`) from `position`,
+        and of the next `epochs - 1` epochs (reader.read_rows)."""
         cfg = self.cfg
         return reader.read_views(
             shards,
@@ -271,6 +291,8 @@ class Trainer:
             world_size=self.world if streams is None else streams,
             start=position,
             keep=keep,
+            epochs=epochs,
+            cache=self.cached,
             window=cfg.data.shuffle_window,
             concurrency=cfg.data.augment_tasks or cfg.train.cpus_per_worker,
             batch_size=reader.block_rows(self.spec, cfg.data.batch_size, pixels=self.device_views is not None),
@@ -314,10 +336,21 @@ class Trainer:
             dist.all_gather_object(positions, self.stream.position)
         return positions
 
+    def epochs_per_execution(self, epoch: int) -> int:
+        """Epochs one Ray Data execution reads from `epoch` on: those left in the run, at
+        most as many as fit epochs.MAX_ITEMS shuffle windows."""
+        windows = reader.windows_per_epoch(
+            self.sets.manifest(0), world_size=self.world, window=self.cfg.data.shuffle_window
+        )
+        return epochs.epochs_per_execution(windows, max(self.steps) - epoch + 1)
+
     def batches_from(self, position: int, epoch: int | None = None):
         """An epoch's training batches of this worker's stream from `position` (default: this
-        epoch's): reader.ViewBatches for one shard set, mixture.MixedBatches for a mixture."""
+        epoch's): for one shard set, its epoch of an execution over many (data.epochs.Streams); for
+        a mixture, mixture.MixedBatches."""
         epoch = self.state["epoch"] if epoch is None else epoch
+        if self.sets.single:
+            return self.epoch_streams.batches(epoch, position)
         return self.sets.batches(
             lambda s, start: self.view_data(s.path, epoch, start, s.index),
             seed=self.cfg.train.seed,
