@@ -317,7 +317,7 @@ def run_checkpoint_bench(
     try:
         root = (storage or _new_bucket()).rstrip("/")
         init_ray(address)
-        ranks = _run_training(params, workers, steps, warmup, f"{root}/train", server and server.pid)
+        ranks = _run_training(params, workers, steps, warmup, f"{root}/train", server.pid if server else None)
         _delete(f"{root}/train")  # what the bench wrote: a local S3 server holds it in memory
         restores = {}
         for w in restore_workers:
