@@ -161,7 +161,7 @@ def upload(local: str, uri: str) -> None:
     pyarrow.fs.copy_files(local, uri)
 
 
-TRANSFER_THREADS = 8  # files moved at once; each large one also goes up in parallel parts (pyarrow's S3 writes)
+TRANSFER_THREADS = 8  # files moved at once; outside a background upload a large one also goes up in parallel parts
 _CHUNK = 64 * 1024 * 1024
 _UPLOAD_CHUNK = 8 * 1024 * 1024  # read and sent a piece at a time: at most this much per file in memory
 
@@ -212,7 +212,7 @@ def _writes_in_caller(fs):
 
     if not isinstance(fs, pyarrow.fs.S3FileSystem):
         return fs
-    _, (options,) = fs.__reduce__()  # the options Ray pickled it with
+    _, (options,) = fs.__reduce__()  # every option, as it is pickled to Ray's workers
     return pyarrow.fs.S3FileSystem(**{**options, "background_writes": False})
 
 
