@@ -161,8 +161,9 @@ def upload(local: str, uri: str) -> None:
     pyarrow.fs.copy_files(local, uri)
 
 
-TRANSFER_THREADS = 8  # files moved at once; each large one also goes up in parallel parts (pyarrow's S3 writes)
+TRANSFER_THREADS = 8  # files moved at once; outside a background upload a large one also goes up in parallel parts
 _CHUNK = 64 * 1024 * 1024
+_UPLOAD_CHUNK = 8 * 1024 * 1024  # read and sent a piece at a time: at most this much per file in memory
 
 
 def listing(path: str) -> list[str]:
@@ -196,11 +197,32 @@ def download_files(path: str, names: list[str], local: str) -> int:
         return sum(pool.map(one, names))
 
 
-def upload_dir(local: str, fs, dest: str, *, last: str) -> int:
+def _yield_cpu() -> None:
+    """The calling thread runs only on a core no other thread wants (Linux's SCHED_IDLE, per
+    thread; elsewhere nothing changes): a background upload takes the CPU training leaves."""
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _writes_in_caller(fs):
+    """`fs` with pyarrow's S3 `background_writes` off: each part is sent by the thread that
+    writes it, so the copy's work runs at that thread's priority and holds one part per
+    file in memory (with them on, parts queue in memory on pyarrow's shared IO threads)."""
+    import pyarrow.fs
+
+    if not isinstance(fs, pyarrow.fs.S3FileSystem):
+        return fs
+    _, (options,) = fs.__reduce__()  # every option, as it is pickled to Ray's workers
+    return pyarrow.fs.S3FileSystem(**{**options, "background_writes": False})
+
+
+def upload_dir(local: str, fs, dest: str, *, last: str, background: bool = False) -> int:
     """Copy the local directory `local` to `dest` on the pyarrow filesystem `fs`, several
     files at a time, and the file `last` (a relpath) only once all others are there: a
-    copy cut short never has it. Returns the bytes moved. (Each file is its own copy in
-    its own Python thread: one multi-threaded copy_files to S3 can hang, apache/arrow#32372.)"""
+    copy cut short never has it. Returns the bytes moved. Each file is copied in one of
+    our threads (one multi-threaded copy_files to S3 can hang, apache/arrow#32372).
+    `background`: those threads run at the lowest CPU priority and send the S3 parts
+    themselves, so the whole upload yields to training."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.fs
@@ -213,17 +235,24 @@ def upload_dir(local: str, fs, dest: str, *, last: str) -> int:
     for folder in sorted({f"{dest}/{rel}".rsplit("/", 1)[0] for rel in names}):
         fs.create_dir(folder, recursive=True)
     src = pyarrow.fs.LocalFileSystem()
+    if background:
+        fs = _writes_in_caller(fs)
 
     def one(rel: str) -> int:
         path = os.path.join(local, *rel.split("/"))
         pyarrow.fs.copy_files(
-            path, f"{dest}/{rel}", source_filesystem=src, destination_filesystem=fs, chunk_size=_CHUNK
+            path,
+            f"{dest}/{rel}",
+            source_filesystem=src,
+            destination_filesystem=fs,
+            chunk_size=_UPLOAD_CHUNK,
+            use_threads=False,  # in this thread, not on pyarrow's IO threads
         )
         return os.path.getsize(path)
 
-    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
+    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS, initializer=_yield_cpu if background else None) as pool:
         moved = sum(pool.map(one, [rel for rel in names if rel != last]))
-    return moved + (one(last) if last in names else 0)
+        return moved + (pool.submit(one, last).result() if last in names else 0)
 
 
 class RunFiles:

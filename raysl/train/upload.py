@@ -65,7 +65,11 @@ class Uploads:
             dest = target.build_checkpoint_path_from_name(name)
             t0 = time.perf_counter()
             moved = storage.upload_dir(
-                ckpt.path, target.storage_filesystem, dest, last=storage.worker_listing(self.rank)
+                ckpt.path,
+                target.storage_filesystem,
+                dest,
+                last=storage.worker_listing(self.rank),
+                background=self.in_background,
             )
             self.last_bytes, self.last_s = moved, time.perf_counter() - t0
             return ray.train.Checkpoint(path=dest, filesystem=target.storage_filesystem)

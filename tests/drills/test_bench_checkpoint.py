@@ -20,10 +20,19 @@ def test_bench_checkpoint_reports_every_figure(ray_local, s3):
         "upload_bytes",
         "upload_s",
         "restore_bytes_per_worker",
+        "cpu_per_s_idle",
+        "cpu_per_s_during_upload_async",
     ):
         assert key in out, key
     assert out["step_s_idle"] > 0 and out["step_s_during_upload_sync"] > 0 and out["upload_s"] > 0
     assert out["upload_bytes"] > 4 * PARAMS  # fp32 weights at least
+    for side in ("cpu_per_s_idle", "cpu_per_s_during_upload_async"):
+        assert len(out[side]) == 2  # one per worker
+        for worker in out[side]:
+            if worker is None and side.endswith("async") and out["step_s_during_upload_async"] is None:
+                continue  # the upload ended before a step could run beside it
+            assert 0 < worker["thread_cpu"] <= worker["worker_cpu"] <= worker["machine_busy"], (side, worker)
+            assert worker["thread_wait_cpu"] >= 0 and worker["wall"] > 0
     assert len(out["restore_bytes_per_worker"]) == 2
     one, two = out["restore_bytes_per_worker"]
     assert two <= one  # a worker of two downloads no more than a lone worker
