@@ -100,6 +100,16 @@ def failure_summary(run_dir: str, error: BaseException, max_failures: int) -> st
         files.close()
     last, _ = newest_complete(run_dir)
     where = f"{os.path.basename(last)} (step {storage.checkpoint_step(last)})" if last else "none"
+    from raysl.train.elastic import TooFewWorkers
+
+    too_few = getattr(error, "controller_failure", None)
+    if isinstance(too_few, TooFewWorkers):
+        had = f"{attempts[-1]['world_size']} worker(s) in its last attempt" if attempts else "no attempt"
+        return (
+            f"run {run_dir} stopped after {len(attempts)} attempt(s) ({had}): {too_few}; last step reached "
+            f"{rows[-1]['step'] if rows else 0}; last complete checkpoint {where}. Continue it once the cluster "
+            "has room, with the same command and --resume"
+        )
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # a lost node: Ray's line that names it ("... its node has died. Node ID: ..., IP: ...")
     cause = next(
