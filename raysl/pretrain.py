@@ -133,14 +133,16 @@ def make_trainer(
             use_gpu=gpus > 0,
             resources_per_worker=resources,
             placement_strategy=cfg.train.placement_strategy,
-            elastic_resize_monitor_interval_s=t.resize_check_s,
+            elastic_resize_monitor_interval_s=t.resize_check_s,  # type: ignore[call-arg]  # Ray 2.60 has it
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
             storage_path=os.path.dirname(out) if not storage.is_uri(out) else cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             # a reclaimed node (a drain notice) restarts the group without counting against max_failures
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures, max_preemption_failures=-1),
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]  # Ray 2.60 has it; its stubs lag
+                max_failures=cfg.train.max_failures, max_preemption_failures=-1
+            ),
             callbacks=callbacks or None,
             logging_config=train_logging(),  # type: ignore[call-arg]  # Ray 2.60 has it; its stubs lag
         ),

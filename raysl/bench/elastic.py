@@ -40,7 +40,7 @@ class ElasticCluster:
 
     def __init__(self, env: dict | None = None):
         import ray
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; no stub names it
         from ray.cluster_utils import Cluster
 
         # the dashboard: Ray Train's placement-group cleaner asks its state API about the run
@@ -62,7 +62,7 @@ class ElasticCluster:
         """A spot reclaim's notice: drain `node` with reason PREEMPTION, to go at `deadline` (epoch s)."""
         from ray.core.generated import autoscaler_pb2
 
-        reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+        reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")  # type: ignore[attr-defined]
         accepted, why = self.gcs.drain_node(node.node_id, reason, "spot instance reclaimed", int(deadline * 1000))
         if not accepted:
             raise RuntimeError(f"drain of node {node.node_id} refused: {why}")

@@ -28,22 +28,9 @@ from ray.train.v2._internal.execution.controller.state import (
 )
 
 from raysl.train import recovery
+from raysl.train.recovery import TooFewWorkers
 
 logger = logging.getLogger(__name__)
-
-
-class TooFewWorkers(RuntimeError):
-    """Raised on Ray Train's controller: the cluster had room for fewer than `minimum` workers for `waited_s`."""
-
-    def __init__(self, room: int, minimum: int, waited_s: float):
-        super().__init__(room, minimum, waited_s)
-        self.room, self.minimum, self.waited_s = room, minimum, waited_s
-
-    def __str__(self) -> str:
-        return (
-            f"the cluster had room for {self.room} training worker(s), fewer than the {self.minimum} the run needs "
-            f"(train.num_workers), for {self.waited_s:.0f} s (train.min_workers_timeout_s)"
-        )
 
 
 def room_for(resources_per_worker: dict[str, float]) -> int:
