@@ -172,7 +172,7 @@ def config(shards: str, storage: str, name: str, *overrides: str):
             "train.resize_check_s=1",
             "train.preemption_check_steps=1",
             "train.checkpoint_every=2",
-            "train.keep_checkpoints=3",
+            "train.keep_checkpoints=1000",  # every checkpoint stays: each attempt names the one it started from
             "train.max_failures=1",
             "train.log_every=1",
             f"train.storage_path={storage}",
