@@ -17,8 +17,10 @@ every 20 s) and the wait for the run's next checkpoint. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +40,7 @@ class ElasticCluster:
     """A local Ray cluster of a head node (no training resource) and training nodes of 1 CPU and
     {"raysl_train": 1}, this process its driver."""
 
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict | None = None, *, log_to_driver: bool = True):
         import ray
         from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; no stub names it
         from ray.cluster_utils import Cluster
@@ -50,7 +52,7 @@ class ElasticCluster:
         self.cluster = Cluster(initialize_head=True, head_node_args=head)
         # RAY_ADDRESS: Ray's state API in the job's processes finds this cluster, not another on this machine
         env = {**RUN_ENV, "RAY_ADDRESS": self.cluster.address, **(env or {})}
-        ray.init(address=self.cluster.address, runtime_env={"env_vars": env})
+        ray.init(address=self.cluster.address, runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
         self.gcs = GcsClient(address=self.cluster.gcs_address)
 
     def add(self):
@@ -95,7 +97,8 @@ class Run:
         import raysl.pretrain
 
         try:
-            raysl.pretrain.pretrain(self.cfg)
+            with contextlib.redirect_stdout(sys.stderr):  # pretrain's own lines: stdout is the bench's JSON line
+                raysl.pretrain.pretrain(self.cfg)
         except Exception as exc:  # the outcome, read by the caller
             self.error = f"{type(exc).__name__}: {exc}"
 
@@ -227,7 +230,7 @@ def run_elastic_bench(*, steps: int = 64, deadline_s: float = 10.0, out: str | N
     work = out or tempfile.mkdtemp(prefix="raysl_bench_elastic_")
     shards = write_digit_shards(os.path.join(work, "shards"))
     storage = os.path.join(work, "runs")
-    cluster = ElasticCluster()
+    cluster = ElasticCluster(log_to_driver=False)  # the workers' lines: not on the bench's stdout
     try:
         cluster.add()
         spare = cluster.add()
