@@ -8,9 +8,11 @@ import pytest
 from runfactory import train_config
 
 from raysl.config import load_config
+from raysl.data import mixture
 from raysl.errors import UserError
 from raysl.pretrain import validate
 from raysl.train import elastic, recovery
+from raysl.train.trainer import Trainer
 
 
 @pytest.mark.parametrize(
@@ -51,6 +53,30 @@ def test_validate_plans_a_range_at_its_max_and_refuses_it_for_a_mixture(train_sh
                 "data.weights=[0.5, 0.5]",
             )
         )
+
+
+def _new_run(cfg, world: int) -> Trainer:
+    """A new run's plan on `world` workers (Trainer.plan_run), without Ray."""
+    trainer = Trainer(cfg, "unused")
+    trainer.world, trainer.rank = world, 0
+    trainer.sets = mixture.from_config(cfg.data)
+    trainer.plan_run(None)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "workers, world, micro, accum", [("[1, 4]", 1, 4, 4), ("[1, 4]", 3, 4, 1), ("[2, 2]", 2, 4, 1), ("2", 2, 4, 1)]
+)
+def test_an_elastic_run_keeps_the_global_batch_of_its_max_whatever_it_starts_with(
+    train_shards, tmp_path, workers, world, micro, accum
+):
+    """[1, 4] workers of batch 4: started on 1, the global batch of 4 workers (16) as 4 micro-batches;
+    on 3, the nearest below that 3 workers train in whole micro-batches of 4 (12). A fixed count as before."""
+    cfg = train_config(train_shards, tmp_path, "x", f"train.num_workers={workers}", "train.max_steps=0")
+    trainer = _new_run(cfg, world)
+    assert (trainer.batching.micro, trainer.batching.accum) == (micro, accum)
+    assert trainer.state["global_batch"] == world * micro * accum == trainer.global_batch
+    assert (trainer.cfg.data.batch_size, trainer.cfg.deepspeed.grad_accum) == (micro, accum)
 
 
 def test_too_few_workers_for_too_long_ends_the_run_with_one_line(tmp_path, monkeypatch):
