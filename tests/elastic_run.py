@@ -1,13 +1,13 @@
 """Elastic runs (`train.num_workers: [1, 2]`) on a local multi-node Ray cluster whose nodes come
-and go, for tests/drills/test_elastic.py and `raysl bench elastic`'s smoke test.
+and go, for tests/drills/test_elastic.py (which also checks `raysl bench elastic`'s figures of them).
 
 `python elastic_run.py OUT SHARDS` (its own process: a cluster of its own, token auth on when the
 environment asks for it) starts a head node and training nodes that advertise {"raysl_train": 1},
 then runs, one after another on the same cluster, with the runs' workers asking for that resource:
   grow:      one training node; a second joins once the run has trained a step;
   reclaim:   two nodes; one gets a drain notice (reason PREEMPTION, through the GCS client, as a
-             spot reclaim does), and is removed once the run has written its checkpoint;
-  hard_loss: two nodes; one is removed without a notice;
+             spot reclaim does) with a deadline 10 s away, and is killed at the deadline;
+  hard_loss: two nodes; one is killed without a notice;
   too_few:   one node for a run of [2, 2] that gives up waiting after 3 s.
 The cluster and the runs are raysl.bench.elastic's (`raysl bench elastic` measures the grow and
 the reclaim; its figures of these runs go to OUT/events.json too). Every worker records the keys
