@@ -192,6 +192,13 @@ TREE: tuple[Command | Group, ...] = (
                 run=_print_json,
             ),
             Command(
+                "elastic",
+                "an elastic run on a local multi-node cluster: seconds and steps a spot reclaim (2 -> 1) and a "
+                "grow (1 -> 2) cost",
+                "raysl.bench.elastic",
+                run=_print_json,
+            ),
+            Command(
                 "e2e",
                 "wall time of a SimCLR run: raysl pretrain (Ray start included) vs a plain DataLoader loop",
                 "raysl.bench.e2e",

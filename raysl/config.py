@@ -234,11 +234,18 @@ class TrainConfig:
     )
     max_steps: int = _key(0, "stop after this many optimizer steps; 0: run all epochs", **between(0))
     seed: int = _key(0, "seeds the initial weights, the shard order, the augmentations and the kNN monitor's split")
-    num_workers: int = _key(
+    num_workers: int | list[int] = _key(
         1,
-        "Ray Train workers (data-parallel ranks); a run resumed at another count continues its epoch, schedules "
-        "and random streams (see `train.on_resize`)",
+        "Ray Train workers (data-parallel ranks): a number, or `[min, max]` for an elastic run that starts with "
+        "as many as the cluster has room for (at least min), grows when nodes join and shrinks when they go, each "
+        "time from its latest checkpoint (see `train.resize_check_s`). A run resumed at another count continues "
+        "its epoch, schedules and random streams (see `train.on_resize`); an elastic run's global batch is the "
+        "one of max workers (the nearest below that its first workers train in whole micro-batches)",
         **between(1),
+        each=between(1),
+        length=2,
+        ascending=True,
+        example="[2, 8]",
     )
     on_resize: str = _key(
         "keep_global_batch",
@@ -257,6 +264,26 @@ class TrainConfig:
     keep_checkpoints: int = _key(2, "newest checkpoints kept in the run's storage", **between(1))
     max_failures: int = _key(
         0, "times Ray Train restarts the worker group over the whole run; -1: no limit", **between(-1)
+    )
+    resize_check_s: float = _key(
+        300.0,
+        "an elastic run (`num_workers: [min, max]`): seconds between Ray Train's looks for room for more workers. "
+        "A grow then waits for the run's next checkpoint (at most this long) and restarts the workers right after "
+        "it, so it retrains at most the steps written after that checkpoint",
+        **between(0.0, lo_open=True),
+    )
+    min_workers_timeout_s: float = _key(
+        600.0,
+        "an elastic run with room for fewer than its min workers for this long ends with one line (how to "
+        "continue it with --resume) instead of waiting for nodes; 0: wait for ever",
+        **between(0.0),
+    )
+    preemption_check_steps: int = _key(
+        5,
+        "steps between looks for a node drain notice (a spot reclaim that Ray was told of): on one, every worker "
+        "writes a checkpoint and trains no further step; the run goes on from it on the nodes left, not counted "
+        "against train.max_failures",
+        **between(1),
     )
     checkpoint_upload: str = _key(
         "auto",
@@ -281,6 +308,18 @@ class TrainConfig:
         "many nodes as it can, so a lost node takes fewer workers with it",
         **one_of("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     )
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
 
 
 @dataclass

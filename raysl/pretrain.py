@@ -46,14 +46,20 @@ def validate(cfg: Config) -> None:
     cls = method_class(cfg.method.name)
     check_backbone_name(cfg.model.backbone)
     spec_for(cfg, cls)
-    if cfg.eval.val_shards and val_steps(cfg, cfg.train.num_workers) < 1:
+    most = cfg.train.max_workers  # the most workers share the images: the fewest per worker
+    if cfg.train.elastic and not sets.single:
         raise UserError(
-            f"config key eval.val_shards: {cfg.eval.val_shards} gives each of {cfg.train.num_workers} worker(s) fewer "
+            f"config key train.num_workers: {cfg.train.num_workers} makes the run elastic, but data.shards is a "
+            "mixture, which resumes only on the worker count its epoch started with; set one number of workers"
+        )
+    if cfg.eval.val_shards and val_steps(cfg, most) < 1:
+        raise UserError(
+            f"config key eval.val_shards: {cfg.eval.val_shards} gives each of {most} worker(s) fewer "
             f"than data.batch_size = {cfg.data.batch_size} images; use a larger held-out set or a smaller batch"
         )
-    if total_steps(cfg, cfg.train.num_workers, sets=sets) < 1:
+    if total_steps(cfg, most, sets=sets) < 1:
         raise UserError(
-            f"data.shards gives each of {cfg.train.num_workers} worker(s) fewer than data.batch_size x "
+            f"data.shards gives each of {most} worker(s) fewer than data.batch_size x "
             f"deepspeed.grad_accum = {rows_per_step(cfg)} images per epoch; "
             "lower the batch size or use more images"
         )
@@ -106,6 +112,13 @@ def make_trainer(
 
     keep_data_stats_here()
     gpus = cfg.train.gpus_per_worker
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **cfg.train.worker_resources}
+    t = cfg.train
+    if t.elastic:
+        from raysl.train.elastic import ElasticWatch
+
+        watch = ElasticWatch(out, resources, t.min_workers, wait_s=t.resize_check_s, timeout_s=t.min_workers_timeout_s)
+        callbacks = [*(callbacks or []), watch]
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -117,20 +130,20 @@ def make_trainer(
             "shard_pins": mixture.pin(cfg.data, out),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
+            num_workers=(t.min_workers, t.max_workers) if t.elastic else t.num_workers,  # type: ignore[arg-type]
             use_gpu=gpus > 0,
-            resources_per_worker={
-                "CPU": cfg.train.cpus_per_worker,
-                **({"GPU": gpus} if gpus else {}),
-                **cfg.train.worker_resources,
-            },
+            resources_per_worker=resources,
             placement_strategy=cfg.train.placement_strategy,
+            elastic_resize_monitor_interval_s=t.resize_check_s,  # type: ignore[call-arg]  # Ray 2.60 has it
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
             storage_path=os.path.dirname(out) if not storage.is_uri(out) else cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # a reclaimed node (a drain notice) restarts the group without counting against max_failures
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]  # Ray 2.60 has it; its stubs lag
+                max_failures=cfg.train.max_failures, max_preemption_failures=-1
+            ),
             callbacks=callbacks or None,
             logging_config=train_logging(),  # type: ignore[call-arg]  # Ray 2.60 has it; its stubs lag
         ),

@@ -1,6 +1,17 @@
-"""A preemption notice: SIGTERM to a training worker (a spot instance being reclaimed, a
-Kubernetes pod eviction) makes the run finish its current step, write a checkpoint on
-every worker and stop, so that the resumed run redoes no completed step.
+"""Preemption notices, so that the resumed run redoes no completed step. Two kinds:
+
+A drain notice: a node Ray was told will go (a spot reclaim that the cluster's autoscaler
+or KubeRay passes on as a drain with reason PREEMPTION). Ray Train's preemption watcher
+sees it, and every worker asks for it with `ray.train.get_preemption_info()` every
+`train.preemption_check_steps` steps (a collective: every rank asks at the same steps).
+On one, every worker writes a checkpoint and trains no further step (`wait_for_reclaim`);
+Ray Train restarts the group on the nodes left once the drain's deadline has passed, and
+counts it as a preemption (FailureConfig.max_preemption_failures, unlimited), not against
+train.max_failures.
+
+SIGTERM to a training worker (clusters that do not drain: a Kubernetes pod eviction, a
+spot instance's own shutdown) makes the run finish its current step, write a checkpoint on
+every worker and stop.
 
 Ray's worker processes answer SIGTERM with an immediate exit (a handler installed by
 Ray's main loop, on the main thread; the training loop runs in another thread, where
@@ -13,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 _requested = threading.Event()
 _watching = threading.Event()
@@ -50,3 +62,10 @@ def sigterm_as_request():
 
 def requested() -> bool:
     return _requested.is_set()
+
+
+def wait_for_reclaim() -> None:
+    """After a drain notice's checkpoint: train no further step until Ray Train tears the
+    group down (a step trained now would be lost with the node)."""
+    while True:
+        time.sleep(1.0)

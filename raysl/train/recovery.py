@@ -20,6 +20,20 @@ from raysl.train import storage
 ATTEMPTS = "attempts.jsonl"
 
 
+class TooFewWorkers(RuntimeError):
+    """Raised on Ray Train's controller: the cluster had room for fewer than `minimum` workers for `waited_s`."""
+
+    def __init__(self, room: int, minimum: int, waited_s: float):
+        super().__init__(room, minimum, waited_s)
+        self.room, self.minimum, self.waited_s = room, minimum, waited_s
+
+    def __str__(self) -> str:
+        return (
+            f"the cluster had room for {self.room} training worker(s), fewer than the {self.minimum} the run needs "
+            f"(train.num_workers), for {self.waited_s:.0f} s (train.min_workers_timeout_s)"
+        )
+
+
 def newest_complete(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
     """(the newest complete checkpoint of the run, or None; (name, problem) of each newer
     one that is not complete and was passed over)."""
@@ -100,6 +114,14 @@ def failure_summary(run_dir: str, error: BaseException, max_failures: int) -> st
         files.close()
     last, _ = newest_complete(run_dir)
     where = f"{os.path.basename(last)} (step {storage.checkpoint_step(last)})" if last else "none"
+    too_few = getattr(error, "controller_failure", None)
+    if isinstance(too_few, TooFewWorkers):
+        had = f"{attempts[-1]['world_size']} worker(s) in its last attempt" if attempts else "no attempt"
+        return (
+            f"run {run_dir} stopped after {len(attempts)} attempt(s) ({had}): {too_few}; last step reached "
+            f"{rows[-1]['step'] if rows else 0}; last complete checkpoint {where}. Continue it once the cluster "
+            "has room, with the same command and --resume"
+        )
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # a lost node: Ray's line that names it ("... its node has died. Node ID: ..., IP: ...")
     cause = next(

@@ -168,8 +168,14 @@ class Trainer:
         """The attempt's batching (raysl.data.plan; the configured one unless the worker count
         changed), the state to go on from, the steps of each epoch left and the run's total."""
         cfg, world = self.cfg, self.world
-        if saved is None:
+        if saved is None and cfg.train.elastic and cfg.train.on_resize == "keep_global_batch":
+            # an elastic run's global batch is the one of its max workers, whatever number it starts with
+            # (the nearest below that its first workers train as whole micro-batches of data.batch_size)
+            accum = cfg.train.max_workers * cfg.deepspeed.grad_accum // world
+            self.batching = plan.Batching(world, cfg.data.batch_size, accum)
+        elif saved is None:
             self.batching = plan.Batching(world, cfg.data.batch_size, cfg.deepspeed.grad_accum)
+        if saved is None:
             g = self.batching.global_batch
             saved = {"step": 0, "epoch": 0, "streams": world, "consumed": [0] * world, "per_stream": g // world}
             saved |= {"epoch_step": 0, "epoch_steps": None, "images": 0, "global_batch": g, "skipped": 0, "drawn": {}}
@@ -473,12 +479,17 @@ class Trainer:
                         callback.on_step(self, out, metrics)
                     self.report(out, metrics)
                     last = state["step"] == self.total
-                    if state["step"] % cfg.train.checkpoint_every == 0 or last or preempted:
+                    drain = None  # a node of the group is being reclaimed: checkpoint, train no further
+                    if state["step"] % cfg.train.preemption_check_steps == 0 and not last:
+                        drain = ray.train.get_preemption_info()  # a collective: every rank, the same steps
+                    if state["step"] % cfg.train.checkpoint_every == 0 or last or preempted or drain:
                         self.checkpoint(metrics)
                     elif self.report_every and state["step"] % self.report_every == 0:
                         ray.train.report(metrics)  # metrics only, for Tune's schedulers (raysl.tune)
                     if preempted:
                         self._stop_for_preemption(preempted)
+                    if drain:
+                        self._wait_for_reclaim(drain)
                 if state["epoch_step"] >= state["epoch_steps"]:
                     state["skipped"] += self.stream.skipped
                     self.next_epoch_state()
@@ -505,6 +516,18 @@ class Trainer:
         batches = self.batches_from(0, epoch + 1)
         batches.open()
         return batches
+
+    def _wait_for_reclaim(self, drain) -> None:
+        self.uploads.wait()  # the checkpoint just written reaches storage before the node goes
+        if self.log:
+            deadline = drain.deadline_ms and time.strftime("%H:%M:%S", time.localtime(drain.deadline_ms / 1000))
+            say(
+                f"raysl: node(s) {', '.join(n[:12] for n in sorted(drain.preempted_node_to_ranks))} "
+                f"(rank(s) {drain.preempted_ranks}) "
+                f"being reclaimed{f' at {deadline}' if deadline else ''}: checkpoint written at step "
+                f"{self.state['step']}; waiting for the restart on the nodes left, which continues from it"
+            )
+        preemption.wait_for_reclaim()
 
     def _stop_for_preemption(self, workers: int) -> None:
         self.uploads.wait()  # the checkpoint just written reaches storage before the worker stops

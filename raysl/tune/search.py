@@ -289,7 +289,7 @@ def tune_recipe(
         for value in p.values_to_check():
             validate(from_dict(space_mod.apply(base, {p.key: value}), origin=f"space {p.key}={value}"))
     validate(cfg)
-    total = total_steps(cfg, cfg.train.num_workers)
+    total = total_steps(cfg, cfg.train.max_workers)  # an elastic run steps with the global batch of its max
     exp_dir = store.run_dir(storage, name)
     exists = store.exists(exp_dir) and ray.tune.Tuner.can_restore(exp_dir)  # a local folder or a bucket URI
     if exists and not resume:

@@ -1,0 +1,121 @@
+"""Elastic runs (`train.num_workers: [1, 2]`) on a local multi-node Ray cluster whose nodes come
+and go, for tests/drills/test_elastic.py (which also checks `raysl bench elastic`'s figures of them).
+
+`python elastic_run.py OUT SHARDS` (its own process: a cluster of its own, token auth on when the
+environment asks for it) starts a head node and training nodes that advertise {"raysl_train": 1},
+then runs, one after another on the same cluster, with the runs' workers asking for that resource:
+  grow:      one training node; a second joins once the run has trained a step;
+  reclaim:   two nodes; one gets a drain notice (reason PREEMPTION, through the GCS client, as a
+             spot reclaim does) with a deadline 10 s away, and is killed at the deadline;
+  hard_loss: two nodes; one is killed without a notice;
+  too_few:   one node for a run of [2, 2] that gives up waiting after 3 s.
+The cluster and the runs are raysl.bench.elastic's (`raysl bench elastic` measures the grow and
+the reclaim; its figures of these runs go to OUT/events.json too). Every worker records the keys
+of the images of each step it trains (with its attempt, world size, epoch and rank) to
+OUT/<name>.keys; OUT/events.json says what was done at which step."""
+
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Ray's autoscaling coordinator sees a new node within 20 s: the grow run has steps to spare
+GROW_STEPS, STEPS = 64, 32
+
+
+def recording_loop(keys_file: str):
+    """Each worker's pretrain loop (raysl.pretrain.train_loop_per_worker) plus a callback that
+    appends the keys each step trained on, per rank, to `keys_file`."""
+
+    def loop(raw: dict) -> None:
+        import uuid
+
+        import ray.train.collective
+
+        from raysl.config import from_dict
+        from raysl.train.callback import Callback
+        from raysl.train.trainer import Trainer
+
+        attempt = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
+
+        class Keys(Callback):
+            def setup(self, trainer) -> None:
+                self.keys: list[str] = []
+                to_batch = trainer.to_batch
+
+                def recorded(batch):
+                    self.keys += [str(k) for k in batch["key"]]
+                    return to_batch(batch)
+
+                trainer.to_batch = recorded
+
+            def on_step(self, trainer, out, metrics) -> None:
+                row = {"attempt": attempt, "world": trainer.world, "rank": trainer.rank, "keys": self.keys}
+                row |= {"step": trainer.state["step"], "epoch": trainer.state["epoch"]}
+                with open(keys_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                self.keys = []
+
+        trainer = Trainer(from_dict(raw["config"]), raw["run_dir"], callbacks=[Keys()], pins=raw.get("shard_pins"))
+        trainer.fit()
+
+    return loop
+
+
+def main(out: str, shards: str) -> None:
+    import raysl.pretrain
+    from raysl.bench import elastic
+
+    storage = os.path.join(out, "runs")
+    cluster = elastic.ElasticCluster()
+    events: dict = {}
+
+    def save():
+        with open(os.path.join(out, "events.json"), "w") as f:
+            json.dump(events, f)
+
+    def recording(name: str) -> None:
+        raysl.pretrain.train_loop_per_worker = recording_loop(os.path.join(out, f"{name}.keys"))
+
+    try:
+        cluster.add()
+        # grow: [1, 2] on one training node; a second one joins after the first step
+        recording("grow")
+        run, joined, at, second = elastic.grow(cluster, shards, storage, steps=GROW_STEPS)
+        events["grow"] = {"step": at, "error": run.error, "cost": run.cost(joined)}
+        save()
+
+        # reclaim: both nodes; the second is drained as a spot reclaim, and goes at the deadline
+        recording("reclaim")
+        run, noticed, at, checkpoint_step = elastic.reclaim(
+            cluster, shards, storage, second, steps=STEPS, deadline_s=10
+        )
+        events["reclaim"] = {"step": at, "checkpoint_step": checkpoint_step, "error": run.error}
+        events["reclaim"]["cost"] = run.cost(noticed)
+        save()
+
+        # hard loss: both nodes again; the second goes without a notice
+        third = cluster.add()
+        recording("hard_loss")
+        run = elastic.Run(elastic.config(shards, storage, "hard_loss", f"train.max_steps={STEPS}"))
+        run.wait(lambda: run.step() >= 3, "the third step")
+        events["hard_loss"] = {"step": run.step(), "time": time.time()}
+        cluster.remove(third)
+        run.join()
+        events["hard_loss"]["error"] = run.error
+        save()
+
+        # too few: a run of [2, 2] on the one node left gives up after 3 s with one line
+        recording("too_few")
+        overrides = ("train.num_workers=[2, 2]", "train.min_workers_timeout_s=3")
+        run = elastic.Run(elastic.config(shards, storage, "too_few", *overrides))
+        run.join()
+        events["too_few"] = {"error": run.error}
+        save()
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
