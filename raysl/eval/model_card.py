@@ -48,7 +48,7 @@ def training_facts(run_dir: str, cfg: Config, step: int) -> dict:
 
     _, directory = latest_checkpoint(run_dir)
     with open(os.path.join(directory, checkpoint.RUN_STATE)) as f:
-        world = int(json.load(f).get("world_size", cfg.train.num_workers))
+        world = int(json.load(f).get("world_size", cfg.train.max_workers))
     images_per_step = global_batch(cfg, world)
     return {
         "method": cfg.method.name,
