@@ -19,48 +19,11 @@ import os
 import sys
 import time
 
+from resize_run import recording_loop  # the keys of each step, with attempt, world size and epoch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Ray's autoscaling coordinator sees a new node within 20 s: the grow run has steps to spare
 GROW_STEPS, STEPS = 64, 32
-
-
-def recording_loop(keys_file: str):
-    """Each worker's pretrain loop (raysl.pretrain.train_loop_per_worker) plus a callback that
-    appends the keys each step trained on, per rank, to `keys_file`."""
-
-    def loop(raw: dict) -> None:
-        import uuid
-
-        import ray.train.collective
-
-        from raysl.config import from_dict
-        from raysl.train.callback import Callback
-        from raysl.train.trainer import Trainer
-
-        attempt = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
-
-        class Keys(Callback):
-            def setup(self, trainer) -> None:
-                self.keys: list[str] = []
-                to_batch = trainer.to_batch
-
-                def recorded(batch):
-                    self.keys += [str(k) for k in batch["key"]]
-                    return to_batch(batch)
-
-                trainer.to_batch = recorded
-
-            def on_step(self, trainer, out, metrics) -> None:
-                row = {"attempt": attempt, "world": trainer.world, "rank": trainer.rank, "keys": self.keys}
-                row |= {"step": trainer.state["step"], "epoch": trainer.state["epoch"]}
-                with open(keys_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                self.keys = []
-
-        trainer = Trainer(from_dict(raw["config"]), raw["run_dir"], callbacks=[Keys()], pins=raw.get("shard_pins"))
-        trainer.fit()
-
-    return loop
 
 
 def main(out: str, shards: str) -> None:

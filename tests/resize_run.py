@@ -11,12 +11,19 @@ import sys
 
 def recording_loop(keys_file: str):
     """The pretrain loop of every worker (raysl.pretrain.train_loop_per_worker), plus a callback
-    writing the keys of each step's batches, per rank, to `keys_file`."""
+    appending to `keys_file`, per step and rank, the keys of the images the step trained on, with
+    the attempt (an id the attempt's workers share), its world size and the step's epoch."""
 
     def loop(raw: dict) -> None:
+        import uuid
+
+        import ray.train.collective
+
         from raysl.config import from_dict
         from raysl.train.callback import Callback
         from raysl.train.trainer import Trainer
+
+        attempt = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
 
         class Keys(Callback):
             def setup(self, trainer) -> None:
@@ -30,8 +37,10 @@ def recording_loop(keys_file: str):
                 trainer.to_batch = recorded
 
             def on_step(self, trainer, out, metrics) -> None:
+                row = {"attempt": attempt, "world": trainer.world, "rank": trainer.rank, "keys": self.keys}
+                row |= {"step": trainer.state["step"], "epoch": trainer.state["epoch"]}
                 with open(keys_file, "a") as f:
-                    f.write(json.dumps({"step": trainer.state["step"], "rank": trainer.rank, "keys": self.keys}) + "\n")
+                    f.write(json.dumps(row) + "\n")
                 self.keys = []
 
         trainer = Trainer(from_dict(raw["config"]), raw["run_dir"], callbacks=[Keys()], pins=raw.get("shard_pins"))

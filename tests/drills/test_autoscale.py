@@ -1,8 +1,9 @@
 """Scale from zero with Ray's own autoscaler: a head node without the training resource, and a
 worker node type (min 0) that advertises it, launched by Ray's fake multi-node provider (the one
 ray.cluster_utils.AutoscalingCluster uses; each "node" is a raylet on this machine). `raysl
-pretrain` asks for workers no node can hold yet; the autoscaler launches nodes for them, the run
-trains, and once it ends the idle nodes are removed again.
+pretrain`, submitted as a Ray job (jobs/submit.py, the Jobs API), asks for workers no node can
+hold yet; the autoscaler launches nodes for them, the run trains, and once it ends the idle nodes
+are removed again.
 
 AutoscalingCluster itself runs `ray stop --force` at start and at shutdown, which stops every Ray
 on the machine, and reads a config file the Ray wheel does not ship. So the cluster is started
@@ -22,7 +23,7 @@ import time
 import pytest
 from runfactory import train_overrides
 from shardfactory import digit_images, write_shards
-from test_jobs import _agent_ports, _free_ports, _pids_of, _stop_cluster
+from test_jobs import _agent_ports, _free_ports, _pids_of, _stop_cluster, _submit_argv
 
 BIN = os.path.dirname(sys.executable)
 HEAD_CPUS = 1
@@ -74,7 +75,7 @@ def _config(gcs: str) -> dict:
 @pytest.fixture
 def autoscaling_cluster():
     temp_dir = tempfile.mkdtemp(prefix="raysl_a")  # short: Ray's socket paths live under it
-    gcs, client, *agent = _free_ports(6)
+    gcs, client, dashboard, *agent = _free_ports(7)
     config = os.path.join(temp_dir, "autoscaling.json")
     with open(config, "w") as f:
         json.dump(_config(f"127.0.0.1:{gcs}"), f)
@@ -102,7 +103,11 @@ def autoscaling_cluster():
         "--node-ip-address",
         "127.0.0.1",
         "--include-dashboard",
-        "false",
+        "true",  # the Jobs API
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
         "--ray-client-server-port",
         str(client),
         *_agent_ports(*agent),
@@ -113,7 +118,7 @@ def autoscaling_cluster():
     try:
         run = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
         assert run.returncode == 0, f"{' '.join(head)}\n{run.stdout}\n{run.stderr}"
-        yield {"gcs": f"127.0.0.1:{gcs}", "env": env, "temp_dir": temp_dir}
+        yield {"gcs": f"127.0.0.1:{gcs}", "address": f"http://127.0.0.1:{dashboard}", "env": env, "temp_dir": temp_dir}
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -152,7 +157,7 @@ def _autoscaler_state(cluster) -> str:
 
 
 def test_the_autoscaler_launches_nodes_for_a_run_and_removes_them_after(autoscaling_cluster, tmp_path):
-    gcs, temp_dir = autoscaling_cluster["gcs"], autoscaling_cluster["temp_dir"]
+    temp_dir = autoscaling_cluster["temp_dir"]
     assert [n.get("trainer_node") for n in _nodes(temp_dir)] == [None]  # the head alone, no trainer_node
     shards = str(tmp_path / "shards")
     write_shards(shards, digit_images(32), shard_size=8)
@@ -167,12 +172,11 @@ def test_the_autoscaler_launches_nodes_for_a_run_and_removes_them_after(autoscal
         "train.checkpoint_every=3",
         'train.worker_resources={"trainer_node": 1}',  # only the autoscaled nodes have it
     )
-    env = {**autoscaling_cluster["env"], "RAY_ADDRESS": gcs}
     t0 = time.monotonic()
     log = open(tmp_path / "pretrain.log", "w")
     run = subprocess.Popen(
-        [os.path.join(BIN, "raysl"), "pretrain", "quickstart", *overrides],
-        env=env,
+        _submit_argv(autoscaling_cluster, overrides),
+        env=autoscaling_cluster["env"],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -190,6 +194,7 @@ def test_the_autoscaler_launches_nodes_for_a_run_and_removes_them_after(autoscal
     trained = time.monotonic() - t0
     out = (tmp_path / "pretrain.log").read_text()
     assert run.returncode == 0, out
+    assert "SUCCEEDED" in out, out
     summary = json.loads([line for line in out.splitlines() if line.startswith('{"run_dir"')][-1])
     assert summary["steps"] == 3 and summary["checkpoint"], summary
     assert len(most) == 1, most  # a node launched for the worker (1 CPU, 1 trainer_node), no more
