@@ -22,8 +22,9 @@ import time
 from resize_run import recording_loop  # the keys of each step, with attempt, world size and epoch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Ray's autoscaling coordinator sees a new node within 20 s: the grow run has steps to spare
-GROW_STEPS, STEPS = 64, 32
+# the grow run has steps to spare after the node joins (Ray is made to look at once, then waits
+# for the next checkpoint), however fast the machine trains them
+GROW_STEPS, STEPS = 128, 32
 
 
 def main(out: str, shards: str) -> None:
@@ -45,7 +46,7 @@ def main(out: str, shards: str) -> None:
         cluster.add()
         # grow: [1, 2] on one training node; a second one joins after the first step
         recording("grow")
-        run, joined, at, second = elastic.grow(cluster, shards, storage, steps=GROW_STEPS)
+        run, joined, at, second = elastic.grow(cluster, shards, storage, steps=GROW_STEPS, look_now=True)
         events["grow"] = {"step": at, "error": run.error, "cost": run.cost(joined)}
         save()
 

@@ -214,14 +214,20 @@ def reclaim(cluster: ElasticCluster, shards: str, storage: str, spare, *, steps:
     return run, noticed, at, checkpoint_step
 
 
-def grow(cluster: ElasticCluster, shards: str, storage: str, *, steps: int):
+def grow(cluster: ElasticCluster, shards: str, storage: str, *, steps: int, look_now: bool = False):
     """A run on one node, joined by a second after its first step. Returns (the Run, the join's
-    time, the step it came after, the new node)."""
+    time, the step it came after, the new node). `look_now`: have Ray's autoscaling coordinator
+    look at the cluster as soon as the node is up, instead of at its next look (every 20 s), so
+    that a short run cannot end before Ray sees the node (the drills)."""
     run = Run(config(shards, storage, "grow", f"train.max_steps={steps}"))
     run.wait(lambda: run.step() >= 1, "the first step")
     at = run.step()
     node = cluster.add()
     joined = time.time()
+    if look_now:
+        from raysl.train.elastic import fresh_reservations
+
+        fresh_reservations()
     run.join()
     return run, joined, at, node
 

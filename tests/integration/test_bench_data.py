@@ -55,9 +55,9 @@ def test_bench_data_reports_both_pipelines(tmp_path, ray_local, capsys):
     for side in sides:
         timed = result[side]
         assert timed["images"] >= 8 and timed["seconds"] > 0 and timed["fill_s"] > 0
-    assert result["raysl_img_s"] == pytest.approx(
-        result["raysl_timed"]["images"] / result["raysl_timed"]["seconds"], rel=0.05
-    )
+    timed = result["raysl_timed"]  # its seconds are rounded to 3 places: a few ms for 8 images here
+    slowest, fastest = timed["images"] / (timed["seconds"] + 5e-4), timed["images"] / max(timed["seconds"] - 5e-4, 1e-9)
+    assert slowest * 0.95 <= result["raysl_img_s"] <= fastest * 1.05
     json.dumps(result)
 
     main(["--shards", str(tmp_path), "--views", "simclr", "--workers", "1", "--images", "4", "--batch-size", "2"])
