@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ray
 
-from raysl.data.schema import Manifest, filesystem_and_path, shard_paths
+from raysl.data.schema import Manifest, read_shard, shard_paths
 
 
 def set_bytes(manifest: Manifest) -> int:
@@ -29,11 +29,6 @@ def fits(manifest: Manifest, share: float) -> bool:
 
 
 def put_set(shards: str, manifest: Manifest, columns: list[str]) -> dict[str, ray.ObjectRef]:
-    """Each shard file's `columns` (whole file), put in the object store: path -> ref."""
-    import pyarrow.parquet as pq
-
-    refs = {}
-    for path in shard_paths(shards, manifest):
-        fs, local = filesystem_and_path(path)
-        refs[path] = ray.put(pq.read_table(local, columns=columns, filesystem=fs))
-    return refs
+    """Each shard file's `columns` (whole file: its mask applies as it is read), put in the
+    object store: path -> ref."""
+    return {path: ray.put(read_shard(path, None, columns)) for path in shard_paths(shards, manifest)}

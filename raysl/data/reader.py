@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from raysl.data.ahead import Started
-from raysl.data.schema import Manifest, filesystem_and_path, read_manifest, shard_paths
+from raysl.data.schema import Manifest, read_manifest, read_shard, shard_paths
 from raysl.data.shard_index import select_rows
 from raysl.errors import UserError
 
@@ -85,19 +84,17 @@ def kept(pos: np.ndarray, start: int, keep: tuple[int, int, int]) -> np.ndarray:
     return (offset >= lo) & (offset < hi)
 
 
-def _read_shard(path: str, cache: dict | None) -> pa.Table:
+def _read_shard(path: str, mask: bytes | None, cache: dict | None) -> pa.Table:
+    """The set's rows of one shard file: from the object store when the set is cached
+    (data.cache: whole files, read once), else from storage."""
     if cache and path in cache:
-        return ray.get(cache[path])  # data.cache: the set's files, read once into the object store
-    fs, local = filesystem_and_path(path)
-    return pq.read_table(local, columns=READ_COLUMNS, filesystem=fs)
+        return select_rows(ray.get(cache[path]), mask)
+    return read_shard(path, mask, READ_COLUMNS)
 
 
 def _read_window(item: dict, cache: dict | None = None) -> pa.Table:
     """Read the shards of one shuffle window, shuffle their rows, drop what was consumed."""
-    tables = []
-    for path, mask in zip(item["paths"], item["masks"]):
-        tables.append(select_rows(_read_shard(path, cache), mask))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([_read_shard(p, m, cache) for p, m in zip(item["paths"], item["masks"])])
     order = window_order(item["seed"], item["epoch"], item["window"], table.num_rows)[item["skip"] :]
     pos = np.arange(item["skip"], item["skip"] + len(order)) + item["first_pos"]
     if item["keep_period"]:  # this worker's rows of each step only (data.plan), dropped before decode
