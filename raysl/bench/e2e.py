@@ -24,7 +24,8 @@ workers inherit it), as `raysl bench step` does, so on a busy shared machine oth
 processes take CPU from both sides alike. Shares of each side's wall time: startup
 (everything before the first step starts, and for raysl also the teardown and the
 final checkpoint), data wait (a step waiting for its batch) and compute (the rest of
-the steps). Sides take turns with `repeats` > 1.
+the steps); of the data wait, `epoch_turn_s` is the wait of each later epoch's first
+step. Sides take turns with `repeats` > 1.
 """
 
 from __future__ import annotations
@@ -106,15 +107,22 @@ def _config(
     )
 
 
-def _shares(wall: float, step_times: list[float], waits: list[float]) -> dict:
+def _shares(wall: float, step_times: list[float], waits: list[float], epochs: list[int]) -> dict:
+    """Startup, data wait and compute seconds and shares of wall time; `epoch_turn_s` is the
+    data wait of each epoch's first step after the first epoch (what a turn between epochs
+    costs), part of the data wait."""
     steps_s = sum(step_times)
     wait_s = min(sum(waits), steps_s)
     startup = max(wall - steps_s, 0.0)
+    turn_s = sum(w for w, e, before in zip(waits[1:], epochs[1:], epochs) if e != before)
     return {
         "wall_s": round(wall, 2),
         "startup_s": round(startup, 2),
         "data_wait_s": round(wait_s, 2),
         "compute_s": round(steps_s - wait_s, 2),
+        "epochs": len(set(epochs)),
+        "epoch_turn_s": round(turn_s, 2),
+        "epoch_turn_share": round(turn_s / wall, 3),
         "shares": {
             "startup": round(startup / wall, 3),
             "data_wait": round(wait_s / wall, 3),
@@ -137,7 +145,7 @@ def run_raysl(cfg) -> dict:
     wall = time.perf_counter() - t0
     rows = read_metrics(run_dir(cfg))
     step_times = [cfg.data.batch_size / r["images_per_s"] for r in rows]
-    out = _shares(wall, step_times, [r.get("data_wait_s", 0.0) for r in rows])
+    out = _shares(wall, step_times, [r.get("data_wait_s", 0.0) for r in rows], [r["epoch"] for r in rows])
     return {**out, "steps": len(rows), "final_loss": round(summary["final_loss"], 4)}
 
 
@@ -195,9 +203,10 @@ def _run_plain(cfg, steps: int, workers: int) -> dict:
             num_workers=workers,
             persistent_workers=True,
         )
-        step, step_times, waits, loss = 0, [], [], float("nan")
+        step, step_times, waits, epochs, loss = 0, [], [], [], float("nan")
         while step < steps:
             it = iter(loader)
+            epoch = len(set(epochs))
             while step < steps:
                 t_step = time.perf_counter()
                 try:
@@ -205,6 +214,7 @@ def _run_plain(cfg, steps: int, workers: int) -> dict:
                 except StopIteration:
                     break
                 waits.append(time.perf_counter() - t_step)
+                epochs.append(epoch)
                 values = {**schedules.at(step), "step": step}
                 apply(optimizer, values)
                 out = method(list(views), values)
@@ -219,7 +229,7 @@ def _run_plain(cfg, steps: int, workers: int) -> dict:
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - t0
-    return {**_shares(wall, step_times, waits), "steps": step, "final_loss": round(loss, 4), "views": name}
+    return {**_shares(wall, step_times, waits, epochs), "steps": step, "final_loss": round(loss, 4), "views": name}
 
 
 def run_e2e_bench(

@@ -11,6 +11,7 @@ def test_plain_loop_takes_the_steps_and_accounts_for_its_wall_time(tmp_path):
     cfg = e2e._config(d, str(tmp_path / "runs"), model="test_resnet", batch_size=8, steps=4, seed=0, name="p")
     out = e2e.run_plain(cfg, 4, workers=1)
     assert out["steps"] == 4 and np.isfinite(out["final_loss"])
+    assert out["epochs"] == 2 and 0 <= out["epoch_turn_s"] <= out["data_wait_s"]  # 3 batches of 8 an epoch
     parts = out["startup_s"] + out["data_wait_s"] + out["compute_s"]
     assert abs(parts - out["wall_s"]) < 0.05
     assert abs(sum(out["shares"].values()) - 1) < 0.01
