@@ -203,7 +203,10 @@ def _run_plain(cfg, steps: int, workers: int) -> dict:
             num_workers=workers,
             persistent_workers=True,
         )
-        step, step_times, waits, epochs, loss = 0, [], [], [], float("nan")
+        step, loss = 0, float("nan")
+        step_times: list[float] = []
+        waits: list[float] = []
+        epochs: list[int] = []
         while step < steps:
             it = iter(loader)
             epoch = len(set(epochs))
