@@ -110,7 +110,7 @@ def start(ids: pa.Table, prior_uri: str | None) -> dict:
     for name in ("decision", "reason", "duplicate_of"):
         cols[name] = np.array(old.column(name).to_pylist(), dtype=object)
     cols["similarity"] = old.column("similarity").to_numpy(zero_copy_only=False).astype(np.float32)
-    cols["dedup_cluster"] = old.column("dedup_cluster").to_numpy()
+    cols["dedup_cluster"] = old.column("dedup_cluster").to_numpy().copy()
     cols["clusters"] = old.column("clusters").to_pylist()
     return cols
 
