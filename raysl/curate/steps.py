@@ -26,7 +26,8 @@ from raysl.curate.selection import LINEAGE, candidates_count, plan_out
 from raysl.errors import UserError
 
 CLUSTER_SIZE = 1000  # dedup's default: images per k-means cluster
-SAMPLE_PER_CLUSTER = 100  # default k-means sample: images per cluster
+SAMPLE_PER_CLUSTER = 100  # default k-means sample: images per cluster,
+SAMPLE_MAX = 1_000_000  # up to this many (the sample is what one process holds)
 GROUP_IMAGES = 100_000  # dedup: about this many images per task (small clusters are grouped)
 
 
@@ -71,7 +72,7 @@ class _Phases:
 def _sample_size(sample: int, clusters: int, n: int) -> int:
     if sample < 0:
         raise UserError(f"--sample {sample}: images k-means trains on, >= 1 (0: the default)")
-    return sample or SAMPLE_PER_CLUSTER * clusters
+    return sample or min(SAMPLE_PER_CLUSTER * clusters, SAMPLE_MAX)
 
 
 def check_dedup(emb, out, *, model=None, sel=None, threshold=dedup.DEFAULT_THRESHOLD, keep="closest", overwrite=False):
@@ -284,7 +285,9 @@ def add_dedup_arguments(p: argparse.ArgumentParser) -> None:
     threshold = dedup.DEFAULT_THRESHOLD
     p.add_argument("--threshold", type=float, default=threshold, help=f"cosine (default {threshold})")
     p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default N / 1000)")
-    p.add_argument("--sample", type=int, default=0, help="images k-means trains on (default 100 per cluster)")
+    p.add_argument(
+        "--sample", type=int, default=0, help="images k-means trains on (default 100 per cluster, at most 1 M)"
+    )
     p.add_argument("--keep", choices=dedup.KEEP, default="closest", help="which image of a group stays")
 
 
@@ -307,7 +310,10 @@ def add_balance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default="100,10", help="clusters per level, bottom first (default 100,10)")
     p.add_argument("--resample", type=int, default=0, help="resampling steps per level (Vo et al. 2024)")
     p.add_argument(
-        "--sample", type=int, default=0, help="images the k-means tree trains on (default 100 per level-1 cluster)"
+        "--sample",
+        type=int,
+        default=0,
+        help="images the k-means tree trains on (default 100 per level-1 cluster, at most 1 M)",
     )
 
 
