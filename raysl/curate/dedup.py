@@ -2,9 +2,9 @@
 within each cluster drop all but one of every group of images whose cosine similarity is
 above a threshold.
 
-Within a cluster, faiss finds every pair above the threshold (`range_search` on an inner
-product index of the cluster: memory grows with the pairs found, not with the cluster
-size squared). Images are then visited in keep order (`closest`: closest to the cluster
+Within a cluster, every pair above the threshold is found by inner products of blocks of
+1,024 rows against the cluster (BLAS; memory grows with the cluster size and the pairs
+found, not with its square). Images are then visited in keep order (`closest`: closest to the cluster
 centroid first, as SemDeDup ranks them; `farthest`; `first`: set order) and each image not
 yet dropped keeps its place and drops every later neighbour above the threshold, which
 points at it as `duplicate_of`. Clusters are independent: at scale, each is one task.
@@ -22,28 +22,37 @@ KEEP = ("closest", "farthest", "first")
 DEFAULT_THRESHOLD = 0.985  # measured on planted near-duplicates (raysl bench curate)
 
 
-def dedup_cluster(x: np.ndarray, order: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def dedup_cluster(
+    x: np.ndarray, order: np.ndarray, threshold: float, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """(duplicate_of (n,) int64: -1 kept, else the position of the kept image it copies;
     similarity to it (n,) float32) for the unit rows `x` of one cluster, visited in `order`."""
-    import faiss
-
     n = len(x)
     dup_of = np.full(n, -1, np.int64)
     sim = np.zeros(n, np.float32)
     if n < 2:
         return dup_of, sim
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    lims, dists, ids = index.range_search(x, threshold)
+    found_i, found_j, found_s = [], [], []
+    for lo in range(0, n, block):  # block x n similarities at a time (BLAS)
+        s = x[lo : lo + block] @ x.T
+        i, j = np.nonzero(s > threshold)
+        other = i + lo != j
+        found_i.append(i[other] + lo)
+        found_j.append(j[other])
+        found_s.append(s[i[other], j[other]])
+    pi, pj, ps = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+    if not len(pi):
+        return dup_of, sim
+    lims = np.searchsorted(pi, np.arange(n + 1))  # pairs are in row order
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    for i in order:
+    for i in order[(lims[1:] > lims[:-1])[order]]:  # only images with a neighbour above the threshold
         if dup_of[i] >= 0:
             continue
-        nbrs, s = ids[lims[i] : lims[i + 1]], dists[lims[i] : lims[i + 1]]
+        nbrs, si = pj[lims[i] : lims[i + 1]], ps[lims[i] : lims[i + 1]]
         later = (rank[nbrs] > rank[i]) & (dup_of[nbrs] < 0)
         dup_of[nbrs[later]] = i
-        sim[nbrs[later]] = s[later]
+        sim[nbrs[later]] = si[later]
     return dup_of, sim
 
 
