@@ -22,6 +22,7 @@ import os
 import posixpath
 import resource
 import sys
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+PAUSE_ENV = "RAYSL_CURATE_PAUSE_S"  # tests: a task sleeps this long after writing its part
 WORK = ".work"
 PLAN = "plan.json"
 SUMMARY_KEY = b"raysl.part"
@@ -88,6 +90,8 @@ def write(table: pa.Table, uri: str, summary: dict | None = None, row_groups: Se
             lo += n
     if local:
         os.replace(tmp, path)
+    if os.environ.get(PAUSE_ENV):
+        time.sleep(float(os.environ[PAUSE_ENV]))
     return summary
 
 
