@@ -14,29 +14,31 @@ import numpy as np
 from raysl.curate import embeddings, parts, selection
 
 
-def candidate_vectors(emb_uri: str, model: str, prior_uri: str | None) -> tuple[np.ndarray, np.ndarray, dict, object]:
+def candidate_vectors(
+    emb_uri: str, model: str, prior_uri: str | None, fraction: float = 1.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict, object]:
     """(positions of the candidates in the part, their unit vectors, lineage columns, the
-    part's table without embeddings)."""
+    part's table); `fraction` < 1: each candidate kept with that probability (seeded per part)."""
     table = embeddings.read_part(emb_uri, model)
     cols = selection.start(table.select(["key", "shard", "row"]), prior_uri)
     rows = selection.candidates(cols)
+    if fraction < 1:
+        shard = int(table.column("shard")[0].as_py()) if table.num_rows else 0
+        rows = rows[np.random.default_rng([seed, shard]).random(len(rows)) < fraction]
     x = embeddings.vectors(table.column("embedding").take(rows)) if len(rows) else np.zeros((0, 0), np.float32)
-    return rows, x, cols, table.drop_columns(["embedding"])
+    return rows, x, cols, table
 
 
-def sample_part(emb_uri: str, model: str, prior_uri: str | None, shard: int, fraction: float, seed: int) -> np.ndarray:
+def sample_part(emb_uri: str, model: str, prior_uri: str | None, fraction: float, seed: int) -> np.ndarray:
     """The candidates of one part kept with probability `fraction` (all when >= 1)."""
-    rows, x, _, _ = candidate_vectors(emb_uri, model, prior_uri)
-    if fraction < 1 and len(rows):
-        x = x[np.random.default_rng([seed, shard]).random(len(rows)) < fraction]
-    return x
+    return candidate_vectors(emb_uri, model, prior_uri, fraction, seed)[1]
 
 
 def draw_sample(emb_uris: list[str], model: str, sel: str | None, size: int, candidates: int, seed: int) -> np.ndarray:
     """About `size` unit vectors drawn evenly from all candidates (all of them, in set order,
     when `size` >= `candidates`)."""
     fraction = size / max(candidates, 1)
-    calls = [(u, model, selection.prior_part(sel, s), s, fraction, seed) for s, u in enumerate(emb_uris)]
+    calls = [(u, model, selection.prior_part(sel, s), fraction, seed) for s, u in enumerate(emb_uris)]
     drawn = [x for x in parts.map_tasks(sample_part, calls, "curate sample") if len(x)]
     return np.concatenate(drawn) if drawn else np.zeros((0, 1), np.float32)
 

@@ -120,13 +120,12 @@ def assign_part(emb_uri: str, model: str, prior_uri: str | None, shard: int, cen
     group = np.asarray(group_of)[cluster]
     order = np.lexsort((rows, group))
     rows, cluster, group = rows[order], cluster[order], group[order]
-    emb = embeddings.read_part(emb_uri, model, ["embedding"]).column("embedding").take(rows)
     grouped = pa.table(
         {
             "pos": pa.array(rows, pa.int64()),
             "cluster": pa.array(cluster, pa.int64()),
             "key": table.column("key").take(rows),
-            "embedding": emb,
+            "embedding": table.column("embedding").take(rows),
         }
     )
     groups, sizes = np.unique(group, return_counts=True)

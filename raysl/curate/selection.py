@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import os
+import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysl.curate import embeddings, parts
@@ -104,7 +106,11 @@ def start(ids: pa.Table, prior_uri: str | None) -> dict:
     try:
         old = pq.read_table(path, filesystem=fs)
     except FileNotFoundError:
-        raise UserError(f"{prior_uri}: missing; --from must be a selection of these embeddings") from None
+        whole = posixpath.dirname(path)  # a selection of an earlier raysl: one lineage file
+        if fs.get_file_info(whole).type != pafs.FileType.File:
+            raise UserError(f"{prior_uri}: missing; --from must be a complete selection of these embeddings") from None
+        shard = ids.column("shard")[0].as_py() if n else -1
+        old = pq.read_table(whole, filesystem=fs, filters=[("shard", "=", shard)])
     if not old.column("key").equals(ids.column("key")):
         raise UserError(f"{prior_uri}: does not list the images of its embedding part in order; recurate from EMB")
     for name in ("decision", "reason", "duplicate_of"):

@@ -38,7 +38,12 @@ def _check_common(emb: str, model: str | None, sel: str | None, out: str, overwr
     embeddings.check_model(emb, meta, model)
     embeddings.part_uris(emb, meta)
     plan_out(out, overwrite)
-    return candidates_count(emb, sel)
+    n = candidates_count(emb, sel)
+    if n == 0:
+        raise UserError(
+            f"--from {sel}: keeps no image, so there is nothing to curate" if sel else f"{emb}: holds no embeddings"
+        )
+    return n
 
 
 def _open_work(out: str, settings: dict, overwrite: bool) -> str:

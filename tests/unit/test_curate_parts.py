@@ -168,3 +168,21 @@ def test_decontaminate_then_dedup_chain_per_part(planted, tmp_path):
     )  # earlier decisions stay
     assert curation["counts"]["kept"] == N - len(contaminated) - int(np.sum(reasons == "duplicate"))
     assert curation["steps"][-1]["dropped"] == int(np.sum(reasons == "duplicate"))
+
+
+def test_from_a_selection_with_one_lineage_file(planted, tmp_path):
+    """A selection written by an earlier raysl keeps its lineage in one file: --from reads it."""
+    import shutil
+
+    emb, _, src = planted
+    x = embeddings.load(emb)[2]
+    clean = str(tmp_path / "clean")
+    run_decontaminate(emb, [_emb(tmp_path, x[src[:5]], name="eval")], clean, threshold=0.99)
+    folder = os.path.join(clean, "lineage.parquet")
+    whole = pq.read_table(folder)
+    shutil.rmtree(folder)
+    pq.write_table(whole, folder)
+    curation = run_dedup(emb, str(tmp_path / "deduped"), sel=clean, clusters=5, sample=N, threshold=0.95)
+    reasons = _lineage(tmp_path / "deduped").column("reason").to_pylist()
+    assert reasons.count("contaminated") == whole.column("reason").to_pylist().count("contaminated") >= 5
+    assert curation["counts"]["dropped_contaminated"] == reasons.count("contaminated")
