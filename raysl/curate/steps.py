@@ -253,7 +253,8 @@ def run_balance(
     first, parents = parts.read_array(tree_uri), [np.array(p) for p in parts.summary(tree_uri)["parents"]]
     priors = [selection.prior_part(sel, s) for s in range(len(uris))]
     assigned = [parts.join(work, "assign", parts.part_name(s)) for s in range(len(uris))]
-    calls = [(u, model_id, priors[s], s, parts.share(first)) for s, u in enumerate(uris)]
+    shared_first = parts.share(first)
+    calls = [(u, model_id, priors[s], s, shared_first) for s, u in enumerate(uris)]
     counted = parts.run_parts(balance.assign_part, calls, assigned, "curate balance: assign")
     phases.add("assign", counted)
     counts = [(np.array(c["clusters"], np.int64), np.array(c["counts"], np.int64)) for c in counted]
