@@ -186,3 +186,20 @@ def test_from_a_selection_with_one_lineage_file(planted, tmp_path):
     reasons = _lineage(tmp_path / "deduped").column("reason").to_pylist()
     assert reasons.count("contaminated") == whole.column("reason").to_pylist().count("contaminated") >= 5
     assert curation["counts"]["dropped_contaminated"] == reasons.count("contaminated")
+
+
+def test_scale_bench_embeddings_plant_copies_across_parts_and_are_scored(tmp_path):
+    """The synthetic set of `raysl bench curate --scale` (generated in this process): copies of
+    vectors in the previous part, found by dedup as tasks and scored from the lineage parts."""
+    from raysl.bench import curate_scale
+    from raysl.curate.parts import join, part_name
+
+    emb, planted = curate_scale.make_embeddings(str(tmp_path / "scale"), 6000, 64, 1024)
+    assert planted == 5 * int(1024 * curate_scale.COPY_FRACTION) + int(880 * curate_scale.COPY_FRACTION)
+    sel = str(tmp_path / "sel")
+    run_dedup(emb, sel, clusters=6, sample=3000, threshold=0.95, iters=10)
+    scored = [curate_scale.score_part(join(sel, "lineage.parquet", part_name(p))) for p in range(6)]
+    totals = {k: sum(s[k] for s in scored) for k in ("planted", "dropped", "correct")}
+    assert totals["planted"] == planted
+    scores = curate_scale._scores(**totals)
+    assert scores["precision"] == 1.0 and scores["recall"] >= 0.8, scores
