@@ -103,14 +103,21 @@ def semdedup(
 
 
 # The same, as tasks over parts (see steps.run_dedup): the candidates of each embedding part
-# are assigned to the nearest centroid and written grouped by cluster group (one row group
-# per group); each group's rows, gathered from every part, are deduplicated by one task,
-# which writes its drops by part (one row group per part); each part's lineage then gathers
-# its drops.
+# are assigned to the nearest centroid and written in blocks by cluster group (an Arrow IPC
+# file, one record batch per group); each group's blocks, gathered from every part, are
+# deduplicated by one task, which writes its drops in blocks by part; each part's lineage
+# then gathers its drops. A task reads only its block of each file (the IPC footer lists
+# where each batch is), so the all-to-all exchange costs one small read per block.
+
+
+def rows_of(assign_uri: str) -> str:
+    """Where the assignment task of a part writes its candidates grouped by cluster group."""
+    return assign_uri.removesuffix(".parquet") + ".arrow"
 
 
 def assign_part(emb_uri: str, model: str, prior_uri: str | None, shard: int, centroids, group_of, out: str) -> dict:
-    """The candidates of one part with their cluster and cluster group, by group then row."""
+    """The candidates of one part with their cluster, in blocks by cluster group (rows_of),
+    then `out`: each candidate's position and cluster (its lineage's)."""
     import pyarrow as pa
 
     from raysl.curate.assign import candidate_vectors, centroid_index, nearest
@@ -129,7 +136,8 @@ def assign_part(emb_uri: str, model: str, prior_uri: str | None, shard: int, cen
         }
     )
     groups, sizes = np.unique(group, return_counts=True)
-    return parts.write(grouped, out, {"groups": groups.tolist(), "rows": len(rows)}, row_groups=sizes.tolist())
+    parts.write_blocks(grouped, rows_of(out), "groups", groups.tolist(), sizes.tolist())
+    return parts.write(grouped.select(["pos", "cluster"]), out, {"rows": len(rows)})
 
 
 def dedup_group(assign_uris: list[str], group: int, centroids, threshold: float, keep: str, out: str) -> dict:
@@ -139,7 +147,7 @@ def dedup_group(assign_uris: list[str], group: int, centroids, threshold: float,
 
     tables, part_of = [], []
     for shard, uri in enumerate(assign_uris):
-        t = parts.read_groups(uri, "groups", group)
+        t = parts.read_block(rows_of(uri), "groups", group)
         if t is not None and t.num_rows:
             tables.append(t)
             part_of.append(np.full(t.num_rows, shard, np.int32))
@@ -162,8 +170,8 @@ def dedup_group(assign_uris: list[str], group: int, centroids, threshold: float,
         dropped = dropped.append_column("similarity", pa.array([], pa.float32()))
         part = np.zeros(0, np.int32)
     in_parts, sizes = np.unique(part, return_counts=True)
-    summary = {"parts": in_parts.tolist(), "rows": int(sum(len(p) for p in part_of)), "dropped": len(part)}
-    return parts.write(dropped, out, summary, row_groups=sizes.tolist())
+    summary = {"rows": int(sum(len(p) for p in part_of)), "dropped": len(part)}
+    return parts.write_blocks(dropped, out, "parts", in_parts.tolist(), sizes.tolist(), summary)
 
 
 def lineage_part(
@@ -178,7 +186,7 @@ def lineage_part(
     assigned = pq.read_table(path, columns=["pos", "cluster"], filesystem=fs)
     cols["dedup_cluster"][assigned.column("pos").to_numpy()] = assigned.column("cluster").to_numpy()
     for uri in drop_uris:
-        t = parts.read_groups(uri, "parts", shard)
+        t = parts.read_block(uri, "parts", shard)
         if t is None:
             continue
         pos = t.column("pos").to_numpy()

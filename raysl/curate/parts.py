@@ -1,10 +1,12 @@
 """Part files: the unit of work, of memory and of resumption of the curate steps.
 
-Every step after `embed` is a series of tasks, each reading a few parquet parts and writing
-one. A part is written whole or not at all (a temporary name, then a rename; an object on a
-bucket appears whole when its upload completes), so a part that exists is finished. A task's
-small summary (its counts, its peak memory) is kept in its part's footer: a rerun of a
-killed step skips the parts that exist and reads their summaries back, as if it had run them.
+Every step after `embed` is a series of tasks, each reading a few parts and writing one
+(parquet; an Arrow IPC file of blocks where each task of the next phase reads one block).
+A part is written whole or not at all (a temporary name, then a rename; an object on a
+bucket appears whole when its upload completes), so a part that exists is finished. A
+task's small summary (its counts, its peak memory) is kept in its part's footer: a rerun of
+a killed step skips the parts that exist and reads their summaries back, as if it had run
+them.
 
 Tasks run as Ray tasks (one CPU each) when Ray is connected, else one after another in this
 process. Either way one task holds one part's worth of rows: memory does not grow with the
@@ -72,46 +74,80 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write(table: pa.Table, uri: str, summary: dict | None = None, row_groups: Sequence[int] | None = None) -> dict:
-    """Write `table` to `uri` atomically, with `summary` (JSON) in its footer; `row_groups`:
-    rows per row group, in order (default: one row group). Returns the summary, with the
-    writing process's peak memory added."""
-    summary = dict(summary or {}, peak_rss=peak_rss())
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), SUMMARY_KEY: json.dumps(summary)})
+def _atomic(uri: str, write_to) -> None:
+    """write_to(filesystem, path) under a temporary name, then renamed to `uri` (on a bucket,
+    written in place: an object appears whole when its upload completes)."""
     fs, path = fs_path(uri)
-    local = isinstance(fs, pafs.LocalFileSystem)
     fs.create_dir(posixpath.dirname(path), recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        write_to(fs, path)
+        return
     tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    with pq.ParquetWriter(tmp if local else path, table.schema, filesystem=fs) as writer:
-        sizes = list(row_groups) if row_groups is not None else [table.num_rows]
-        lo = 0
-        for n in sizes:
-            writer.write_table(table.slice(lo, n), row_group_size=max(n, 1))
-            lo += n
-    if local:
-        os.replace(tmp, path)
+    write_to(fs, tmp)
+    os.replace(tmp, path)
+
+
+def _with_summary(table: pa.Table, summary: dict | None) -> tuple[pa.Table, dict]:
+    summary = dict(summary or {}, peak_rss=peak_rss())
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), SUMMARY_KEY: json.dumps(summary)}), summary
+
+
+def _pause() -> None:
     if os.environ.get(PAUSE_ENV):
         time.sleep(float(os.environ[PAUSE_ENV]))
+
+
+def write(table: pa.Table, uri: str, summary: dict | None = None) -> dict:
+    """Write `table` as a parquet part, atomically, with `summary` (JSON) in its footer.
+    Returns the summary, with the writing process's peak memory added."""
+    table, summary = _with_summary(table, summary)
+    _atomic(uri, lambda fs, path: pq.write_table(table, path, filesystem=fs))
+    _pause()
     return summary
 
 
+def write_blocks(table: pa.Table, uri: str, key: str, values: Sequence[int], sizes: Sequence[int], summary=None):
+    """Write `table` as an Arrow IPC file of blocks (record batches) of `sizes` rows, block i
+    holding the rows whose `key` is values[i], atomically: a task of a later phase reads
+    only its block of each such part (read_block), without parsing anything else of it."""
+    table, summary = _with_summary(table, dict(summary or {}, **{key: [int(v) for v in values]}))
+
+    def write_to(fs, path):
+        with fs.open_output_stream(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            lo = 0
+            for n in sizes:
+                writer.write_batch(table.slice(lo, n).combine_chunks().to_batches()[0] if n else _empty(table))
+                lo += n
+
+    _atomic(uri, write_to)
+    _pause()
+    return summary
+
+
+def _empty(table: pa.Table) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([], schema=table.schema)
+
+
 def summary(uri: str) -> dict:
-    """The summary a part was written with (footer only)."""
+    """The summary a part was written with (its footer only)."""
     fs, path = fs_path(uri)
     with fs.open_input_file(path) as f:
-        meta = pq.read_metadata(f).metadata or {}
+        if path.endswith(".arrow"):
+            meta = pa.ipc.open_file(f).schema.metadata or {}
+        else:
+            meta = pq.read_metadata(f).metadata or {}
     return json.loads(meta.get(SUMMARY_KEY, b"{}"))
 
 
-def read_groups(uri: str, key: str, wanted: int, columns: list[str] | None = None) -> pa.Table | None:
-    """The rows of a part written in row groups, one per value of `key` (named in its summary
-    as `key`: the values in row-group order), whose value is `wanted`; None if it has none."""
+def read_block(uri: str, key: str, wanted: int) -> pa.Table | None:
+    """The block of an IPC part (write_blocks) whose `key` is `wanted`; None if it has none."""
     fs, path = fs_path(uri)
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        values = json.loads((pf.schema_arrow.metadata or {}).get(SUMMARY_KEY, b"{}")).get(key, [])
-        at = [i for i, v in enumerate(values) if v == wanted]
-        return pf.read_row_groups(at, columns=columns) if at else None
+        reader = pa.ipc.open_file(f)
+        values = json.loads((reader.schema.metadata or {}).get(SUMMARY_KEY, b"{}")).get(key, [])
+        if wanted not in values:
+            return None
+        return pa.Table.from_batches([reader.get_batch(values.index(wanted))])
 
 
 def write_array(uri: str, x: np.ndarray, summary: dict | None = None) -> None:

@@ -132,7 +132,7 @@ def run_dedup(
     calls = [(u, model_id, priors[s], s, shared_centroids, group_of) for s, u in enumerate(uris)]
     phases.add("assign", parts.run_parts(dedup.assign_part, calls, assigned, "curate dedup: assign"))
     groups = int(group_of.max()) + 1
-    drops = [parts.join(work, "dedup", parts.part_name(g)) for g in range(groups)]
+    drops = [parts.join(work, "dedup", f"group-{g:05d}.arrow") for g in range(groups)]
     calls = [(assigned, g, shared_centroids, threshold, keep) for g in range(groups)]
     phases.add("dedup", parts.run_parts(dedup.dedup_group, calls, drops, "curate dedup: dedup"))
     lineage = [parts.join(out, LINEAGE, parts.part_name(s)) for s in range(len(uris))]

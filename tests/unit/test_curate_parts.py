@@ -115,8 +115,8 @@ def _interrupted_dedup(emb, out, kw, monkeypatch):
     written = []
     real = parts.write
 
-    def write(table, uri, summary=None, row_groups=None):
-        result = real(table, uri, summary, row_groups)
+    def write(table, uri, summary=None):
+        result = real(table, uri, summary)
         if "lineage.parquet" in uri:
             written.append(uri)
             if len(written) == 3:
