@@ -58,7 +58,7 @@ def test_killed_dedup_resumes_from_its_finished_parts(ray_local, photos, tmp_pat
     env = dict(os.environ, **{PAUSE_ENV: "3"})  # each task sleeps 3 s after its part: time to kill it
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assign = os.path.join(out, ".work", "assign")
-    parts = lambda: sorted(f for f in os.listdir(assign) if f.startswith("part-")) if os.path.isdir(assign) else []  # noqa: E731
+    parts = lambda: sorted(f for f in os.listdir(assign) if f.endswith(".parquet")) if os.path.isdir(assign) else []  # noqa: E731
     while not parts() and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
