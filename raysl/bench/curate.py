@@ -202,7 +202,7 @@ def run_from_args(args) -> dict:
     from raysl.runtime import init_ray
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    result = {}
+    result: dict = {}
     work = args.out or tempfile.mkdtemp(prefix="raysl_bench_curate_")
     if "scale" in parts:  # one JSON line per N as it is measured, then all of them in the result
         result["scale"] = bench_scale(work, args)

@@ -15,6 +15,7 @@ all of them) on the same embeddings: the reference for recall, time and memory.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import resource
@@ -142,7 +143,7 @@ def _distributed(address: str, root: str, n: int, opts: dict, queue) -> None:
     from raysl.curate.parts import join, map_tasks, part_name
     from raysl.curate.steps import run_dedup
 
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     t = time.perf_counter()
     emb, planted = make_embeddings(root, n, opts["dim"], opts["part_rows"])
     generate_s = time.perf_counter() - t

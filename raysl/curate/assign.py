@@ -10,13 +10,14 @@ those of k-means on all embeddings in one process.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from raysl.curate import embeddings, parts, selection
 
 
 def candidate_vectors(
     emb_uri: str, model: str, prior_uri: str | None, fraction: float = 1.0, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, dict, object]:
+) -> tuple[np.ndarray, np.ndarray, dict, pa.Table]:
     """(positions of the candidates in the part, their unit vectors, lineage columns, the
     part's table); `fraction` < 1: each candidate kept with that probability (seeded per part)."""
     table = embeddings.read_part(emb_uri, model)

@@ -129,7 +129,7 @@ def run_dedup(
     shared_centroids = parts.share(centroids)
     priors = [selection.prior_part(sel, s) for s in range(len(uris))]
     assigned = [parts.join(work, "assign", parts.part_name(s)) for s in range(len(uris))]
-    calls = [(u, model_id, priors[s], s, shared_centroids, group_of) for s, u in enumerate(uris)]
+    calls: list[tuple] = [(u, model_id, priors[s], s, shared_centroids, group_of) for s, u in enumerate(uris)]
     phases.add("assign", parts.run_parts(dedup.assign_part, calls, assigned, "curate dedup: assign"))
     groups = int(group_of.max()) + 1
     drops = [parts.join(work, "dedup", f"group-{g:05d}.arrow") for g in range(groups)]
@@ -254,7 +254,7 @@ def run_balance(
     priors = [selection.prior_part(sel, s) for s in range(len(uris))]
     assigned = [parts.join(work, "assign", parts.part_name(s)) for s in range(len(uris))]
     shared_first = parts.share(first)
-    calls = [(u, model_id, priors[s], s, shared_first) for s, u in enumerate(uris)]
+    calls: list[tuple] = [(u, model_id, priors[s], s, shared_first) for s, u in enumerate(uris)]
     counted = parts.run_parts(balance.assign_part, calls, assigned, "curate balance: assign")
     phases.add("assign", counted)
     counts = [(np.array(c["clusters"], np.int64), np.array(c["counts"], np.int64)) for c in counted]
