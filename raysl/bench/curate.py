@@ -9,16 +9,15 @@
 - balance: scikit-learn digits with one class at 50%; the entropy of the class distribution
   as a fraction of its maximum, for the whole set, a random sample and the balanced sample
   of the same size.
-- scale: k-means + SemDeDup on N random unit vectors of dimension 384 (5% of them planted
-  near-copies), in a child process: seconds per phase and the child's peak RSS.
+- scale: `curate dedup` as tasks over parts on N synthetic embeddings with planted copies,
+  per N: seconds per step, the largest task's and the driver's peak memory, recall and
+  precision (see bench.curate_scale).
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import resource
 import tempfile
 import time
 
@@ -47,9 +46,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default="30,10", help="balance: clusters per level, bottom first (default 30,10)")
     p.add_argument("--pretrain-target", type=int, default=96, help="pretrain part: sample size")
     p.add_argument("--pretrain-steps", type=int, default=150, help="pretrain part: SimCLR steps per run")
-    p.add_argument("--scale-n", type=int, default=100_000, help="scale part: random vectors (default 100,000)")
+    p.add_argument("--scale", default="100000", help="scale part: comma list of N, embeddings (default 100000)")
+    p.add_argument("--scale-dim", type=int, default=128, help="scale part: embedding dimension (default 128)")
+    p.add_argument("--scale-part-rows", type=int, default=65536, help="scale part: rows per embedding part")
+    p.add_argument("--scale-sample", type=int, default=256_000, help="scale part: k-means sample (default 256,000)")
     p.add_argument("--scale-iters", type=int, default=10, help="scale part: k-means iterations (default 10)")
-    p.add_argument("--scale-clusters", type=int, default=0, help="default N / 1000, as curate dedup")
+    p.add_argument("--scale-clusters", type=int, default=0, help="scale part: default N / 1000, as curate dedup")
+    p.add_argument("--scale-threshold", type=float, default=0.95, help="scale part: dedup cosine (default 0.95)")
+    p.add_argument(
+        "--scale-single", action="store_true", help="scale part: also the in-memory SemDeDup on the same embeddings"
+    )
+    p.add_argument("--scale-keep", action="store_true", help="scale part: keep the embeddings and selections")
 
 
 def _write(directory: str, rows: list[dict], shard_size: int) -> str:
@@ -190,50 +197,15 @@ def bench_pretrain(work: str, args) -> dict:
     return out
 
 
-def _scale_child(n: int, dim: int, iters: int, clusters: int, queue) -> None:
-    from raysl.curate.dedup import semdedup
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, dim), dtype=np.float32)
-    copies = rng.choice(n, n // 20, replace=False)  # 5% near-copies of other rows
-    x[copies] = x[rng.choice(n, len(copies))] + 0.05 * rng.standard_normal((len(copies), dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)  # in place: one copy of the N x 384 floats
-    t = time.perf_counter()
-    found = semdedup(x, clusters=clusters, threshold=0.95, iters=iters)
-    total = time.perf_counter() - t
-    dropped = int((found["duplicate_of"] >= 0).sum())
-    queue.put({"seconds": round(total, 1), **found["seconds"], "dropped": dropped, "planted": len(copies)})
-
-
-def bench_scale(args) -> dict:
-    from raysl.curate.steps import CLUSTER_SIZE
-
-    n, clusters = args.scale_n, args.scale_clusters or max(1, args.scale_n // CLUSTER_SIZE)  # as curate dedup
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_scale_child, args=(n, 384, args.scale_iters, clusters, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
-    return {
-        "n": n,
-        "dim": 384,
-        "clusters": clusters,
-        "kmeans_iters": args.scale_iters,
-        **result,
-        "peak_rss_gib": round(peak / 2**30, 2),
-    }
-
-
 def run_from_args(args) -> dict:
+    from raysl.bench.curate_scale import bench_scale
     from raysl.runtime import init_ray
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    result = {}
-    if "scale" in parts:  # first: its child's peak memory is then not mixed up with Ray's workers
-        result["scale"] = bench_scale(args)
+    result: dict = {}
     work = args.out or tempfile.mkdtemp(prefix="raysl_bench_curate_")
+    if "scale" in parts:  # one JSON line per N as it is measured, then all of them in the result
+        result["scale"] = bench_scale(work, args)
     if {"dedup", "balance", "pretrain"} & set(parts):
         init_ray(getattr(args, "address", None))
     if "dedup" in parts:

@@ -21,3 +21,19 @@ def nearest(train: np.ndarray, evals: np.ndarray, batch: int = 65536) -> tuple[n
         sims.append(s[:, 0])
         ids.append(i[:, 0])
     return np.concatenate(sims), np.concatenate(ids)
+
+
+def decontaminate_part(
+    emb_uri: str, model: str, prior_uri: str | None, shard: int, evals: np.ndarray, threshold: float, out: str
+) -> dict:
+    """One part's lineage: its candidates whose nearest eval image is above `threshold` dropped."""
+    from raysl.curate import selection
+    from raysl.curate.assign import candidate_vectors
+
+    rows, x, cols, _ = candidate_vectors(emb_uri, model, prior_uri)
+    if len(rows):
+        sims, _ = nearest(x, evals)
+        hit = sims > threshold
+        cols["similarity"][rows[hit]] = sims[hit]
+        selection.drop(cols, rows[hit], "contaminated")
+    return selection.finish(cols, out, shard)

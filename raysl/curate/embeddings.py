@@ -40,10 +40,13 @@ def emb_schema(dim: int, model: str) -> pa.Schema:
 
 
 def read_meta(emb: str) -> dict:
-    path = os.path.join(emb, META)
+    from raysl.data.schema import filesystem_and_path
+
+    fs, root = filesystem_and_path(emb)
+    path = f"{root.rstrip('/')}/{META}"
     try:
-        with open(path) as f:
-            return json.load(f)
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
     except FileNotFoundError as exc:
         raise UserError(
             f"{emb}: no {META} here, so this is not an embedding set (make one with raysl curate embed)"
@@ -85,6 +88,38 @@ def load(emb: str, model: str | None = None) -> tuple[dict, pa.Table, np.ndarray
     x = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     x = x.reshape(table.num_rows, -1)
     return meta, table.drop_columns(["embedding"]), normalize(x)
+
+
+def part_uris(emb: str, meta: dict) -> list[str]:
+    """The part of every shard of EMB (a folder or a bucket URI); a UserError when one is
+    missing (an unfinished embed job)."""
+    from raysl.curate.parts import exists, join
+
+    uris = [join(emb, part_name(s)) for s in range(meta["shards"])]
+    for uri in uris:
+        if not exists(uri):
+            raise UserError(f"{uri}: missing; the embed job did not finish (run it again, it resumes)")
+    return uris
+
+
+def read_part(uri: str, model: str, columns: list[str] | None = None) -> pa.Table:
+    """One part (its `columns`), refused when embedded with another model than `model`."""
+    from raysl.data.schema import filesystem_and_path
+
+    fs, path = filesystem_and_path(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        got = (pf.schema_arrow.metadata or {}).get(MODEL_KEY, b"").decode()
+        if got != model:
+            raise UserError(f"{uri}: embedded with {got!r}, {META} says {model!r}; embed again")
+        return pf.read(columns=columns)
+
+
+def vectors(column) -> np.ndarray:
+    """float32 unit rows (N, D) of an `embedding` column."""
+    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+    return normalize(x)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:

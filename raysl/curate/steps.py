@@ -1,28 +1,92 @@
 """The curate subcommands after `embed`: each checks its inputs (only small files: embed.json,
-parquet footers, an earlier lineage) before any work, applies one step to the candidates
-and writes a selection (see selection)."""
+parquet footers, an earlier selection's manifest) before any work, then runs its step as
+tasks over the embedding parts (see parts: atomic part files, a rerun resumes) and writes a
+selection (see selection).
+
+dedup: a sample -> k-means (this process) -> one assignment task per part, writing its
+candidates grouped by cluster group -> one SemDeDup task per group of clusters -> one
+lineage task per part. decontaminate: one task per part against the eval embeddings.
+balance: a sample -> the k-means tree (this process) -> one assignment task per part ->
+the top-down split on cluster counts (this process) -> one sampling task per part.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
+import time
 
 import numpy as np
 
-from raysl.curate import balance, decontaminate, dedup, embeddings
-from raysl.curate.selection import State, candidates_count, plan_out
+from raysl.curate import balance, decontaminate, dedup, embeddings, parts, selection
+from raysl.curate.assign import draw_sample, pack_groups
+from raysl.curate.kmeans import kmeans
+from raysl.curate.selection import LINEAGE, candidates_count, plan_out
 from raysl.errors import UserError
 
 CLUSTER_SIZE = 1000  # dedup's default: images per k-means cluster
+SAMPLE_PER_CLUSTER = 100  # default k-means sample: images per cluster,
+SAMPLE_MAX = 1_000_000  # up to this many (the sample is what one process holds)
+GROUP_IMAGES = 100_000  # dedup: about this many images per task (small clusters are grouped)
 
 
 def _check_common(emb: str, model: str | None, sel: str | None, out: str, overwrite: bool) -> int:
-    if not os.path.isdir(emb):
+    if not parts.exists(emb):
         raise UserError(f"--emb {emb}: no such folder (make it with raysl curate embed)")
-    embeddings.check_model(emb, embeddings.read_meta(emb), model)
+    meta = embeddings.read_meta(emb)
+    embeddings.check_model(emb, meta, model)
+    embeddings.part_uris(emb, meta)
     plan_out(out, overwrite)
-    return candidates_count(emb, sel)
+    n = candidates_count(emb, sel)
+    if n == 0:
+        raise UserError(
+            f"--from {sel}: keeps no image, so there is nothing to curate" if sel else f"{emb}: holds no embeddings"
+        )
+    return n
+
+
+def _open_work(out: str, settings: dict, overwrite: bool) -> str:
+    """The step's working folder; a selection being replaced (--overwrite) is removed first,
+    so a crash leaves no stale selection, and a rerun with the same arguments resumes."""
+    from raysl.data.schema import MANIFEST
+
+    restart = overwrite and parts.exists(parts.join(out, MANIFEST))
+    return parts.open_work(out, settings, restart, [MANIFEST, LINEAGE])
+
+
+class _Phases:
+    """Seconds, parts and the largest task's peak memory of each phase of a step (what
+    `raysl bench curate --scale` reports)."""
+
+    def __init__(self):
+        self.phases: dict[str, dict] = {}
+        self.start = time.perf_counter()
+
+    def add(self, name: str, summaries: list[dict] | None = None) -> None:
+        now = time.perf_counter()
+        row: dict = {"seconds": round(now - self.start, 2)}
+        if summaries is not None:
+            row["tasks"] = len(summaries)
+            row["reused"] = sum(bool(s.get("reused")) for s in summaries)
+            row["peak_task_bytes"] = max((s.get("peak_rss", 0) for s in summaries if not s.get("reused")), default=0)
+        self.phases[name] = row
+        self.start = now
+
+
+def _sample_size(sample: int, clusters: int, n: int) -> int:
+    if sample < 0:
+        raise UserError(f"--sample {sample}: images k-means trains on, >= 1 (0: the default)")
+    return sample or min(SAMPLE_PER_CLUSTER * clusters, SAMPLE_MAX)
+
+
+def check_dedup(emb, out, *, model=None, sel=None, threshold=dedup.DEFAULT_THRESHOLD, keep="closest", overwrite=False):
+    """Candidates of a dedup with these arguments; a UserError for bad input."""
+    if not 0 < threshold <= 1:
+        raise UserError(f"--threshold {threshold}: a cosine similarity in (0, 1]")
+    if keep not in dedup.KEEP:
+        raise UserError(f"--keep {keep}: one of {', '.join(dedup.KEEP)}")
+    return _check_common(emb, model, sel, out, overwrite)
 
 
 def run_dedup(
@@ -32,29 +96,71 @@ def run_dedup(
     model: str | None = None,
     sel: str | None = None,
     clusters: int = 0,
+    sample: int = 0,
     threshold: float = dedup.DEFAULT_THRESHOLD,
     keep: str = "closest",
     seed: int = 0,
+    iters: int = 20,
+    group_images: int = GROUP_IMAGES,
     overwrite: bool = False,
 ) -> dict:
-    if not 0 < threshold <= 1:
-        raise UserError(f"--threshold {threshold}: a cosine similarity in (0, 1]")
-    if keep not in dedup.KEEP:
-        raise UserError(f"--keep {keep}: one of {', '.join(dedup.KEEP)}")
-    n = _check_common(emb, model, sel, out, overwrite)
+    n = check_dedup(emb, out, model=model, sel=sel, threshold=threshold, keep=keep, overwrite=overwrite)
     # ~1,000 images per cluster (SemDeDup: 50k clusters for 440 M): a group of copies split over two
     # clusters is missed, and small sets stay in one cluster, where the search is exact
     clusters = clusters or max(1, n // CLUSTER_SIZE)
-    state = State(emb, model, sel)
-    rows = state.candidates
-    found = dedup.semdedup(state.x[rows], clusters=clusters, threshold=threshold, keep=keep, seed=seed)
-    hit = found["duplicate_of"] >= 0
-    state.dedup_cluster[rows] = found["cluster"]
-    state.duplicate_of[rows[hit]] = [state.keys[i] for i in rows[found["duplicate_of"][hit]]]
-    state.similarity[rows[hit]] = found["similarity"][hit]
-    state.drop(rows[hit], "duplicate")
-    step = {"step": "dedup", "clusters": clusters, "threshold": threshold, "keep": keep, "dropped": int(hit.sum())}
-    return state.write(out, step)
+    sample = _sample_size(sample, clusters, n)
+    meta, curation = embeddings.read_meta(emb), selection.prior(sel, emb)
+    uris, model_id = embeddings.part_uris(emb, meta), meta["model"]
+    settings = dict(step="dedup", emb=emb, sel=sel, clusters=clusters, sample=sample, threshold=threshold)
+    work = _open_work(out, settings | dict(keep=keep, seed=seed, iters=iters, group_images=group_images), overwrite)
+    phases = _Phases()
+    centroids_uri = parts.join(work, "centroids.parquet")
+    if not parts.exists(centroids_uri):
+        x = draw_sample(uris, model_id, sel, sample, n, seed)
+        phases.add("sample")
+        centroids, assign = kmeans(x, clusters, iters=iters, seed=seed)
+        sizes = np.bincount(assign, minlength=len(centroids)) * (n / max(len(x), 1))
+        group_of = pack_groups(sizes, group_images)
+        parts.write_array(centroids_uri, centroids, {"groups": group_of.tolist(), "sample": len(x)})
+        phases.add("kmeans")
+    else:
+        print(f"curate dedup: k-means of an earlier run reused ({centroids_uri})", file=sys.stderr)
+    centroids, group_of = parts.read_array(centroids_uri), np.array(parts.summary(centroids_uri)["groups"])
+    shared_centroids = parts.share(centroids)
+    priors = [selection.prior_part(sel, s) for s in range(len(uris))]
+    assigned = [parts.join(work, "assign", parts.part_name(s)) for s in range(len(uris))]
+    calls: list[tuple] = [(u, model_id, priors[s], s, shared_centroids, group_of) for s, u in enumerate(uris)]
+    phases.add("assign", parts.run_parts(dedup.assign_part, calls, assigned, "curate dedup: assign"))
+    groups = int(group_of.max()) + 1
+    drops = [parts.join(work, "dedup", f"group-{g:05d}.arrow") for g in range(groups)]
+    calls = [(assigned, g, shared_centroids, threshold, keep) for g in range(groups)]
+    phases.add("dedup", parts.run_parts(dedup.dedup_group, calls, drops, "curate dedup: dedup"))
+    lineage = [parts.join(out, LINEAGE, parts.part_name(s)) for s in range(len(uris))]
+    calls = [(u, model_id, priors[s], s, assigned[s], drops) for s, u in enumerate(uris)]
+    summaries = parts.run_parts(dedup.lineage_part, calls, lineage, "curate dedup: lineage")
+    phases.add("lineage", summaries)
+    dropped = sum(s["dropped"]["duplicate"] for s in summaries) - curation.get("counts", {}).get("dropped_duplicate", 0)
+    step = {"step": "dedup", "clusters": clusters, "sample": sample, "threshold": threshold, "keep": keep}
+    record = selection.write(out, emb, meta, curation, step | {"dropped": dropped}, summaries)
+    phases.add("write")
+    return record | {"phases": phases.phases}
+
+
+def check_decontaminate(emb, evals, out, *, model=None, sel=None, overwrite=False) -> int:
+    """Candidates of a decontamination with these arguments; a UserError for bad input."""
+    if not evals:
+        raise UserError("--eval: give at least one embedding set of an evaluation shard set")
+    train_model = embeddings.read_meta(emb)["model"] if parts.exists(emb) else None
+    for e in evals:
+        if not parts.exists(e):
+            raise UserError(f"--eval {e}: no such folder (embed the eval shard set with raysl curate embed first)")
+        if not parts.exists(parts.join(e, embeddings.META)):
+            raise UserError(
+                f"--eval {e}: not an embedding set (no {embeddings.META}); run raysl curate embed --shards {e} "
+                f"--model <the model of --emb> --out EVAL_EMB and pass EVAL_EMB"
+            )
+        embeddings.check_model(e, embeddings.read_meta(e), train_model, flag="the model of --emb")
+    return _check_common(emb, model, sel, out, overwrite)
 
 
 def run_decontaminate(
@@ -67,28 +173,33 @@ def run_decontaminate(
     threshold: float = decontaminate.DEFAULT_THRESHOLD,
     overwrite: bool = False,
 ) -> dict:
-    if not evals:
-        raise UserError("--eval: give at least one embedding set of an evaluation shard set")
-    train_model = embeddings.read_meta(emb)["model"] if os.path.isdir(emb) else None
-    for e in evals:
-        if not os.path.isdir(e):
-            raise UserError(f"--eval {e}: no such folder (embed the eval shard set with raysl curate embed first)")
-        if not os.path.exists(os.path.join(e, embeddings.META)):
-            raise UserError(
-                f"--eval {e}: not an embedding set (no {embeddings.META}); run raysl curate embed --shards {e} "
-                f"--model <the model of --emb> --out EVAL_EMB and pass EVAL_EMB"
-            )
-        embeddings.check_model(e, embeddings.read_meta(e), train_model, flag="the model of --emb")
-    _check_common(emb, model, sel, out, overwrite)
-    state = State(emb, model, sel)
-    rows = state.candidates
-    eval_x = np.concatenate([embeddings.load(e, train_model)[2] for e in evals])
-    sims, _ = decontaminate.nearest(state.x[rows], eval_x)
-    hit = sims > threshold
-    state.similarity[rows[hit]] = sims[hit]
-    state.drop(rows[hit], "contaminated")
-    step = {"step": "decontaminate", "eval": [os.path.abspath(e) for e in evals], "threshold": threshold}
-    return state.write(out, step | {"dropped": int(hit.sum())})
+    check_decontaminate(emb, evals, out, model=model, sel=sel, overwrite=overwrite)
+    meta, curation = embeddings.read_meta(emb), selection.prior(sel, emb)
+    uris, model_id = embeddings.part_uris(emb, meta), meta["model"]
+    settings = dict(step="decontaminate", emb=emb, sel=sel, eval=evals, threshold=threshold)
+    _open_work(out, settings, overwrite)
+    phases = _Phases()
+    # the evaluation index: every eval embedding, shared by the tasks (eval sets are small)
+    eval_x = parts.share(np.concatenate([_load_all(e, model_id) for e in evals]))
+    lineage = [parts.join(out, LINEAGE, parts.part_name(s)) for s in range(len(uris))]
+    calls = [(u, model_id, selection.prior_part(sel, s), s, eval_x, threshold) for s, u in enumerate(uris)]
+    summaries = parts.run_parts(decontaminate.decontaminate_part, calls, lineage, "curate decontaminate")
+    phases.add("decontaminate", summaries)
+    before = curation.get("counts", {}).get("dropped_contaminated", 0)
+    dropped = sum(s["dropped"]["contaminated"] for s in summaries) - before
+    step = {"step": "decontaminate", "eval": [selection._absolute(e) for e in evals], "threshold": threshold}
+    record = selection.write(out, emb, meta, curation, step | {"dropped": dropped}, summaries)
+    phases.add("write")
+    return record | {"phases": phases.phases}
+
+
+def _load_all(emb: str, model: str) -> np.ndarray:
+    meta = embeddings.read_meta(emb)
+    cols = [
+        embeddings.read_part(u, meta["model"], ["embedding"]).column("embedding")
+        for u in embeddings.part_uris(emb, meta)
+    ]
+    return np.concatenate([embeddings.vectors(c) for c in cols]) if cols else np.zeros((0, 1), np.float32)
 
 
 def parse_levels(text: str) -> list[int]:
@@ -101,6 +212,14 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def check_balance(emb, out, *, target, model=None, sel=None, overwrite=False) -> int:
+    """Candidates of a balance with these arguments; a UserError for bad input."""
+    n = _check_common(emb, model, sel, out, overwrite)
+    if target < 1 or target > n:
+        raise UserError(f"--target {target}: the set has {n} candidate image(s); ask for 1..{n}")
+    return n
+
+
 def run_balance(
     emb: str,
     out: str,
@@ -109,23 +228,51 @@ def run_balance(
     levels: list[int],
     model: str | None = None,
     sel: str | None = None,
+    sample: int = 0,
     resample: int = 0,
     seed: int = 0,
+    iters: int = 20,
     overwrite: bool = False,
 ) -> dict:
-    n = _check_common(emb, model, sel, out, overwrite)
-    if target < 1 or target > n:
-        raise UserError(f"--target {target}: the set has {n} candidate image(s); ask for 1..{n}")
-    state = State(emb, model, sel)
-    rows = state.candidates
-    ids = balance.hierarchical_kmeans(state.x[rows], levels, resample=resample, seed=seed)
-    picked = balance.balanced_sample(ids, target, seed=seed)
-    for r, c in zip(rows, ids.tolist()):
-        state.clusters[r] = c
-    dropped = np.setdiff1d(np.arange(len(rows)), picked)
-    state.drop(rows[dropped], "balance")
-    step = {"step": "balance", "target": target, "levels": levels, "resample": resample, "dropped": len(dropped)}
-    return state.write(out, step)
+    n = check_balance(emb, out, target=target, model=model, sel=sel, overwrite=overwrite)
+    sample = _sample_size(sample, levels[0], n)
+    meta, curation = embeddings.read_meta(emb), selection.prior(sel, emb)
+    uris, model_id = embeddings.part_uris(emb, meta), meta["model"]
+    settings = dict(step="balance", emb=emb, sel=sel, target=target, levels=levels, sample=sample)
+    work = _open_work(out, settings | dict(resample=resample, seed=seed, iters=iters), overwrite)
+    phases = _Phases()
+    tree_uri = parts.join(work, "centroids.parquet")
+    if not parts.exists(tree_uri):
+        x = draw_sample(uris, model_id, sel, sample, n, seed)
+        phases.add("sample")
+        first, parents = balance.fit_tree(x, levels, resample=resample, seed=seed, iters=iters)
+        parts.write_array(tree_uri, first, {"parents": [p.tolist() for p in parents], "sample": len(x)})
+        phases.add("kmeans")
+    else:
+        print(f"curate balance: k-means of an earlier run reused ({tree_uri})", file=sys.stderr)
+    first, parents = parts.read_array(tree_uri), [np.array(p) for p in parts.summary(tree_uri)["parents"]]
+    priors = [selection.prior_part(sel, s) for s in range(len(uris))]
+    assigned = [parts.join(work, "assign", parts.part_name(s)) for s in range(len(uris))]
+    shared_first = parts.share(first)
+    calls: list[tuple] = [(u, model_id, priors[s], s, shared_first) for s, u in enumerate(uris)]
+    counted = parts.run_parts(balance.assign_part, calls, assigned, "curate balance: assign")
+    phases.add("assign", counted)
+    counts = [(np.array(c["clusters"], np.int64), np.array(c["counts"], np.int64)) for c in counted]
+    sizes = np.zeros(len(first), np.int64)
+    for c, k in counts:
+        np.add.at(sizes, c, k)
+    take = balance.spread(counts, balance.cluster_shares(sizes, parents, target), seed)
+    phases.add("split")
+    lineage = [parts.join(out, LINEAGE, parts.part_name(s)) for s in range(len(uris))]
+    tree = [p.tolist() for p in parents]
+    calls = [(u, model_id, priors[s], s, assigned[s], take[s], tree, seed) for s, u in enumerate(uris)]
+    summaries = parts.run_parts(balance.select_part, calls, lineage, "curate balance: sample")
+    phases.add("sample_images", summaries)
+    dropped = sum(s["dropped"]["balance"] for s in summaries) - curation.get("counts", {}).get("dropped_balance", 0)
+    step = {"step": "balance", "target": target, "levels": levels, "sample": sample, "resample": resample}
+    record = selection.write(out, emb, meta, curation, step | {"dropped": dropped}, summaries)
+    phases.add("write")
+    return record | {"phases": phases.phases}
 
 
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,6 +291,9 @@ def add_dedup_arguments(p: argparse.ArgumentParser) -> None:
     threshold = dedup.DEFAULT_THRESHOLD
     p.add_argument("--threshold", type=float, default=threshold, help=f"cosine (default {threshold})")
     p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default N / 1000)")
+    p.add_argument(
+        "--sample", type=int, default=0, help="images k-means trains on (default 100 per cluster, at most 1 M)"
+    )
     p.add_argument("--keep", choices=dedup.KEEP, default="closest", help="which image of a group stays")
 
 
@@ -165,16 +315,34 @@ def add_balance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=int, required=True, help="images to keep")
     p.add_argument("--levels", default="100,10", help="clusters per level, bottom first (default 100,10)")
     p.add_argument("--resample", type=int, default=0, help="resampling steps per level (Vo et al. 2024)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        help="images the k-means tree trains on (default 100 per level-1 cluster, at most 1 M)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> None:
+    from raysl.runtime import init_ray
+
     common = dict(model=args.model, sel=args.sel, overwrite=args.overwrite)
+    # bad input: one line before Ray starts
     if args.curate_cmd == "dedup":
-        kw = dict(clusters=args.clusters, keep=args.keep, seed=args.seed)
+        check_dedup(args.emb, args.out, threshold=args.threshold, keep=args.keep, **common)
+    elif args.curate_cmd == "decontaminate":
+        check_decontaminate(args.emb, args.eval, args.out, **common)
+    else:
+        parse_levels(args.levels)
+        check_balance(args.emb, args.out, target=args.target, **common)
+    print(init_ray(args.address), file=sys.stderr)
+    if args.curate_cmd == "dedup":
+        kw = dict(clusters=args.clusters, sample=args.sample, keep=args.keep, seed=args.seed)
         curation = run_dedup(args.emb, args.out, threshold=args.threshold, **kw, **common)
     elif args.curate_cmd == "decontaminate":
         curation = run_decontaminate(args.emb, args.eval, args.out, threshold=args.threshold, **common)
     else:
         kw = dict(target=args.target, levels=parse_levels(args.levels), resample=args.resample, seed=args.seed)
+        kw["sample"] = args.sample
         curation = run_balance(args.emb, args.out, **kw, **common)
     print(json.dumps({"out": args.out, **curation["counts"], "step": curation["steps"][-1]}))

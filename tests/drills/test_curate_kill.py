@@ -1,5 +1,5 @@
-"""`raysl curate embed` killed from outside mid-job: the rerun resumes without redoing the
-shards already embedded."""
+"""`raysl curate embed` and `raysl curate dedup` killed from outside mid-job: the rerun
+resumes without redoing the parts already written."""
 
 import os
 import signal
@@ -37,3 +37,42 @@ def test_killed_embed_job_resumes_without_redoing_done_shards(ray_local, photos,
     } == stamps
     assert len(parts()) == 6 and embeddings.load(out)[2].shape[0] == 30
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_killed_dedup_resumes_from_its_finished_parts(ray_local, photos, tmp_path, capsys):
+    """`raysl curate dedup` killed (with the local Ray it started) while its tasks write parts:
+    the rerun with the same arguments reuses the k-means and every finished part, says so,
+    and decides as a run that was never killed."""
+    import pyarrow.parquet as pq
+
+    from raysl.curate.parts import PAUSE_ENV
+    from raysl.curate.steps import run_dedup
+
+    emb = str(tmp_path / "emb")
+    run_embed(plan_embed(photos, MODEL, emb, image_size=64), actors=1)
+    reference = str(tmp_path / "reference")
+    run_dedup(emb, reference, clusters=3, keep="first")
+    out = str(tmp_path / "sel")
+    cmd = [sys.executable, "-m", "raysl.cli", "curate", "dedup", "--emb", emb, "--out", out, "--clusters", "3"]
+    cmd += ["--keep", "first"]
+    env = dict(os.environ, **{PAUSE_ENV: "3"})  # each task sleeps 3 s after its part: time to kill it
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assign = os.path.join(out, ".work", "assign")
+    parts = lambda: sorted(f for f in os.listdir(assign) if f.endswith(".parquet")) if os.path.isdir(assign) else []  # noqa: E731
+    while not parts() and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    assert not wait_gone([proc.pid])
+    done = parts()
+    assert 1 <= len(done) < 6 and not os.path.exists(os.path.join(out, "manifest.json"))
+    capsys.readouterr()
+    run_dedup(emb, out, clusters=3, keep="first")
+    err = capsys.readouterr().err
+    assert "k-means of an earlier run reused" in err
+    assert f"curate dedup: assign: {len(done)} of 6 parts already done, reused" in err
+    assert not os.path.exists(assign)  # the working parts go once the selection is complete
+    got, want = (pq.read_table(os.path.join(d, "lineage.parquet")) for d in (out, reference))
+    for column in ("key", "decision", "reason", "duplicate_of", "dedup_cluster"):
+        assert got.column(column).to_pylist() == want.column(column).to_pylist()

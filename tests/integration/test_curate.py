@@ -164,3 +164,43 @@ def test_pretrain_reads_a_selection_and_its_model_card_lists_the_curation(ray_lo
         assert len(f.read().splitlines()) == 1 + 32  # header + the selected images only
     result = run_embed(plan_embed(shards, run, str(tmp_path / "emb_run")), actors=1)
     assert result["model"].startswith(f"run:{run}@step=2") and result["images_embedded"] == 48
+
+
+@pytest.mark.parametrize("clusters", [0, 3])
+def test_dedup_as_ray_tasks_keeps_what_the_in_memory_semdedup_keeps(emb, tmp_path, clusters):
+    """On the planted photographs, same seed and threshold: the same kept images and the same
+    duplicate_of (the default sample holds the whole set, so the clusters are the same)."""
+    sel = str(tmp_path / "sel")
+    curation = run_dedup(emb, sel, clusters=clusters)
+    assert curation["phases"]["assign"]["tasks"] == 6 and curation["phases"]["lineage"]["tasks"] == 6
+    _, table, x = embeddings.load(emb)
+    ref = dedup.semdedup(x, clusters=clusters or 1, threshold=dedup.DEFAULT_THRESHOLD, keep="closest", seed=0)
+    keys = table.column("key").to_pylist()
+    lineage = pq.read_table(os.path.join(sel, "lineage.parquet"))
+    assert lineage.column("key").to_pylist() == keys
+    kept = {k for k, d in zip(keys, lineage.column("decision").to_pylist()) if d == "keep"}
+    assert kept == {k for k, d in zip(keys, ref["duplicate_of"]) if d < 0}
+    assert lineage.column("duplicate_of").to_pylist() == [keys[d] if d >= 0 else None for d in ref["duplicate_of"]]
+    assert lineage.column("dedup_cluster").to_pylist() == ref["cluster"].tolist()
+
+
+def test_curate_reads_and_writes_on_a_bucket(s3, emb, tmp_path):
+    """Embeddings and selections on a bucket: dedup, then balance --from the bucket selection,
+    decide as on disk."""
+    import pyarrow.fs as pafs
+
+    bucket = s3.bucket()
+    pafs.copy_files(emb, f"{bucket}/emb".removeprefix("s3://"), destination_filesystem=s3.filesystem())
+    remote_emb = f"{bucket}/emb"
+    run_dedup(remote_emb, f"{bucket}/sel", clusters=3)
+    run_balance(remote_emb, f"{bucket}/bal", sel=f"{bucket}/sel", target=5, levels=[4, 2])
+    run_dedup(emb, str(tmp_path / "sel"), clusters=3)
+    run_balance(emb, str(tmp_path / "bal"), sel=str(tmp_path / "sel"), target=5, levels=[4, 2])
+    for name in ("sel", "bal"):
+        fs, path = s3.filesystem(), f"{bucket}/{name}/lineage.parquet".removeprefix("s3://")
+        remote = pq.read_table(path, filesystem=fs).drop_columns(["similarity"])
+        local = pq.read_table(str(tmp_path / name / "lineage.parquet")).drop_columns(["similarity"])
+        assert remote.replace_schema_metadata(None).to_pylist() == local.replace_schema_metadata(None).to_pylist()
+        assert read_manifest(f"{bucket}/{name}").rows == read_manifest(str(tmp_path / name)).rows
+    assert read_manifest(f"{bucket}/bal").rows == 5
+    assert read_manifest(f"{bucket}/bal").curation["emb"] == remote_emb

@@ -27,6 +27,8 @@ RAY_COMMANDS = [
     ["bench", "methods"],
     ["bench", "step"],
     ["bench", "checkpoint"],
+    ["curate", "dedup", "--emb", "emb", "--out", "sel"],
+    ["curate", "balance", "--emb", "emb", "--out", "sel", "--target", "10"],
 ]
 
 

@@ -1,6 +1,7 @@
 """A selection (raysl curate's output) is read as the rows it keeps by every reader of whole
 shard files, and refuses to be read once the set it points into was rebuilt. The selection
-is made by the real `selection.State.write` from embedding parts written here (no Ray)."""
+is made by the real `selection` functions (lineage parts, then the index) from embedding parts
+written here (no Ray)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 from shardfactory import digit_images, write_shards
 
 from raysl.curate import embeddings
-from raysl.curate.selection import State
+from raysl.curate import selection as curate_selection
 from raysl.data.schema import read_manifest, shard_files, write_manifest
 from raysl.data.shard_index import ShardIndex
 from raysl.errors import UserError
@@ -51,9 +52,13 @@ def selection(tmp_path):
     images = digit_images(IMAGES)
     write_shards(source, images, shard_size=8)
     _embeddings(source, emb)
-    state = State(emb, None, None)
-    state.drop(np.array(DROPPED), "duplicate")
-    state.write(sel, {"step": "dedup"})
+    meta, summaries = embeddings.read_meta(emb), []
+    for s, uri in enumerate(embeddings.part_uris(emb, meta)):
+        cols = curate_selection.start(embeddings.read_part(uri, meta["model"], ["key", "shard", "row"]), None)
+        curate_selection.drop(cols, np.array([i - 8 * s for i in DROPPED if i // 8 == s], np.int64), "duplicate")
+        lineage_part = os.path.join(sel, curate_selection.LINEAGE, embeddings.part_name(s))
+        summaries.append(curate_selection.finish(cols, lineage_part, s))
+    curate_selection.write(sel, emb, meta, {}, {"step": "dedup"}, summaries)
     kept = [key for i, (key, _, _) in enumerate(images) if i not in DROPPED]
     return source, sel, kept, images
 
