@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from elastic_run import GROW_STEPS, HERE, STEPS
+from procs import FAST_NODE_DEATH
 
 from raysl.train import checkpoint, recovery
 
@@ -27,7 +28,7 @@ def drills(tmp_path_factory, train_shards):
     token = out / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0", **FAST_NODE_DEATH)
     cmd = [sys.executable, os.path.join(HERE, "elastic_run.py"), str(out), train_shards]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
