@@ -104,7 +104,8 @@ def cluster():
         RAY_AUTH_TOKEN_PATH=token,
         RAY_USAGE_STATS_ENABLED="0",
         **FAST_NODE_DEATH,
-        **LOCAL_ENV,  # every process of the cluster has it, the job's driver too: Ray Train's polls as on a local Ray
+        # every process of the cluster has it, the job's driver too: Ray Train's polls as on a local Ray
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=LOCAL_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
     )
     gcs, dash, client, *agent = _free_ports(11)
     common = ["--node-ip-address", "127.0.0.1", "--temp-dir", os.path.join(temp_dir, "ray"), "--disable-usage-stats"]
