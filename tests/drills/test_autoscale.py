@@ -74,8 +74,6 @@ def _config(gcs: str) -> dict:
 
 @pytest.fixture
 def autoscaling_cluster():
-    from raysl.runtime import LOCAL_ENV
-
     temp_dir = tempfile.mkdtemp(prefix="raysl_a")  # short: Ray's socket paths live under it
     gcs, client, dashboard, *agent = _free_ports(7)
     config = os.path.join(temp_dir, "autoscaling.json")
@@ -92,8 +90,6 @@ def autoscaling_cluster():
         RAY_FAKE_CLUSTER="1",
         AUTOSCALER_UPDATE_INTERVAL_S="1",
         RAY_USAGE_STATS_ENABLED="0",
-        # every process of the cluster has it, the job's driver too: Ray Train's polls as on a local Ray
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=LOCAL_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
     )
     head = [
         os.path.join(BIN, "ray"),
