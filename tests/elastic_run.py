@@ -40,6 +40,7 @@ def steps_trained(keys_file: str, *, world: int) -> int:
 def main(out: str, shards: str) -> None:
     import raysl.pretrain
     from raysl.bench import elastic
+    from raysl.train.elastic import fresh_reservations
 
     storage = os.path.join(out, "runs")
     cluster = elastic.ElasticCluster()
@@ -70,8 +71,10 @@ def main(out: str, shards: str) -> None:
         events["hard_loss"]["error"] = run.error
         save()
 
-        # reclaim: two nodes again; the new one is drained as a spot reclaim, and goes at the deadline
+        # reclaim: two nodes again; the new one is drained as a spot reclaim, and goes at the deadline.
+        # Ray looks at the cluster at once (it looks every 20 s), so the run starts on both nodes
         third = cluster.add()
+        fresh_reservations()
         recording("reclaim")
         run, noticed, at, checkpoint_step = elastic.reclaim(cluster, shards, storage, third, steps=STEPS, deadline_s=10)
         events["reclaim"] = {"step": at, "checkpoint_step": checkpoint_step, "error": run.error}
