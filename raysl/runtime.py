@@ -10,9 +10,10 @@ Train's INFO lines where raysl builds the RunConfig (`train_logging`), torch's
 deprecation of the all-gather that DeepSpeed's ZeRO calls on every step (QUIET_WARNINGS).
 `raysl --verbose` (RAYSL_VERBOSE=1) leaves every library as it is.
 
-Not turned off: Ray Train 2.60's controller logs a C++ error line ("PreemptionWatcher ...
-constructor arguments in the object store") at every start. The only switch for it,
-RAY_BACKEND_LOG_LEVEL, makes every Ray process print a line that it was set, which is worse.
+Not turned off on a cluster: Ray Train 2.60's controller logs a C++ error line ("PreemptionWatcher
+... constructor arguments in the object store") at every start of a worker group. The only switch
+for it, RAY_BACKEND_LOG_LEVEL, makes every Ray process print a line that it was set, which is
+worse. A local Ray has no watcher to start (LOCAL_ENV), and so no such line.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": 
 # workers: every 0.25 s (a run's end, last checkpoint to `fit` returning, then takes about
 # half as long). A joined cluster keeps Ray's 2 s (at 1,024 workers, 512 calls a
 # second already). A slow poll is not an error: Ray waits 10 minutes on one.
-LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Ray Train also starts a preemption watcher (an actor: one more process) with each group of
+# workers, which asks Ray every 5 s whether a node of the group is being drained (a spot
+# reclaim). A local Ray is this one machine, which no one drains from under its driver: none.
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` in the job's driver
 # How pyarrow (and boto) find a bucket and its credentials. A local Ray's workers inherit
 # them from this process; the workers of a cluster raysl joins get the ones set here.

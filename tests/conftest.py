@@ -140,7 +140,7 @@ def ray_local(s3):
     S3 server through the job's runtime env."""
     import ray
 
-    from raysl.runtime import SETUP_HOOK, worker_pool
+    from raysl.runtime import LOCAL_ENV, SETUP_HOOK, worker_pool
 
     if not ray.is_initialized():
         # As `raysl` starts a local Ray (raysl.runtime.init_ray), so that other Rays on the
@@ -149,13 +149,14 @@ def ray_local(s3):
         # started last); its dashboard and raysl's worker setup hook, which has the workers'
         # state API calls reach this Ray's dashboard (Ray Train's placement-group cleaner asks
         # it whether the run's controller lives: asked another Ray, it hears no and removes the
-        # run's placement group); idle workers kept, each Ray Data job reusing the last one's
+        # run's placement group); idle workers kept, each Ray Data job reusing the last one's;
+        # Ray Train's controller polling its workers as often as on a local `raysl` Ray (LOCAL_ENV)
         ray.init(
             address="local",
             num_cpus=2,
             include_dashboard=True,
             log_to_driver=False,
-            runtime_env={"env_vars": dict(s3.env), "worker_process_setup_hook": SETUP_HOOK},
+            runtime_env={"env_vars": {**s3.env, **LOCAL_ENV}, "worker_process_setup_hook": SETUP_HOOK},
             _system_config=worker_pool(2),
         )
         from ray.data import DataContext

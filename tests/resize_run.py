@@ -96,14 +96,14 @@ def main(cpus: int, runs: list[tuple[str, str, bool]]) -> None:
 
     import raysl.pretrain
     from raysl.config import from_dict, load_yaml
-    from raysl.runtime import SETUP_HOOK, worker_pool
+    from raysl.runtime import LOCAL_ENV, SETUP_HOOK, worker_pool
 
     ray.init(  # as tests/conftest.py's ray_local: a Ray of its own, found by its workers' state API calls
         address="local",
         num_cpus=cpus,
         include_dashboard=True,
         log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": SETUP_HOOK},
+        runtime_env={"env_vars": LOCAL_ENV, "worker_process_setup_hook": SETUP_HOOK},
         _system_config=worker_pool(cpus),
     )
     for config_yaml, keys_file, resume in runs:

@@ -214,11 +214,13 @@ def reclaim(cluster: ElasticCluster, shards: str, storage: str, spare, *, steps:
     return run, noticed, at, checkpoint_step
 
 
-def grow(cluster: ElasticCluster, shards: str, storage: str, *, steps: int, look_now: bool = False):
+def grow(cluster: ElasticCluster, shards: str, storage: str, *, steps: int, look_now: bool = False, then=None):
     """A run on one node, joined by a second after its first step. Returns (the Run, the join's
     time, the step it came after, the new node). `look_now`: have Ray's autoscaling coordinator
     look at the cluster as soon as the node is up, instead of at its next look (every 20 s), so
-    that a short run cannot end before Ray sees the node (the drills)."""
+    that a short run cannot end before Ray sees the node (the drills). `then(run, joined, node)`,
+    if given, is called once the node is up, before the run is waited for (the drills: the node
+    goes again)."""
     run = Run(config(shards, storage, "grow", f"train.max_steps={steps}"))
     run.wait(lambda: run.step() >= 1, "the first step")
     at = run.step()
@@ -228,6 +230,8 @@ def grow(cluster: ElasticCluster, shards: str, storage: str, *, steps: int, look
         from raysl.train.elastic import fresh_reservations
 
         fresh_reservations()
+    if then is not None:
+        then(run, joined, node)
     run.join()
     return run, joined, at, node
 

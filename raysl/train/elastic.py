@@ -31,6 +31,9 @@ from raysl.train import recovery
 from raysl.train.recovery import TooFewWorkers
 
 logger = logging.getLogger(__name__)
+# how often a grow that waits for the run's next checkpoint looks for it: the restart follows the
+# checkpoint by at most this long (one listing of the run's storage a look)
+CHECKPOINT_LOOK_S = 0.25
 
 
 def room_for(resources_per_worker: dict[str, float]) -> int:
@@ -103,6 +106,6 @@ class ElasticWatch(ControllerCallback):
         before, _ = recovery.newest_complete(self.run_dir)
         end = time.monotonic() + self.wait_s
         while time.monotonic() < end:
-            time.sleep(1.0)
+            time.sleep(CHECKPOINT_LOOK_S)
             if recovery.newest_complete(self.run_dir)[0] != before:
                 return

@@ -93,6 +93,9 @@ def next_attempt(base: str) -> str:
 
 
 POINTER = "train_checkpoint.txt"
+# A trial waits on its queue for the next report this long at a time, and between two waits
+# looks whether its Train run has ended: the trial ends at most this long after its run.
+RUN_END_LOOK_S = 0.25
 
 
 class RecipeTrial(Trainable):
@@ -159,7 +162,7 @@ class RecipeTrial(Trainable):
             self._start()
         while True:
             try:
-                metrics, checkpoint, self._controller = self._queue.get(timeout=1.0)
+                metrics, checkpoint, self._controller = self._queue.get(timeout=RUN_END_LOOK_S)
             except Empty:
                 if not self._thread.is_alive() and self._queue.empty():
                     self._thread.join()

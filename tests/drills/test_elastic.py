@@ -1,9 +1,9 @@
 """Elastic runs (`train.num_workers: [1, 2]`) on a real local multi-node Ray cluster (token auth on)
 whose training nodes come and go from outside the run (tests/elastic_run.py, in a process of its
-own): a node joins (the run grows to 2 workers), a node gets a spot reclaim's drain notice and
-goes (the run writes a checkpoint at once, loses no step and goes on with 1), a node is lost
-without notice (the run goes on with 1 from its latest checkpoint), and a run that cannot get
-its min workers ends with one line. Each run is checked from its attempts.jsonl and the keys of
+own): a node joins (the run grows to 2 workers) and is then lost without notice (the same run
+goes on with 1 from its latest checkpoint), a node gets a spot reclaim's drain notice and goes
+(the run writes a checkpoint at once, loses no step and goes on with 1), and a run that cannot
+get its min workers ends with one line. Each run is checked from its attempts.jsonl and the keys of
 the images every worker trained on in every step."""
 
 import json
@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from elastic_run import GROW_STEPS, HERE, STEPS
+from procs import FAST_NODE_DEATH
 
 from raysl.train import checkpoint, recovery
 
@@ -27,7 +28,7 @@ def drills(tmp_path_factory, train_shards):
     token = out / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0", **FAST_NODE_DEATH)
     cmd = [sys.executable, os.path.join(HERE, "elastic_run.py"), str(out), train_shards]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -85,9 +86,10 @@ def check_resumed_from_checkpoints(out, name: str) -> None:
 
 
 def test_a_run_grows_when_a_node_joins(drills):
-    """One training node, then two: the run goes on with 2 workers from its latest checkpoint."""
+    """One training node, then two: the run goes on with 2 workers from its latest checkpoint
+    (then the node goes again: test_a_lost_node_shrinks_the_run)."""
     run = attempts(drills, "grow")
-    assert [a["world_size"] for a in run] == [1, 2]
+    assert [a["world_size"] for a in run] == [1, 2, 1]
     check_resumed_from_checkpoints(drills, "grow")
     events = json.loads((drills / "events.json").read_text())
     assert events["grow"]["error"] is None
@@ -112,15 +114,17 @@ def test_a_spot_reclaim_loses_no_step(drills):
 
 
 def test_a_lost_node_shrinks_the_run(drills):
-    """One of two nodes goes without notice: the run goes on with 1 worker from its latest checkpoint."""
-    run = attempts(drills, "hard_loss")
+    """One of two nodes (the grown run's) goes without notice: the run goes on with 1 worker from
+    its latest checkpoint."""
+    run = attempts(drills, "grow")[1:]  # the group of 2 workers, then the one after the loss
     assert [a["world_size"] for a in run] == [2, 1]
-    check_resumed_from_checkpoints(drills, "hard_loss")
+    check_resumed_from_checkpoints(drills, "grow")
     events = json.loads((drills / "events.json").read_text())
     assert events["hard_loss"]["error"] is None
-    first, _ = trained_by(drills, "hard_loss")
-    assert run[1]["start_step"] % CHECKPOINT_EVERY == 0 and run[1]["start_step"] >= first[-1] - 2 * CHECKPOINT_EVERY
-    check_every_image_once(drills, "hard_loss")
+    _, on_two, _ = trained_by(drills, "grow")
+    assert len(on_two) >= 3 and on_two[-1] >= events["hard_loss"]["step"]  # lost while training
+    assert run[1]["start_step"] % CHECKPOINT_EVERY == 0 and run[1]["start_step"] >= on_two[-1] - 2 * CHECKPOINT_EVERY
+    check_every_image_once(drills, "grow", GROW_STEPS)
 
 
 def test_a_run_without_room_for_its_min_workers_ends_with_one_line(drills):

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 import pytest
-from procs import wait_gone
+from procs import FAST_NODE_DEATH, wait_gone
 from shardfactory import digit_images, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,6 +91,8 @@ def _agent_ports(listen: int, grpc: int, runtime_env: int, metrics: int) -> list
 def cluster():
     """A head node ({"trainer_node": 2}, 2 CPUs, dashboard/job server) and a worker node
     ({"data_node": 2}, 1 CPU) on 127.0.0.1 with their own ports and temp dir."""
+    from raysl.runtime import LOCAL_ENV
+
     temp_dir = tempfile.mkdtemp(prefix="raysl_c")  # short: Ray's socket paths live under it
     token = os.path.join(temp_dir, "auth_token")
     with open(token, "w") as f:
@@ -101,6 +103,9 @@ def cluster():
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=token,
         RAY_USAGE_STATS_ENABLED="0",
+        **FAST_NODE_DEATH,
+        # every process of the cluster has it, the job's driver too: Ray Train's polls as on a local Ray
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=LOCAL_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
     )
     gcs, dash, client, *agent = _free_ports(11)
     common = ["--node-ip-address", "127.0.0.1", "--temp-dir", os.path.join(temp_dir, "ray"), "--disable-usage-stats"]

@@ -270,7 +270,8 @@ def test_quiet_by_default_verbose_on_request(monkeypatch, restore_environ):
         assert calls[-1]["runtime_env"]["env_vars"] == runtime.QUIET_ENV
         monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's setting: not overridden
         runtime.init_ray()
-        assert calls[-1]["runtime_env"]["env_vars"] == runtime.QUIET_ENV
+        rest = {k: v for k, v in runtime.LOCAL_ENV.items() if k != "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+        assert calls[-1]["runtime_env"]["env_vars"] == {**runtime.QUIET_ENV, **rest}
         monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
         runtime.set_verbose(True)
