@@ -12,8 +12,8 @@ kNN memory bank being the labeled pretraining set and the queries a held-out set
   projection head and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
   parameters of ndim > 1, linear warm-up from 0 then a cosine to `min_lr` on the last
   step, a `DataLoader(shuffle=True)` of 2 workers over the set's images.
-- plain+X: the plain loop with one ingredient taken from raysl, to find which one makes
-  a difference: `views` (raysl's view pipeline, `raysl.data.views`, per image a fresh
+- plain+X (`--sides`): the plain loop with an ingredient taken from raysl, to find which
+  one makes a difference (plain+X+Y: two of them): `views` (raysl's view pipeline, `raysl.data.views`, per image a fresh
   seed), `order` (the images in the order of raysl's training stream: shards permuted
   per epoch, rows shuffled within windows of `data.shuffle_window` shards), `method`
   (raysl's method module: backbone, projector, loss), `optim` (raysl's optimizer and
@@ -382,8 +382,20 @@ def _spread(values: list[float]) -> dict:
     }
 
 
-def side_names(swaps: list[str]) -> list[str]:
-    return ["plain", "raysl", *(f"plain+{s}" for s in swaps)]
+def check_sides(text: str) -> list[str]:
+    """--sides as a list, each side checked."""
+    from raysl.errors import UserError
+
+    sides = [s.strip() for s in text.split(",") if s.strip()]
+    for side in sides:
+        base, *swaps = side.split("+")
+        if side != "raysl" and (base != "plain" or not set(swaps) <= set(SWAPS)):
+            raise UserError(
+                f"bench parity: --sides {side}: a side is raysl, plain or plain+X[+Y] with X, Y in {', '.join(SWAPS)}"
+            )
+    if not sides:
+        raise UserError("bench parity: --sides names no side")
+    return sides
 
 
 def run_parity_bench(
@@ -437,11 +449,8 @@ def run_parity_bench(
         "knn_top1": {s: _spread([r[s] for r in rows]) for s in ["random", *sides]},
         "wall_s": {s: _spread([r[f"{s}_wall_s"] for r in rows]) for s in sides},
     }
-    if "raysl" in sides and "plain" in sides:
-        result["raysl_minus_plain"] = _spread([r["raysl"] - r["plain"] for r in rows])
-    for side in sides:
-        if side.startswith("plain+"):
-            result[f"{side}_minus_plain"] = _spread([r[side] - r["plain"] for r in rows])
+    if "plain" in sides:
+        result["minus_plain"] = {s: _spread([r[s] - r["plain"] for r in rows]) for s in sides if s != "plain"}
     return result
 
 
@@ -462,11 +471,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per side each (default 0,1,2)")
     p.add_argument(
-        "--swaps",
-        default="",
-        help=f"comma-separated raysl ingredients for extra plain+X sides: {', '.join(SWAPS)}",
+        "--sides",
+        default="plain,raysl",
+        help="comma-separated sides: plain, raysl, and plain+X[+Y] with X, Y raysl ingredients the plain loop "
+        f"takes ({', '.join(SWAPS)}); default plain,raysl",
     )
-    p.add_argument("--no-raysl", action="store_true", help="leave out the raysl side (plain and plain+X only)")
     for name, default in (("steps", 300), ("batch-size", 128), ("warmup-steps", 30)):
         p.add_argument(f"--{name}", type=int, default=default, help=f"(default {default})")
     p.add_argument("--model", default="resnet18", help="timm backbone (default resnet18)")
@@ -476,13 +485,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> dict:
-    from raysl.errors import UserError
-
-    swaps = [s.strip() for s in args.swaps.split(",") if s.strip()]
-    unknown = [s for s in swaps if s not in SWAPS]
-    if unknown:
-        raise UserError(f"bench parity: --swaps {','.join(unknown)}: choose from {', '.join(SWAPS)}")
-    sides = [s for s in side_names(swaps) if not (args.no_raysl and s == "raysl")]
+    sides = check_sides(args.sides)
     recipe = Recipe(
         method=args.method,
         steps=args.steps,

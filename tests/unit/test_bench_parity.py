@@ -77,11 +77,11 @@ def test_stream_order_is_the_readers_windows(tmp_path):
 def test_arguments(tmp_path):
     p = argparse.ArgumentParser()
     parity.add_arguments(p)
-    with pytest.raises(UserError, match="--swaps colour"):
-        parity.run_from_args(p.parse_args(["--swaps", "colour", "--out", str(tmp_path)]))
+    with pytest.raises(UserError, match="--sides plain\\+colour"):
+        parity.run_from_args(p.parse_args(["--sides", "plain,plain+colour", "--out", str(tmp_path)]))
     with pytest.raises(UserError, match="both --shards"):
         parity.run_from_args(p.parse_args(["--shards", str(tmp_path), "--out", str(tmp_path)]))
-    assert parity.side_names(["views"]) == ["plain", "raysl", "plain+views"]
+    assert parity.check_sides("plain, raysl,plain+views+order") == ["plain", "raysl", "plain+views+order"]
 
 
 def test_raysl_views_are_normalised_pairs():
