@@ -8,8 +8,9 @@ kNN memory bank being the labeled pretraining set and the queries a held-out set
 - random: the backbone at initialisation (timm, the seed), no training.
 - raysl: `raysl.pretrain.pretrain` (what `raysl pretrain` runs: Ray Data views, Ray
   Train, DeepSpeed ZeRO-0 fp32), one worker of 2 CPUs.
-- plain: a PyTorch loop written from lightly's parts and the papers: lightly's transform,
-  projection head and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
+- plain: a PyTorch loop written from lightly's parts and the papers (SimCLR; BYOL as
+  lightly's example: momentum copies updated before each step on lightly's cosine
+  schedule): lightly's transform, heads and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
   parameters of ndim > 1, linear warm-up from 0 then a cosine to `min_lr` on the last
   step, a `DataLoader(shuffle=True)` of 2 workers over the set's images.
 - plain+X (`--sides`): the plain loop with an ingredient taken from raysl, to find which
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 
 SWAPS = ("views", "order", "method", "optim")
-METHODS = ("simclr",)
+METHODS = ("simclr", "byol")
+METHOD_DEFAULTS: dict[str, dict] = {"simclr": {}, "byol": {"proj_hidden_dim": 1024, "proj_dim": 256}}
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,11 @@ class Recipe:
     min_lr: float = 1e-6
     warmup_steps: int = 30
     weight_decay: float = 0.05
-    temperature: float = 0.2
+    temperature: float = 0.2  # SimCLR
     proj_hidden_dim: int = 512
     proj_dim: int = 128
+    pred_hidden_dim: int = 1024  # BYOL
+    ema_momentum: float = 0.99  # BYOL: cosine to 1 on the last step
     shuffle_window: int = 2  # raysl's data.shuffle_window (and the plain+order side's)
 
     @property
@@ -181,9 +185,17 @@ def raysl_config(shards: str, storage: str, name: str, recipe: Recipe, seed: int
             "model": {"backbone": recipe.model},
             "method": {
                 "name": recipe.method,
-                "temperature": recipe.temperature,
                 "proj_hidden_dim": recipe.proj_hidden_dim,
                 "proj_dim": recipe.proj_dim,
+                **(
+                    {"temperature": recipe.temperature}
+                    if recipe.method == "simclr"
+                    else {
+                        "pred_hidden_dim": recipe.pred_hidden_dim,
+                        "ema_momentum": recipe.ema_momentum,
+                        "ema_momentum_end": 1.0,
+                    }
+                ),
             },
             "optim": {
                 "name": "adamw8bit",
@@ -254,13 +266,68 @@ def _lightly_simclr(recipe: Recipe):
     return backbone, loss, model
 
 
+def _lightly_byol(recipe: Recipe):
+    """BYOL as lightly's example trains it: momentum copies updated before each step with
+    lightly's cosine schedule, NegativeCosineSimilarity symmetrised."""
+    import copy
+
+    import timm
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    backbone = timm.create_model(recipe.model, pretrained=False, num_classes=0)
+    projector = BYOLProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
+    predictor = BYOLPredictionHead(recipe.proj_dim, recipe.pred_hidden_dim, recipe.proj_dim)
+    backbone_m, projector_m = copy.deepcopy(backbone), copy.deepcopy(projector)
+    deactivate_requires_grad(backbone_m)
+    deactivate_requires_grad(projector_m)
+    criterion = NegativeCosineSimilarity()
+    model = torch.nn.ModuleDict(
+        {"backbone": backbone, "projector": projector, "predictor": predictor, "bm": backbone_m, "pm": projector_m}
+    )
+
+    def loss(views, step):
+        m = cosine_schedule(step, recipe.steps, recipe.ema_momentum, 1.0)
+        update_momentum(backbone, backbone_m, m=m)
+        update_momentum(projector, projector_m, m=m)
+        x0, x1 = views
+        p0, p1 = predictor(projector(backbone(x0))), predictor(projector(backbone(x1)))
+        with torch.no_grad():
+            z0, z1 = projector_m(backbone_m(x0)), projector_m(backbone_m(x1))
+        return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+
+    return backbone, loss, model
+
+
+def lightly_transform(recipe: Recipe):
+    """lightly's transform of the method at `image_size`."""
+    if recipe.method == "byol":
+        from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+        size = recipe.image_size
+        return BYOLTransform(BYOLView1Transform(input_size=size), BYOLView2Transform(input_size=size))
+    from lightly.transforms import SimCLRTransform
+
+    return SimCLRTransform(input_size=recipe.image_size)
+
+
 def _raysl_method(recipe: Recipe, seed: int):
     from raysl.methods.base import method_class
 
-    method = method_class(recipe.method)(raysl_config("unused", "unused", "unused", recipe, seed))
+    cls = method_class(recipe.method)
+    cfg = raysl_config("unused", "unused", "unused", recipe, seed)
+    method = cls(cfg)
+    schedules = cls.schedules(cfg.method, recipe.steps)  # the EMA momentum of BYOL
+
+    def values(step):
+        return {"step": step, **{k: float(v[min(step, len(v) - 1)]) for k, v in schedules.items()}}
 
     def loss(views, step):
-        return method(list(views), {"step": step})["loss"]
+        if step > 0:  # the trainer's after_step of the previous step (BYOL: the teacher's EMA update)
+            method.after_step(values(step - 1))
+        return method(list(views), values(step))["loss"]
 
     return method.evaluated_backbone(), loss, method
 
@@ -268,7 +335,6 @@ def _raysl_method(recipe: Recipe, seed: int):
 def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = frozenset()) -> tuple[Any, dict]:
     """The plain loop (with raysl's ingredients `swaps`); (trained backbone, {wall_s, final_loss})."""
     import bitsandbytes as bnb
-    from lightly.transforms import SimCLRTransform
 
     from raysl.bench.data import read_images
 
@@ -278,7 +344,10 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
     try:
         torch.manual_seed(seed)
         np.random.seed(seed)
-        backbone, loss_fn, model = _raysl_method(recipe, seed) if "method" in swaps else _lightly_simclr(recipe)
+        if "method" in swaps:
+            backbone, loss_fn, model = _raysl_method(recipe, seed)
+        else:
+            backbone, loss_fn, model = (_lightly_byol if recipe.method == "byol" else _lightly_simclr)(recipe)
         if "optim" in swaps:
             from raysl.optim.optimizers import build_optimizer, param_groups
             from raysl.optim.schedules import Schedules, apply
@@ -310,11 +379,7 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
                     group["lr"] = cosine_lr(step, recipe)
 
         raysl_views = "views" in swaps
-        transform = (
-            RayslViews(recipe.method, recipe.image_size)
-            if raysl_views
-            else SimCLRTransform(input_size=recipe.image_size)
-        )
+        transform = RayslViews(recipe.method, recipe.image_size) if raysl_views else lightly_transform(recipe)
         dataset = Images(read_images(shards), transform, raysl_views)
         if "order" in swaps:
             sampler = StreamBatches(shards, recipe.batch_size, seed, recipe.shuffle_window)
@@ -339,8 +404,6 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
                 out.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-                if hasattr(model, "after_step"):
-                    model.after_step({"step": step})
                 loss, step = float(out.detach()), step + 1
                 if step >= recipe.steps:
                     break
@@ -487,6 +550,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> dict:
     sides = check_sides(args.sides)
     recipe = Recipe(
+        **METHOD_DEFAULTS[args.method],
         method=args.method,
         steps=args.steps,
         batch_size=args.batch_size,
