@@ -8,9 +8,9 @@ kNN memory bank being the labeled pretraining set and the queries a held-out set
 - random: the backbone at initialisation (timm, the seed), no training.
 - raysl: `raysl.pretrain.pretrain` (what `raysl pretrain` runs: Ray Data views, Ray
   Train, DeepSpeed ZeRO-0 fp32), one worker of 2 CPUs.
-- plain: a PyTorch loop written from lightly's parts and the papers (SimCLR; BYOL as
-  lightly's example: momentum copies updated before each step on lightly's cosine
-  schedule): lightly's transform, heads and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
+- plain: a PyTorch loop written from lightly's parts and the papers (SimCLR; BYOL and
+  MoCo v3 as lightly's examples train a momentum method, MoCo v3 with the paper's loss):
+  lightly's transform, heads and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
   parameters of ndim > 1, linear warm-up from 0 then a cosine to `min_lr` on the last
   step, a `DataLoader(shuffle=True)` of 2 workers over the set's images.
 - plain+X (`--sides`): the plain loop with an ingredient taken from raysl, to find which
@@ -44,8 +44,12 @@ import numpy as np
 import torch
 
 SWAPS = ("views", "order", "method", "optim")
-METHODS = ("simclr", "byol")
-METHOD_DEFAULTS: dict[str, dict] = {"simclr": {}, "byol": {"proj_hidden_dim": 1024, "proj_dim": 256}}
+METHODS = ("simclr", "byol", "mocov3")
+METHOD_DEFAULTS: dict[str, dict] = {
+    "simclr": {},
+    "byol": {"proj_hidden_dim": 1024, "proj_dim": 256},
+    "mocov3": {"proj_hidden_dim": 1024, "proj_dim": 256},
+}
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,11 @@ class Recipe:
     min_lr: float = 1e-6
     warmup_steps: int = 30
     weight_decay: float = 0.05
-    temperature: float = 0.2  # SimCLR
+    temperature: float = 0.2  # SimCLR, MoCo v3
     proj_hidden_dim: int = 512
     proj_dim: int = 128
-    pred_hidden_dim: int = 1024  # BYOL
-    ema_momentum: float = 0.99  # BYOL: cosine to 1 on the last step
+    pred_hidden_dim: int = 1024  # BYOL, MoCo v3
+    ema_momentum: float = 0.99  # BYOL, MoCo v3: cosine to 1 on the last step
     shuffle_window: int = 2  # raysl's data.shuffle_window (and the plain+order side's)
 
     @property
@@ -187,8 +191,9 @@ def raysl_config(shards: str, storage: str, name: str, recipe: Recipe, seed: int
                 "name": recipe.method,
                 "proj_hidden_dim": recipe.proj_hidden_dim,
                 "proj_dim": recipe.proj_dim,
+                **({} if recipe.method == "byol" else {"temperature": recipe.temperature}),
                 **(
-                    {"temperature": recipe.temperature}
+                    {}
                     if recipe.method == "simclr"
                     else {
                         "pred_hidden_dim": recipe.pred_hidden_dim,
@@ -266,27 +271,43 @@ def _lightly_simclr(recipe: Recipe):
     return backbone, loss, model
 
 
-def _lightly_byol(recipe: Recipe):
-    """BYOL as lightly's example trains it: momentum copies updated before each step with
-    lightly's cosine schedule, NegativeCosineSimilarity symmetrised."""
+def _lightly_momentum(recipe: Recipe):
+    """BYOL or MoCo v3 as lightly's examples train a momentum method: momentum copies of
+    backbone and projector updated before each step on lightly's cosine schedule, the
+    loss symmetrised over the two views. BYOL: BYOLProjectionHead, BYOLPredictionHead,
+    NegativeCosineSimilarity. MoCo v3: MoCoProjectionHead (3 layers, batch norm),
+    BYOLPredictionHead, and the paper's loss (lightly has none of its own): cross entropy
+    of q against the momentum keys of the batch, times 2T."""
     import copy
 
     import timm
+    import torch.nn.functional as F
     from lightly.loss import NegativeCosineSimilarity
-    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
     backbone = timm.create_model(recipe.model, pretrained=False, num_classes=0)
-    projector = BYOLProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
+    if recipe.method == "mocov3":
+        projector: torch.nn.Module = MoCoProjectionHead(
+            backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim, num_layers=3, batch_norm=True
+        )
+    else:
+        projector = BYOLProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
     predictor = BYOLPredictionHead(recipe.proj_dim, recipe.pred_hidden_dim, recipe.proj_dim)
     backbone_m, projector_m = copy.deepcopy(backbone), copy.deepcopy(projector)
     deactivate_requires_grad(backbone_m)
     deactivate_requires_grad(projector_m)
-    criterion = NegativeCosineSimilarity()
+    cosine = NegativeCosineSimilarity()
     model = torch.nn.ModuleDict(
         {"backbone": backbone, "projector": projector, "predictor": predictor, "bm": backbone_m, "pm": projector_m}
     )
+
+    def pair_loss(q, k):
+        if recipe.method == "byol":
+            return cosine(q, k)
+        logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / recipe.temperature
+        return F.cross_entropy(logits, torch.arange(q.shape[0])) * 2 * recipe.temperature
 
     def loss(views, step):
         m = cosine_schedule(step, recipe.steps, recipe.ema_momentum, 1.0)
@@ -296,14 +317,15 @@ def _lightly_byol(recipe: Recipe):
         p0, p1 = predictor(projector(backbone(x0))), predictor(projector(backbone(x1)))
         with torch.no_grad():
             z0, z1 = projector_m(backbone_m(x0)), projector_m(backbone_m(x1))
-        return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        total = pair_loss(p0, z1) + pair_loss(p1, z0)
+        return 0.5 * total if recipe.method == "byol" else total
 
     return backbone, loss, model
 
 
 def lightly_transform(recipe: Recipe):
     """lightly's transform of the method at `image_size`."""
-    if recipe.method == "byol":
+    if recipe.method in ("byol", "mocov3"):  # MoCo v3 trains on BYOL's views
         from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
         size = recipe.image_size
@@ -347,7 +369,8 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
         if "method" in swaps:
             backbone, loss_fn, model = _raysl_method(recipe, seed)
         else:
-            backbone, loss_fn, model = (_lightly_byol if recipe.method == "byol" else _lightly_simclr)(recipe)
+            make = _lightly_simclr if recipe.method == "simclr" else _lightly_momentum
+            backbone, loss_fn, model = make(recipe)
         if "optim" in swaps:
             from raysl.optim.optimizers import build_optimizer, param_groups
             from raysl.optim.schedules import Schedules, apply
