@@ -9,7 +9,8 @@ kNN memory bank being the labeled pretraining set and the queries a held-out set
 - raysl: `raysl.pretrain.pretrain` (what `raysl pretrain` runs: Ray Data views, Ray
   Train, DeepSpeed ZeRO-0 fp32), one worker of 2 CPUs.
 - plain: a PyTorch loop written from lightly's parts and the papers (SimCLR; BYOL and
-  MoCo v3 as lightly's examples train a momentum method, MoCo v3 with the paper's loss):
+  MoCo v3 as lightly's examples train a momentum method, MoCo v3 with the paper's loss;
+  DINO with two global crops):
   lightly's transform, heads and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
   parameters of ndim > 1, linear warm-up from 0 then a cosine to `min_lr` on the last
   step, a `DataLoader(shuffle=True)` of 2 workers over the set's images.
@@ -44,11 +45,12 @@ import numpy as np
 import torch
 
 SWAPS = ("views", "order", "method", "optim")
-METHODS = ("simclr", "byol", "mocov3")
+METHODS = ("simclr", "byol", "mocov3", "dino")
 METHOD_DEFAULTS: dict[str, dict] = {
     "simclr": {},
     "byol": {"proj_hidden_dim": 1024, "proj_dim": 256},
     "mocov3": {"proj_hidden_dim": 1024, "proj_dim": 256},
+    "dino": {"proj_hidden_dim": 1024, "proj_dim": 256},
 }
 
 
@@ -69,7 +71,8 @@ class Recipe:
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     pred_hidden_dim: int = 1024  # BYOL, MoCo v3
-    ema_momentum: float = 0.99  # BYOL, MoCo v3: cosine to 1 on the last step
+    ema_momentum: float = 0.99  # BYOL, MoCo v3, DINO: cosine to 1 on the last step
+    num_prototypes: int = 1024  # DINO (two global crops, no local ones)
     shuffle_window: int = 2  # raysl's data.shuffle_window (and the plain+order side's)
 
     @property
@@ -158,10 +161,10 @@ class RayslViews:
     """raysl's views of one image (`views.make_views`, ImageNet-normalised), a fresh
     augmentation seed per call drawn from numpy (seeded per DataLoader worker by torch)."""
 
-    def __init__(self, preset: str, size: int):
+    def __init__(self, preset: str, size: int, local_crops: int | None = None):
         from raysl.data.view_plans import view_spec
 
-        self.spec = view_spec(preset, size=size)
+        self.spec = view_spec(preset, size=size, local_crops=local_crops)
 
     def __call__(self, data: bytes):
         from raysl.data.views import make_views, normalize
@@ -172,6 +175,31 @@ class RayslViews:
 
 
 # --- the two sides ----------------------------------------------------------------------
+
+
+def method_keys(recipe: Recipe) -> dict:
+    """The `method` section of the raysl side's config."""
+    keys: dict[str, Any] = {
+        "name": recipe.method,
+        "proj_hidden_dim": recipe.proj_hidden_dim,
+        "proj_dim": recipe.proj_dim,
+    }
+    if recipe.method in ("simclr", "mocov3"):
+        keys["temperature"] = recipe.temperature
+    if recipe.method in ("byol", "mocov3"):
+        keys["pred_hidden_dim"] = recipe.pred_hidden_dim
+    if recipe.method != "simclr":
+        keys.update(ema_momentum=recipe.ema_momentum, ema_momentum_end=1.0)
+    if recipe.method == "dino":  # the paper's temperatures and centre, no last-layer freeze
+        keys.update(
+            num_prototypes=recipe.num_prototypes,
+            teacher_temp=0.04,
+            teacher_temp_warmup=0.04,
+            student_temp=0.1,
+            center_momentum=0.9,
+            freeze_last_layer_steps=0,
+        )
+    return keys
 
 
 def raysl_config(shards: str, storage: str, name: str, recipe: Recipe, seed: int):
@@ -185,23 +213,10 @@ def raysl_config(shards: str, storage: str, name: str, recipe: Recipe, seed: int
                 "image_size": recipe.image_size,
                 "batch_size": recipe.batch_size,
                 "shuffle_window": recipe.shuffle_window,
+                **({"local_crops": 0} if recipe.method == "dino" else {}),
             },
             "model": {"backbone": recipe.model},
-            "method": {
-                "name": recipe.method,
-                "proj_hidden_dim": recipe.proj_hidden_dim,
-                "proj_dim": recipe.proj_dim,
-                **({} if recipe.method == "byol" else {"temperature": recipe.temperature}),
-                **(
-                    {}
-                    if recipe.method == "simclr"
-                    else {
-                        "pred_hidden_dim": recipe.pred_hidden_dim,
-                        "ema_momentum": recipe.ema_momentum,
-                        "ema_momentum_end": 1.0,
-                    }
-                ),
-            },
+            "method": method_keys(recipe),
             "optim": {
                 "name": "adamw8bit",
                 "lr": recipe.lr,
@@ -323,6 +338,53 @@ def _lightly_momentum(recipe: Recipe):
     return backbone, loss, model
 
 
+def _lightly_dino(recipe: Recipe):
+    """DINO as lightly's example trains it: DINOProjectionHead, a momentum teacher updated
+    before each step on lightly's cosine schedule, DINOLoss (teacher on the global crops)."""
+    import copy
+
+    import timm
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    backbone = timm.create_model(recipe.model, pretrained=False, num_classes=0)
+
+    def dino_head():
+        return DINOProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim, recipe.num_prototypes)
+
+    head, head_t = dino_head(), dino_head()  # weight norm cannot be deep-copied
+    head_t.load_state_dict(head.state_dict())  # the teacher starts as the student (the paper)
+    backbone_t = copy.deepcopy(backbone)
+    deactivate_requires_grad(backbone_t)
+    deactivate_requires_grad(head_t)
+    criterion = DINOLoss(
+        output_dim=recipe.num_prototypes,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
+        student_temp=0.1,
+        center_momentum=0.9,
+    )
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head, "bt": backbone_t, "ht": head_t})
+
+    def loss(views, step):
+        m = cosine_schedule(step, recipe.steps, recipe.ema_momentum, 1.0)
+        update_momentum(backbone, backbone_t, m=m)
+        update_momentum(head, head_t, m=m)
+        with torch.no_grad():
+            teacher = [head_t(backbone_t(v)) for v in views[:2]]
+        return criterion(teacher, [head(backbone(v)) for v in views], epoch=step)
+
+    return backbone, loss, model
+
+
+def lightly_method(recipe: Recipe):
+    """(backbone, loss(views, step), module holding every part) of the plain side."""
+    make = {"simclr": _lightly_simclr, "dino": _lightly_dino}.get(recipe.method, _lightly_momentum)
+    return make(recipe)
+
+
 def lightly_transform(recipe: Recipe):
     """lightly's transform of the method at `image_size`."""
     if recipe.method in ("byol", "mocov3"):  # MoCo v3 trains on BYOL's views
@@ -330,6 +392,10 @@ def lightly_transform(recipe: Recipe):
 
         size = recipe.image_size
         return BYOLTransform(BYOLView1Transform(input_size=size), BYOLView2Transform(input_size=size))
+    if recipe.method == "dino":
+        from lightly.transforms import DINOTransform
+
+        return DINOTransform(global_crop_size=recipe.image_size, n_local_views=0)
     from lightly.transforms import SimCLRTransform
 
     return SimCLRTransform(input_size=recipe.image_size)
@@ -369,8 +435,7 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
         if "method" in swaps:
             backbone, loss_fn, model = _raysl_method(recipe, seed)
         else:
-            make = _lightly_simclr if recipe.method == "simclr" else _lightly_momentum
-            backbone, loss_fn, model = make(recipe)
+            backbone, loss_fn, model = lightly_method(recipe)
         if "optim" in swaps:
             from raysl.optim.optimizers import build_optimizer, param_groups
             from raysl.optim.schedules import Schedules, apply
@@ -402,7 +467,10 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
                     group["lr"] = cosine_lr(step, recipe)
 
         raysl_views = "views" in swaps
-        transform = RayslViews(recipe.method, recipe.image_size) if raysl_views else lightly_transform(recipe)
+        if raysl_views:
+            transform = RayslViews(recipe.method, recipe.image_size, 0 if recipe.method == "dino" else None)
+        else:
+            transform = lightly_transform(recipe)
         dataset = Images(read_images(shards), transform, raysl_views)
         if "order" in swaps:
             sampler = StreamBatches(shards, recipe.batch_size, seed, recipe.shuffle_window)
