@@ -569,13 +569,26 @@ def run_parity_bench(
 
     if recipe.method not in METHODS:
         raise UserError(f"bench parity: --method {recipe.method}: the plain loop exists for {', '.join(METHODS)}")
+    if not seeds:
+        raise UserError("bench parity: --seeds names no seed")
     if (shards is None) != (test is None):
         raise UserError("bench parity: give both --shards (labeled pretraining set) and --test (held-out set), or none")
+    generated = shards is None or test is None
     if shards is None or test is None:
         shards, test = digit_sets(out, images, test_images, 0, layout)
     bank, held_out = load_labeled(shards, recipe.image_size), load_labeled(test, recipe.image_size, "--test")
     storage = os.path.join(out, "runs")
-    rows = []
+    head: dict[str, Any] = {
+        "bench": "parity",
+        "recipe": asdict(recipe),
+        "shards": shards,
+        "test": test,
+        "layout": layout if generated else None,
+        "bank_images": int(bank[1].shape[0]),
+        "test_images": int(held_out[1].shape[0]),
+        "knn": "weighted cosine kNN, k=20, T=0.07, eval views",
+    }
+    rows: list[dict] = []
     for seed in seeds:
         row: dict[str, Any] = {"seed": seed, "random": knn(random_backbone(recipe, seed), bank, held_out)}
         for side in sides:
@@ -589,23 +602,23 @@ def run_parity_bench(
             row[f"{side}_final_loss"] = round(info["final_loss"], 4)
             print(json.dumps({"seed": seed, "side": side, "knn_top1": row[side], **info}), file=sys.stderr, flush=True)
         rows.append(row)
-    result: dict[str, Any] = {
-        "bench": "parity",
-        "recipe": asdict(recipe),
-        "shards": shards,
-        "test": test,
-        "layout": layout if images else None,
-        "bank_images": int(bank[1].shape[0]),
-        "test_images": int(held_out[1].shape[0]),
-        "knn": "weighted cosine kNN, k=20, T=0.07, eval views",
-        "seeds": seeds,
+        result = {**head, **summary(rows, sides)}
+        with open(os.path.join(out, "bench_parity.json"), "w") as f:  # after every seed: a cut run keeps its seeds
+            json.dump(result, f, indent=2)
+    return result
+
+
+def summary(rows: list[dict], sides: list[str]) -> dict:
+    """Seeds, rows, and per side the spread of kNN top-1, wall time and the difference to plain."""
+    out: dict[str, Any] = {
+        "seeds": [r["seed"] for r in rows],
         "rows": rows,
         "knn_top1": {s: _spread([r[s] for r in rows]) for s in ["random", *sides]},
         "wall_s": {s: _spread([r[f"{s}_wall_s"] for r in rows]) for s in sides},
     }
     if "plain" in sides:
-        result["minus_plain"] = {s: _spread([r[s] - r["plain"] for r in rows]) for s in sides if s != "plain"}
-    return result
+        out["minus_plain"] = {s: _spread([r[s] - r["plain"] for r in rows]) for s in sides if s != "plain"}
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -652,7 +665,7 @@ def run_from_args(args) -> dict:
         shuffle_window=args.shuffle_window,
     )
     os.makedirs(args.out, exist_ok=True)
-    result = run_parity_bench(
+    return run_parity_bench(
         os.path.abspath(args.out),
         recipe=recipe,
         seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
@@ -663,6 +676,3 @@ def run_from_args(args) -> dict:
         test_images=args.test_images,
         layout=args.layout,
     )
-    with open(os.path.join(args.out, "bench_parity.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result
