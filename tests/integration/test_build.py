@@ -318,7 +318,7 @@ def test_class_folders_give_training_batches_of_every_class(tmp_path, ray_local)
     meta.write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "out")
     m = build.build_shards([str(src)], out, shard_size=16, metadata=str(meta))
-    assert m.written == 128 and len(m.shards) == 8
+    assert m.written == 128
     labels = [r["label"] for r in reader.read_rows(out, seed=0, window=2).take_all()]
     per_batch = [len(set(labels[b : b + 16])) for b in range(0, len(labels), 16)]
     assert len(labels) == 128 and min(per_batch) >= 4, per_batch
