@@ -676,3 +676,13 @@ def run_from_args(args) -> dict:
         test_images=args.test_images,
         layout=args.layout,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="raysl bench parity", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    print(json.dumps(run_from_args(p.parse_args(argv))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
