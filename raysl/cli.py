@@ -207,6 +207,12 @@ TREE: tuple[Command | Group, ...] = (
                 "raysl.bench.e2e",
                 run=_print_json,
             ),
+            Command(
+                "parity",
+                "kNN after raysl pretrain vs a plain lightly loop with the same recipe, over seeds; ingredient swaps",
+                "raysl.bench.parity",
+                run=_print_json,
+            ),
         ),
     ),
 )

@@ -43,8 +43,12 @@ from typing import Any, cast
 import numpy as np
 
 
-def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
-    """`n` 28 x 28 grey digits as 32 x 32 RGB PNGs in a shard set (skipped if it exists)."""
+def write_digit_shards(
+    directory: str, n: int, seed: int = 0, *, bases: np.ndarray | None = None, by_label: bool = False
+) -> str:
+    """`n` 28 x 28 grey digits as 32 x 32 RGB PNGs in a shard set (skipped if it exists).
+    `bases`: the scikit-learn digits they are drawn from, in turn (default: all of them);
+    `by_label`: rows sorted by label, as a folder per class listed in path order gives."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -53,10 +57,11 @@ def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
     if os.path.exists(os.path.join(directory, "manifest.json")):
         return directory
     digits = load_digits()
+    bases = np.arange(len(digits.images)) if bases is None else np.asarray(bases)
     rng = np.random.default_rng(seed)
     pngs, labels = [], []
     for i in range(n):
-        k = i % len(digits.images)
+        k = int(bases[i % len(bases)])
         small = Image.fromarray((digits.images[k] * 16).clip(0, 255).astype(np.uint8))
         side = int(rng.integers(20, 29))  # the digit's size inside its 28 x 28 frame
         digit = small.resize((side, side), Image.Resampling.BICUBIC)
@@ -69,7 +74,8 @@ def write_digit_shards(directory: str, n: int, seed: int = 0) -> str:
         img.convert("RGB").save(buf, format="PNG")
         pngs.append(buf.getvalue())
         labels.append(int(digits.target[k]))
-    return write_shards(directory, pngs, np.array(labels), np.arange(n), shard_size=1000, key="digits28/{i:05d}.png")
+    order = np.argsort(labels, kind="stable") if by_label else np.arange(n)
+    return write_shards(directory, pngs, np.array(labels), order, shard_size=1000, key="digits28/{i:05d}.png")
 
 
 def _config(

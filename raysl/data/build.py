@@ -1,7 +1,7 @@
 """`raysl shards build`: inputs -> parquet shards + manifest, as one Ray Data job.
 
 Pipeline (image bytes never reach the driver and never cross a shuffle):
-  references (sources.list_inputs, on the driver)
+  references (sources.list_inputs, on the driver; put in a seeded random order, input_order)
   -> read + sha256 + probe + filters + metadata join   (map_batches, one block of refs per task)
      minus the exact duplicates found by the dedup pass (their keys, below)
   -> blocks of `shard_size` rows                        (streaming repartition)
@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import PIL.Image
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -356,6 +357,23 @@ def _finish_append(
     )
 
 
+def input_order(kinds: list[str], seed: int | None) -> list[int]:
+    """The order the inputs are read and written in, as indices into the listed references
+    (`kinds`: each one's kind): tars and parquet row groups first (the long reads start
+    early), then plain image files, each group in a random order drawn from `seed`.
+    Listed inputs are sorted by path, so a folder per class would otherwise become shards
+    of one class each, and a training batch, drawn from the few shards of one shuffle
+    window, would hold one or two classes (for contrastive methods, negatives of the same
+    class). Shuffled, every shard is a sample of the whole set. A tar or a row group moves
+    as a whole: its rows keep their order. `seed` None: the listing order (paths sorted)."""
+    big = [i for i, k in enumerate(kinds) if k != "file"]
+    files = [i for i, k in enumerate(kinds) if k == "file"]
+    if seed is None:
+        return big + files
+    rng = np.random.default_rng(seed)
+    return [big[i] for i in rng.permutation(len(big))] + [files[i] for i in rng.permutation(len(files))]
+
+
 @dataclass
 class BuildPlan:
     """Everything `plan_build` checked and found on the driver, before any Ray work."""
@@ -375,6 +393,7 @@ class BuildPlan:
     shuffled_bytes: int = 0  # set by run_build: what the dedup shuffle moved (Ray Data's stats)
     existing: Manifest | None = None  # --append: the set as it was
     index_version: int = 0  # of the index this build writes
+    order_seed: int | None = 0  # seed of the order inputs are written in; None: listing order (input_order)
     added: Manifest | None = None  # --append, set by run_build: this build's own shards and counts
 
 
@@ -390,6 +409,7 @@ def plan_build(
     dedup: bool = True,
     overwrite: bool = False,
     append: bool = False,
+    order_seed: int | None = 0,
 ) -> BuildPlan:
     """Check the arguments, list the inputs, read the metadata and make `out` ready, all on
     the driver and without Ray: a missing SRC, a bad metadata row or an unwritable --out is
@@ -417,7 +437,7 @@ def plan_build(
     fs, root = _prepare_out(out, overwrite, append)
     allow = {lic.strip().lower() for lic in licenses} if licenses else None
     plan = BuildPlan(out, inputs, meta, meta_rows, fs, root, shard_size, metadata, allow, min_side, max_pixels, dedup)
-    plan.existing, plan.index_version = existing, version
+    plan.existing, plan.index_version, plan.order_seed = existing, version, order_seed
     return plan
 
 
@@ -436,7 +456,7 @@ def run_build(plan: BuildPlan) -> Manifest:
 
     refs = inputs.refs
     kinds = refs.column("kind").to_pylist()
-    refs = refs.take(sorted(range(len(kinds)), key=lambda i: kinds[i] == "file"))  # big refs first
+    refs = refs.take(input_order(kinds, plan.order_seed))
     refs = refs.append_column("_ref", pa.array(range(refs.num_rows), pa.int64()))
     options = dict(meta=meta, licenses=allow, min_side=min_side, max_pixels=max_pixels)
     if dedup:
@@ -447,8 +467,8 @@ def run_build(plan: BuildPlan) -> Manifest:
         old = shard_paths(out, plan.existing) if plan.existing else None
         refs, plan.shuffled_bytes = with_duplicates(refs, options, partitions, old)
     ds: ray.data.Dataset = ray.data.from_arrow(_blocks(refs))
-    # Rows reach the shard writers in input order, not in the order tasks finish: the same
-    # inputs give the same shards, row for row, on every rebuild.
+    # Rows reach the shard writers in input_order's order, not in the order tasks finish: the
+    # same inputs and seed give the same shards, row for row, on every rebuild.
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(
         _read_batch,  # type: ignore[arg-type]  # Ray's type for the function leaves out fn_kwargs
@@ -538,6 +558,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side is smaller")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="skip images with more pixels (bomb guard)")
     p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (sha256)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random order images are written in, so every shard mixes the whole input (default 0)",
+    )
+    p.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="write images in input order (paths sorted) instead: a folder per class then gives one-class shards",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
     p.add_argument(
         "--append",
@@ -559,6 +590,7 @@ def run_from_args(args: argparse.Namespace) -> None:
         min_side=args.min_side,
         max_pixels=args.max_pixels,
         dedup=not args.no_dedup,
+        order_seed=None if args.keep_order else args.seed,
         overwrite=args.overwrite,
         append=args.append,
     )

@@ -107,3 +107,42 @@ def test_cli_checks_src_out_and_metadata_before_starting_ray(tmp_path, monkeypat
     assert cli.main(["shards", "build", *argv]) == 2
     err = capsys.readouterr().err
     assert {"missing_src": "nowhere", "unwritable_out": "afile", "bad_metadata": "m.csv:2"}[case] in err
+
+
+# ---------------------------------------------------------------- the order images are written in
+
+
+def test_class_folders_are_written_in_a_seeded_mixed_order(tmp_path):
+    """A folder per class is listed in path order, so written as listed every shard would
+    hold one class; input_order mixes them (every shard of 16 holds at least half of the 8
+    classes), the same way for the same seed, and keeps containers first. Without a
+    seed the listing order is kept."""
+    png = encode(photo(8), "PNG")
+    for c in range(8):
+        for i in range(16):
+            write_file(str(tmp_path / "src" / f"class{c}" / f"{i:02d}.png"), png)
+    write_file(str(tmp_path / "src" / "extra.tar"), b"")
+    inputs = build.list_inputs([str(tmp_path / "src")])
+    kinds = inputs.refs.column("kind").to_pylist()
+    keys = inputs.refs.column("key").to_pylist()
+
+    def classes_per_shard(order):
+        files = [keys[i].split("/")[1] for i in order if kinds[i] == "file"]
+        return [len(set(files[s : s + 16])) for s in range(0, len(files), 16)]
+
+    listed = build.input_order(kinds, None)
+    assert kinds[listed[0]] == "tar" and classes_per_shard(listed) == [1] * 8
+    mixed = build.input_order(kinds, 0)
+    assert sorted(mixed) == list(range(len(kinds))) and kinds[mixed[0]] == "tar"
+    assert min(classes_per_shard(mixed)) >= 4
+    assert build.input_order(kinds, 0) == mixed and build.input_order(kinds, 1) != mixed
+
+
+def test_build_arguments_choose_the_order():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    build.add_arguments(p)
+    assert p.parse_args(["src", "--out", "o"]).seed == 0
+    args = p.parse_args(["src", "--out", "o", "--seed", "5", "--keep-order"])
+    assert args.seed == 5 and args.keep_order
