@@ -100,7 +100,16 @@ class SimCLR(Method):
         m = cfg.method
         self.temperature = m.temperature
         self.backbone = make_backbone(cfg)
-        self.projector = mlp(self.backbone.num_features, m.proj_hidden_dim, m.proj_dim, layers=m.proj_layers or 2)
+        # the paper's code normalises the projection too (batch norm with a scale, no shift):
+        # without it the embeddings drift towards one direction within a few dozen steps
+        self.projector = mlp(
+            self.backbone.num_features,
+            m.proj_hidden_dim,
+            m.proj_dim,
+            layers=m.proj_layers or 2,
+            last_bn=True,
+            last_bn_scale=True,
+        )
         self.embedding_dim = m.proj_dim
         self.ft_extrapolate = m.ft_extrapolate or None
         self.ft_interpolate = m.ft_interpolate or None

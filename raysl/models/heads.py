@@ -9,11 +9,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class ScaleBatchNorm1d(nn.BatchNorm1d):
+    """Batch norm that learns a scale per feature but no shift (SimCLR's projector output,
+    `center=False` in the paper's code)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=True)
+        self.register_parameter("bias", None)
+
+
 def mlp(
-    in_dim: int, hidden_dim: int, out_dim: int, *, layers: int = 2, last_bn: bool = False, bn: bool = True
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    layers: int = 2,
+    last_bn: bool = False,
+    bn: bool = True,
+    last_bn_scale: bool = False,
 ) -> nn.Sequential:
-    """Projector/predictor MLP: (Linear-BN-ReLU) x (layers-1), then Linear (+BN without affine).
-    `bn=False` drops the hidden BNs (MoCo v2's fc-relu-fc)."""
+    """Projector/predictor MLP: (Linear-BN-ReLU) x (layers-1), then Linear (+BN without affine,
+    or with a learned scale and no shift when `last_bn_scale`). `bn=False` drops the hidden BNs
+    (MoCo v2's fc-relu-fc)."""
     mods: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
@@ -24,7 +41,7 @@ def mlp(
         dim = hidden_dim
     mods.append(nn.Linear(dim, out_dim, bias=not last_bn))
     if last_bn:
-        mods.append(nn.BatchNorm1d(out_dim, affine=False))
+        mods.append(ScaleBatchNorm1d(out_dim) if last_bn_scale else nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*mods)
 
 
