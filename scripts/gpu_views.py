@@ -36,8 +36,9 @@ import tempfile
 import time
 
 
-def make_jpegs(n: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> list[bytes]:
-    """n JPEGs of `size` cut at random (area 30-100%) from the demo pool's photographs."""
+def make_jpegs(n: int, seed: int = 0, size: tuple[int, int] | None = (500, 375)) -> list[bytes]:
+    """n JPEGs of `size` (None: each crop's own size) cut at random (area 30-100%) from the
+    demo pool's photographs."""
     import numpy as np
     from PIL import Image
 
@@ -59,7 +60,8 @@ def make_jpegs(n: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> lis
         cw, ch = max(8, int(w * side)), max(8, int(h * side))
         left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         buf = io.BytesIO()
-        img.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        crop = img.crop((left, top, left + cw, top + ch))
+        (crop.resize(size, Image.Resampling.BICUBIC) if size else crop).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 

@@ -14,20 +14,26 @@ from raysl.curate import embeddings
 from raysl.curate.embed import PAUSE_ENV, plan_embed, run_embed
 
 
+def _kill_after_first_part(cmd: list[str], pause_env: str, parts) -> list[str]:
+    """Start `cmd` with its workers pausing 3 s after each part (`pause_env`), SIGKILL it and
+    the local Ray it started once `parts()` lists a part; the parts written by then."""
+    env = dict(os.environ, **{pause_env: "3"})
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not parts() and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not wait_gone([proc.pid])
+    return parts()
+
+
 def test_killed_embed_job_resumes_without_redoing_done_shards(ray_local, photos, tmp_path):
     out = str(tmp_path / "emb")
     cmd = [sys.executable, "-m", "raysl.cli", "curate", "embed", "--shards", photos, "--model", MODEL, "--out", out]
     cmd += ["--image-size", "64", "--actors", "1"]
-    env = dict(os.environ, **{PAUSE_ENV: "3"})  # the actor sleeps 3 s after each part: time to kill it
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = lambda: sorted(f for f in os.listdir(out) if f.startswith("part-")) if os.path.isdir(out) else []  # noqa: E731
-    while not parts() and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    assert not wait_gone([proc.pid])
-    done = parts()
+    done = _kill_after_first_part(cmd, PAUSE_ENV, parts)  # the actor sleeps 3 s after each part
     assert 1 <= len(done) < 6
     stamps = {f: (os.stat(os.path.join(out, f)).st_ino, os.stat(os.path.join(out, f)).st_mtime_ns) for f in done}
     result = run_embed(plan_embed(photos, MODEL, out, image_size=64), actors=1)
@@ -55,17 +61,9 @@ def test_killed_dedup_resumes_from_its_finished_parts(ray_local, photos, tmp_pat
     out = str(tmp_path / "sel")
     cmd = [sys.executable, "-m", "raysl.cli", "curate", "dedup", "--emb", emb, "--out", out, "--clusters", "3"]
     cmd += ["--keep", "first"]
-    env = dict(os.environ, **{PAUSE_ENV: "3"})  # each task sleeps 3 s after its part: time to kill it
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assign = os.path.join(out, ".work", "assign")
     parts = lambda: sorted(f for f in os.listdir(assign) if f.endswith(".parquet")) if os.path.isdir(assign) else []  # noqa: E731
-    while not parts() and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    assert not wait_gone([proc.pid])
-    done = parts()
+    done = _kill_after_first_part(cmd, PAUSE_ENV, parts)  # each task sleeps 3 s after its part
     assert 1 <= len(done) < 6 and not os.path.exists(os.path.join(out, "manifest.json"))
     capsys.readouterr()
     run_dedup(emb, out, clusters=3, keep="first")
