@@ -17,6 +17,15 @@ from raysl.data.schema import read_manifest
 N, PART = 700, 120  # 6 parts, the last one smaller
 
 
+@pytest.fixture(autouse=True)
+def in_this_process(monkeypatch):
+    """The steps' parts run here, one after another, even in a test process where an earlier
+    test connected Ray (the steps as Ray tasks: tests/integration/test_curate.py)."""
+    from raysl.curate import parts
+
+    monkeypatch.setattr(parts, "_ray", lambda: None)
+
+
 def _emb(tmp_path, x, name="emb"):
     src = str(tmp_path / f"{name}_src")
     write_shards(src, [(f"{name}/{i:05d}", b"x", None) for i in range(len(x))], shard_size=PART)
