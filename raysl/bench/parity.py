@@ -420,6 +420,20 @@ def _raysl_method(recipe: Recipe, seed: int):
     return method.evaluated_backbone(), loss, method
 
 
+def raysl_schedules(recipe: Recipe):
+    """raysl's lr and weight-decay schedules for `recipe` (what `raysl pretrain` runs)."""
+    from raysl.optim.schedules import Schedules
+
+    return Schedules.build(
+        total_steps=recipe.steps,
+        warmup_steps=recipe.warmup_steps,
+        lr=recipe.peak_lr,
+        min_lr=recipe.min_lr,
+        weight_decay=recipe.weight_decay,
+        weight_decay_end=recipe.weight_decay,
+    )
+
+
 def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = frozenset()) -> tuple[Any, dict]:
     """The plain loop (with raysl's ingredients `swaps`); (trained backbone, {wall_s, final_loss})."""
     import bitsandbytes as bnb
@@ -438,17 +452,10 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
             backbone, loss_fn, model = lightly_method(recipe)
         if "optim" in swaps:
             from raysl.optim.optimizers import build_optimizer, param_groups
-            from raysl.optim.schedules import Schedules, apply
+            from raysl.optim.schedules import apply
 
             optimizer = build_optimizer("adamw8bit", param_groups(model, recipe.weight_decay), lr=0.0)
-            schedules = Schedules.build(
-                total_steps=recipe.steps,
-                warmup_steps=recipe.warmup_steps,
-                lr=recipe.peak_lr,
-                min_lr=recipe.min_lr,
-                weight_decay=recipe.weight_decay,
-                weight_decay_end=recipe.weight_decay,
-            )
+            schedules = raysl_schedules(recipe)
 
             def set_lr(step):
                 apply(optimizer, schedules.at(step))

@@ -74,6 +74,15 @@ class _Phases:
         self.start = now
 
 
+def _write_selection(out, emb, meta, curation, step: dict, summaries, phases: _Phases, reason: str) -> dict:
+    """Write the step's selection: `step` records how many images this step dropped for
+    `reason` (all parts' drops for it, less those of the selection it started from)."""
+    dropped = sum(s["dropped"][reason] for s in summaries) - curation.get("counts", {}).get(f"dropped_{reason}", 0)
+    record = selection.write(out, emb, meta, curation, step | {"dropped": dropped}, summaries)
+    phases.add("write")
+    return record | {"phases": phases.phases}
+
+
 def _sample_size(sample: int, clusters: int, n: int) -> int:
     if sample < 0:
         raise UserError(f"--sample {sample}: images k-means trains on, >= 1 (0: the default)")
@@ -139,11 +148,8 @@ def run_dedup(
     calls = [(u, model_id, priors[s], s, assigned[s], drops) for s, u in enumerate(uris)]
     summaries = parts.run_parts(dedup.lineage_part, calls, lineage, "curate dedup: lineage")
     phases.add("lineage", summaries)
-    dropped = sum(s["dropped"]["duplicate"] for s in summaries) - curation.get("counts", {}).get("dropped_duplicate", 0)
     step = {"step": "dedup", "clusters": clusters, "sample": sample, "threshold": threshold, "keep": keep}
-    record = selection.write(out, emb, meta, curation, step | {"dropped": dropped}, summaries)
-    phases.add("write")
-    return record | {"phases": phases.phases}
+    return _write_selection(out, emb, meta, curation, step, summaries, phases, "duplicate")
 
 
 def check_decontaminate(emb, evals, out, *, model=None, sel=None, overwrite=False) -> int:
@@ -185,12 +191,8 @@ def run_decontaminate(
     calls = [(u, model_id, selection.prior_part(sel, s), s, eval_x, threshold) for s, u in enumerate(uris)]
     summaries = parts.run_parts(decontaminate.decontaminate_part, calls, lineage, "curate decontaminate")
     phases.add("decontaminate", summaries)
-    before = curation.get("counts", {}).get("dropped_contaminated", 0)
-    dropped = sum(s["dropped"]["contaminated"] for s in summaries) - before
     step = {"step": "decontaminate", "eval": [selection._absolute(e) for e in evals], "threshold": threshold}
-    record = selection.write(out, emb, meta, curation, step | {"dropped": dropped}, summaries)
-    phases.add("write")
-    return record | {"phases": phases.phases}
+    return _write_selection(out, emb, meta, curation, step, summaries, phases, "contaminated")
 
 
 def _load_all(emb: str, model: str) -> np.ndarray:
@@ -268,11 +270,8 @@ def run_balance(
     calls = [(u, model_id, priors[s], s, assigned[s], take[s], tree, seed) for s, u in enumerate(uris)]
     summaries = parts.run_parts(balance.select_part, calls, lineage, "curate balance: sample")
     phases.add("sample_images", summaries)
-    dropped = sum(s["dropped"]["balance"] for s in summaries) - curation.get("counts", {}).get("dropped_balance", 0)
     step = {"step": "balance", "target": target, "levels": levels, "sample": sample, "resample": resample}
-    record = selection.write(out, emb, meta, curation, step | {"dropped": dropped}, summaries)
-    phases.add("write")
-    return record | {"phases": phases.phases}
+    return _write_selection(out, emb, meta, curation, step, summaries, phases, "balance")
 
 
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:

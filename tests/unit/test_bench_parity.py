@@ -14,7 +14,6 @@ from raysl.bench import parity
 from raysl.data.schema import read_manifest, shard_paths
 from raysl.errors import UserError
 from raysl.optim.optimizers import param_groups
-from raysl.optim.schedules import Schedules
 
 
 def _labels(shards):
@@ -38,14 +37,7 @@ def test_plain_schedule_and_decay_groups_are_raysls():
     step) equals raysl's schedule step for step, and raysl decays exactly the ndim > 1
     parameters the plain loop decays."""
     recipe = parity.Recipe()
-    ours = Schedules.build(
-        total_steps=recipe.steps,
-        warmup_steps=recipe.warmup_steps,
-        lr=recipe.peak_lr,
-        min_lr=recipe.min_lr,
-        weight_decay=recipe.weight_decay,
-        weight_decay_end=recipe.weight_decay,
-    )
+    ours = parity.raysl_schedules(recipe)
     plain = [parity.cosine_lr(s, recipe) for s in range(recipe.steps)]
     np.testing.assert_allclose(ours.lr, plain, rtol=1e-9, atol=1e-12)
     assert plain[0] == 0 and plain[recipe.warmup_steps] == recipe.peak_lr and plain[-1] == recipe.min_lr
