@@ -147,9 +147,9 @@ def _train_worker(raw: dict) -> list[dict] | None:
     def checkpoint_step(uploads, step: int) -> float:
         t0 = time.perf_counter()
         _step(engine, x)
-        d = tempfile.mkdtemp(prefix="raysl_ckpt_")
-        checkpoint.save(d, engine, rank=rank, world_size=world, state={"step": step})
-        uploads.report({"step": step}, d)
+        uploads.report(
+            {"step": step}, lambda d: checkpoint.save(d, engine, rank=rank, world_size=world, state={"step": step})
+        )
         return time.perf_counter() - t0
 
     sync = upload.Uploads(rank, in_background=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
+from typing import NamedTuple
 
 from raysl.data.schema import filesystem_and_path  # a local path or any URI pyarrow opens
 
@@ -18,6 +20,37 @@ RUN_STATE = "raysl_state.json"  # rank 0 writes it last into a checkpoint (raysl
 
 def is_uri(path: str) -> bool:
     return "://" in path
+
+
+def scratch_dir(kind: str) -> str:
+    """A new local temporary directory, `raysl_<kind>_pid<this process's pid>_*`: the pid lets
+    a later process on the node tell what a dead one left behind (`remove_dead_scratch`)."""
+    return tempfile.mkdtemp(prefix=f"raysl_{kind}_pid{os.getpid()}_")
+
+
+def remove_dead_scratch(kind: str) -> list[str]:
+    """Delete the `scratch_dir(kind)` directories whose process no longer runs (killed, or
+    ended by an error before it removed them); a running process's are never touched.
+    Returns the paths removed."""
+    import re
+
+    root, removed = tempfile.gettempdir(), []
+    for name in os.listdir(root):
+        found = re.fullmatch(rf"raysl_{re.escape(kind)}_pid(\d+)_.+", name)
+        if found and not _running(int(found.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def run_dir(storage_path: str, name: str) -> str:
@@ -216,11 +249,16 @@ def _writes_in_caller(fs):
     return pyarrow.fs.S3FileSystem(**{**options, "background_writes": False})
 
 
-def upload_dir(local: str, fs, dest: str, *, last: str, background: bool = False) -> int:
+class Copied(NamedTuple):
+    nbytes: int
+    cpu_s: float  # CPU time of the threads that copied the files (in the background: all of the client's work)
+
+
+def upload_dir(local: str, fs, dest: str, *, last: str, background: bool = False) -> Copied:
     """Copy the local directory `local` to `dest` on the pyarrow filesystem `fs`, several
     files at a time, and the file `last` (a relpath) only once all others are there: a
-    copy cut short never has it. Returns the bytes moved. Each file is copied in one of
-    our threads (one multi-threaded copy_files to S3 can hang, apache/arrow#32372).
+    copy cut short never has it. Each file is copied in one of our threads (one
+    multi-threaded copy_files to S3 can hang, apache/arrow#32372).
     `background`: those threads run at the lowest CPU priority and send the S3 parts
     themselves, so the whole upload yields to training."""
     from concurrent.futures import ThreadPoolExecutor
@@ -238,8 +276,9 @@ def upload_dir(local: str, fs, dest: str, *, last: str, background: bool = False
     if background:
         fs = _writes_in_caller(fs)
 
-    def one(rel: str) -> int:
+    def one(rel: str) -> Copied:
         path = os.path.join(local, *rel.split("/"))
+        cpu = time.thread_time()
         pyarrow.fs.copy_files(
             path,
             f"{dest}/{rel}",
@@ -248,11 +287,12 @@ def upload_dir(local: str, fs, dest: str, *, last: str, background: bool = False
             chunk_size=_UPLOAD_CHUNK,
             use_threads=False,  # in this thread, not on pyarrow's IO threads
         )
-        return os.path.getsize(path)
+        return Copied(os.path.getsize(path), time.thread_time() - cpu)
 
     with ThreadPoolExecutor(max_workers=TRANSFER_THREADS, initializer=_yield_cpu if background else None) as pool:
-        moved = sum(pool.map(one, [rel for rel in names if rel != last]))
-        return moved + (pool.submit(one, last).result() if last in names else 0)
+        copied = list(pool.map(one, [rel for rel in names if rel != last]))
+        copied += [pool.submit(one, last).result()] if last in names else []
+    return Copied(sum(c.nbytes for c in copied), sum(c.cpu_s for c in copied))
 
 
 class RunFiles:
@@ -267,7 +307,8 @@ class RunFiles:
             self.local = run
             os.makedirs(run, exist_ok=True)
             return
-        self.local = tempfile.mkdtemp(prefix="raysl_run_")
+        remove_dead_scratch("run")
+        self.local = scratch_dir("run")
         for name in fetch:  # e.g. metrics.jsonl on resume: it is appended to, then uploaded whole
             if download(_join(run, name), os.path.join(self.local, name)):
                 self._uploaded[name] = self._stamp(name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -439,10 +438,10 @@ class Trainer:
         state = dict(
             self.state, consumed=self.consumed(), skipped=metrics["skipped_corrupt"], drawn=drawn, workers=self.world
         )
-        self.uploads.wait()  # the previous checkpoint's upload (train.checkpoint_upload)
-        d = tempfile.mkdtemp(prefix="raysl_ckpt_")  # deleted once uploaded
-        checkpoint.save(d, self.engine, rank=self.rank, world_size=self.world, state=state)
-        self.uploads.report(metrics, d)
+        # once the previous checkpoint's upload has ended (train.checkpoint_upload), into a local folder deleted once uploaded
+        self.uploads.report(
+            metrics, lambda d: checkpoint.save(d, self.engine, rank=self.rank, world_size=self.world, state=state)
+        )
         if self.files:
             self.files.sync()  # URI runs: metrics.jsonl, TensorBoard, pictures up to this checkpoint
 
