@@ -14,6 +14,9 @@ with `raysl.train.upload.Uploads`, as a run does. Measured, mean over the worker
 - `step_s_during_upload_async`: the steps trained while that upload runs (mean; the
   writing step itself is not among them);
 - `upload_bytes` (all workers) and `upload_s` (the slowest worker) of one checkpoint;
+- `upload_cpu_s`: the CPU time of the threads that copied the background checkpoint, all
+  workers together (all of the client's work: they send the S3 parts themselves);
+  `upload_server_cpu_s`: the S3 server's, from that checkpoint's step to the upload's end;
 - `cpu_per_s_idle`, `cpu_per_s_during_upload_async`: per worker, CPU-seconds per second
   of those steps' wall time: `thread_cpu` of the training thread and `thread_wait_cpu`, its
   time runnable but waiting for a core (`/proc/thread-self/schedstat`); `worker_cpu`, the
@@ -24,9 +27,12 @@ with `raysl.train.upload.Uploads`, as a run does. Measured, mean over the worker
   from a checkpoint written by local processes (a process group on this host, no Ray).
 
 The S3 server stands in for a bucket on other machines, whose CPU a run never pays for:
-it runs at the lowest CPU priority (Linux's SCHED_IDLE, below Ray's workers at nice 15),
-so it gets only the cores the training leaves idle. Its own CPU (`server_cpu`) is
-reported, not charged to the steps; the price is a slower upload on a busy machine.
+it runs at the lowest CPU priority (nice 19 and Linux's SCHED_IDLE, below Ray's workers at
+nice 15, in its own session whose autogroup is at nice 19), so it gets little more than the
+cores the training leaves idle. Its own CPU (`server_cpu`, `upload_server_cpu_s`) is
+reported apart from the client's (`upload_cpu_s`); the price is a slower upload on a busy
+machine. What it still takes from the steps is the bench's, not a run's: a real bucket
+spends none of the node's CPU.
 
 Prints one JSON line."""
 
@@ -155,6 +161,7 @@ def _train_worker(raw: dict) -> list[dict] | None:
     sync = upload.Uploads(rank, in_background=False)
     sync_s = checkpoint_step(sync, 1)
     background = upload.Uploads(rank, in_background=True)
+    before_async = _clock(raw["server_pid"])
     async_s = checkpoint_step(background, 2)
     t2 = _clock(raw["server_pid"])
     during = []
@@ -170,6 +177,8 @@ def _train_worker(raw: dict) -> list[dict] | None:
         "during": during,
         "bytes": background.last_bytes,
         "upload_s": background.last_s,
+        "upload_cpu_s": background.last_cpu_s,
+        "server_cpu_s": t3["server_cpu"] - before_async["server_cpu"],
         "cpu_idle": _spent((t0, t1), (t3, t4)),
         "cpu_during": _spent((t2, t3)) if during else None,
     }
@@ -255,10 +264,9 @@ def _moto() -> tuple[subprocess.Popen, dict]:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own scheduling group (Linux's autogroup), set below
         )
-        os.setpriority(os.PRIO_PROCESS, proc.pid, 19)
-        if hasattr(os, "SCHED_IDLE"):  # below Ray's workers (nice 15) too: only cores no one else wants
-            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
+        _lowest_priority(proc.pid)
     except OSError as exc:
         raise RuntimeError(f"cannot start moto's S3 server: {exc}") from exc
     deadline = time.monotonic() + 60
@@ -280,6 +288,22 @@ def _moto() -> tuple[subprocess.Popen, dict]:
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     return proc, env
+
+
+def _lowest_priority(pid: int) -> None:
+    """The process `pid` gets only the CPU no one else wants: nice 19 and Linux's SCHED_IDLE,
+    below Ray's workers (nice 15) too. Where the kernel groups processes by session
+    (autogroup, /proc/sys/kernel/sched_autogroup_enabled), each group gets an equal share of
+    the CPU whatever its processes' priority: the process leads its own session and its
+    group is set to nice 19 (a 15/1024 share beside the session of the driver and Ray's workers)."""
+    os.setpriority(os.PRIO_PROCESS, pid, 19)
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write("19")
+    except OSError:  # no autogroups: the process's own priority is all there is
+        pass
 
 
 def _new_bucket() -> str:
@@ -338,11 +362,13 @@ def run_checkpoint_bench(
         "steps_during_upload_async": len(during) // len(ranks),
         "upload_bytes": sum(r["bytes"] for r in ranks),
         "upload_s": round(max(r["upload_s"] for r in ranks), 3),
+        "upload_cpu_s": round(sum(r["upload_cpu_s"] for r in ranks), 3),
+        "upload_server_cpu_s": round(ranks[0]["server_cpu_s"], 3) if server is not None else None,
         "cpu_per_s_idle": [r["cpu_idle"] for r in ranks],
         "cpu_per_s_during_upload_async": [r["cpu_during"] for r in ranks],
         "restore_workers": list(restore_workers),
         "restore_bytes_per_worker": [max(r["bytes"] for r in restores[w]) for w in restore_workers],
-        "storage": "moto S3 server on this machine, lowest CPU priority (SCHED_IDLE)"
+        "storage": "moto S3 server on this machine, lowest CPU priority (nice 19, SCHED_IDLE, autogroup nice 19)"
         if server is not None
         else root.split("/")[0] + "//...",
     }

@@ -19,6 +19,8 @@ def test_bench_checkpoint_reports_every_figure(ray_local, s3):
         "step_s_during_upload_async",
         "upload_bytes",
         "upload_s",
+        "upload_cpu_s",
+        "upload_server_cpu_s",
         "restore_bytes_per_worker",
         "cpu_per_s_idle",
         "cpu_per_s_during_upload_async",
@@ -26,6 +28,7 @@ def test_bench_checkpoint_reports_every_figure(ray_local, s3):
         assert key in out, key
     assert out["step_s_idle"] > 0 and out["step_s_during_upload_sync"] > 0 and out["upload_s"] > 0
     assert out["upload_bytes"] > 4 * PARAMS  # fp32 weights at least
+    assert out["upload_cpu_s"] > 0  # the client's own work, apart from the S3 server's
     for side in ("cpu_per_s_idle", "cpu_per_s_during_upload_async"):
         assert len(out[side]) == 2  # one per worker
         for worker in out[side]:
