@@ -438,7 +438,7 @@ class Trainer:
         state = dict(
             self.state, consumed=self.consumed(), skipped=metrics["skipped_corrupt"], drawn=drawn, workers=self.world
         )
-        # once the previous checkpoint's upload has ended (train.checkpoint_upload), into a local folder deleted once uploaded
+        # once the previous upload has ended (train.checkpoint_upload), into a local folder deleted once uploaded
         self.uploads.report(
             metrics, lambda d: checkpoint.save(d, self.engine, rank=self.rank, world_size=self.world, state=state)
         )
