@@ -1,6 +1,7 @@
 """Fault drills of runs whose checkpoints live on a bucket (moto's S3 server): a training
 worker SIGKILLed by pid, and the network to the bucket cut while a checkpoint uploads."""
 
+import glob
 import json
 import os
 import signal
@@ -122,6 +123,7 @@ def test_a_checkpoint_cut_off_mid_upload_is_never_resumed_from(s3, train_shards,
             first.kill()
         log.close()
     proxy.restore()
+    first_pids = {a["rank0_pid"] for a in _attempts(run)}
     problem = storage.checkpoint_problem(f"{run}/{cut_name}")
     assert problem is not None, f"{cut_name} was complete: the cut came too late"
     previous = [n for n in storage.subdirs(run, "checkpoint_") if n < cut_name]
@@ -142,3 +144,7 @@ def test_a_checkpoint_cut_off_mid_upload_is_never_resumed_from(s3, train_shards,
         line for line in (resumed.stdout + resumed.stderr).splitlines() if "skipping damaged checkpoint" in line
     ]
     assert len(warnings) == 1 and warnings[0].endswith(recovery.skipped_line(cut_name, problem)), warnings
+    # the first run's workers died with checkpoints not uploaded: the resumed run's workers on
+    # this node deleted the local copies they left
+    copies = [glob.glob(os.path.join(tempfile.gettempdir(), f"raysl_ckpt_pid{pid}_*")) for pid in first_pids]
+    assert first_pids and not any(copies), copies
