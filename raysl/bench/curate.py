@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from raysl.curate.dedup import DEFAULT_THRESHOLD
+from raysl.curate.dedup import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-iters", type=int, default=10, help="scale part: k-means iterations (default 10)")
     p.add_argument("--scale-clusters", type=int, default=0, help="scale part: default N / 1000, as curate dedup")
     p.add_argument("--scale-threshold", type=float, default=0.95, help="scale part: dedup cosine (default 0.95)")
+    p.add_argument(
+        "--scale-margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help=f"scale part: dedup --margin (default {DEFAULT_MARGIN})",
+    )
+    p.add_argument(
+        "--scale-coarse", type=int, default=0, help="scale part: coarse k-means cells (default ~sqrt(clusters))"
+    )
     p.add_argument(
         "--scale-single", action="store_true", help="scale part: also the in-memory SemDeDup on the same embeddings"
     )
