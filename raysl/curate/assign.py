@@ -55,12 +55,13 @@ def centroid_index(centroids: np.ndarray, coarse: np.ndarray | None = None):
 
     centroids = np.ascontiguousarray(centroids, np.float32)
     if coarse is None or len(coarse) <= 1:
-        index = faiss.IndexFlatIP(centroids.shape[1])
-    else:
-        quantizer = faiss.IndexFlatIP(centroids.shape[1])
-        quantizer.add(np.ascontiguousarray(coarse, np.float32))
-        index = faiss.IndexIVFFlat(quantizer, centroids.shape[1], len(coarse), faiss.METRIC_INNER_PRODUCT)
-        index.nprobe = min(PROBES, len(coarse))
+        flat = faiss.IndexFlatIP(centroids.shape[1])
+        flat.add(centroids)
+        return flat
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(coarse, np.float32))
+    index = faiss.IndexIVFFlat(quantizer, centroids.shape[1], len(coarse), faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = min(PROBES, len(coarse))
     index.add(centroids)
     return index
 

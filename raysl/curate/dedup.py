@@ -68,7 +68,7 @@ def memberships(ids: np.ndarray, sims: np.ndarray, margin: float) -> tuple[np.nd
     (ids/sims from assign.nearest_two), and also in its second nearest when that is within
     `margin` (cosine) of the nearest, so a pair of near-copies on two sides of a cluster
     boundary still meets in one cluster."""
-    second = np.flatnonzero((ids[:, 1] >= 0) & (sims[:, 1] >= sims[:, 0] - margin)) if margin > 0 else []
+    second = np.flatnonzero((ids[:, 1] >= 0) & (sims[:, 1] >= sims[:, 0] - margin) & (margin > 0))
     rows = np.concatenate([np.arange(len(ids)), second]).astype(np.int64)
     cluster = np.concatenate([ids[:, 0], ids[second, 1]]).astype(np.int64)
     order = np.argsort(rows, kind="stable")
