@@ -129,7 +129,7 @@ def run_dedup(
 ) -> dict:
     n = check_dedup(emb, out, model=model, sel=sel, threshold=threshold, keep=keep, margin=margin, overwrite=overwrite)
     # ~1,000 images per cluster (SemDeDup: 50k clusters for 440 M): a group of copies split over two
-    # clusters is missed, and small sets stay in one cluster, where the search is exact
+    # clusters is missed unless within the margin, and small sets stay in one cluster, where the search is exact
     clusters = clusters or max(1, n // CLUSTER_SIZE)
     sample = _sample_size(sample, clusters, n)
     meta, curation = embeddings.read_meta(emb), selection.prior(sel, emb)
