@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from raysl.curate.dedup import DEFAULT_THRESHOLD
+from raysl.curate.dedup import DEFAULT_MARGIN, DEFAULT_THRESHOLD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digits-size", type=int, default=64, help="eval crop size for the digits (pooled features)")
     p.add_argument("--target", type=int, default=100, help="balanced sample size")
     p.add_argument("--levels", default="30,10", help="balance: clusters per level, bottom first (default 30,10)")
+    p.add_argument(
+        "--balance-seeds", type=int, default=5, help="balance: seeds (k-means and draw) the fractions are averaged over"
+    )
     p.add_argument("--pretrain-target", type=int, default=96, help="pretrain part: sample size")
     p.add_argument("--pretrain-steps", type=int, default=150, help="pretrain part: SimCLR steps per run")
     p.add_argument("--scale", default="100000", help="scale part: comma list of N, embeddings (default 100000)")
@@ -53,6 +56,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-iters", type=int, default=10, help="scale part: k-means iterations (default 10)")
     p.add_argument("--scale-clusters", type=int, default=0, help="scale part: default N / 1000, as curate dedup")
     p.add_argument("--scale-threshold", type=float, default=0.95, help="scale part: dedup cosine (default 0.95)")
+    p.add_argument(
+        "--scale-margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help=f"scale part: dedup --margin (default {DEFAULT_MARGIN})",
+    )
+    p.add_argument(
+        "--scale-coarse", type=int, default=0, help="scale part: coarse k-means cells (default ~sqrt(clusters))"
+    )
     p.add_argument(
         "--scale-single", action="store_true", help="scale part: also the in-memory SemDeDup on the same embeddings"
     )
@@ -114,8 +126,12 @@ def bench_dedup(work: str, args) -> dict:
 
 
 def bench_balance(work: str, args) -> dict:
+    """Entropy fractions, each the mean over `--balance-seeds` seeds (k-means and draw): the
+    balanced sample as tasks over parts, the in-memory balanced sample (the same tree and
+    shares; the draw within a cluster differs), and a random sample of the same size."""
     import pyarrow.parquet as pq
 
+    from raysl.curate import balance, embeddings
     from raysl.curate.planted import entropy_fraction, long_tailed_digits
     from raysl.curate.steps import parse_levels, run_balance
     from raysl.data.demo_images import digit_pngs
@@ -125,30 +141,31 @@ def bench_balance(work: str, args) -> dict:
     rows = [{"key": f"digits/{i:04d}.png", "image": pngs[i][0], "label": int(labels[i])} for i in idx]
     shards = _write(os.path.join(work, "digits"), rows, 100)
     emb = _embed(shards, os.path.join(work, "digits_emb"), args, args.digits_size)
-    out = os.path.join(work, "digits_balanced")
-    run_balance(emb, out, target=args.target, levels=parse_levels(args.levels), overwrite=True)
-    lineage = pq.read_table(os.path.join(out, "lineage.parquet"))
     label_of = {r["key"]: r["label"] for r in rows}
-    kept = [
-        label_of[k]
-        for k, d in zip(lineage.column("key").to_pylist(), lineage.column("decision").to_pylist())
-        if d == "keep"
-    ]
-    rand = np.random.default_rng(0).choice(labels[idx], args.target, replace=False)
+    _, table, x = embeddings.load(emb)
+    emb_labels = np.array([label_of[k] for k in table.column("key").to_pylist()])
+    levels = parse_levels(args.levels)
+    drawn: dict[str, list[np.ndarray]] = {"random": [], "balanced": [], "in_memory": []}
+    for seed in range(args.balance_seeds):
+        out = os.path.join(work, f"digits_balanced_{seed}")
+        run_balance(emb, out, target=args.target, levels=levels, seed=seed, overwrite=True)
+        lineage = pq.read_table(os.path.join(out, "lineage.parquet"))
+        drawn["balanced"].append(emb_labels[np.array(lineage.column("decision").to_pylist()) == "keep"])
+        ids = balance.hierarchical_kmeans(x, levels, seed=seed)
+        drawn["in_memory"].append(emb_labels[balance.balanced_sample(ids, args.target, seed=seed)])
+        drawn["random"].append(np.random.default_rng(seed).choice(labels[idx], args.target, replace=False))
+
+    def mean(f) -> dict:
+        return {k: round(float(np.mean([f(v) for v in draws])), 4) for k, draws in drawn.items()}
+
     return {
         "images": len(rows),
         "target": args.target,
         "levels": args.levels,
-        "head_class_share": {
-            "all": 0.5,
-            "random": round(float(np.mean(rand == 0)), 3),
-            "balanced": round(float(np.mean(np.array(kept) == 0)), 3),
-        },
-        "entropy_fraction": {
-            "all": round(entropy_fraction(labels[idx]), 4),
-            "random": round(entropy_fraction(rand), 4),
-            "balanced": round(entropy_fraction(kept), 4),
-        },
+        "seeds": args.balance_seeds,
+        "head_class_share": {"all": 0.5} | mean(lambda v: np.mean(v == 0)),
+        "entropy_fraction": {"all": round(entropy_fraction(labels[idx]), 4)} | mean(entropy_fraction),
+        "entropy_fraction_per_seed": {k: [round(entropy_fraction(v), 4) for v in d] for k, d in drawn.items()},
     }
 
 

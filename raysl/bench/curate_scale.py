@@ -8,8 +8,9 @@ id). The source shard set is real (one shard of tiny rows per part), so the sele
 written as for any set. Generation and scoring are tasks too; each N runs in a fresh driver
 process (its peak memory is the driver's), joined to the same Ray.
 
-`--scale-single` also runs the in-memory SemDeDup (all embeddings in one process, k-means on
-all of them) on the same embeddings: the reference for recall, time and memory.
+`--scale-single` also runs the in-memory SemDeDup as published (all embeddings in one
+process, plain k-means on all of them, each image in its nearest cluster only) on the same
+embeddings: the reference for recall, time and memory.
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def _distributed(address: str, root: str, n: int, opts: dict, queue) -> None:
             "dim": opts["dim"],
             "parts": len(lineage),
             "clusters": clusters,
+            "coarse": curation["steps"][-1]["coarse"],
+            "margin": opts["kw"]["margin"],
             "sample": opts["sample"],
             "seconds": round(seconds, 1),
             "peak_task_gib": round(max(p.get("peak_task_bytes", 0) for p in phases.values()) / 2**30, 3),
@@ -193,7 +196,7 @@ def _single(emb: str, n: int, opts: dict, queue) -> None:
     keys = table.column("key").to_pylist()
     del table
     clusters = opts["clusters"] or max(1, n // 1000)
-    found = semdedup(x, clusters=clusters, threshold=opts["threshold"], iters=opts["kw"]["iters"])
+    found = semdedup(x, clusters=clusters, threshold=opts["threshold"], iters=opts["kw"]["iters"], margin=0, coarse=1)
     seconds = time.perf_counter() - t
     hit = np.flatnonzero(found["duplicate_of"] >= 0)
     correct = sum(_group(keys[i]) == _group(keys[j]) for i, j in zip(hit, found["duplicate_of"][hit]))
@@ -232,7 +235,7 @@ def bench_scale(work: str, args) -> list[dict]:
         "clusters": args.scale_clusters,
         "sample": args.scale_sample,
         "threshold": args.scale_threshold,
-        "kw": {"iters": args.scale_iters},
+        "kw": {"iters": args.scale_iters, "margin": args.scale_margin, "coarse": args.scale_coarse},
     }
     rows = []
     for n in [int(v) for v in str(args.scale).split(",") if v.strip()]:

@@ -44,21 +44,41 @@ def draw_sample(emb_uris: list[str], model: str, sel: str | None, size: int, can
     return np.concatenate(drawn) if drawn else np.zeros((0, 1), np.float32)
 
 
-def centroid_index(centroids: np.ndarray):
-    """An exact inner-product index of the centroids (nearest centroid = highest cosine)."""
+PROBES = 8  # coarse cells searched per row when the centroids have coarse cells (kmeans.fit)
+
+
+def centroid_index(centroids: np.ndarray, coarse: np.ndarray | None = None):
+    """An inner-product index of the centroids (nearest centroid = highest cosine): exact, or
+    with `coarse` centroids (kmeans.fit) an inverted file over them (faiss IndexIVFFlat)
+    searching the PROBES closest cells, so a row costs ~(1 + PROBES) sqrt(k) products, not k."""
     import faiss
 
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, np.float32))
+    centroids = np.ascontiguousarray(centroids, np.float32)
+    if coarse is None or len(coarse) <= 1:
+        flat = faiss.IndexFlatIP(centroids.shape[1])
+        flat.add(centroids)
+        return flat
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(coarse, np.float32))
+    index = faiss.IndexIVFFlat(quantizer, centroids.shape[1], len(coarse), faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = min(PROBES, len(coarse))
+    index.add(centroids)
     return index
 
 
 def nearest(index, x: np.ndarray, batch: int = 65536) -> np.ndarray:
     """The nearest centroid of each row, in batches (bounded scratch memory)."""
-    out = np.empty(len(x), np.int64)
+    return nearest_two(index, x, batch)[0][:, 0]
+
+
+def nearest_two(index, x: np.ndarray, batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n, 2), cosines (n, 2)) of the two nearest centroids of each row (id -1 when
+    there is one centroid), in batches."""
+    ids = np.empty((len(x), 2), np.int64)
+    sims = np.empty((len(x), 2), np.float32)
     for lo in range(0, len(x), batch):
-        out[lo : lo + batch] = index.search(np.ascontiguousarray(x[lo : lo + batch]), 1)[1][:, 0]
-    return out
+        sims[lo : lo + batch], ids[lo : lo + batch] = index.search(np.ascontiguousarray(x[lo : lo + batch]), 2)
+    return ids, sims
 
 
 def pack_groups(sizes: np.ndarray, per_group: float) -> np.ndarray:

@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 from raysl.curate import balance, decontaminate, dedup, embeddings, parts, selection
-from raysl.curate.assign import draw_sample, pack_groups
-from raysl.curate.kmeans import kmeans
+from raysl.curate.assign import centroid_index, draw_sample, nearest_two, pack_groups
+from raysl.curate.kmeans import fit
 from raysl.curate.selection import LINEAGE, candidates_count, plan_out
 from raysl.errors import UserError
 
@@ -89,10 +89,22 @@ def _sample_size(sample: int, clusters: int, n: int) -> int:
     return sample or min(SAMPLE_PER_CLUSTER * clusters, SAMPLE_MAX)
 
 
-def check_dedup(emb, out, *, model=None, sel=None, threshold=dedup.DEFAULT_THRESHOLD, keep="closest", overwrite=False):
+def check_dedup(
+    emb,
+    out,
+    *,
+    model=None,
+    sel=None,
+    threshold=dedup.DEFAULT_THRESHOLD,
+    keep="closest",
+    margin=dedup.DEFAULT_MARGIN,
+    overwrite=False,
+):
     """Candidates of a dedup with these arguments; a UserError for bad input."""
     if not 0 < threshold <= 1:
         raise UserError(f"--threshold {threshold}: a cosine similarity in (0, 1]")
+    if not 0 <= margin < 2:
+        raise UserError(f"--margin {margin}: a cosine difference in [0, 2) (0: each image in its nearest cluster only)")
     if keep not in dedup.KEEP:
         raise UserError(f"--keep {keep}: one of {', '.join(dedup.KEEP)}")
     return _check_common(emb, model, sel, out, overwrite)
@@ -110,35 +122,45 @@ def run_dedup(
     keep: str = "closest",
     seed: int = 0,
     iters: int = 20,
+    margin: float = dedup.DEFAULT_MARGIN,
+    coarse: int = 0,
     group_images: int = GROUP_IMAGES,
     overwrite: bool = False,
 ) -> dict:
-    n = check_dedup(emb, out, model=model, sel=sel, threshold=threshold, keep=keep, overwrite=overwrite)
+    n = check_dedup(emb, out, model=model, sel=sel, threshold=threshold, keep=keep, margin=margin, overwrite=overwrite)
     # ~1,000 images per cluster (SemDeDup: 50k clusters for 440 M): a group of copies split over two
-    # clusters is missed, and small sets stay in one cluster, where the search is exact
+    # clusters is missed unless within the margin, and small sets stay in one cluster, where the search is exact
     clusters = clusters or max(1, n // CLUSTER_SIZE)
     sample = _sample_size(sample, clusters, n)
     meta, curation = embeddings.read_meta(emb), selection.prior(sel, emb)
     uris, model_id = embeddings.part_uris(emb, meta), meta["model"]
     settings = dict(step="dedup", emb=emb, sel=sel, clusters=clusters, sample=sample, threshold=threshold)
-    work = _open_work(out, settings | dict(keep=keep, seed=seed, iters=iters, group_images=group_images), overwrite)
+    settings |= dict(margin=margin, coarse=coarse, keep=keep, seed=seed, iters=iters, group_images=group_images)
+    work = _open_work(out, settings, overwrite)
     phases = _Phases()
     centroids_uri = parts.join(work, "centroids.parquet")
     if not parts.exists(centroids_uri):
         x = draw_sample(uris, model_id, sel, sample, n, seed)
         phases.add("sample")
-        centroids, assign = kmeans(x, clusters, iters=iters, seed=seed)
-        sizes = np.bincount(assign, minlength=len(centroids)) * (n / max(len(x), 1))
+        centroids, top = fit(x, clusters, coarse=coarse, iters=iters, seed=seed)
+        ids, sims = nearest_two(centroid_index(centroids, top), x)
+        # images per cluster, memberships in a second cluster included (what a dedup task holds)
+        sizes = np.bincount(dedup.memberships(ids, sims, margin)[1], minlength=len(centroids)) * (n / max(len(x), 1))
         group_of = pack_groups(sizes, group_images)
-        parts.write_array(centroids_uri, centroids, {"groups": group_of.tolist(), "sample": len(x)})
+        summary = {"groups": group_of.tolist(), "sample": len(x), "clusters": len(centroids)}
+        parts.write_array(centroids_uri, np.concatenate([centroids, top]), summary)
         phases.add("kmeans")
     else:
         print(f"curate dedup: k-means of an earlier run reused ({centroids_uri})", file=sys.stderr)
-    centroids, group_of = parts.read_array(centroids_uri), np.array(parts.summary(centroids_uri)["groups"])
-    shared_centroids = parts.share(centroids)
+    fitted, fitted_summary = parts.read_array(centroids_uri), parts.summary(centroids_uri)
+    group_of, k = np.array(fitted_summary["groups"]), fitted_summary["clusters"]
+    centroids, top = fitted[:k], fitted[k:]
+    shared_centroids, shared_top = parts.share(centroids), parts.share(top)
     priors = [selection.prior_part(sel, s) for s in range(len(uris))]
     assigned = [parts.join(work, "assign", parts.part_name(s)) for s in range(len(uris))]
-    calls: list[tuple] = [(u, model_id, priors[s], s, shared_centroids, group_of) for s, u in enumerate(uris)]
+    calls: list[tuple] = [
+        (u, model_id, priors[s], s, shared_centroids, shared_top, group_of, margin) for s, u in enumerate(uris)
+    ]
     phases.add("assign", parts.run_parts(dedup.assign_part, calls, assigned, "curate dedup: assign"))
     groups = int(group_of.max()) + 1
     drops = [parts.join(work, "dedup", f"group-{g:05d}.arrow") for g in range(groups)]
@@ -149,6 +171,7 @@ def run_dedup(
     summaries = parts.run_parts(dedup.lineage_part, calls, lineage, "curate dedup: lineage")
     phases.add("lineage", summaries)
     step = {"step": "dedup", "clusters": clusters, "sample": sample, "threshold": threshold, "keep": keep}
+    step |= {"margin": margin, "coarse": len(top) or 1}
     return _write_selection(out, emb, meta, curation, step, summaries, phases, "duplicate")
 
 
@@ -294,6 +317,14 @@ def add_dedup_arguments(p: argparse.ArgumentParser) -> None:
         "--sample", type=int, default=0, help="images k-means trains on (default 100 per cluster, at most 1 M)"
     )
     p.add_argument("--keep", choices=dedup.KEEP, default="closest", help="which image of a group stays")
+    margin = dedup.DEFAULT_MARGIN
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=margin,
+        help=f"an image is also compared within its second nearest cluster when that is within this cosine of "
+        f"the nearest (default {margin}; 0: its nearest cluster only)",
+    )
 
 
 def add_decontaminate_arguments(p: argparse.ArgumentParser) -> None:
@@ -328,7 +359,7 @@ def run_from_args(args: argparse.Namespace) -> None:
     common = dict(model=args.model, sel=args.sel, overwrite=args.overwrite)
     # bad input: one line before Ray starts
     if args.curate_cmd == "dedup":
-        check_dedup(args.emb, args.out, threshold=args.threshold, keep=args.keep, **common)
+        check_dedup(args.emb, args.out, threshold=args.threshold, keep=args.keep, margin=args.margin, **common)
     elif args.curate_cmd == "decontaminate":
         check_decontaminate(args.emb, args.eval, args.out, **common)
     else:
@@ -336,7 +367,7 @@ def run_from_args(args: argparse.Namespace) -> None:
         check_balance(args.emb, args.out, target=args.target, **common)
     print(init_ray(args.address), file=sys.stderr)
     if args.curate_cmd == "dedup":
-        kw = dict(clusters=args.clusters, sample=args.sample, keep=args.keep, seed=args.seed)
+        kw = dict(clusters=args.clusters, sample=args.sample, keep=args.keep, seed=args.seed, margin=args.margin)
         curation = run_dedup(args.emb, args.out, threshold=args.threshold, **kw, **common)
     elif args.curate_cmd == "decontaminate":
         curation = run_decontaminate(args.emb, args.eval, args.out, threshold=args.threshold, **common)

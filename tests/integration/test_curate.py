@@ -118,6 +118,7 @@ def test_decontaminate_then_balance_chain_with_lineage(ray_local, emb, photos, p
         (["dedup", "--model", "resnet50"], "embedded with 'timm:resnet18@"),
         (["decontaminate", "--eval", "{tmp}/no_such_eval"], "--eval {tmp}/no_such_eval: no such folder"),
         (["balance", "--target", "31"], "--target 31: the set has 30 candidate image(s)"),
+        (["dedup", "--margin", "-0.1"], "--margin -0.1: a cosine difference in [0, 2)"),
     ],
 )
 def test_bad_input_is_one_error_line_before_any_work(emb, tmp_path, capsys, restore_environ, argv, message):

@@ -48,15 +48,21 @@ def _lineage(sel):
     return pq.read_table(os.path.join(sel, "lineage.parquet"))  # a folder of parts, read as one table
 
 
-@pytest.mark.parametrize("keep", ["closest", "first"])
-def test_dedup_as_tasks_decides_as_the_in_memory_semdedup(planted, tmp_path, keep):
+@pytest.mark.parametrize(
+    "keep, margin, coarse",
+    [("closest", dedup.DEFAULT_MARGIN, 0), ("first", dedup.DEFAULT_MARGIN, 0), ("closest", 0.2, 3), ("farthest", 0, 0)],
+)
+def test_dedup_as_tasks_decides_as_the_in_memory_semdedup(planted, tmp_path, keep, margin, coarse):
     emb, copies, src = planted
     sel = str(tmp_path / "sel")
     # a sample as large as the set: the clusters of k-means on all embeddings; small groups:
-    # several clusters per dedup task, several tasks
-    curation = run_dedup(emb, sel, clusters=7, sample=N, threshold=0.95, keep=keep, group_images=150)
+    # several clusters per dedup task, several tasks (margin 0.2: many images in two clusters,
+    # often of two tasks; coarse 3: two-level k-means and its inverted-file assignment)
+    kw = dict(clusters=7, threshold=0.95, keep=keep, margin=margin, coarse=coarse)
+    curation = run_dedup(emb, sel, sample=N, group_images=150, **kw)
     assert curation["phases"]["dedup"]["tasks"] >= 3
-    ref = dedup.semdedup(embeddings.load(emb)[2], clusters=7, threshold=0.95, keep=keep)
+    assert curation["steps"][-1]["coarse"] == (coarse or 1)
+    ref = dedup.semdedup(embeddings.load(emb)[2], **kw)
     lineage = _lineage(sel)
     keys = lineage.column("key").to_pylist()
     dropped = np.array(lineage.column("decision").to_pylist()) == "drop"
