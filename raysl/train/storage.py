@@ -8,7 +8,9 @@ driver writes config.yaml and the plots straight to the URI."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from typing import NamedTuple
@@ -23,20 +25,24 @@ def is_uri(path: str) -> bool:
 
 
 def scratch_dir(kind: str) -> str:
-    """A new local temporary directory, `raysl_<kind>_pid<this process's pid>_*`: the pid lets
-    a later process on the node tell what a dead one left behind (`remove_dead_scratch`)."""
-    return tempfile.mkdtemp(prefix=f"raysl_{kind}_pid{os.getpid()}_")
+    """A new local temporary directory, `raysl_<kind>_pid<this process's pid>_<host>_*`: the pid
+    lets a later process on the node tell what a dead one left behind (`remove_dead_scratch`);
+    the host name keeps containers that share one temporary folder but not their process ids
+    away from each other's directories."""
+    return tempfile.mkdtemp(prefix=f"raysl_{kind}_pid{os.getpid()}_{_host()}_")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
 
 
 def remove_dead_scratch(kind: str) -> list[str]:
     """Delete the `scratch_dir(kind)` directories whose process no longer runs (killed, or
     ended by an error before it removed them); a running process's are never touched.
     Returns the paths removed."""
-    import re
-
     root, removed = tempfile.gettempdir(), []
     for name in os.listdir(root):
-        found = re.fullmatch(rf"raysl_{re.escape(kind)}_pid(\d+)_.+", name)
+        found = re.fullmatch(rf"raysl_{re.escape(kind)}_pid(\d+)_{re.escape(_host())}_.+", name)
         if found and not _running(int(found.group(1))):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             removed.append(os.path.join(root, name))

@@ -1,6 +1,7 @@
 """What a killed process leaves in the temp folder (a worker's local checkpoint copy) is
 deleted by the next process that looks; a running process's folders are never touched."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -49,3 +50,18 @@ def test_a_killed_processs_scratch_is_removed_and_a_running_ones_kept():
         storage.remove_dead_scratch("ckpt")
         storage.delete_dir(mine)
     assert not os.path.exists(live_dir)
+
+
+def test_another_hosts_scratch_is_kept():
+    """Containers that share one temporary folder have their own process ids: a directory
+    named for another host is never taken for a dead process's."""
+    dead, _ = _start_writer()
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait()
+    other = tempfile.mkdtemp(prefix=f"raysl_ckpt_pid{dead.pid}_another-host_")
+    try:
+        removed = storage.remove_dead_scratch("ckpt")
+        assert other not in removed and os.path.isdir(other)
+        assert not glob.glob(os.path.join(tempfile.gettempdir(), f"raysl_ckpt_pid{dead.pid}_{storage._host()}_*"))
+    finally:
+        storage.delete_dir(other)
