@@ -96,14 +96,14 @@ def test_each_methods_plain_loss_and_raysl_config(method):
 
     recipe = parity.Recipe(**{**parity.METHOD_DEFAULTS[method], "method": method, "model": "test_resnet"})
     cfg = parity.raysl_config("s", "o", "n", recipe, 0)
-    assert (cfg.method.name, cfg.data.views, cfg.data.image_size) == (method, method, 32)
+    assert (cfg.method.name, cfg.data.views, cfg.data.image_size) == (method, recipe.views, 32)
     torch.manual_seed(0)
     backbone, loss_fn, model = parity.lightly_method(recipe)
     transform = parity.lightly_transform(recipe)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     views = [torch.stack(v) for v in zip(*[transform(img) for _ in range(4)])]
     assert [v.shape for v in views] == [(4, 3, 32, 32)] * 2
-    ours = parity.RayslViews(method, 32, 0 if method == "dino" else None)(_png())
+    ours = parity.RayslViews(recipe.views, 32, 0 if method == "dino" else None)(_png())
     assert [v.shape for v in ours] == [(3, 32, 32)] * 2
     before = [p.detach().clone() for p in backbone.parameters()]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
