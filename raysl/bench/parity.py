@@ -10,7 +10,8 @@ kNN memory bank being the labeled pretraining set and the queries a held-out set
   Train, DeepSpeed ZeRO-0 fp32), one worker of 2 CPUs.
 - plain: a PyTorch loop written from lightly's parts and the papers (SimCLR; BYOL and
   MoCo v3 as lightly's examples train a momentum method, MoCo v3 with the paper's loss;
-  DINO with two global crops):
+  DINO with two global crops; Barlow Twins and VICReg on BYOL's views; MoCo v2 with a
+  memory bank):
   lightly's transform, heads and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
   parameters of ndim > 1, linear warm-up from 0 then a cosine to `min_lr` on the last
   step, a `DataLoader(shuffle=True)` of 2 workers over the set's images.
