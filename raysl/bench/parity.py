@@ -10,7 +10,8 @@ kNN memory bank being the labeled pretraining set and the queries a held-out set
   Train, DeepSpeed ZeRO-0 fp32), one worker of 2 CPUs.
 - plain: a PyTorch loop written from lightly's parts and the papers (SimCLR; BYOL and
   MoCo v3 as lightly's examples train a momentum method, MoCo v3 with the paper's loss;
-  DINO with two global crops):
+  DINO with two global crops; Barlow Twins and VICReg on BYOL's views; MoCo v2 with a
+  memory bank):
   lightly's transform, heads and loss, a timm backbone, bitsandbytes' AdamW8bit with weight decay on
   parameters of ndim > 1, linear warm-up from 0 then a cosine to `min_lr` on the last
   step, a `DataLoader(shuffle=True)` of 2 workers over the set's images.
@@ -45,13 +46,19 @@ import numpy as np
 import torch
 
 SWAPS = ("views", "order", "method", "optim")
-METHODS = ("simclr", "byol", "mocov3", "dino")
+METHODS = ("simclr", "byol", "mocov3", "dino", "barlowtwins", "vicreg", "mocov2")
 METHOD_DEFAULTS: dict[str, dict] = {
     "simclr": {},
     "byol": {"proj_hidden_dim": 1024, "proj_dim": 256},
     "mocov3": {"proj_hidden_dim": 1024, "proj_dim": 256},
     "dino": {"proj_hidden_dim": 1024, "proj_dim": 256},
+    "barlowtwins": {"proj_hidden_dim": 1024, "proj_dim": 1024},
+    "vicreg": {"proj_hidden_dim": 1024, "proj_dim": 1024},
+    "mocov2": {},
 }
+# raysl's view preset of each method; Barlow Twins and VICReg train on BYOL's views (lightly's
+# Barlow Twins example uses its BYOLTransform)
+VIEWS = {"barlowtwins": "byol", "vicreg": "byol"}
 
 
 @dataclass(frozen=True)
@@ -73,11 +80,17 @@ class Recipe:
     pred_hidden_dim: int = 1024  # BYOL, MoCo v3
     ema_momentum: float = 0.99  # BYOL, MoCo v3, DINO: cosine to 1 on the last step
     num_prototypes: int = 1024  # DINO (two global crops, no local ones)
+    barlow_lambda: float = 0.0051  # Barlow Twins (the paper's)
+    queue_size: int = 4096  # MoCo v2
     shuffle_window: int = 2  # raysl's data.shuffle_window (and the plain+order side's)
 
     @property
     def peak_lr(self) -> float:
         return self.lr * self.batch_size / 256
+
+    @property
+    def views(self) -> str:
+        return VIEWS.get(self.method, self.method)
 
 
 # --- data -------------------------------------------------------------------------------
@@ -184,12 +197,16 @@ def method_keys(recipe: Recipe) -> dict:
         "proj_hidden_dim": recipe.proj_hidden_dim,
         "proj_dim": recipe.proj_dim,
     }
-    if recipe.method in ("simclr", "mocov3"):
+    if recipe.method in ("simclr", "mocov3", "mocov2"):
         keys["temperature"] = recipe.temperature
     if recipe.method in ("byol", "mocov3"):
         keys["pred_hidden_dim"] = recipe.pred_hidden_dim
-    if recipe.method != "simclr":
+    if recipe.method in ("byol", "mocov3", "mocov2", "dino"):
         keys.update(ema_momentum=recipe.ema_momentum, ema_momentum_end=1.0)
+    if recipe.method == "barlowtwins":
+        keys["barlow_lambda"] = recipe.barlow_lambda
+    if recipe.method == "mocov2":  # one worker: no batch to shuffle across workers
+        keys.update(queue_size=recipe.queue_size, shuffle_bn=False)
     if recipe.method == "dino":  # the paper's temperatures and centre, no last-layer freeze
         keys.update(
             num_prototypes=recipe.num_prototypes,
@@ -209,7 +226,7 @@ def raysl_config(shards: str, storage: str, name: str, recipe: Recipe, seed: int
         {
             "data": {
                 "shards": shards,
-                "views": recipe.method,
+                "views": recipe.views,
                 "image_size": recipe.image_size,
                 "batch_size": recipe.batch_size,
                 "shuffle_window": recipe.shuffle_window,
@@ -286,18 +303,46 @@ def _lightly_simclr(recipe: Recipe):
     return backbone, loss, model
 
 
+def _lightly_redundancy(recipe: Recipe):
+    """Barlow Twins or VICReg as lightly's examples train them: a 3-layer projector
+    (BarlowTwinsProjectionHead, VICRegProjectionHead) on both views, BarlowTwinsLoss
+    (lambda `barlow_lambda`) or VICRegLoss (25, 25, 1)."""
+    import timm
+    from lightly.loss import BarlowTwinsLoss, VICRegLoss
+    from lightly.models.modules.heads import BarlowTwinsProjectionHead, VICRegProjectionHead
+
+    backbone = timm.create_model(recipe.model, pretrained=False, num_classes=0)
+    head: torch.nn.Module
+    criterion: torch.nn.Module
+    if recipe.method == "barlowtwins":
+        head = BarlowTwinsProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
+        criterion = BarlowTwinsLoss(lambda_param=recipe.barlow_lambda)
+    else:
+        head = VICRegProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim, num_layers=3)
+        criterion = VICRegLoss()
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+
+    def loss(views, step):
+        x0, x1 = views
+        return criterion(head(backbone(x0)), head(backbone(x1)))
+
+    return backbone, loss, model
+
+
 def _lightly_momentum(recipe: Recipe):
-    """BYOL or MoCo v3 as lightly's examples train a momentum method: momentum copies of
-    backbone and projector updated before each step on lightly's cosine schedule, the
-    loss symmetrised over the two views. BYOL: BYOLProjectionHead, BYOLPredictionHead,
+    """BYOL, MoCo v3 or MoCo v2 as lightly's examples train a momentum method: momentum
+    copies of backbone and projector updated before each step on lightly's cosine schedule,
+    the loss symmetrised over the two views. BYOL: BYOLProjectionHead, BYOLPredictionHead,
     NegativeCosineSimilarity. MoCo v3: MoCoProjectionHead (3 layers, batch norm),
     BYOLPredictionHead, and the paper's loss (lightly has none of its own): cross entropy
-    of q against the momentum keys of the batch, times 2T."""
+    of q against the momentum keys of the batch, times 2T. MoCo v2: MoCoProjectionHead
+    (fc-relu-fc), no predictor, NTXentLoss with a memory bank of `queue_size` keys, both
+    views' queries scored in one call against the bank as it was before the step."""
     import copy
 
     import timm
     import torch.nn.functional as F
-    from lightly.loss import NegativeCosineSimilarity
+    from lightly.loss import NegativeCosineSimilarity, NTXentLoss
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.utils.scheduler import cosine_schedule
@@ -307,9 +352,15 @@ def _lightly_momentum(recipe: Recipe):
         projector: torch.nn.Module = MoCoProjectionHead(
             backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim, num_layers=3, batch_norm=True
         )
+    elif recipe.method == "mocov2":
+        projector = MoCoProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
     else:
         projector = BYOLProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
-    predictor = BYOLPredictionHead(recipe.proj_dim, recipe.pred_hidden_dim, recipe.proj_dim)
+    predictor: torch.nn.Module = (
+        torch.nn.Identity()
+        if recipe.method == "mocov2"
+        else BYOLPredictionHead(recipe.proj_dim, recipe.pred_hidden_dim, recipe.proj_dim)
+    )
     backbone_m, projector_m = copy.deepcopy(backbone), copy.deepcopy(projector)
     deactivate_requires_grad(backbone_m)
     deactivate_requires_grad(projector_m)
@@ -317,6 +368,8 @@ def _lightly_momentum(recipe: Recipe):
     model = torch.nn.ModuleDict(
         {"backbone": backbone, "projector": projector, "predictor": predictor, "bm": backbone_m, "pm": projector_m}
     )
+    if recipe.method == "mocov2":
+        model["queue"] = queue = NTXentLoss(recipe.temperature, memory_bank_size=(recipe.queue_size, recipe.proj_dim))
 
     def pair_loss(q, k):
         if recipe.method == "byol":
@@ -332,6 +385,8 @@ def _lightly_momentum(recipe: Recipe):
         p0, p1 = predictor(projector(backbone(x0))), predictor(projector(backbone(x1)))
         with torch.no_grad():
             z0, z1 = projector_m(backbone_m(x0)), projector_m(backbone_m(x1))
+        if recipe.method == "mocov2":
+            return queue(torch.cat([p0, p1]), torch.cat([z1, z0]))
         total = pair_loss(p0, z1) + pair_loss(p1, z0)
         return 0.5 * total if recipe.method == "byol" else total
 
@@ -381,13 +436,18 @@ def _lightly_dino(recipe: Recipe):
 
 def lightly_method(recipe: Recipe):
     """(backbone, loss(views, step), module holding every part) of the plain side."""
-    make = {"simclr": _lightly_simclr, "dino": _lightly_dino}.get(recipe.method, _lightly_momentum)
+    make = {
+        "simclr": _lightly_simclr,
+        "dino": _lightly_dino,
+        "barlowtwins": _lightly_redundancy,
+        "vicreg": _lightly_redundancy,
+    }.get(recipe.method, _lightly_momentum)
     return make(recipe)
 
 
 def lightly_transform(recipe: Recipe):
     """lightly's transform of the method at `image_size`."""
-    if recipe.method in ("byol", "mocov3"):  # MoCo v3 trains on BYOL's views
+    if recipe.views in ("byol", "mocov3"):  # MoCo v3, Barlow Twins and VICReg train on BYOL's views
         from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
         size = recipe.image_size
@@ -396,6 +456,10 @@ def lightly_transform(recipe: Recipe):
         from lightly.transforms import DINOTransform
 
         return DINOTransform(global_crop_size=recipe.image_size, n_local_views=0)
+    if recipe.method == "mocov2":
+        from lightly.transforms import MoCoV2Transform
+
+        return MoCoV2Transform(input_size=recipe.image_size)
     from lightly.transforms import SimCLRTransform
 
     return SimCLRTransform(input_size=recipe.image_size)
@@ -475,7 +539,7 @@ def run_plain(shards: str, recipe: Recipe, seed: int, swaps: frozenset[str] = fr
 
         raysl_views = "views" in swaps
         if raysl_views:
-            transform = RayslViews(recipe.method, recipe.image_size, 0 if recipe.method == "dino" else None)
+            transform = RayslViews(recipe.views, recipe.image_size, 0 if recipe.method == "dino" else None)
         else:
             transform = lightly_transform(recipe)
         dataset = Images(read_images(shards), transform, raysl_views)

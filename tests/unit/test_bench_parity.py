@@ -96,14 +96,14 @@ def test_each_methods_plain_loss_and_raysl_config(method):
 
     recipe = parity.Recipe(**{**parity.METHOD_DEFAULTS[method], "method": method, "model": "test_resnet"})
     cfg = parity.raysl_config("s", "o", "n", recipe, 0)
-    assert (cfg.method.name, cfg.data.views, cfg.data.image_size) == (method, method, 32)
+    assert (cfg.method.name, cfg.data.views, cfg.data.image_size) == (method, recipe.views, 32)
     torch.manual_seed(0)
     backbone, loss_fn, model = parity.lightly_method(recipe)
     transform = parity.lightly_transform(recipe)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     views = [torch.stack(v) for v in zip(*[transform(img) for _ in range(4)])]
     assert [v.shape for v in views] == [(4, 3, 32, 32)] * 2
-    ours = parity.RayslViews(method, 32, 0 if method == "dino" else None)(_png())
+    ours = parity.RayslViews(recipe.views, 32, 0 if method == "dino" else None)(_png())
     assert [v.shape for v in ours] == [(3, 32, 32)] * 2
     before = [p.detach().clone() for p in backbone.parameters()]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -111,3 +111,25 @@ def test_each_methods_plain_loss_and_raysl_config(method):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters()))
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "mocov3", "barlowtwins", "vicreg", "mocov2"])
+def test_raysl_method_scores_views_as_lightlys_parts(method):
+    """Built from the same seed, raysl's method module (the `method` swap) has the plain
+    side's backbone weights and gives lightly's loss on the same views (BYOL: raysl's sum
+    of 2 - 2 cos over both views is 4 + 4 x lightly's mean of -cos), so a head or loss that
+    departs from lightly's shows here before any training."""
+    pytest.importorskip("lightly")
+    recipe = parity.Recipe(**{**parity.METHOD_DEFAULTS[method], "method": method, "model": "test_resnet"})
+    torch.manual_seed(0)
+    backbone, plain_loss, _ = parity.lightly_method(recipe)
+    torch.manual_seed(0)
+    ours, raysl_loss, _ = parity._raysl_method(recipe, 0)
+    for a, b in zip(backbone.state_dict().values(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    torch.manual_seed(1)
+    views = [torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)]
+    expected = plain_loss(views, 0).detach()
+    if method == "byol":
+        expected = 4 + 4 * expected
+    torch.testing.assert_close(raysl_loss(views, 0).detach(), expected, rtol=1e-5, atol=1e-5)
