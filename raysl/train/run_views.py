@@ -106,3 +106,16 @@ def _checked_views(cfg: Config, method_cls) -> ViewSpec:
             f"must not be {global_size} px like the global ones"
         )
     return spec
+
+
+def data_task_warmup(cfg: Config) -> dict | None:
+    """Arguments of `raysl.runtime.warm_workers` for a training worker's view pipeline: as
+    many processes as its read and augment tasks run at once, each having imported what
+    those tasks run. None when the tasks go to other nodes (data.task_cpus or
+    data.task_resources), where processes started beside the worker would not serve them."""
+    d = cfg.data
+    if d.task_cpus or d.task_resources:
+        return None
+    tasks = d.augment_tasks or cfg.train.cpus_per_worker
+    views = "raysl.data.decode" if d.augment_on == "worker" else "raysl.data.views"
+    return {"count": 2 * tasks, "modules": ["raysl.data.reader", views]}
