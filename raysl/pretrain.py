@@ -79,6 +79,10 @@ def has_checkpoints(directory: str, *, complete: bool = False) -> bool:
 
 def train_loop_per_worker(raw: dict) -> None:
     """What each Ray Train worker runs: the trainer with this run's callbacks."""
+    from raysl.runtime import warm_workers
+
+    if raw.get("warm_workers"):  # first: the data tasks' processes start while this one imports and sets up
+        warm_workers(**raw["warm_workers"])
     from raysl.config import from_dict
     from raysl.eval.monitor import KnnCallback
     from raysl.train.trainer import Trainer
@@ -109,6 +113,7 @@ def make_trainer(
 
     from raysl.data import mixture
     from raysl.runtime import keep_data_stats_here, train_logging
+    from raysl.train.run_views import data_task_warmup
 
     keep_data_stats_here()
     gpus = cfg.train.gpus_per_worker
@@ -128,6 +133,7 @@ def make_trainer(
             "report_every": report_every,
             # the index file of each shard set, fixed at the run's first start (out/shard_sets.json)
             "shard_pins": mixture.pin(cfg.data, out),
+            "warm_workers": data_task_warmup(cfg),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=(t.min_workers, t.max_workers) if t.elastic else t.num_workers,  # type: ignore[arg-type]

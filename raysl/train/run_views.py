@@ -106,3 +106,19 @@ def _checked_views(cfg: Config, method_cls) -> ViewSpec:
             f"must not be {global_size} px like the global ones"
         )
     return spec
+
+
+def data_task_warmup(cfg: Config) -> dict | None:
+    """Arguments of `raysl.runtime.warm_workers` for a training worker's view pipeline:
+    processes that have imported what its read and augment tasks run. As many as the
+    worker's CPUs less the one its own imports keep busy meanwhile (more take CPU from
+    them and delay the whole start), at most as many as its tasks run at once. None with
+    one CPU, or when the tasks go to other nodes (data.task_cpus or data.task_resources),
+    where processes started beside the worker would not serve them."""
+    d = cfg.data
+    if d.task_cpus or d.task_resources:
+        return None
+    tasks = d.augment_tasks or cfg.train.cpus_per_worker
+    count = min(2 * tasks, cfg.train.cpus_per_worker - 1)
+    views = "raysl.data.decode" if d.augment_on == "worker" else "raysl.data.views"
+    return {"count": count, "modules": ["raysl.data.reader", views]} if count > 0 else None

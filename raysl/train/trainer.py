@@ -25,7 +25,7 @@ from raysl.data.ahead import NextEpoch
 from raysl.data.gpu_views import GPUViews
 from raysl.data.views import block_tensor, normalize
 from raysl.errors import UserError
-from raysl.methods.base import Method, collapse_warning
+from raysl.methods.base import Method, collapse_warning, method_class
 from raysl.optim.schedules import apply
 from raysl.train import checkpoint, host_memory, preemption, recovery, storage, upload
 from raysl.train.batch import Batch, forward
@@ -122,10 +122,7 @@ class Trainer:
         self.start = self.choose_start()
         self.plan_run(self.start["state"])
         cfg = self.cfg  # the attempt's batch size and accumulation (plan_run)
-        built = build(cfg, world_size=self.world, total_steps=self.schedule_steps)
-        self.method, self.schedules = built.method, built.schedules
-        self.optimizer, self.engine = built.optimizer, built.engine
-        self.spec = spec_for(cfg, type(self.method))
+        self.spec = spec_for(cfg, method_class(cfg.method.name))
         self.epoch_streams = epochs.Streams(  # one set: one Ray Data execution over many epochs
             lambda epoch, start, n: self.view_data(
                 self.sets.sets[0].path, epoch, start, self.sets.sets[0].index, epochs=n
@@ -134,6 +131,12 @@ class Trainer:
             batch_size=cfg.data.batch_size,
         )
         self.device_views = GPUViews(self.spec, self.device) if cfg.data.augment_on == "worker" else None
+        # the first batches fill (Ray Data's plan, its tasks' processes, the first blocks) while
+        # DeepSpeed builds the engine, rather than after
+        self.first_stream = self.open_first_stream()
+        built = build(cfg, world_size=self.world, total_steps=self.schedule_steps)
+        self.method, self.schedules = built.method, built.schedules
+        self.optimizer, self.engine = built.optimizer, built.engine
         for callback in self.callbacks:
             callback.setup(self)
 
@@ -227,6 +230,16 @@ class Trainer:
         images = state["images"] + (self.total - state["step"]) * b.global_batch
         self.schedule_steps = max(1, math.ceil(images / state["global_batch"]))
         self.global_batch = b.global_batch
+
+    def open_first_stream(self):
+        """The attempt's first batches, opened (pipeline started); None when the attempt
+        resumes at the end of an epoch or of the run, where `fit` moves on first."""
+        state = self.state
+        if state["epoch_step"] >= state["epoch_steps"] or state["step"] >= self.total:
+            return None
+        batches = self.current_batches()
+        batches.open()
+        return batches
 
     def restore(self) -> None:
         """Start from the newest complete checkpoint (Ray Train's, or one only the run's
@@ -461,7 +474,7 @@ class Trainer:
         self.setup()
         self.restore()
         cfg, state = self.cfg, self.state
-        ahead = None  # the next epoch's batches, opened before this epoch ends
+        ahead = self.first_stream  # opened in setup; later the next epoch's batches, opened before this epoch ends
         self.first_step = state["step"]
         with preemption.sigterm_as_request():  # a SIGTERM finishes the step, checkpoints, stops
             while state["step"] < self.total:
