@@ -285,41 +285,26 @@ def cosine_lr(step: int, recipe: Recipe) -> float:
     return recipe.min_lr + 0.5 * (peak - recipe.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _lightly_simclr(recipe: Recipe):
-    """(backbone, forward(views) -> loss, modules) of lightly's SimCLR on a timm backbone."""
+def _lightly_two_views(recipe: Recipe):
+    """(backbone, forward(views) -> loss, modules) of a method that scores one projector's
+    outputs on both views, as lightly's examples train it on a timm backbone: SimCLR
+    (SimCLRProjectionHead, NTXentLoss), Barlow Twins (a 3-layer BarlowTwinsProjectionHead,
+    BarlowTwinsLoss with lambda `barlow_lambda`) or VICReg (a 3-layer VICRegProjectionHead,
+    VICRegLoss(25, 25, 1))."""
     import timm
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.loss import BarlowTwinsLoss, NTXentLoss, VICRegLoss
+    from lightly.models.modules.heads import BarlowTwinsProjectionHead, SimCLRProjectionHead, VICRegProjectionHead
 
     backbone = timm.create_model(recipe.model, pretrained=False, num_classes=0)
-    head = SimCLRProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
-    criterion = NTXentLoss(temperature=recipe.temperature)
-    model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
-
-    def loss(views, step):
-        x0, x1 = views
-        return criterion(head(backbone(x0)), head(backbone(x1)))
-
-    return backbone, loss, model
-
-
-def _lightly_redundancy(recipe: Recipe):
-    """Barlow Twins or VICReg as lightly's examples train them: a 3-layer projector
-    (BarlowTwinsProjectionHead, VICRegProjectionHead) on both views, BarlowTwinsLoss
-    (lambda `barlow_lambda`) or VICRegLoss (25, 25, 1)."""
-    import timm
-    from lightly.loss import BarlowTwinsLoss, VICRegLoss
-    from lightly.models.modules.heads import BarlowTwinsProjectionHead, VICRegProjectionHead
-
-    backbone = timm.create_model(recipe.model, pretrained=False, num_classes=0)
+    dims = (backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
     head: torch.nn.Module
     criterion: torch.nn.Module
-    if recipe.method == "barlowtwins":
-        head = BarlowTwinsProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim)
-        criterion = BarlowTwinsLoss(lambda_param=recipe.barlow_lambda)
+    if recipe.method == "simclr":
+        head, criterion = SimCLRProjectionHead(*dims), NTXentLoss(temperature=recipe.temperature)
+    elif recipe.method == "barlowtwins":
+        head, criterion = BarlowTwinsProjectionHead(*dims), BarlowTwinsLoss(lambda_param=recipe.barlow_lambda)
     else:
-        head = VICRegProjectionHead(backbone.num_features, recipe.proj_hidden_dim, recipe.proj_dim, num_layers=3)
-        criterion = VICRegLoss()
+        head, criterion = VICRegProjectionHead(*dims, num_layers=3), VICRegLoss()
     model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
 
     def loss(views, step):
@@ -437,10 +422,10 @@ def _lightly_dino(recipe: Recipe):
 def lightly_method(recipe: Recipe):
     """(backbone, loss(views, step), module holding every part) of the plain side."""
     make = {
-        "simclr": _lightly_simclr,
+        "simclr": _lightly_two_views,
         "dino": _lightly_dino,
-        "barlowtwins": _lightly_redundancy,
-        "vicreg": _lightly_redundancy,
+        "barlowtwins": _lightly_two_views,
+        "vicreg": _lightly_two_views,
     }.get(recipe.method, _lightly_momentum)
     return make(recipe)
 
