@@ -143,12 +143,15 @@ class Trainer:
     def cache_set(self) -> dict | None:
         """A small single set read once into the object store (data.cache): rank 0 reads and
         decides, every worker gets the refs."""
-        refs = None
+        table = None
         if self.rank == 0 and self.sets.single:
             s, manifest = self.sets.sets[0], self.sets.manifest(0)
             if cache.fits(manifest, self.cfg.data.cache_share):
-                refs = cache.put_set(s.path, manifest, reader.READ_COLUMNS)
-        return ray.train.collective.broadcast_from_rank_zero(refs)
+                table = ray.put(cache.put_set(s.path, manifest, reader.READ_COLUMNS))
+        # One ref to the table of refs: Ray Train's broadcast warns above 1,000 bytes (about 12
+        # shards' refs). In a list, or Ray would resolve the ref when it reaches the broadcast's actor.
+        [table] = ray.train.collective.broadcast_from_rank_zero([table])
+        return ray.get(table) if table is not None else None
 
     def choose_start(self) -> dict:
         """The checkpoint this attempt starts from and the run's state in it (None: a new run):
