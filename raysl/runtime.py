@@ -149,12 +149,12 @@ def train_logging():
 
 
 def worker_pool(num_cpus: int | None) -> dict:
-    """Ray's worker pool for a local start: keep idle workers (up to twice the CPUs, at least
-    8) instead of killing them after 1 s idle. Each epoch's view pipeline runs its tasks in
-    whatever idle workers there are; a killed one is replaced by a fresh process that spends
-    1-2 s importing the views' dependencies (3-5 s when they pulled in torchvision) before
-    its first block, and with ordered streams every later block
-    waits behind it (seconds of stall per epoch)."""
+    """Ray's worker pool for a local start: no processes started ahead that nothing can use;
+    keep idle workers (up to twice the CPUs, at least 8) instead of killing them after 1 s
+    idle. Each epoch's view pipeline runs its tasks in whatever idle workers there are; a
+    killed one is replaced by a fresh process that spends 1-2 s importing the views'
+    dependencies (3-5 s when they pulled in torchvision) before its first block, and with
+    ordered streams every later block waits behind it (seconds of stall per epoch)."""
     cpus = num_cpus or os.cpu_count() or 1
     pool = max(8, 2 * cpus)
     return {
@@ -165,6 +165,10 @@ def worker_pool(num_cpus: int | None) -> dict:
         # the CPUs) plus 8 I/O workers: on 2 CPUs, a pool of 8 idle workers plus a run's actors.
         # Twice the pool is expected here; the setting also lets as many workers start at once.
         "worker_maximum_startup_concurrency": max(cpus, pool // 2),
+        # The raylet starts a Python worker per CPU when the first driver connects, with no
+        # runtime env. A local raysl job carries one (its settings and setup hook), so none of
+        # its tasks or actors can use those processes: they only take CPU from the run's start.
+        "prestart_worker_first_driver": False,
     }
 
 
