@@ -1,4 +1,5 @@
-"""The `raysl` command in a fresh process: bad input is one clear line on stderr and exit code 2."""
+"""The `raysl` command in a fresh process: bad input is one clear line on stderr and exit code 2;
+the command ends as a normal exit does, less Python's teardown."""
 
 import subprocess
 import sys
@@ -58,3 +59,20 @@ def test_pretrain_config_error_before_ray(tmp_path):
 
 # --address: after the subcommand (as the README shows), before it, or from $RAY_ADDRESS.
 # In-process through build_parser / main with the work function replaced: no Ray starts.
+
+
+EXITS = """
+import atexit, sys, threading, time
+from raysl.cli import exit_now
+atexit.register(lambda: print("exit handler ran", flush=True))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished", flush=True))).start()
+print("unflushed", end="")
+exit_now(3)
+"""
+
+
+def test_the_command_ends_as_a_normal_exit_does_less_the_teardown():
+    # the quick exit keeps what a normal exit does: the code, threads finished, handlers run, output flushed
+    out = subprocess.run([sys.executable, "-c", EXITS], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.index("unflushed") < out.stdout.index("thread finished") < out.stdout.index("exit handler ran")
