@@ -7,25 +7,28 @@ and stored as RGB PNGs in a shard set of the default shard size.
 
 Both sides train SimCLR (built by `raysl.train.build.build` from one Config: same seed,
 same weights, same optimizer and lr schedule) on timm `model` at 32 px with batch
-`batch_size` for `steps` steps, on 2 CPUs in all:
+`batch_size` for `steps` steps, on 2 CPUs in all. Each side is a fresh Python process,
+timed from its start to its exit, as `time` would show a user who runs it: the
+interpreter's start and the imports count on both sides.
 
-- raysl: `raysl.pretrain.pretrain` (what `raysl pretrain` runs), one worker of 2 CPUs,
-  Ray started inside the timed span; the views come from the raysl pipeline
-  (`data.views=simclr`, the data tasks sharing the worker's cores; with
-  `augment_on="worker"` the tasks only decode and the training worker makes the
-  views, `data.augment_on=worker`), the final checkpoint is written as in every run.
-- plain: a PyTorch loop in this process (2 torch threads) over a 2-worker
-  `torch.utils.data.DataLoader` (shuffled, persistent workers) of the same PNGs with
-  lightly's `SimCLRTransform(input_size=32)`, when lightly is installed (the `bench`
-  extra); otherwise the torchvision v2 recipe of `raysl bench data`.
+- raysl: `raysl pretrain RECIPE`, one worker of 2 CPUs, Ray started by it; the views
+  come from the raysl pipeline (`data.views=simclr`, the data tasks sharing the worker's
+  cores; with `augment_on="worker"` the tasks only decode and the training worker makes
+  the views, `data.augment_on=worker`); the final checkpoint, the loss plots and Ray's
+  shutdown are part of its run, as in every run.
+- plain: a PyTorch script (2 torch threads) with a 2-worker `torch.utils.data.DataLoader`
+  (shuffled, persistent workers) of the same PNGs with lightly's
+  `SimCLRTransform(input_size=32)`, when lightly is installed (the `bench` extra);
+  otherwise the torchvision v2 recipe of `raysl bench data`.
 
-The plain loop runs at the niceness Ray gives its workers (15 by default; its DataLoader
-workers inherit it), as `raysl bench step` does, so on a busy shared machine other
-processes take CPU from both sides alike. Shares of each side's wall time: startup
-(everything before the first step starts, and for raysl also the teardown and the
-final checkpoint), data wait (a step waiting for its batch) and compute (the rest of
-the steps); of the data wait, `epoch_turn_s` is the wait of each later epoch's first
-step. Sides take turns with `repeats` > 1.
+The plain script runs at the niceness Ray gives its workers (15 by default; its
+DataLoader workers inherit it), as `raysl bench step` does, so on a busy shared machine
+other processes take CPU from both sides alike. Shares of each side's wall time: startup
+(everything but the steps: the process's start, imports, Ray's start and, for raysl, the
+final checkpoint and the teardown after the last step), data wait (a step waiting for its
+batch) and compute (the rest of the steps); of the data wait, `epoch_turn_s` is the wait
+of each later epoch's first step. Sides take turns with `repeats` > 1; each side's output
+is kept in a log beside its run while the bench runs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -137,22 +141,93 @@ def _shares(wall: float, step_times: list[float], waits: list[float], epochs: li
     }
 
 
-def run_raysl(cfg) -> dict:
-    import ray
-
-    from raysl.pretrain import pretrain, run_dir
+def _step_lists(cfg) -> dict:
+    """The step times, data waits and epochs of a finished raysl run, from its metrics.jsonl."""
+    from raysl.pretrain import run_dir
     from raysl.train.metrics import read_metrics
 
-    if ray.is_initialized():
-        ray.shutdown()
-    t0 = time.perf_counter()
-    summary = pretrain(cfg)
-    ray.shutdown()
-    wall = time.perf_counter() - t0
     rows = read_metrics(run_dir(cfg))
-    step_times = [cfg.data.batch_size / r["images_per_s"] for r in rows]
-    out = _shares(wall, step_times, [r.get("data_wait_s", 0.0) for r in rows], [r["epoch"] for r in rows])
-    return {**out, "steps": len(rows), "final_loss": round(summary["final_loss"], 4)}
+    return {
+        "step_times": [cfg.data.batch_size / r["images_per_s"] for r in rows],
+        "waits": [r.get("data_wait_s", 0.0) for r in rows],
+        "epochs": [r["epoch"] for r in rows],
+        "steps": len(rows),
+        "final_loss": round(rows[-1]["loss"], 4) if rows else float("nan"),
+    }
+
+
+def _timed_process(cmd: list[str], log: str, nice: int = 0) -> float:
+    """Run `cmd` as a fresh process (output to `log`, at niceness `nice`); its wall seconds
+    from start to exit. A failed side ends the bench with the log's last lines."""
+
+    def lower_priority() -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+    with open(log, "w") as f:
+        t0 = time.perf_counter()
+        rc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=lower_priority if nice else None
+        ).returncode
+        wall = time.perf_counter() - t0
+    if rc != 0:
+        with open(log) as f:
+            tail = "".join(f.readlines()[-20:])
+        raise RuntimeError(f"bench e2e: {' '.join(cmd[:4])} ... exited with {rc}; the end of {log}:\n{tail}")
+    return wall
+
+
+def run_raysl_process(cfg, recipe: str, log: str) -> dict:
+    """`raysl pretrain RECIPE` as a user runs it: interpreter start, imports, Ray's start, the run,
+    the final checkpoint, plots and Ray's shutdown all inside the wall time."""
+    wall = _timed_process([sys.executable, "-m", "raysl.cli", "pretrain", recipe], log)
+    lists = _step_lists(cfg)
+    return {**_shares(wall, lists["step_times"], lists["waits"], lists["epochs"]), **_tail(lists)}
+
+
+def run_plain_process(recipe: str, steps: int, log: str, nice: int = 0) -> dict:
+    """The plain loop as its own script would run: a fresh process (imports included) at
+    niceness `nice`, its step lists written to the last line of `log`."""
+    cmd = [sys.executable, "-m", "raysl.bench.e2e", "--plain-recipe", recipe, "--steps", str(steps)]
+    wall = _timed_process(cmd, log, nice)
+    with open(log) as f:
+        lists = json.loads(f.read().strip().splitlines()[-1])
+    return {**_shares(wall, lists["step_times"], lists["waits"], lists["epochs"]), **_tail(lists)}
+
+
+def ray_train_floor(cpus: int, storage_path: str) -> None:
+    """A Ray Train run that trains nothing, started as raysl starts one (a local Ray with its
+    settings, one worker of `cpus` CPUs that imports torch and reports once), then Ray's
+    shutdown: what any Ray Train run pays before and after its steps."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raysl.runtime import init_ray
+
+    init_ray(quiet=True)
+    TorchTrainer(
+        _report_once,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(name="floor", storage_path=storage_path),
+    ).fit()
+    ray.shutdown()
+
+
+def _report_once(config: dict) -> None:
+    import ray.train
+    import torch  # noqa: F401  # every training worker imports torch
+
+    ray.train.report({"step": 0})
+
+
+def run_floor_process(cpus: int, storage_path: str, log: str) -> float:
+    """`ray_train_floor` as a fresh process: its wall seconds, interpreter start included."""
+    cmd = [sys.executable, "-m", "raysl.bench.e2e", "--ray-train-floor", storage_path, "--cpus", str(cpus)]
+    return round(_timed_process(cmd, log), 2)
+
+
+def _tail(lists: dict) -> dict:
+    return {k: lists[k] for k in ("steps", "final_loss", "views") if k in lists}
 
 
 class _Rows:
@@ -179,22 +254,22 @@ def _plain_transform():
     return "lightly SimCLRTransform(input_size=32)", SimCLRTransform(input_size=32)
 
 
-def run_plain(cfg, steps: int, workers: int = 2, nice: int = 0) -> dict:
-    """The plain loop: DataLoader + lightly views, the same method, optimizer and schedule."""
-    from raysl.bench.step import niceness
+def run_plain(cfg, steps: int, workers: int = 2) -> dict:
+    """The plain loop in this process, its shares over its own wall time (imports before it)."""
+    t0 = time.perf_counter()
+    lists = plain_loop(cfg, steps, workers)
+    return {**_shares(time.perf_counter() - t0, lists["step_times"], lists["waits"], lists["epochs"]), **_tail(lists)}
 
-    with niceness(nice):
-        return _run_plain(cfg, steps, workers)
 
-
-def _run_plain(cfg, steps: int, workers: int) -> dict:
+def plain_loop(cfg, steps: int, workers: int = 2) -> dict:
+    """The plain loop: DataLoader + lightly views, the same method, optimizer and schedule.
+    Returns each step's time, data wait and epoch, the steps taken, the last loss."""
     import torch
 
     from raysl.bench.data import read_images
     from raysl.optim.schedules import apply
     from raysl.train.build import build
 
-    t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.train.cpus_per_worker)
     try:
@@ -237,8 +312,14 @@ def _run_plain(cfg, steps: int, workers: int) -> dict:
         del it, loader
     finally:
         torch.set_num_threads(threads)
-    wall = time.perf_counter() - t0
-    return {**_shares(wall, step_times, waits, epochs), "steps": step, "final_loss": round(loss, 4), "views": name}
+    return {
+        "step_times": step_times,
+        "waits": waits,
+        "epochs": epochs,
+        "steps": step,
+        "final_loss": round(loss, 4),
+        "views": name,
+    }
 
 
 def run_e2e_bench(
@@ -262,13 +343,24 @@ def run_e2e_bench(
     nice = worker_niceness()  # then shut down: the raysl side starts Ray inside its timed span
     ray.shutdown()
     runs: dict[str, list[dict]] = {"plain": [], "raysl": []}
+    floors: list[float] = []
     with tempfile.TemporaryDirectory(dir=out) as runs_dir:
         for r in range(repeats):
             kw: dict[str, Any] = dict(model=model, batch_size=batch_size, steps=steps, seed=seed)
-            runs["plain"].append(run_plain(_config(shards, runs_dir, name=f"plain{r}", **kw), steps, nice=nice))
-            print(json.dumps({"plain": runs["plain"][-1]}), file=sys.stderr, flush=True)  # kept if raysl fails
-            runs["raysl"].append(run_raysl(_config(shards, runs_dir, name=f"raysl{r}", augment_on=augment_on, **kw)))
-            print(json.dumps({"raysl": runs["raysl"][-1]}), file=sys.stderr, flush=True)
+            for side, cfg in (
+                ("plain", _config(shards, runs_dir, name=f"plain{r}", **kw)),
+                ("raysl", _config(shards, runs_dir, name=f"raysl{r}", augment_on=augment_on, **kw)),
+            ):
+                recipe, log = (os.path.join(runs_dir, f"{side}{r}.{ext}") for ext in ("yaml", "log"))
+                with open(recipe, "w") as f:
+                    f.write(cfg.to_yaml())
+                if side == "plain":
+                    runs[side].append(run_plain_process(recipe, steps, log, nice))
+                else:
+                    runs[side].append(run_raysl_process(cfg, recipe, log))
+                print(json.dumps({side: runs[side][-1]}), file=sys.stderr, flush=True)  # kept if a later side fails
+            floors.append(run_floor_process(2, runs_dir, os.path.join(runs_dir, f"floor{r}.log")))
+            print(json.dumps({"ray_train_floor_s": floors[-1]}), file=sys.stderr, flush=True)
     ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["raysl"], runs["plain"])]
     result = {
         "bench": "e2e",
@@ -284,6 +376,13 @@ def run_e2e_bench(
         "plain_wall_s": round(statistics.median(r["wall_s"] for r in runs["plain"]), 2),
         "ratio": round(statistics.median(ratios), 3),
         "ratio_spread": {"min": round(min(ratios), 3), "max": round(max(ratios), 3)},
+        # what a Ray Train run that trains nothing takes, Ray's start and shutdown included,
+        # and how much of raysl's startup is beyond it (raysl's own: imports, data, checkpoint)
+        "ray_train_floor_s": round(statistics.median(floors), 2),
+        "ray_train_floors_s": floors,
+        "raysl_startup_beyond_floor_s": round(
+            statistics.median(r["startup_s"] - f for r, f in zip(runs["raysl"], floors)), 2
+        ),
     }
     for side, rs in runs.items():
         result[side] = rs[0] if repeats == 1 else rs
@@ -323,7 +422,19 @@ def run_from_args(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="raysl bench e2e", description=__doc__.splitlines()[0])
     add_arguments(p)
-    print(json.dumps(run_from_args(p.parse_args(argv))), flush=True)
+    p.add_argument("--plain-recipe", help=argparse.SUPPRESS)  # the plain side's own process: run it, print its steps
+    p.add_argument("--ray-train-floor", help=argparse.SUPPRESS)  # the floor's own process, runs in this folder
+    p.add_argument("--cpus", type=int, default=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.ray_train_floor:
+        ray_train_floor(args.cpus, args.ray_train_floor)
+        return
+    if args.plain_recipe:
+        from raysl.config import load_config
+
+        print(json.dumps(plain_loop(load_config(args.plain_recipe), args.steps)), flush=True)
+        return
+    print(json.dumps(run_from_args(args)), flush=True)
 
 
 if __name__ == "__main__":
