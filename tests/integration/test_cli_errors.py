@@ -63,16 +63,19 @@ def test_pretrain_config_error_before_ray(tmp_path):
 
 EXITS = """
 import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from raysl.cli import exit_now
 atexit.register(lambda: print("exit handler ran", flush=True))
 threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished", flush=True))).start()
+ThreadPoolExecutor(1).submit(print, "pool ran").result()  # an idle pool, never shut down: told to end
 print("unflushed", end="")
 exit_now(3)
 """
 
 
 def test_the_command_ends_as_a_normal_exit_does_less_the_teardown():
-    # the quick exit keeps what a normal exit does: the code, threads finished, handlers run, output flushed
+    # the quick exit keeps what a normal exit does: the code, threads finished (an idle pool's told to
+    # end, not waited on forever), handlers run, output flushed
     out = subprocess.run([sys.executable, "-c", EXITS], capture_output=True, text=True, timeout=60)
     assert out.returncode == 3, out.stderr
     assert out.stdout.index("unflushed") < out.stdout.index("thread finished") < out.stdout.index("exit handler ran")
