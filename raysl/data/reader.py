@@ -285,7 +285,10 @@ def read_views(
         num_cpus=num_cpus,
         resources=resources,
         index=index,
-        concurrency=concurrency,
+        # From the object store a read is a slice of tables already there (milliseconds per
+        # window): one task keeps the augment tasks fed, and each further one would hold a
+        # worker process of its own that imports the views' dependencies (1-2 s of CPU).
+        concurrency=1 if cache else concurrency,
         keep=keep,
         epochs=epochs,
         cache=cache,

@@ -94,3 +94,13 @@ def test_a_cached_set_streams_the_same_batches_without_reading_its_files(ray_loc
         assert len(got) == len(want[e]) > 2 and all(_same(g, w) for g, w in zip(got, want[e])), e
     with pytest.raises(Exception, match="shard-0000"):
         views(None).take_all()  # without the cache the files are gone
+    # from the object store one read task at a time: each further one would be a process of its own
+    assert _read_op(views(refs)).compute.size == 1
+    assert _read_op(reader.read_views(shards, SPEC, concurrency=2)).compute.size == 2
+
+
+def _read_op(ds):
+    op = ds._logical_plan.dag
+    while "_read_windows" not in op.name:
+        op = op.input_dependencies[0]
+    return op
