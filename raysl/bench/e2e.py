@@ -181,7 +181,7 @@ def run_raysl_process(cfg, recipe: str, log: str) -> dict:
     the final checkpoint, plots and Ray's shutdown all inside the wall time."""
     wall = _timed_process([sys.executable, "-m", "raysl.cli", "pretrain", recipe], log)
     lists = _step_lists(cfg)
-    return {**_shares(wall, lists["step_times"], lists["waits"], lists["epochs"]), **_tail(lists)}
+    return _side(wall, lists)
 
 
 def run_plain_process(recipe: str, steps: int, log: str, nice: int = 0) -> dict:
@@ -191,7 +191,7 @@ def run_plain_process(recipe: str, steps: int, log: str, nice: int = 0) -> dict:
     wall = _timed_process(cmd, log, nice)
     with open(log) as f:
         lists = json.loads(f.read().strip().splitlines()[-1])
-    return {**_shares(wall, lists["step_times"], lists["waits"], lists["epochs"]), **_tail(lists)}
+    return _side(wall, lists)
 
 
 def ray_train_floor(cpus: int, storage_path: str) -> None:
@@ -226,8 +226,11 @@ def run_floor_process(cpus: int, storage_path: str, log: str) -> float:
     return round(_timed_process(cmd, log), 2)
 
 
-def _tail(lists: dict) -> dict:
-    return {k: lists[k] for k in ("steps", "final_loss", "views") if k in lists}
+def _side(wall: float, lists: dict) -> dict:
+    """A side's figures: the shares of its wall time from its step lists (`_shares`), and
+    its steps, last loss and (the plain side's) views."""
+    shares = _shares(wall, lists["step_times"], lists["waits"], lists["epochs"])
+    return {**shares, **{k: lists[k] for k in ("steps", "final_loss", "views") if k in lists}}
 
 
 class _Rows:
@@ -258,7 +261,7 @@ def run_plain(cfg, steps: int, workers: int = 2) -> dict:
     """The plain loop in this process, its shares over its own wall time (imports before it)."""
     t0 = time.perf_counter()
     lists = plain_loop(cfg, steps, workers)
-    return {**_shares(time.perf_counter() - t0, lists["step_times"], lists["waits"], lists["epochs"]), **_tail(lists)}
+    return _side(time.perf_counter() - t0, lists)
 
 
 def plain_loop(cfg, steps: int, workers: int = 2) -> dict:
@@ -359,7 +362,8 @@ def run_e2e_bench(
                 else:
                     runs[side].append(run_raysl_process(cfg, recipe, log))
                 print(json.dumps({side: runs[side][-1]}), file=sys.stderr, flush=True)  # kept if a later side fails
-            floors.append(run_floor_process(2, runs_dir, os.path.join(runs_dir, f"floor{r}.log")))
+            floor_log = os.path.join(runs_dir, f"floor{r}.log")
+            floors.append(run_floor_process(cfg.train.cpus_per_worker, runs_dir, floor_log))  # the raysl side's worker
             print(json.dumps({"ray_train_floor_s": floors[-1]}), file=sys.stderr, flush=True)
     ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["raysl"], runs["plain"])]
     result = {
